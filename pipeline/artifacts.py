@@ -1,0 +1,141 @@
+"""Stage artifacts: where each stage writes, how it proves it finished, and how the next finds it.
+
+Every stage builds its artifact in `<run>/<stage>.partial/` and only when everything is written
+puts `manifest.json` there (atomically) and swaps the directory into `<run>/<stage>/`. So:
+- a directory with a manifest is complete; without one it is not, and later stages refuse it;
+- a failed or interrupted re-run never damages the previous complete artifact;
+- the manifest records the stage's fingerprint (its config + the fingerprints of its inputs), so a
+  re-run with nothing changed is skipped, and a change upstream re-runs everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"]
+
+# Which make target produces each stage, for error messages.
+MAKE_TARGET = {"base": "make base", "sft": "make sft", "rm": "make rm", "ppo": "make ppo", "eval": "make eval"}
+
+
+class MissingArtifact(RuntimeError):
+    """An upstream stage has not produced a complete artifact."""
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that readers see either the old file or the whole new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def require(directory: str | Path, stage: str) -> dict:
+    """The manifest of a finished upstream stage, or an error saying which target to run."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        state = "is incomplete (no manifest.json)" if Path(directory).exists() else "does not exist"
+        raise MissingArtifact(f"the {stage} artifact {directory} {state}: run `{MAKE_TARGET[stage]}` first "
+                              f"(with the same RECIPE)")
+    return manifest
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(source: str) -> str:
+    """Content hash of a local file or directory; a hub id stands for itself (pin a revision in it)."""
+    p = Path(source)
+    if p.is_file():
+        return file_digest(p)
+    if p.is_dir():
+        manifest = read_manifest(p)
+        if manifest is not None:
+            return manifest["fingerprint"]
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(file_digest(f).encode())
+        return h.hexdigest()
+    return f"hub:{source}"
+
+
+def fingerprint(config: dict, inputs: dict) -> str:
+    blob = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class StageDir:
+    """The output directory of one stage of one run."""
+
+    def __init__(self, run_dir: str | Path, stage: str):
+        self.stage = stage
+        self.final = Path(run_dir) / stage
+        self.partial = Path(run_dir) / f"{stage}.partial"
+
+    def is_current(self, fp: str) -> bool:
+        manifest = read_manifest(self.final)
+        return manifest is not None and manifest.get("fingerprint") == fp
+
+    def begin(self, fp: str, keep_partial: bool = False) -> Path:
+        """Prepare the work directory. A partial run with the same fingerprint is kept if asked
+        (resume); anything else left over from an older attempt is removed."""
+        stamp = self.partial / "fingerprint"
+        same = stamp.is_file() and stamp.read_text().strip() == fp
+        if self.partial.exists() and not (keep_partial and same):
+            shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fp + "\n")
+        return self.partial
+
+    def commit(self, fp: str, config: dict, inputs: dict, metrics: dict, started: float) -> dict:
+        """Write the manifest last, then swap the finished directory into place."""
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": fp,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "duration_s": round(time.time() - started, 1),
+            "inputs": inputs,
+            "config": config,
+            "versions": package_versions(),
+            "metrics": metrics,
+        }
+        (self.partial / "fingerprint").unlink(missing_ok=True)
+        write_json_atomic(self.partial / MANIFEST, manifest)
+        old = self.final.with_name(self.final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.partial, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest

@@ -1,0 +1,296 @@
+"""Typed recipes: a YAML file gives the defaults, `key.path=value` arguments override them.
+
+A recipe describes one run: the model, the data and every stage's settings. Every field is typed
+and documented here; an unknown key or a value of the wrong type is an error that names the key
+(and the closest valid one), never a silent default. The trainer sections (`sft.trainer`,
+`rm.trainer`) are checked against trl's own `SFTConfig` / `RewardConfig` when the stage builds
+them (see `trl_args`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line setting the user must change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------------------------
+
+Finetune = Literal["full", "lora", "qlora-4bit", "qlora-8bit"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class DatasetSpec:
+    """Where a dataset comes from. A plain string in the recipe is shorthand for `path`."""
+
+    path: str
+    """A local file (.jsonl/.json/.parquet/.csv), a local dataset directory, or a hub dataset id."""
+    name: str | None = None
+    """Hub dataset configuration name, if the dataset has several."""
+    split: str = "train"
+    """Split to load (hub datasets and directories; `train` for single files)."""
+    limit: int | None = None
+    """Keep only the first N rows (quick experiments)."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (used when `finetune` is lora or qlora-*)."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (keep 0 for PPO: dropout breaks ratio == 1 at the first step)."""
+    target_modules: str | list[str] = "all-linear"
+    """Which modules get adapters: "all-linear" or a list of module names."""
+
+
+@dataclass
+class TrainStage:
+    """Settings shared by the stages that fine-tune a model with a trl trainer."""
+
+    model: str | None = None
+    """Starting model: hub id or local path. None means the previous stage's artifact."""
+    dataset: DatasetSpec | None = None
+    """Training data."""
+    eval_dataset: DatasetSpec | None = None
+    """Evaluation data. If None, `eval_fraction` of the training data is held out."""
+    eval_fraction: float = 0.05
+    """Share of the training data held out for evaluation when no eval_dataset is given."""
+    finetune: Finetune = "full"
+    """full: all weights; lora: adapters on the model; qlora-4bit/8bit: adapters on a quantized model."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (finetune = lora / qlora-*)."""
+    dtype: Dtype = "auto"
+    """Weights dtype: auto = bfloat16 where the GPU supports it, float32 otherwise."""
+    trainer: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the trl config class (SFTConfig / RewardConfig), e.g. learning_rate."""
+
+
+@dataclass
+class SFTStage(TrainStage):
+    """`make sft`: supervised fine-tuning with trl's SFTTrainer."""
+
+
+@dataclass
+class BaseModelSettings:
+    """`make base`: the demo's tiny decoder-only model, built offline (only used by the demo)."""
+
+    corpus: list[str] = field(default_factory=lambda: ["data/demo/sft_train.jsonl",
+                                                        "data/demo/preferences_train.jsonl"])
+    """Files whose text trains the word-level tokenizer."""
+    output: str = "data/models/demo-base"
+    """Where the model and tokenizer are saved."""
+    hidden_size: int = 128
+    """Width of the transformer."""
+    num_layers: int = 2
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    max_positions: int = 128
+    """Maximum sequence length."""
+
+
+@dataclass
+class Recipe:
+    """One run of the pipeline."""
+
+    run_name: str = "demo"
+    """Artifacts go to <runs_dir>/<run_name>/<stage>/."""
+    runs_dir: str = "data/runs"
+    """Root directory of all runs."""
+    seed: int = 0
+    """Global seed; each process adds a rank-dependent offset where sampling must differ."""
+    base: BaseModelSettings = field(default_factory=BaseModelSettings)
+    """The demo base model (`make base`)."""
+    sft: SFTStage = field(default_factory=SFTStage)
+    """Supervised fine-tuning."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+# ---------------------------------------------------------------------------------------------
+
+def _closest(key: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (dicts into dataclasses).
+
+    Unknown annotations are accepted as they are: the library that owns them checks further.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"'{key}': {value!r} is not a valid {' or '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"'{key}': {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is DatasetSpec:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}': expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"'{key}': {value!r} is not one of {[e.value for e in tp]}") from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown key '{full}'{_closest(key, fields)}")
+        kwargs[key] = coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"'{prefix or cls.__name__}': {e}") from None
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """'sft.trainer.learning_rate=1e-4' -> (['sft', 'trainer', 'learning_rate'], 0.0001)."""
+    if "=" not in arg:
+        raise ConfigError(f"override '{arg}' is not of the form key.path=value")
+    key, raw = arg.split("=", 1)
+    return key.split("."), _fix_yaml_floats(yaml.safe_load(raw) if raw.strip() else None)
+
+
+def _fix_yaml_floats(node):
+    """YAML 1.1 reads '1e-4' as a string; recipes mean a number."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str):
+        try:
+            return float(node) if node[:1] in "0123456789.-+" and any(c in node for c in "eE") else node
+        except ValueError:
+            return node
+    return node
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML (or the defaults if None) and apply `key.path=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file '{p}' does not exist (set RECIPE=path/to/recipe.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe '{p}' must be a mapping of settings, got {type(data).__name__}")
+        data = _fix_yaml_floats(data)
+    for arg in overrides:
+        keys, value = parse_override(arg)
+        node = data
+        for k in keys[:-1]:
+            if isinstance(node.get(k), str):  # dataset shorthand "file.jsonl" -> {"path": "file.jsonl"}
+                node[k] = {"path": node[k]}
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{arg}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return build(Recipe, data)
+
+
+def to_dict(obj) -> Any:
+    """Plain-data view of a config (for YAML/JSON and fingerprints)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def trl_args(config_cls, settings: dict, section: str, **defaults):
+    """Build a trl/transformers config (SFTConfig, RewardConfig...) from a recipe section.
+
+    Keys are checked against the class's fields with the same rules as the recipe, so a typo such
+    as `learning_rat` names the section and the closest valid key. `defaults` apply only where the
+    user set nothing.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    hints = typing.get_type_hints(config_cls)
+    for key, value in settings.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{section}.{key}' for {config_cls.__name__}{_closest(key, fields)}")
+        settings = {**settings, key: coerce(value, hints[key], f"{section}.{key}")}
+    try:
+        return config_cls(**{**defaults, **settings})
+    except ValueError as e:  # the library's own validation (incompatible settings)
+        raise ConfigError(f"{section}: {e}") from None

@@ -1,0 +1,143 @@
+"""Datasets: load from a hub id or a local file, detect the TRL format, refuse what fits none.
+
+Formats (as TRL documents them), each either plain strings or conversational message lists:
+- language_modeling: `text` or `messages`
+- prompt_completion: `prompt` + `completion`
+- preference: `chosen` + `rejected`, with an explicit `prompt` or an implicit one (shared prefix)
+- prompt_only: `prompt`
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+from datasets import Dataset
+
+from pipeline.config import DatasetSpec
+
+FORMATS = {
+    "preference": ({"chosen", "rejected"}, "chosen + rejected (optional prompt)"),
+    "prompt_completion": ({"prompt", "completion"}, "prompt + completion"),
+    "language_modeling": (None, "text or messages"),
+    "prompt_only": ({"prompt"}, "prompt"),
+}
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset the user must fix."""
+
+
+def _check_jsonl(path: Path) -> None:
+    """datasets' JSON errors do not say where; report the first bad line by number."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+
+
+def load(spec: DatasetSpec) -> Dataset:
+    """Load a dataset from a local file, a local dataset directory, or the hub."""
+    path = Path(spec.path)
+    if path.is_file():
+        loader = LOADERS.get(path.suffix.lower())
+        if loader is None:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(LOADERS)})")
+        if path.suffix.lower() == ".jsonl":
+            _check_jsonl(path)
+        try:
+            ds = datasets.load_dataset(loader, data_files=str(path), split="train")
+        except Exception as e:  # pyarrow/pandas parse errors: keep their detail, name the file
+            raise DataError(f"{path}: could not be read as {loader}: {e}") from None
+    elif path.is_dir() and (path / "dataset_info.json").is_file():  # saved with save_to_disk
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[spec.split]
+    elif path.is_dir():  # a folder of data files
+        ds = datasets.load_dataset(str(path), spec.name, split=spec.split)
+    elif spec.path.startswith((".", "/")) or path.suffix.lower() in LOADERS:
+        raise DataError(f"dataset file '{spec.path}' not found")
+    else:
+        try:
+            ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+        except Exception as e:
+            raise DataError(f"'{spec.path}' is no local file or directory, and loading it as a hub dataset "
+                            f"failed: {e}") from None
+    if spec.limit is not None:
+        ds = ds.select(range(min(spec.limit, len(ds))))
+    if len(ds) == 0:
+        raise DataError(f"dataset '{spec.path}' is empty")
+    return ds
+
+
+def is_conversational(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def detect_format(columns) -> str | None:
+    cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols or "messages" in cols:
+        return "language_modeling"
+    if "prompt" in cols:
+        return "prompt_only"
+    return None
+
+
+def require_format(ds: Dataset, accepted: list[str], source: str) -> str:
+    """The dataset's format if it is one of `accepted`, else an error saying what would fit."""
+    fmt = detect_format(ds.column_names)
+    if fmt not in accepted:
+        wanted = "; ".join(f"{name} ({FORMATS[name][1]})" for name in accepted)
+        found = f"it looks like {fmt} data" if fmt else "it fits no known format"
+        raise DataError(f"{source}: columns {sorted(ds.column_names)}: {found}, but this stage needs {wanted}")
+    first = ds[0]
+    for column in ("prompt", "completion", "chosen", "rejected", "messages", "text"):
+        if column in first and not isinstance(first[column], str) and not is_conversational(first[column]):
+            raise DataError(f"{source}: column '{column}' must hold strings or message lists "
+                            f"([{{'role': ..., 'content': ...}}]), got {type(first[column]).__name__}")
+    return fmt
+
+
+def load_for(spec: DatasetSpec, accepted: list[str]) -> tuple[Dataset, str]:
+    ds = load(spec)
+    return ds, require_format(ds, accepted, spec.path)
+
+
+def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: float,
+               accepted: list[str], seed: int) -> tuple[Dataset, Dataset | None, str]:
+    """Training data and evaluation data (a given file, or a held-out fraction of training)."""
+    train, fmt = load_for(spec, accepted)
+    if eval_spec is not None:
+        evaluation, eval_fmt = load_for(eval_spec, accepted)
+        if eval_fmt != fmt:
+            raise DataError(f"{eval_spec.path} is {eval_fmt} data but {spec.path} is {fmt}: use one format")
+        return train, evaluation, fmt
+    if eval_fraction <= 0:
+        return train, None, fmt
+    n_eval = max(1, int(len(train) * eval_fraction))
+    if n_eval >= len(train):
+        raise DataError(f"{spec.path}: {len(train)} rows are too few to hold out {eval_fraction:.0%} for "
+                        f"evaluation (lower eval_fraction or give an eval_dataset)")
+    split = train.train_test_split(test_size=n_eval, seed=seed)
+    return split["train"], split["test"], fmt
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """The text a model is conditioned on: the chat template with a generation prompt for
+    conversational prompts, the string itself otherwise."""
+    if is_conversational(prompt):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt

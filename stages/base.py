@@ -1,0 +1,87 @@
+"""Build the demo's tiny base model offline: `make base`.
+
+    python stages/base.py                      # the demo recipe's settings
+    python stages/base.py base.hidden_size=96  # a wider model
+
+A word-level tokenizer is trained on the demo corpus (with a chat template and distinct pad and
+EOS tokens), and a small Llama-style decoder is initialised from a transformers config. Both are
+saved with `save_pretrained`, so every later stage loads them exactly like a hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline import artifacts, cli
+from pipeline.config import to_dict
+
+EOS, PAD, UNK = "<|end|>", "<|pad|>", "<|unk|>"
+ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Every turn ends with EOS, so SFT on this template teaches the model to stop after its answer.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|> ' }}{%- endif -%}"
+)
+
+
+def corpus(paths: list[str]):
+    """Every piece of text in the demo files (message contents and plain strings)."""
+    for path in paths:
+        for line in open(path):
+            for value in json.loads(line).values():
+                for message in value if isinstance(value, list) else [{"content": value}]:
+                    yield message["content"]
+
+
+def train_tokenizer(paths: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(corpus(paths), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *ROLES]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   additional_special_tokens=ROLES, chat_template=CHAT_TEMPLATE,
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def main(argv=None):
+    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
+    settings = recipe.base
+    if recipe.sft.model != settings.output:
+        print(f"base: the recipe starts from '{recipe.sft.model}', no demo base model to build")
+        return
+    stage = artifacts.StageDir(Path(settings.output).parent, Path(settings.output).name)
+    config = {"base": to_dict(settings), "seed": recipe.seed}
+    inputs = {p: artifacts.source_fingerprint(p) for p in settings.corpus}
+    fp = artifacts.fingerprint(config, inputs)
+    if stage.is_current(fp) and not args.force:
+        print(f"base: {stage.final} is up to date")
+        return
+    started = time.time()
+    out = stage.begin(fp)
+
+    tokenizer = train_tokenizer(settings.corpus)
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=4 * settings.hidden_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        max_position_embeddings=settings.max_positions, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    stage.commit(fp, config, inputs, {"parameters": n_params, "vocab_size": len(tokenizer)}, started)
+    print(f"base: {n_params:,} parameters, vocabulary {len(tokenizer)} -> {stage.final}")
+
+
+if __name__ == "__main__":
+    main()

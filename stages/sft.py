@@ -1,0 +1,100 @@
+"""Supervised fine-tuning with trl's SFTTrainer: `make sft`.
+
+    make sft                                         # the demo recipe, one process
+    make sft RECIPE=my.yaml NPROC=8                  # 8 GPUs through accelerate launch
+    accelerate launch stages/sft.py --recipe my.yaml sft.finetune=lora sft.trainer.learning_rate=2e-4
+
+Full fine-tuning, LoRA, or QLoRA (4-bit NF4 / 8-bit) from the recipe's model (a hub id or a
+local path). Writes <runs_dir>/<run_name>/sft/: the model (adapters merged, so it loads with
+plain `AutoModelForCausalLM.from_pretrained`; the adapter itself in `adapter/`), the tokenizer,
+the resolved recipe, metrics.jsonl and, last, manifest.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+import yaml
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from pipeline import artifacts, cli, data, models
+from pipeline.dist import process_state
+from pipeline.config import ConfigError, to_dict, trl_args
+from pipeline.metrics import JsonlLogger
+
+ACCEPTED = ["language_modeling", "prompt_completion"]
+
+
+def main(argv=None):
+    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
+    sft = recipe.sft
+    if sft.model is None:
+        raise ConfigError("sft.model is not set: name a hub model id or a local model directory")
+    if sft.dataset is None:
+        raise ConfigError("sft.dataset is not set: name a dataset file or hub dataset id")
+    state = process_state()
+
+    # ---- fingerprint: skip if nothing changed ----
+    stage = artifacts.StageDir(recipe.run_dir, "sft")
+    config = {"sft": to_dict(sft), "seed": recipe.seed}
+    inputs = {"model": sft.model, "model_fingerprint": artifacts.source_fingerprint(sft.model),
+              "datasets": {spec.path: artifacts.source_fingerprint(spec.path)
+                           for spec in (sft.dataset, sft.eval_dataset) if spec is not None}}
+    fp = artifacts.fingerprint(config, inputs)
+    if stage.is_current(fp) and not args.force:
+        state.print(f"sft: {stage.final} is up to date (FORCE=1 to re-run)")
+        return
+    started = time.time()
+    if state.is_main_process:
+        stage.begin(fp)
+    state.wait_for_everyone()
+    out = stage.partial
+
+    # ---- data ----
+    train_ds, eval_ds, fmt = data.train_eval(sft.dataset, sft.eval_dataset, sft.eval_fraction, ACCEPTED, recipe.seed)
+
+    # ---- model ----
+    tokenizer = models.load_tokenizer(sft.model)
+    model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft))
+    models.fit_embeddings(model, tokenizer)
+    dtype = models.resolve_dtype(sft.dtype)
+    training_args = trl_args(
+        SFTConfig, sft.trainer, "sft.trainer",
+        output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
+        bf16=dtype == models.torch.bfloat16, eval_strategy="epoch" if eval_ds is not None else "no")
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
+                         peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
+
+    # ---- train ----
+    before = trainer.evaluate() if eval_ds is not None else {}
+    result = trainer.train()
+    after = trainer.evaluate() if eval_ds is not None else {}
+
+    # ---- save ----
+    if sft.finetune == "full":
+        trainer.save_model(str(out))
+    else:
+        trainer.save_model(str(out / "adapter"))
+    metrics = {"format": fmt, "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+               "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
+               "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
+    if state.is_main_process:
+        checkpoints = out / "checkpoints"
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+        if sft.finetune != "full":
+            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer, dtype)
+            merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        stage.commit(fp, config, inputs, metrics, started)
+        print(f"sft: {sft.finetune} on {len(train_ds)} {fmt} rows in {time.time() - started:.0f}s, "
+              f"eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} -> {stage.final}"
+              if eval_ds is not None else f"sft: done in {time.time() - started:.0f}s -> {stage.final}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny base model built once per session, and recipe overrides for tmp runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages import base
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = str(REPO / "stages/recipes/demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    """A smaller cousin of the demo base model (same tokenizer recipe), built in seconds."""
+    out = tmp_path_factory.mktemp("models") / "base"
+    base.main(["--recipe", DEMO_RECIPE, f"base.output={out}", f"sft.model={out}",
+               "base.hidden_size=64", "base.num_layers=2"])
+    return out
+
+
+def sft_args(runs_dir: Path, model: Path, *extra: str) -> list[str]:
+    """A quick SFT run of the demo recipe into `runs_dir`."""
+    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", f"sft.model={model}",
+            "sft.dataset.limit=400", "sft.eval_dataset.limit=64", "sft.trainer.num_train_epochs=2",
+            "sft.trainer.logging_steps=2", "sft.trainer.per_device_train_batch_size=8", *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,66 @@
+import pytest
+from trl import SFTConfig
+
+from pipeline.config import ConfigError, DatasetSpec, load_recipe, trl_args
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_recipe_loads_with_typed_sections():
+    recipe = load_recipe("stages/recipes/demo.yaml")
+    assert recipe.run_name == "demo"
+    assert isinstance(recipe.sft.dataset, DatasetSpec)  # the string shorthand became a spec
+    assert recipe.sft.dataset.path == "data/demo/sft_train.jsonl"
+    assert recipe.sft.trainer["learning_rate"] == 3e-3  # YAML's "3.0e-3" is a number
+
+
+def test_overrides_beat_the_recipe_and_reach_nested_keys(tmp_path):
+    path = write(tmp_path, "sft:\n  dataset: a.jsonl\n  finetune: full\n")
+    recipe = load_recipe(path, ["sft.finetune=lora", "sft.lora.r=4", "sft.dataset.limit=10",
+                                "sft.trainer.learning_rate=1e-4"])
+    assert recipe.sft.finetune == "lora"
+    assert recipe.sft.lora.r == 4
+    assert recipe.sft.dataset == DatasetSpec(path="a.jsonl", limit=10)
+    assert recipe.sft.trainer["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_one(tmp_path):
+    path = write(tmp_path, "sft:\n  finetun: lora\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.finetun'.*did you mean 'finetune'"):
+        load_recipe(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.lora.rank'"):
+        load_recipe(None, ["sft.lora.rank=8"])
+
+
+def test_ill_typed_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"'sft.lora.r': expected an integer, got 'big'"):
+        load_recipe(None, ["sft.lora.r=big"])
+    with pytest.raises(ConfigError, match=r"'sft.finetune': 'qlora' is not one of"):
+        load_recipe(None, ["sft.finetune=qlora"])
+    with pytest.raises(ConfigError, match=r"'seed': expected an integer"):
+        load_recipe(None, ["seed=1.5"])
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "sft: [unclosed\n"))
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_recipe(None, ["sft.finetune"])
+
+
+def test_trainer_section_is_checked_against_trl_config(tmp_path):
+    args = trl_args(SFTConfig, {"learning_rate": 1e-3, "max_length": 32}, "sft.trainer",
+                    output_dir=str(tmp_path), report_to="none", bf16=False, learning_rate=5.0)
+    assert args.learning_rate == 1e-3 and args.max_length == 32  # the user's value beats the default
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.trainer.learning_rat'.*'learning_rate'"):
+        trl_args(SFTConfig, {"learning_rat": 1e-3}, "sft.trainer", output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"'sft.trainer.num_train_epochs': expected a number"):
+        trl_args(SFTConfig, {"num_train_epochs": "many"}, "sft.trainer", output_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^sft.trainer: .*logging_steps"):  # trl's own check, placed
+        trl_args(SFTConfig, {"logging_steps": 0}, "sft.trainer", output_dir=str(tmp_path), bf16=False)
