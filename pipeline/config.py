@@ -89,6 +89,16 @@ class SFTStage(TrainStage):
 
 
 @dataclass
+class RMStage(TrainStage):
+    """`make rm`: a scalar reward model trained on preference pairs with trl's RewardTrainer."""
+
+    reference_dataset: DatasetSpec | None = None
+    """Responses whose reward mean/std are recorded for PPO's score normalisation (default: sft.dataset)."""
+    reference_limit: int = 512
+    """How many reference responses to score."""
+
+
+@dataclass
 class BaseModelSettings:
     """`make base`: the demo's tiny decoder-only model, built offline (only used by the demo)."""
 
@@ -117,10 +127,14 @@ class Recipe:
     """Root directory of all runs."""
     seed: int = 0
     """Global seed; each process adds a rank-dependent offset where sampling must differ."""
+    judge: str | None = None
+    """Gold judge 'module:function' taking (prompt, response) -> float, if the task has one."""
     base: BaseModelSettings = field(default_factory=BaseModelSettings)
     """The demo base model (`make base`)."""
     sft: SFTStage = field(default_factory=SFTStage)
     """Supervised fine-tuning."""
+    rm: RMStage = field(default_factory=RMStage)
+    """Reward model."""
 
     @property
     def run_dir(self) -> Path:

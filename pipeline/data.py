@@ -141,3 +141,28 @@ def prompt_text(tokenizer, prompt) -> str:
     if is_conversational(prompt):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return prompt
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def clean_preferences(ds: Dataset, source: str) -> tuple[Dataset, dict[str, int]]:
+    """Drop pairs that teach nothing (a missing side, chosen == rejected) and count them; refuse
+    data that is wrong throughout (conversations whose prompts differ between chosen and rejected)."""
+    explicit = "prompt" in ds.column_names
+    dropped = {"missing_field": 0, "identical": 0}
+    keep = []
+    for i, row in enumerate(ds):
+        if _empty(row["chosen"]) or _empty(row["rejected"]) or (explicit and _empty(row["prompt"])):
+            dropped["missing_field"] += 1
+        elif row["chosen"] == row["rejected"]:
+            dropped["identical"] += 1
+        else:
+            if not explicit and is_conversational(row["chosen"]) and row["chosen"][:-1] != row["rejected"][:-1]:
+                raise DataError(f"{source}, row {i}: chosen and rejected conversations start differently; with an "
+                                f"implicit prompt every message but the last must be the same in both")
+            keep.append(i)
+    if not keep:
+        raise DataError(f"{source}: no usable preference pairs ({len(ds)} rows; dropped {dropped})")
+    return (ds.select(keep) if len(keep) < len(ds) else ds), dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,26 @@ def sft_args(runs_dir: Path, model: Path, *extra: str) -> list[str]:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory, base_model) -> Path:
+    """A runs directory holding a finished SFT artifact (run 'demo'), trained once per session."""
+    from stages import sft
+    runs = tmp_path_factory.mktemp("runs")
+    sft.main(sft_args(runs, base_model, "sft.trainer.num_train_epochs=6", "sft.dataset.limit=2000",
+             "sft.trainer.per_device_train_batch_size=32"))
+    return runs
+
+
+@pytest.fixture
+def runs_with_sft(tmp_path, sft_run) -> Path:
+    """A private copy of the session's SFT run, for a test to add later stages to."""
+    shutil.copytree(sft_run / "demo" / "sft", tmp_path / "demo" / "sft")
+    return tmp_path
+
+
+def rm_args(runs_dir: Path, *extra: str) -> list[str]:
+    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", "rm.dataset.limit=3000",
+            "rm.eval_dataset.limit=200", "rm.trainer.num_train_epochs=2", "rm.reference_limit=64",
+            "rm.trainer.logging_steps=5", *extra]

@@ -1,0 +1,143 @@
+"""Reward-model training with trl's RewardTrainer: `make rm`.
+
+    make rm                                   # the demo: starts from the SFT artifact
+    make rm RECIPE=my.yaml NPROC=8
+    accelerate launch stages/rm.py --recipe my.yaml rm.finetune=lora rm.trainer.center_rewards_coefficient=0.01
+
+Trains a sequence-classification model with one output on preference pairs (chosen/rejected,
+implicit or explicit prompt, plain or conversational; an optional `margin` column is used). By
+default it starts from this run's SFT artifact. After training it reports pairwise accuracy on the
+held-out pairs (and against the gold judge when the recipe names one), and records the reward's
+mean and std on reference responses so that PPO can normalise scores. Writes
+<runs_dir>/<run_name>/rm/ like the SFT stage (adapters merged; manifest last).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from pipeline import artifacts, cli, data, models
+from pipeline.config import ConfigError, to_dict, trl_args
+from pipeline.dist import process_state
+from pipeline.metrics import JsonlLogger
+from pipeline.scoring import conversation_text, load_callable, reward_scores
+
+
+def pairwise_report(model, tokenizer, pairs, judge=None) -> dict:
+    """Accuracy, margin and reward distribution on preference pairs (plus gold accuracy if judged)."""
+    prompts = pairs["prompt"] if "prompt" in pairs.column_names else [None] * len(pairs)
+    chosen = reward_scores(model, tokenizer, [conversation_text(tokenizer, p, c) for p, c in zip(prompts, pairs["chosen"])])
+    rejected = reward_scores(model, tokenizer, [conversation_text(tokenizer, p, r) for p, r in zip(prompts, pairs["rejected"])])
+    rewards = torch.cat([chosen, rejected])
+    report = {"accuracy": (chosen > rejected).float().mean().item(),
+              "margin_mean": (chosen - rejected).mean().item(),
+              "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+              "reward_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"],
+                                           torch.quantile(rewards, torch.tensor([.05, .25, .5, .75, .95])).tolist()))}
+    if judge is not None:
+        # Against the gold judge's own preference, not the (noisy) labels; ties say nothing.
+        gold = [judge(p, c) - judge(p, r) for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])]
+        agree = [(d > 0) == (c > r) for d, c, r in zip(gold, chosen.tolist(), rejected.tolist()) if d != 0]
+        report["gold_accuracy"] = sum(agree) / len(agree)
+        report["label_gold_agreement"] = sum(d > 0 for d in gold if d != 0) / len(agree)
+    return report
+
+
+def main(argv=None):
+    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
+    rm = recipe.rm
+    if rm.dataset is None:
+        raise ConfigError("rm.dataset is not set: name a preference dataset file or hub dataset id")
+    state = process_state()
+
+    # ---- inputs and fingerprint ----
+    sft_dir = recipe.run_dir / "sft"
+    model_source = rm.model or str(sft_dir)
+    upstream = artifacts.require(sft_dir, "sft") if rm.model is None else None
+    reference = rm.reference_dataset or recipe.sft.dataset
+    stage = artifacts.StageDir(recipe.run_dir, "rm")
+    config = {"rm": to_dict(rm), "seed": recipe.seed, "judge": recipe.judge}
+    inputs = {"model": model_source, "model_fingerprint": artifacts.source_fingerprint(model_source),
+              "datasets": {spec.path: artifacts.source_fingerprint(spec.path)
+                           for spec in (rm.dataset, rm.eval_dataset, reference) if spec is not None},
+              "sft_manifest": upstream}
+    fp = artifacts.fingerprint(config, {**inputs, "sft_manifest": upstream and upstream["fingerprint"]})
+    if stage.is_current(fp) and not args.force:
+        state.print(f"rm: {stage.final} is up to date (FORCE=1 to re-run)")
+        return
+    started = time.time()
+    if state.is_main_process:
+        stage.begin(fp)
+    state.wait_for_everyone()
+    out = stage.partial
+
+    # ---- data ----
+    train_ds, eval_ds, fmt = data.train_eval(rm.dataset, rm.eval_dataset, rm.eval_fraction, ["preference"], recipe.seed)
+    train_ds, dropped = data.clean_preferences(train_ds, rm.dataset.path)
+    if eval_ds is not None:
+        eval_ds, eval_dropped = data.clean_preferences(eval_ds, (rm.eval_dataset or rm.dataset).path)
+        dropped = {k: dropped[k] + eval_dropped[k] for k in dropped}
+
+    # ---- model ----
+    tokenizer = models.load_tokenizer(model_source)
+    model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm))
+    models.fit_embeddings(model, tokenizer)
+    dtype = models.resolve_dtype(rm.dtype)
+    training_args = trl_args(
+        RewardConfig, rm.trainer, "rm.trainer",
+        output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
+        bf16=dtype == torch.bfloat16, eval_strategy="epoch" if eval_ds is not None else "no")
+    trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
+                            peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
+    # trl drops pairs longer than max_length while preparing the data: count them
+    dropped["too_long"] = len(train_ds) - len(trainer.train_dataset)
+    if eval_ds is not None:
+        dropped["too_long"] += len(eval_ds) - len(trainer.eval_dataset)
+
+    # ---- train ----
+    result = trainer.train()
+    after = trainer.evaluate() if eval_ds is not None else {}
+
+    # ---- save ----
+    if rm.finetune == "full":
+        trainer.save_model(str(out))
+    else:
+        trainer.save_model(str(out / "adapter"))
+    if state.is_main_process:
+        if rm.finetune != "full":
+            final = models.merge_adapter(AutoModelForSequenceClassification, model_source, out / "adapter",
+                                         tokenizer, dtype, num_labels=1)
+            final.save_pretrained(out)
+        else:
+            final = trainer.model
+        tokenizer.save_pretrained(out)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+        # ---- held-out report and reference statistics (for PPO's reward normalisation) ----
+        final.eval()
+        judge = load_callable(recipe.judge) if recipe.judge else None
+        heldout = pairwise_report(final, tokenizer, eval_ds, judge) if eval_ds is not None else {}
+        ref = data.load(reference).select(range(min(rm.reference_limit, len(data.load(reference)))))
+        ref_texts = [conversation_text(tokenizer, row.get("prompt"), row.get("completion", row.get("chosen")))
+                     for row in ref]
+        ref_scores = reward_scores(final, tokenizer, ref_texts)
+        metrics = {"format": fmt, "train_pairs": len(trainer.train_dataset), "dropped": dropped,
+                   "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
+                   "eval_accuracy": after.get("eval_accuracy"), "heldout": heldout,
+                   "reference": {"dataset": reference.path, "n": len(ref_texts),
+                                 "mean": ref_scores.mean().item(), "std": ref_scores.std().item()}}
+        stage.commit(fp, config, inputs, metrics, started)
+        gold = f", gold-judge accuracy {heldout['gold_accuracy']:.3f}" if "gold_accuracy" in heldout else ""
+        print(f"rm: {rm.finetune} on {metrics['train_pairs']} pairs in {time.time() - started:.0f}s, "
+              f"held-out accuracy {heldout.get('accuracy', float('nan')):.3f}{gold}, dropped {dropped} -> {stage.final}")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
