@@ -27,7 +27,7 @@ else
 LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: setup base sft rm demo test clean
+.PHONY: setup base sft rm ppo demo test clean
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -48,7 +48,10 @@ sft: base
 rm: sft
 	$(LAUNCH) stages/rm.py $(STAGE_ARGS)
 
-demo: rm
+ppo: rm
+	$(LAUNCH) stages/ppo.py $(STAGE_ARGS)
+
+demo: ppo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -99,6 +99,75 @@ class RMStage(TrainStage):
 
 
 @dataclass
+class PPOStage:
+    """`make ppo`: PPO of the SFT policy against the frozen reward model."""
+
+    prompts: DatasetSpec | None = None
+    """Prompt-only (or any format with a `prompt` column) dataset the policy answers."""
+    finetune: Finetune = "full"
+    """full, lora or qlora-*: with adapters the reference is the policy with its adapter disabled."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings for the policy (finetune = lora / qlora-*)."""
+    dtype: Dtype = "auto"
+    """Weights dtype of every model."""
+    value_model: Literal["reward", "sft", "head"] = "reward"
+    """reward: separate network initialised from the reward model; sft: from the SFT policy;
+    head: a value head on the policy (cheapest: no fourth network)."""
+    total_episodes: int = 2048
+    """Rollouts in the whole run (summed over processes)."""
+    batch_size: int = 64
+    """Rollouts per process per iteration."""
+    mini_batch_size: int = 16
+    """Rollouts per process per optimiser step (divides batch_size)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimiser step (the mini-batch is split into this many)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, re-shuffled every pass."""
+    learning_rate: float = 1.0e-5
+    """AdamW learning rate (policy and value)."""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """Learning-rate schedule over the run."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    max_new_tokens: int = 24
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature (top_k = 0, top_p = 1: the distribution the log-probs are taken from)."""
+    stop_token: str | None = None
+    """Token that ends a response (default: the tokenizer's EOS)."""
+    missing_stop_penalty: float = 1.0
+    """Subtracted from the score of a response that never emits the stop token."""
+    kl_coef: float = 0.05
+    """Initial KL coefficient beta."""
+    kl_target: float | None = None
+    """Target per-sequence KL (nats) for the adaptive controller; None keeps beta fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller, in episodes."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator added to the reward."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout-time values."""
+    vf_coef: float = 0.1
+    """Value loss coefficient."""
+    normalize_scores: bool = False
+    """Normalise reward-model scores with the mean/std the RM stage measured on reference responses."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance (needs batches of 8 or more)."""
+    save_every: int = 10
+    """Checkpoint every N iterations (and on Ctrl-C / SIGTERM)."""
+    sample_every: int = 5
+    """Log sample completions every N iterations."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb]."""
+
+
+@dataclass
 class BaseModelSettings:
     """`make base`: the demo's tiny decoder-only model, built offline (only used by the demo)."""
 
@@ -135,6 +204,8 @@ class Recipe:
     """Supervised fine-tuning."""
     rm: RMStage = field(default_factory=RMStage)
     """Reward model."""
+    ppo: PPOStage = field(default_factory=PPOStage)
+    """PPO."""
 
     @property
     def run_dir(self) -> Path:

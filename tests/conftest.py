@@ -55,3 +55,27 @@ def rm_args(runs_dir: Path, *extra: str) -> list[str]:
     return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", "rm.dataset.limit=3000",
             "rm.eval_dataset.limit=200", "rm.trainer.num_train_epochs=2", "rm.reference_limit=64",
             "rm.trainer.logging_steps=5", *extra]
+
+
+@pytest.fixture(scope="session")
+def rm_run(tmp_path_factory, sft_run) -> Path:
+    """A runs directory holding finished SFT and RM artifacts (run 'demo')."""
+    from stages import rm
+    runs = tmp_path_factory.mktemp("runs_rm")
+    shutil.copytree(sft_run / "demo" / "sft", runs / "demo" / "sft")
+    rm.main(rm_args(runs))
+    return runs
+
+
+@pytest.fixture
+def runs_with_rm(tmp_path, rm_run) -> Path:
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
+    return tmp_path
+
+
+def ppo_args(runs_dir: Path, *extra: str) -> list[str]:
+    """A short PPO run: 6 iterations of 32 rollouts."""
+    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", "ppo.total_episodes=192", "ppo.batch_size=32",
+            "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_new_tokens=16", "ppo.save_every=2",
+            "ppo.sample_every=2", *extra]

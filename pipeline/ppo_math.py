@@ -1,0 +1,153 @@
+"""PPO for language models: the math, as small pure tensor functions.
+
+Shapes: B = batch of sequences, T = response tokens. `mask` is 1 on real response tokens (up to and
+including the stop token) and 0 on padding; every reduction ignores padded positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the valid positions."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance over valid positions; `shift_mean=False` keeps the mean (rewards)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under the sampling distribution: logits are divided by the temperature first,
+    or the log-probs belong to a different distribution than the one the tokens were drawn from.
+    logits (B, T, V), tokens (B, T) -> (B, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    k1 = log p - log p_ref (unbiased, can be negative per token);
+    k3 = (r - 1) - log r with r = p_ref / p (unbiased, always >= 0, lower variance).
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator '{estimator}' (use k1 or k3)")
+    return kl * mask
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token reward: -beta * KL everywhere, plus the sequence's score on its last real token."""
+    rewards = -beta * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1};
+    values after the last real token count as 0. Returns (advantages, returns = A + V).
+    """
+    values = values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective: mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    stats = {"clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+             "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * mean of max((v - R)^2, (clip(v, v_old +- eps) - R)^2)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    vf_loss1 = (values - returns) ** 2
+    vf_loss2 = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    return loss, {"clipfrac": masked_mean((vf_loss2 > vf_loss1).float(), mask)}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R): 1 is a perfect value function, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+class KLController:
+    """The KL coefficient beta: fixed, or adapted towards a target KL (Ziegler et al. 2019).
+
+    error = clip(KL / target - 1, -0.2, 0.2);  beta *= 1 + error * n_episodes / horizon
+    """
+
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_episodes / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything after the first stop token becomes padding.
+
+    Returns (responses, mask with the stop token included, has_stop per sequence).
+    """
+    is_stop = responses == stop_id
+    has_stop = is_stop.any(1)
+    # index of the first stop token, or T if none
+    first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, responses.shape[1], dtype=torch.long))
+    positions = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return torch.where(mask.bool(), responses, torch.full_like(responses, pad_id)), mask, has_stop

@@ -1,0 +1,135 @@
+"""End-to-end PPO on the demo with tiny models: every variant the stage supports."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.artifacts import MissingArtifact, read_manifest, require
+from pipeline.config import ConfigError
+from stages import base, ppo, rm
+from tests.conftest import DEMO_RECIPE, REPO, read_jsonl, ppo_args, rm_args
+
+
+def check_run(runs_dir, iterations=6):
+    out = runs_dir / "demo" / "ppo"
+    manifest = require(out, "ppo")
+    history = read_jsonl(out / "metrics.jsonl")
+    assert [h["iteration"] for h in history] == list(range(1, iterations + 1))
+    for h in history:
+        # the health check of a correct implementation: nothing has moved at the first minibatch
+        assert h["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=1e-5)
+        assert h["first_minibatch"]["approxkl"] == pytest.approx(0.0, abs=1e-6)
+        assert h["first_minibatch"]["clipfrac"] == 0.0
+        assert all(v == v for v in h.values() if isinstance(v, float))  # no NaN
+        # k1 is unbiased but noisy per batch while the true KL is tiny: a small negative batch is noise,
+        # a clearly negative one (padding, temperature or dropout mismatch) is a bug
+        assert h["objective/kl"] > -0.5
+    assert sum(h["objective/kl"] for h in history) > 0
+    assert manifest["inputs"]["sft_manifest"]["stage"] == "sft" and manifest["inputs"]["rm_manifest"]["stage"] == "rm"
+    assert read_jsonl(out / "samples.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name in model.state_dict())
+    return history
+
+
+def improves(history):
+    first = sum(h["objective/scores"] for h in history[:2]) / 2
+    last = sum(h["objective/scores"] for h in history[-2:]) / 2
+    return last > first
+
+
+def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm):
+    ppo.main(ppo_args(runs_with_rm, "ppo.learning_rate=1e-3", "ppo.total_episodes=320"))
+    history = check_run(runs_with_rm, iterations=10)
+    assert improves(history)
+    assert 0 < history[-1]["objective/kl"] < 10
+    assert (runs_with_rm / "demo" / "ppo" / "value_model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("finetune", ["lora", "qlora-4bit"])
+def test_ppo_with_adapters_uses_the_disabled_adapter_as_reference(runs_with_rm, finetune):
+    ppo.main(ppo_args(runs_with_rm, f"ppo.finetune={finetune}", "ppo.learning_rate=1e-2", "ppo.lora.r=8"))
+    check_run(runs_with_rm)
+    assert (runs_with_rm / "demo" / "ppo" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ppo_with_a_value_head_on_the_policy(runs_with_rm):
+    ppo.main(ppo_args(runs_with_rm, "ppo.value_model=head", "ppo.learning_rate=1e-3", "ppo.kl_estimator=k3",
+                      "ppo.kl_target=2.0", "ppo.whiten_rewards=true", "ppo.normalize_scores=true"))
+    history = check_run(runs_with_rm)
+    assert (runs_with_rm / "demo" / "ppo" / "value_head.pt").is_file()
+    assert history[-1]["objective/kl_coef"] != history[0]["objective/kl_coef"]  # the adaptive controller moved
+
+
+def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
+    """An RM built on a differently trained tokenizer: PPO detects it and scores decoded text."""
+    other = tmp_path / "other-base"
+    base.main(["--recipe", DEMO_RECIPE, f"base.output={other}", f"sft.model={other}",
+               "base.corpus=[data/demo/prompts_train.jsonl, data/demo/preferences_train.jsonl]",
+               "base.hidden_size=32", "base.num_layers=1"])
+    assert AutoTokenizer.from_pretrained(other).get_vocab() != AutoTokenizer.from_pretrained(
+        runs_with_rm / "demo" / "sft").get_vocab()
+    rm.main(rm_args(runs_with_rm, f"rm.model={other}", "--force"))
+    with pytest.raises(ConfigError, match="value_model=sft or ppo.value_model=head"):
+        ppo.main(ppo_args(runs_with_rm))
+    ppo.main(ppo_args(runs_with_rm, "ppo.value_model=sft"))
+    check_run(runs_with_rm)
+    assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own (scored by text)"
+
+
+def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
+    real = ppo.value_loss
+    monkeypatch.setattr(ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
+    with pytest.raises(FloatingPointError, match=r"loss/value is nan at iteration 1, epoch 1"):
+        ppo.main(ppo_args(runs_with_rm))
+    assert read_manifest(runs_with_rm / "demo" / "ppo") is None
+
+
+def test_missing_upstream_names_the_target(tmp_path, runs_with_rm):
+    with pytest.raises(MissingArtifact, match="run `make sft` first"):
+        ppo.main(ppo_args(tmp_path / "empty"))
+    (runs_with_rm / "demo" / "rm" / "manifest.json").unlink()
+    with pytest.raises(MissingArtifact, match=r"rm artifact .* is incomplete .*run `make rm` first"):
+        ppo.main(ppo_args(runs_with_rm))
+
+
+def run_ppo(args, **kw):
+    return subprocess.Popen([sys.executable, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_interrupted_run_resumes_to_the_same_number_of_steps(runs_with_rm):
+    args = ppo_args(runs_with_rm, "ppo.total_episodes=320")  # 10 iterations, checkpoint every 2
+    proc = run_ppo(args)
+    state = runs_with_rm / "demo" / "ppo.partial" / "checkpoint" / "ppo_state.json"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: save a checkpoint, then exit
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "checkpoint saved at iteration" in output
+    assert read_manifest(runs_with_rm / "demo" / "ppo") is None  # not complete yet
+    resumed = run_ppo(args)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resuming from the checkpoint at iteration" in output
+    check_run(runs_with_rm, iterations=10)
+
+
+def test_two_processes(runs_with_rm):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "stages/ppo.py", *ppo_args(runs_with_rm, "ppo.total_episodes=256", "ppo.batch_size=16",
+                                                     "ppo.mini_batch_size=8")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    history = check_run(runs_with_rm, iterations=8)  # 256 episodes / (16 per process x 2 processes)
+    assert history[-1]["episodes"] == 256 and history[0]["val/num_eos_tokens"] <= 32

@@ -1,0 +1,139 @@
+"""PPO math against hand-computed numbers and plain-loop references."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.ppo_math import (KLController, entropy_of, explained_variance, gae, kl_per_token, logprobs_of,
+                               masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
+                               value_loss)
+
+
+def test_masked_mean_and_whiten_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert masked_mean(x, mask).item() == 2.0
+    w = masked_whiten(x, mask)
+    assert w[0, 3] == 0 and abs(w[0, :3].mean().item()) < 1e-6
+    assert torch.allclose(w[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)  # unbiased std of 1,2,3 is 1
+    kept = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(kept[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4)  # scale 1 here, mean kept
+
+
+def test_logprobs_divide_by_temperature():
+    logits = torch.tensor([[[math.log(1.0), math.log(3.0)]]])  # probabilities 1/4, 3/4 at T=1
+    tokens = torch.tensor([[1]])
+    assert logprobs_of(logits, tokens, 1.0).item() == pytest.approx(math.log(0.75))
+    # at T=0.5 the logits double: p = 9 / (1 + 9)
+    assert logprobs_of(logits, tokens, 0.5).item() == pytest.approx(math.log(0.9))
+    assert entropy_of(logits, 1.0).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+
+
+def test_kl_estimators():
+    logp = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    k1 = kl_per_token(logp, ref, mask, "k1")
+    assert torch.allclose(k1, torch.tensor([[math.log(2), math.log(0.5), 0.0]]))
+    k3 = kl_per_token(logp, ref, mask, "k3")
+    # r = p_ref / p: 0.5 -> (0.5 - 1) - log 0.5; 2 -> (2 - 1) - log 2
+    assert torch.allclose(k3, torch.tensor([[-0.5 + math.log(2), 1 - math.log(2), 0.0]]))
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError, match="k2"):
+        kl_per_token(logp, ref, mask, "k2")
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    r = token_rewards(torch.tensor([1.0, -2.0]), kl, mask, beta=0.5)
+    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.25 - 2.0, 0.0, 0.0]]))
+
+
+def gae_reference(values, rewards, mask, gamma, lam):
+    """The textbook loop, one sequence and one step at a time."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv, (adv + values) * mask
+
+
+def test_gae_hand_computed():
+    values = torch.tensor([[1.0, 2.0]])
+    rewards = torch.tensor([[0.0, 3.0]])
+    mask = torch.ones(1, 2)
+    adv, ret = gae(values, rewards, mask, gamma=1.0, lam=0.5)
+    # t=1: delta = 3 - 2 = 1, A = 1;  t=0: delta = 0 + 2 - 1 = 1, A = 1 + 0.5 * 1 = 1.5
+    assert torch.allclose(adv, torch.tensor([[1.5, 1.0]]))
+    assert torch.allclose(ret, torch.tensor([[2.5, 3.0]]))
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.5)])
+def test_gae_matches_the_plain_loop_with_padding(gamma, lam):
+    torch.manual_seed(0)
+    values, rewards = torch.randn(4, 7), torch.randn(4, 7)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 1 + [0] * 6, [1] * 6 + [0]]).float()
+    rewards = rewards * mask
+    adv, ret = gae(values, rewards, mask, gamma, lam)
+    ref_adv, ref_ret = gae_reference(values, rewards, mask, gamma, lam)
+    assert torch.allclose(adv, ref_adv, atol=1e-5) and torch.allclose(ret, ref_ret, atol=1e-5)
+
+
+def test_policy_loss_clipping_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(logp, old, adv, mask, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5; token 2: 1.0
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.0) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["ratio"].item() == pytest.approx(1.0)
+
+
+def test_first_step_ratio_is_one():
+    logp = torch.randn(2, 5)
+    loss, stats = policy_loss(logp, logp.clone(), torch.randn(2, 5), torch.ones(2, 5), clip=0.2)
+    assert stats["ratio"].item() == 1.0 and stats["approxkl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+
+
+def test_value_loss_clipping_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[1.0, 1.0]])
+    loss, stats = value_loss(new, old, returns, torch.ones(1, 2), clip=0.2)
+    # token 0: max((1-1)^2, (0.2-1)^2) = 0.64; token 1: max(0.81, 0.81) = 0.81
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0]])
+    assert explained_variance(returns, returns, torch.ones(1, 3)).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 3), 2.0), returns, torch.ones(1, 3)).item() == pytest.approx(0.0)
+
+
+def test_adaptive_kl_controller_by_hand():
+    fixed = KLController(0.05)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.05
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, 1000)  # error clipped to 0.2: beta *= 1 + 0.2 * 0.1
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(3.0, 1000)  # error = -0.5 -> -0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+
+
+def test_truncate_after_stop():
+    responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8]])
+    out, mask, has_stop = truncate_after_stop(responses, stop_id=1, pad_id=0)
+    assert out.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert has_stop.tolist() == [True, False]
