@@ -27,7 +27,7 @@ else
 LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-.PHONY: setup base sft rm ppo demo test clean
+.PHONY: setup base sft rm ppo eval demo test clean
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -51,7 +51,10 @@ rm: sft
 ppo: rm
 	$(LAUNCH) stages/ppo.py $(STAGE_ARGS)
 
-demo: ppo
+eval: ppo
+	$(LAUNCH) stages/eval.py $(STAGE_ARGS)
+
+demo: eval
 
 test: setup
 	$(BIN)/python -m pytest -q

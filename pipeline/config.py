@@ -168,6 +168,20 @@ class PPOStage:
 
 
 @dataclass
+class EvalStage:
+    """`make eval`: compare the base, SFT and PPO policies on held-out prompts."""
+
+    prompts: DatasetSpec | None = None
+    """Held-out prompts (a `prompt` column)."""
+    max_new_tokens: int = 24
+    """Longest response."""
+    temperature: float = 0.7
+    """Sampling temperature (top_k = 0, top_p = 1); greedy decoding is reported too."""
+    samples_in_report: int = 8
+    """Rows of the side-by-side sample table."""
+
+
+@dataclass
 class BaseModelSettings:
     """`make base`: the demo's tiny decoder-only model, built offline (only used by the demo)."""
 
@@ -206,6 +220,8 @@ class Recipe:
     """Reward model."""
     ppo: PPOStage = field(default_factory=PPOStage)
     """PPO."""
+    eval: EvalStage = field(default_factory=EvalStage)
+    """Evaluation."""
 
     @property
     def run_dir(self) -> Path:

@@ -108,11 +108,11 @@ def test_interrupted_run_resumes_to_the_same_number_of_steps(runs_with_rm):
     args = ppo_args(runs_with_rm, "ppo.total_episodes=320")  # 10 iterations, checkpoint every 2
     proc = run_ppo(args)
     state = runs_with_rm / "demo" / "ppo.partial" / "checkpoint" / "ppo_state.json"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: save a checkpoint, then exit
-    output = proc.communicate(timeout=120)[0]
+    output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, output[-3000:]
     assert "checkpoint saved at iteration" in output
     assert read_manifest(runs_with_rm / "demo" / "ppo") is None  # not complete yet

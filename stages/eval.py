@@ -1,0 +1,219 @@
+"""Evaluate the run's policies on held-out prompts: `make eval`.
+
+    make eval                     # the demo
+    make eval RECIPE=my.yaml
+
+For each policy present (base, sft, ppo): responses to the held-out prompts, sampled at the
+recorded temperature (top_k=0, top_p=1) and greedy; reward-model score, gold-judge score (if the
+recipe names a judge), per-sequence KL from the SFT policy, response length, share ending with the
+stop token, distinct n-grams; win rate of PPO over SFT with a 95% interval. Writes
+<runs_dir>/<run_name>/eval/: metrics.json, report.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from pipeline import artifacts, cli, data  # noqa: E402
+from pipeline.config import ConfigError, to_dict  # noqa: E402
+from pipeline.dist import process_state  # noqa: E402
+from pipeline.ppo_math import logprobs_of, truncate_after_stop  # noqa: E402
+from pipeline.scoring import conversation_text, load_callable, position_ids, reward_scores  # noqa: E402
+
+
+@torch.inference_mode()
+def respond(model, tokenizer, prompts, max_new_tokens, temperature, seed):
+    """Responses (token ids, mask, has_stop, text) and the prompt encoding, sampled or greedy."""
+    enc = tokenizer([data.prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    torch.manual_seed(seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    responses, mask, has_stop = truncate_after_stop(out[:, enc["input_ids"].shape[1]:], tokenizer.eos_token_id,
+                                                    tokenizer.pad_token_id)
+    return enc, responses, mask, has_stop, tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def sequence_logprob(model, enc, responses, mask, temperature):
+    ids = torch.cat([enc["input_ids"], responses], 1)
+    attn = torch.cat([enc["attention_mask"], mask], 1)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
+                   logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
+    return (logprobs_of(logits, responses, temperature) * mask).sum(1)
+
+
+def distinct(texts, n):
+    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def win_rate(a, b):
+    """Share of prompts where a beats b (ties count half), with a 95% Wilson interval (which, unlike
+    the normal approximation, does not collapse to a point at 0 or 1)."""
+    wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    n, p, z = len(wins), sum(wins) / len(wins), 1.96
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"rate": p, "ci95": [centre - half, centre + half]}
+
+
+def mean_std(xs):
+    t = torch.tensor(xs, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(xs) > 1 else 0.0}
+
+
+def main(argv=None):
+    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
+    cfg = recipe.eval
+    if cfg.prompts is None:
+        raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
+    state = process_state()
+    run = recipe.run_dir
+    sft_manifest, rm_manifest = artifacts.require(run / "sft", "sft"), artifacts.require(run / "rm", "rm")
+    policies = {"base": recipe.sft.model, "sft": str(run / "sft")}
+    if artifacts.read_manifest(run / "ppo") is not None:
+        policies["ppo"] = str(run / "ppo")
+    stage = artifacts.StageDir(run, "eval")
+    config = {"eval": to_dict(cfg), "seed": recipe.seed, "judge": recipe.judge}
+    inputs = {"prompts": artifacts.source_fingerprint(cfg.prompts.path),
+              **{name: artifacts.source_fingerprint(path) for name, path in policies.items()},
+              "rm": rm_manifest["fingerprint"]}
+    fp = artifacts.fingerprint(config, inputs)
+    if stage.is_current(fp) and not args.force:
+        state.print(f"eval: {stage.final} is up to date (FORCE=1 to re-run)")
+        return
+    if not state.is_main_process:  # generation for a few hundred prompts: one process is enough
+        state.wait_for_everyone()
+        return
+    started = time.time()
+    out = stage.begin(fp)
+
+    prompts = data.load(cfg.prompts)["prompt"]
+    judge = load_callable(recipe.judge) if recipe.judge else None
+    rm_tokenizer = AutoTokenizer.from_pretrained(run / "rm")
+    reward_model = AutoModelForSequenceClassification.from_pretrained(run / "rm").eval()
+    sft_model = AutoModelForCausalLM.from_pretrained(run / "sft").eval()
+
+    # ---- generate and score, per policy and decoding ----
+    metrics, texts = {}, {}
+    for name, path in policies.items():
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        metrics[name] = {}
+        for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
+            enc, responses, mask, has_stop, decoded = respond(model, tokenizer, prompts, cfg.max_new_tokens,
+                                                              temperature, recipe.seed)
+            rm = reward_scores(reward_model, rm_tokenizer,
+                               [conversation_text(rm_tokenizer, p, t) for p, t in zip(prompts, decoded)]).tolist()
+            m = {"rm_score": mean_std(rm), "response_length": mask.sum(1).float().mean().item(),
+                 "stop_token_share": has_stop.float().mean().item(),
+                 "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
+            if judge is not None:
+                m["gold_score"] = mean_std([judge(p, t) for p, t in zip(prompts, decoded)])
+            if decoding == "sampled":
+                # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
+                kl = (sequence_logprob(model, enc, responses, mask, temperature)
+                      - sequence_logprob(sft_model, enc, responses, mask, temperature))
+                m["kl_from_sft"] = kl.mean().item()
+                texts[name] = {"text": decoded, "rm": rm,
+                               "gold": [judge(p, t) for p, t in zip(prompts, decoded)] if judge else None}
+            metrics[name][decoding] = m
+    if "ppo" in texts:
+        metrics["ppo"]["win_rate_vs_sft"] = {"rm": win_rate(texts["ppo"]["rm"], texts["sft"]["rm"])}
+        if judge is not None:
+            metrics["ppo"]["win_rate_vs_sft"]["gold"] = win_rate(texts["ppo"]["gold"], texts["sft"]["gold"])
+    settings = {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
+                "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts)}
+    artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, **metrics})
+
+    # ---- plots and report ----
+    plots = write_plots(out, run, texts, judge is not None)
+    write_report(out, metrics, texts, prompts, settings, plots, cfg.samples_in_report)
+    headline = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
+                for name, m in metrics.items()}
+    stage.commit(fp, config, {"policies": policies, **inputs}, headline, started)
+    print(f"eval: report at {stage.final / 'report.md'}")
+    for name, m in headline.items():
+        print(f"  {name:5s} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
+    if "ppo" in metrics:
+        print(f"  ppo win rate vs sft: " + ", ".join(f"{k} {v['rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+                                                   for k, v in metrics["ppo"]["win_rate_vs_sft"].items()))
+    state.wait_for_everyone()
+
+
+def write_plots(out: Path, run: Path, texts: dict, has_gold: bool) -> list[str]:
+    plots = []
+    ppo_metrics = run / "ppo" / "metrics.jsonl"
+    if ppo_metrics.exists():
+        history = [json.loads(line) for line in ppo_metrics.read_text().splitlines()]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        steps = [h["iteration"] for h in history]
+        axes[0].plot(steps, [h["objective/scores"] for h in history], label="reward-model score")
+        axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (score - beta KL)")
+        axes[0].set(xlabel="PPO iteration", ylabel="reward", title="Reward over PPO")
+        axes[0].legend()
+        axes[1].plot(steps, [h["objective/kl"] for h in history], color="tab:red")
+        axes[1].set(xlabel="PPO iteration", ylabel="nats", title="KL(policy || SFT) per sequence")
+        fig.tight_layout()
+        fig.savefig(out / "ppo_curves.png", dpi=100)
+        plt.close(fig)
+        plots.append("ppo_curves.png")
+    keys = ["rm"] + (["gold"] if has_gold else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, t in texts.items():
+            ax.hist(t[key], bins=20, alpha=0.5, label=name)
+        ax.set(xlabel=f"{'reward-model' if key == 'rm' else 'gold-judge'} score", ylabel="responses",
+               title=f"{'Reward-model' if key == 'rm' else 'Gold-judge'} scores per policy")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_distributions.png", dpi=100)
+    plt.close(fig)
+    plots.append("score_distributions.png")
+    return plots
+
+
+def write_report(out, metrics, texts, prompts, settings, plots, n_samples):
+    cols = ["gold_score", "rm_score", "kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
+    lines = ["# Evaluation report", "",
+             f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "
+             f"{settings['temperature']} (top_k=0, top_p=1, max {settings['max_new_tokens']} new tokens, seed "
+             f"{settings['seed']}); greedy figures in metrics.json.", "",
+             "| policy | " + " | ".join(cols) + " | win rate vs sft (rm) | win rate vs sft (gold) |",
+             "|---" * (len(cols) + 3) + "|"]
+    for name, m in metrics.items():
+        s = m["sampled"]
+        cells = [f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}" if isinstance(s.get(c), dict) else
+                 f"{s[c]:.3f}" if c in s else "-" for c in cols]
+        wins = m.get("win_rate_vs_sft", {})
+        cells += [f"{wins[k]['rate']:.2f} [{wins[k]['ci95'][0]:.2f}, {wins[k]['ci95'][1]:.2f}]" if k in wins else "-"
+                  for k in ("rm", "gold")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", ""]
+    names = [n for n in ("sft", "ppo") if n in texts]
+    lines.append("| prompt | " + " | ".join(f"{n} response (rm / gold)" for n in names) + " |")
+    lines.append("|---" * (len(names) + 1) + "|")
+    for i in range(min(n_samples, len(prompts))):
+        prompt = prompts[i][-1]["content"] if data.is_conversational(prompts[i]) else prompts[i]
+        cells = []
+        for n in names:
+            gold = f" / {texts[n]['gold'][i]:.2f}" if texts[n]["gold"] else ""
+            cells.append(f"{texts[n]['text'][i]} ({texts[n]['rm'][i]:.2f}{gold})")
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
