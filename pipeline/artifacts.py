@@ -117,6 +117,17 @@ class StageDir:
         stamp.write_text(fp + "\n")
         return self.partial
 
+    def open(self, state, fp: str, force: bool, keep_partial: bool = False) -> Path | None:
+        """For every process of a stage: None if the artifact is up to date (nothing to do), else the
+        work directory, prepared by the main process before any process goes on."""
+        if self.is_current(fp) and not force:
+            state.print(f"{self.stage}: {self.final} is up to date (FORCE=1 to re-run)")
+            return None
+        if state.is_main_process:
+            self.begin(fp, keep_partial=keep_partial)
+        state.wait_for_everyone()
+        return self.partial
+
     def commit(self, fp: str, config: dict, inputs: dict, metrics: dict, started: float) -> dict:
         """Write the manifest last, then swap the finished directory into place."""
         manifest = {

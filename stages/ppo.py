@@ -109,14 +109,10 @@ def main(argv=None):
               "sft_manifest": sft_manifest, "rm_manifest": rm_manifest}
     fp = artifacts.fingerprint(config, {**inputs, "sft_manifest": sft_manifest["fingerprint"],
                                         "rm_manifest": rm_manifest["fingerprint"]})
-    if stage.is_current(fp) and not args.force:
-        state.print(f"ppo: {stage.final} is up to date (FORCE=1 to re-run)")
+    out = stage.open(state, fp, args.force, keep_partial=not args.force)
+    if out is None:
         return
     started = time.time()
-    if state.is_main_process:
-        stage.begin(fp, keep_partial=not args.force)
-    state.wait_for_everyone()
-    out = stage.partial
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # see pipeline.dist.process_state
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -67,14 +67,10 @@ def main(argv=None):
                            for spec in (rm.dataset, rm.eval_dataset, reference) if spec is not None},
               "sft_manifest": upstream}
     fp = artifacts.fingerprint(config, {**inputs, "sft_manifest": upstream and upstream["fingerprint"]})
-    if stage.is_current(fp) and not args.force:
-        state.print(f"rm: {stage.final} is up to date (FORCE=1 to re-run)")
+    out = stage.open(state, fp, args.force)
+    if out is None:
         return
     started = time.time()
-    if state.is_main_process:
-        stage.begin(fp)
-    state.wait_for_everyone()
-    out = stage.partial
 
     # ---- data ----
     train_ds, eval_ds, fmt = data.train_eval(rm.dataset, rm.eval_dataset, rm.eval_fraction, ["preference"], recipe.seed)
@@ -123,7 +119,8 @@ def main(argv=None):
         final.eval()
         judge = load_callable(recipe.judge) if recipe.judge else None
         heldout = pairwise_report(final, tokenizer, eval_ds, judge) if eval_ds is not None else {}
-        ref = data.load(reference).select(range(min(rm.reference_limit, len(data.load(reference)))))
+        ref = data.load(reference)
+        ref = ref.select(range(min(rm.reference_limit, len(ref))))
         ref_texts = [conversation_text(tokenizer, row.get("prompt"), row.get("completion", row.get("chosen")))
                      for row in ref]
         ref_scores = reward_scores(final, tokenizer, ref_texts)

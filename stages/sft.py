@@ -42,14 +42,10 @@ def main(argv=None):
               "datasets": {spec.path: artifacts.source_fingerprint(spec.path)
                            for spec in (sft.dataset, sft.eval_dataset) if spec is not None}}
     fp = artifacts.fingerprint(config, inputs)
-    if stage.is_current(fp) and not args.force:
-        state.print(f"sft: {stage.final} is up to date (FORCE=1 to re-run)")
+    out = stage.open(state, fp, args.force)
+    if out is None:
         return
     started = time.time()
-    if state.is_main_process:
-        stage.begin(fp)
-    state.wait_for_everyone()
-    out = stage.partial
 
     # ---- data ----
     train_ds, eval_ds, fmt = data.train_eval(sft.dataset, sft.eval_dataset, sft.eval_fraction, ACCEPTED, recipe.seed)
