@@ -6,7 +6,8 @@
 #   make sft NPROC=8               multi-process through accelerate launch (GPUs, or gloo on CPUs)
 #   make sft ACCELERATE_CONFIG=ds.yaml   DeepSpeed / FSDP / multi-node: your accelerate config
 #   make sft ARGS="sft.finetune=lora"    recipe overrides on the command line
-#   make sft FORCE=1               re-run even if the artifact is up to date
+#   make ppo FORCE=1               re-run ppo even if up to date (then eval follows); upstream stages
+#                                  re-run only if out of date. `make demo FORCE=1` re-runs them all.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,10 @@ ARGS ?=
 FORCE ?=
 TORCH_VERSION := 2.13.0
 
-STAGE_ARGS = --recipe $(RECIPE) $(if $(FORCE),--force) $(ARGS)
+# FORCE applies to the stages named on the command line (all of them for `make demo`), not to the
+# upstream stages make visits on the way: `make ppo FORCE=1` must not retrain the SFT model.
+FORCED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS))
+stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(FORCED)),--force)) $(ARGS)
 ifneq ($(ACCELERATE_CONFIG),)
 LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC)
 else ifeq ($(NPROC),1)
@@ -39,22 +43,31 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Each stage runs unless its artifact is up to date. pipeline.plans answers that in a fraction of a
+# second from the recipe and the manifests; launching the stage would spend seconds on imports first.
+UP_TO_DATE = $(BIN)/python -m pipeline.plans
+define run_stage
+	@$(UP_TO_DATE) $(1) $(call stage_args,$(1)) || \
+	{ echo "$(2) stages/$(1).py $(call stage_args,$(1))"; $(2) stages/$(1).py $(call stage_args,$(1)); }
+endef
+
 base: setup
-	$(BIN)/python stages/base.py $(STAGE_ARGS)
+	$(call run_stage,base,$(BIN)/python)
 
 sft: base
-	$(LAUNCH) stages/sft.py $(STAGE_ARGS)
+	$(call run_stage,sft,$(LAUNCH))
 
 rm: sft
-	$(LAUNCH) stages/rm.py $(STAGE_ARGS)
+	$(call run_stage,rm,$(LAUNCH))
 
 ppo: rm
-	$(LAUNCH) stages/ppo.py $(STAGE_ARGS)
+	$(call run_stage,ppo,$(LAUNCH))
 
 eval: ppo
-	$(LAUNCH) stages/eval.py $(STAGE_ARGS)
+	$(call run_stage,eval,$(LAUNCH))
 
 demo: eval
+	@$(BIN)/python -m pipeline.report $(call stage_args,eval)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,9 @@ puts `manifest.json` there (atomically) and swaps the directory into `<run>/<sta
 - a directory with a manifest is complete; without one it is not, and later stages refuse it;
 - a failed or interrupted re-run never damages the previous complete artifact;
 - the manifest records the stage's fingerprint (its config + the fingerprints of its inputs), so a
-  re-run with nothing changed is skipped, and a change upstream re-runs everything after it.
+  re-run with nothing changed is skipped, and a change upstream re-runs everything after it;
+- it also records a build id, new on every build: downstream stages fingerprint their upstream by
+  it, so a forced re-build of one stage (which keeps its fingerprint) still re-runs those after it.
 """
 
 from __future__ import annotations
@@ -16,17 +18,23 @@ import os
 import platform
 import shutil
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.config import UserError
+
 MANIFEST = "manifest.json"
+# Part of every fingerprint: artifacts from a version of this code with other manifest contents or
+# fingerprint rules are out of date, never misread.
+MANIFEST_FORMAT = 2
 PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"]
 
 # Which make target produces each stage, for error messages.
 MAKE_TARGET = {"base": "make base", "sft": "make sft", "rm": "make rm", "ppo": "make ppo", "eval": "make eval"}
 
 
-class MissingArtifact(RuntimeError):
+class MissingArtifact(UserError, RuntimeError):
     """An upstream stage has not produced a complete artifact."""
 
 
@@ -54,6 +62,12 @@ def require(directory: str | Path, stage: str) -> dict:
     return manifest
 
 
+def build_id(manifest: dict) -> str:
+    """What downstream stages know an artifact by (a manifest of an older format: its fingerprint,
+    which no longer matches any current one, so whatever was built from it is re-built)."""
+    return manifest.get("build_id") or manifest["fingerprint"]
+
+
 def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,14 +77,15 @@ def file_digest(path: str | Path) -> str:
 
 
 def source_fingerprint(source: str) -> str:
-    """Content hash of a local file or directory; a hub id stands for itself (pin a revision in it)."""
+    """Content hash of a local file or directory (a stage artifact: its build id); a hub id stands for
+    itself (pin a revision in it)."""
     p = Path(source)
     if p.is_file():
         return file_digest(p)
     if p.is_dir():
         manifest = read_manifest(p)
         if manifest is not None:
-            return manifest["fingerprint"]
+            return build_id(manifest)
         h = hashlib.sha256()
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(str(f.relative_to(p)).encode())
@@ -80,7 +95,7 @@ def source_fingerprint(source: str) -> str:
 
 
 def fingerprint(config: dict, inputs: dict) -> str:
-    blob = json.dumps({"config": config, "inputs": inputs}, sort_keys=True, default=str)
+    blob = json.dumps({"format": MANIFEST_FORMAT, "config": config, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -133,6 +148,7 @@ class StageDir:
         manifest = {
             "stage": self.stage,
             "fingerprint": fp,
+            "build_id": uuid.uuid4().hex[:16],
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "duration_s": round(time.time() - started, 1),
             "inputs": inputs,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-from pipeline.config import ConfigError, Recipe, load_recipe
+from pipeline.config import Recipe, UserError, load_recipe
 
 DEFAULT_RECIPE = "stages/recipes/demo.yaml"
 
@@ -16,7 +17,12 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
     parser.add_argument("--force", action="store_true", help="re-run even if the artifact is up to date")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     args = parser.parse_args(argv)
+    return load_recipe(args.recipe, args.overrides), args
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`."""
     try:
-        return load_recipe(args.recipe, args.overrides), args
-    except ConfigError as e:
+        main()
+    except UserError as e:
         sys.exit(f"error: {e}")

@@ -21,7 +21,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user must fix (a setting, a file, a missing upstream stage): reported as one
+    line saying what to change, not as a traceback (see `pipeline.cli.run`)."""
+
+
+class ConfigError(UserError, ValueError):
     """A recipe or command-line setting the user must change."""
 
 

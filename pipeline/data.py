@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset
 
-from pipeline.config import DatasetSpec
+from pipeline.config import DatasetSpec, UserError
 
 FORMATS = {
     "preference": ({"chosen", "rejected"}, "chosen + rejected (optional prompt)"),
@@ -26,7 +26,7 @@ FORMATS = {
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset the user must fix."""
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline import artifacts, cli
-from pipeline.config import to_dict
+from pipeline import cli, plans
 
 EOS, PAD, UNK = "<|end|>", "<|pad|>", "<|unk|>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -53,15 +51,13 @@ def train_tokenizer(paths: list[str]) -> PreTrainedTokenizerFast:
 def main(argv=None):
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     settings = recipe.base
-    if recipe.sft.model != settings.output:
-        print(f"base: the recipe starts from '{recipe.sft.model}', no demo base model to build")
+    plan = plans.base(recipe)
+    if plan is None:
+        print(plans.NO_BASE.format(recipe.sft.model))
         return
-    stage = artifacts.StageDir(Path(settings.output).parent, Path(settings.output).name)
-    config = {"base": to_dict(settings), "seed": recipe.seed}
-    inputs = {p: artifacts.source_fingerprint(p) for p in settings.corpus}
-    fp = artifacts.fingerprint(config, inputs)
+    stage, fp = plan.stage, plan.fingerprint
     if stage.is_current(fp) and not args.force:
-        print(f"base: {stage.final} is up to date")
+        print(f"base: {stage.final} is up to date (FORCE=1 to re-run)")
         return
     started = time.time()
     out = stage.begin(fp)
@@ -79,9 +75,9 @@ def main(argv=None):
     tokenizer.save_pretrained(out)
 
     n_params = sum(p.numel() for p in model.parameters())
-    stage.commit(fp, config, inputs, {"parameters": n_params, "vocab_size": len(tokenizer)}, started)
+    stage.commit(fp, plan.config, plan.inputs, {"parameters": n_params, "vocab_size": len(tokenizer)}, started)
     print(f"base: {n_params:,} parameters, vocabulary {len(tokenizer)} -> {stage.final}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

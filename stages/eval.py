@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from pipeline import artifacts, cli, data  # noqa: E402
-from pipeline.config import ConfigError, to_dict  # noqa: E402
+from pipeline import artifacts, cli, data, plans, report  # noqa: E402
 from pipeline.dist import process_state  # noqa: E402
 from pipeline.ppo_math import logprobs_of, truncate_after_stop  # noqa: E402
 from pipeline.scoring import conversation_text, load_callable, position_ids, reward_scores  # noqa: E402
@@ -77,28 +76,18 @@ def mean_std(xs):
 def main(argv=None):
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     cfg = recipe.eval
-    if cfg.prompts is None:
-        raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
     state = process_state()
-    run = recipe.run_dir
-    sft_manifest, rm_manifest = artifacts.require(run / "sft", "sft"), artifacts.require(run / "rm", "rm")
-    policies = {"base": recipe.sft.model, "sft": str(run / "sft")}
-    if artifacts.read_manifest(run / "ppo") is not None:
-        policies["ppo"] = str(run / "ppo")
-    stage = artifacts.StageDir(run, "eval")
-    config = {"eval": to_dict(cfg), "seed": recipe.seed, "judge": recipe.judge}
-    inputs = {"prompts": artifacts.source_fingerprint(cfg.prompts.path),
-              **{name: artifacts.source_fingerprint(path) for name, path in policies.items()},
-              "rm": rm_manifest["fingerprint"]}
-    fp = artifacts.fingerprint(config, inputs)
-    if stage.is_current(fp) and not args.force:
-        state.print(f"eval: {stage.final} is up to date (FORCE=1 to re-run)")
+
+    # ---- fingerprint: nothing to do if up to date; a new PPO (or SFT, RM) artifact re-runs it ----
+    plan = plans.eval(recipe)
+    out = plan.stage.open(state, plan.fingerprint, args.force)
+    if out is None:
         return
     if not state.is_main_process:  # generation for a few hundred prompts: one process is enough
         state.wait_for_everyone()
         return
     started = time.time()
-    out = stage.begin(fp)
+    run, policies = recipe.run_dir, plans.eval_policies(recipe)
 
     prompts = data.load(cfg.prompts)["prompt"]
     judge = load_callable(recipe.judge) if recipe.judge else None
@@ -141,15 +130,11 @@ def main(argv=None):
     # ---- plots and report ----
     plots = write_plots(out, run, texts, judge is not None)
     write_report(out, metrics, texts, prompts, settings, plots, cfg.samples_in_report)
-    headline = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
-                for name, m in metrics.items()}
-    stage.commit(fp, config, {"policies": policies, **inputs}, headline, started)
-    print(f"eval: report at {stage.final / 'report.md'}")
-    for name, m in headline.items():
-        print(f"  {name:5s} " + "  ".join(f"{k}={v:.3f}" for k, v in m.items()))
-    if "ppo" in metrics:
-        print(f"  ppo win rate vs sft: " + ", ".join(f"{k} {v['rate']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
-                                                   for k, v in metrics["ppo"]["win_rate_vs_sft"].items()))
+    summary = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
+               for name, m in metrics.items()}
+    plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, started)
+    print(f"eval: {len(prompts)} prompts in {time.time() - started:.0f}s, report at {plan.stage.final / 'report.md'}")
+    print(report.headline(metrics))
     state.wait_for_everyone()
 
 
@@ -216,4 +201,4 @@ def write_report(out, metrics, texts, prompts, settings, plots, n_samples):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

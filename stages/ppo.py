@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig, get_scheduler)
 
-from pipeline import artifacts, cli, data, models
+from pipeline import cli, data, models, plans
 from pipeline.config import ConfigError, to_dict
 from pipeline.dist import process_state
 from pipeline.metrics import append_jsonl
@@ -93,25 +93,14 @@ def prompt_indices(n_prompts: int, iteration: int, batch_size: int, rank: int, w
 def main(argv=None):
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     cfg = recipe.ppo
-    if cfg.prompts is None:
-        raise ConfigError("ppo.prompts is not set: name a dataset with a `prompt` column")
-    if cfg.batch_size % cfg.mini_batch_size or cfg.mini_batch_size % cfg.gradient_accumulation_steps:
-        raise ConfigError("ppo.mini_batch_size must divide ppo.batch_size, and ppo.gradient_accumulation_steps "
-                          "must divide ppo.mini_batch_size")
     state = process_state()
 
-    # ---- inputs and fingerprint (resume if a run with the same fingerprint was interrupted) ----
-    sft_dir, rm_dir = recipe.run_dir / "sft", recipe.run_dir / "rm"
-    sft_manifest, rm_manifest = artifacts.require(sft_dir, "sft"), artifacts.require(rm_dir, "rm")
-    stage = artifacts.StageDir(recipe.run_dir, "ppo")
-    config = {"ppo": to_dict(cfg), "seed": recipe.seed}
-    inputs = {"prompts": {cfg.prompts.path: artifacts.source_fingerprint(cfg.prompts.path)},
-              "sft_manifest": sft_manifest, "rm_manifest": rm_manifest}
-    fp = artifacts.fingerprint(config, {**inputs, "sft_manifest": sft_manifest["fingerprint"],
-                                        "rm_manifest": rm_manifest["fingerprint"]})
-    out = stage.open(state, fp, args.force, keep_partial=not args.force)
+    # ---- fingerprint: nothing to do if up to date, resume if a run with the same one was interrupted ----
+    plan = plans.ppo(recipe)
+    out = plan.stage.open(state, plan.fingerprint, args.force, keep_partial=not args.force)
     if out is None:
         return
+    sft_dir, rm_dir = recipe.run_dir / "sft", recipe.run_dir / "rm"
     started = time.time()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),  # see pipeline.dist.process_state
@@ -168,7 +157,8 @@ def main(argv=None):
         if m is not None:
             m.to(accelerator.device)
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    score_norm = (rm_manifest["metrics"]["reference"]["mean"], rm_manifest["metrics"]["reference"]["std"])
+    reference_stats = plan.upstream["rm"]["metrics"]["reference"]
+    score_norm = (reference_stats["mean"], reference_stats["std"])
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                                   top_k=0, top_p=1.0, eos_token_id=stop_id, pad_token_id=tokenizer.pad_token_id)
 
@@ -368,14 +358,14 @@ def main(argv=None):
                                          for k in ("generate", "score", "optimise")},
                         "reward_model_tokenizer": "own (scored by text)" if score_by_text else "shared"})
         shutil.rmtree(checkpoint, ignore_errors=True)
-        stage.commit(fp, config, inputs, summary, started)
+        plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, started)
         print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
               f"{time.time() - started:.0f}s ({summary['episodes_per_s_median']:.1f} episodes/s), score "
               f"{summary['score_first']:.2f} -> {summary['objective/scores']:.2f}, KL {summary['objective/kl']:.2f} "
-              f"-> {stage.final}")
+              f"-> {plan.stage.final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after this
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

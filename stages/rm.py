@@ -21,8 +21,8 @@ import yaml
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import artifacts, cli, data, models
-from pipeline.config import ConfigError, to_dict, trl_args
+from pipeline import cli, data, models, plans
+from pipeline.config import to_dict, trl_args
 from pipeline.dist import process_state
 from pipeline.metrics import JsonlLogger
 from pipeline.scoring import conversation_text, load_callable, reward_scores
@@ -51,25 +51,14 @@ def pairwise_report(model, tokenizer, pairs, judge=None) -> dict:
 def main(argv=None):
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     rm = recipe.rm
-    if rm.dataset is None:
-        raise ConfigError("rm.dataset is not set: name a preference dataset file or hub dataset id")
     state = process_state()
 
-    # ---- inputs and fingerprint ----
-    sft_dir = recipe.run_dir / "sft"
-    model_source = rm.model or str(sft_dir)
-    upstream = artifacts.require(sft_dir, "sft") if rm.model is None else None
-    reference = rm.reference_dataset or recipe.sft.dataset
-    stage = artifacts.StageDir(recipe.run_dir, "rm")
-    config = {"rm": to_dict(rm), "seed": recipe.seed, "judge": recipe.judge}
-    inputs = {"model": model_source, "model_fingerprint": artifacts.source_fingerprint(model_source),
-              "datasets": {spec.path: artifacts.source_fingerprint(spec.path)
-                           for spec in (rm.dataset, rm.eval_dataset, reference) if spec is not None},
-              "sft_manifest": upstream}
-    fp = artifacts.fingerprint(config, {**inputs, "sft_manifest": upstream and upstream["fingerprint"]})
-    out = stage.open(state, fp, args.force)
+    # ---- fingerprint: nothing to do if the artifact is up to date (pipeline/plans.py) ----
+    plan = plans.rm(recipe)
+    out = plan.stage.open(state, plan.fingerprint, args.force)
     if out is None:
         return
+    model_source, reference = plans.rm_model(recipe), plans.rm_reference(recipe)
     started = time.time()
 
     # ---- data ----
@@ -129,12 +118,12 @@ def main(argv=None):
                    "eval_accuracy": after.get("eval_accuracy"), "heldout": heldout,
                    "reference": {"dataset": reference.path, "n": len(ref_texts),
                                  "mean": ref_scores.mean().item(), "std": ref_scores.std().item()}}
-        stage.commit(fp, config, inputs, metrics, started)
+        plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)
         gold = f", gold-judge accuracy {heldout['gold_accuracy']:.3f}" if "gold_accuracy" in heldout else ""
         print(f"rm: {rm.finetune} on {metrics['train_pairs']} pairs in {time.time() - started:.0f}s, "
-              f"held-out accuracy {heldout.get('accuracy', float('nan')):.3f}{gold}, dropped {dropped} -> {stage.final}")
+              f"held-out accuracy {heldout.get('accuracy', float('nan')):.3f}{gold}, dropped {dropped} -> {plan.stage.final}")
     state.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

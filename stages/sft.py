@@ -18,9 +18,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, cli, data, models
+from pipeline import cli, data, models, plans
 from pipeline.dist import process_state
-from pipeline.config import ConfigError, to_dict, trl_args
+from pipeline.config import to_dict, trl_args
 from pipeline.metrics import JsonlLogger
 
 ACCEPTED = ["language_modeling", "prompt_completion"]
@@ -29,20 +29,11 @@ ACCEPTED = ["language_modeling", "prompt_completion"]
 def main(argv=None):
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     sft = recipe.sft
-    if sft.model is None:
-        raise ConfigError("sft.model is not set: name a hub model id or a local model directory")
-    if sft.dataset is None:
-        raise ConfigError("sft.dataset is not set: name a dataset file or hub dataset id")
     state = process_state()
 
-    # ---- fingerprint: skip if nothing changed ----
-    stage = artifacts.StageDir(recipe.run_dir, "sft")
-    config = {"sft": to_dict(sft), "seed": recipe.seed}
-    inputs = {"model": sft.model, "model_fingerprint": artifacts.source_fingerprint(sft.model),
-              "datasets": {spec.path: artifacts.source_fingerprint(spec.path)
-                           for spec in (sft.dataset, sft.eval_dataset) if spec is not None}}
-    fp = artifacts.fingerprint(config, inputs)
-    out = stage.open(state, fp, args.force)
+    # ---- fingerprint: nothing to do if the artifact is up to date (pipeline/plans.py) ----
+    plan = plans.sft(recipe)
+    out = plan.stage.open(state, plan.fingerprint, args.force)
     if out is None:
         return
     started = time.time()
@@ -85,12 +76,12 @@ def main(argv=None):
             merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        stage.commit(fp, config, inputs, metrics, started)
+        plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)
         print(f"sft: {sft.finetune} on {len(train_ds)} {fmt} rows in {time.time() - started:.0f}s, "
-              f"eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} -> {stage.final}"
-              if eval_ds is not None else f"sft: done in {time.time() - started:.0f}s -> {stage.final}")
+              f"eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} -> {plan.stage.final}"
+              if eval_ds is not None else f"sft: done in {time.time() - started:.0f}s -> {plan.stage.final}")
     state.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -14,20 +14,31 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = str(REPO / "stages/recipes/demo.yaml")
 
 
+def base_overrides(out: Path) -> list[str]:
+    """A smaller cousin of the demo base model (same tokenizer recipe), built in seconds."""
+    return [f"base.output={out}", f"sft.model={out}", "base.hidden_size=64", "base.num_layers=2"]
+
+
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory) -> Path:
-    """A smaller cousin of the demo base model (same tokenizer recipe), built in seconds."""
     out = tmp_path_factory.mktemp("models") / "base"
-    base.main(["--recipe", DEMO_RECIPE, f"base.output={out}", f"sft.model={out}",
-               "base.hidden_size=64", "base.num_layers=2"])
+    base.main(["--recipe", DEMO_RECIPE, *base_overrides(out)])
     return out
 
 
-def sft_args(runs_dir: Path, model: Path, *extra: str) -> list[str]:
+def sft_overrides(runs_dir: Path, model: Path, *extra: str) -> list[str]:
     """A quick SFT run of the demo recipe into `runs_dir`."""
-    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", f"sft.model={model}",
+    return [f"runs_dir={runs_dir}", f"sft.model={model}",
             "sft.dataset.limit=400", "sft.eval_dataset.limit=64", "sft.trainer.num_train_epochs=2",
             "sft.trainer.logging_steps=2", "sft.trainer.per_device_train_batch_size=8", *extra]
+
+
+def sft_args(runs_dir: Path, model: Path, *extra: str) -> list[str]:
+    return ["--recipe", DEMO_RECIPE, *sft_overrides(runs_dir, model, *extra)]
+
+
+# The session's shared SFT run (fixture sft_run): longer than the default quick run.
+SFT_RUN = ["sft.trainer.num_train_epochs=6", "sft.dataset.limit=2000", "sft.trainer.per_device_train_batch_size=32"]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -39,8 +50,7 @@ def sft_run(tmp_path_factory, base_model) -> Path:
     """A runs directory holding a finished SFT artifact (run 'demo'), trained once per session."""
     from stages import sft
     runs = tmp_path_factory.mktemp("runs")
-    sft.main(sft_args(runs, base_model, "sft.trainer.num_train_epochs=6", "sft.dataset.limit=2000",
-             "sft.trainer.per_device_train_batch_size=32"))
+    sft.main(sft_args(runs, base_model, *SFT_RUN))
     return runs
 
 
@@ -51,10 +61,12 @@ def runs_with_sft(tmp_path, sft_run) -> Path:
     return tmp_path
 
 
+RM_RUN = ["rm.dataset.limit=3000", "rm.eval_dataset.limit=200", "rm.trainer.num_train_epochs=2",
+          "rm.reference_limit=64", "rm.trainer.logging_steps=5"]
+
+
 def rm_args(runs_dir: Path, *extra: str) -> list[str]:
-    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", "rm.dataset.limit=3000",
-            "rm.eval_dataset.limit=200", "rm.trainer.num_train_epochs=2", "rm.reference_limit=64",
-            "rm.trainer.logging_steps=5", *extra]
+    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", *RM_RUN, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +86,10 @@ def runs_with_rm(tmp_path, rm_run) -> Path:
     return tmp_path
 
 
+# A short PPO run: 6 iterations of 32 rollouts.
+PPO_RUN = ["ppo.total_episodes=192", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
+           "ppo.max_new_tokens=16", "ppo.save_every=2", "ppo.sample_every=2"]
+
+
 def ppo_args(runs_dir: Path, *extra: str) -> list[str]:
-    """A short PPO run: 6 iterations of 32 rollouts."""
-    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", "ppo.total_episodes=192", "ppo.batch_size=32",
-            "ppo.mini_batch_size=8", "ppo.ppo_epochs=2", "ppo.max_new_tokens=16", "ppo.save_every=2",
-            "ppo.sample_every=2", *extra]
+    return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", *PPO_RUN, *extra]

@@ -84,7 +84,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, base_model):
         sft.main(["--recipe", str(REPO / "stages/recipes/demo.yaml"), f"runs_dir={tmp_path}", "sft.dataset=null"])
     with pytest.raises(DataError, match="not found"):
         sft.main(sft_args(tmp_path, base_model, f"sft.dataset={tmp_path}/none.jsonl"))
-    with pytest.raises(SystemExit, match="unknown key 'sft.trainr'"):
+    with pytest.raises(ConfigError, match="unknown key 'sft.trainr'"):
         sft.main(sft_args(tmp_path, base_model, "sft.trainr.x=1"))
     with pytest.raises(MissingArtifact):
         require(tmp_path / "demo" / "sft", "sft")  # nothing above left a complete-looking artifact

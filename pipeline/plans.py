@@ -1,0 +1,147 @@
+"""What each stage builds from what, and whether that is already built.
+
+A stage's fingerprint is its recipe section plus the fingerprints of its inputs: data files, the
+model it starts from, and the build ids of the upstream artifacts it reads. A finished stage is
+skipped when the fingerprint matches; any change to its section, its data or anything upstream
+(a re-build included) changes the fingerprint, so that stage and every stage after it run again.
+
+None of this needs torch or trl, so `make` asks first (`python -m pipeline.plans STAGE ...`,
+a fraction of a second) instead of launching a stage for several seconds of imports only to
+learn that it has nothing to do. The stages call the same functions, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import artifacts, cli
+from pipeline.config import ConfigError, DatasetSpec, Recipe, to_dict
+
+
+@dataclass
+class Plan:
+    stage: artifacts.StageDir
+    fingerprint: str
+    config: dict
+    """The recipe settings that shape the artifact (recorded in its manifest)."""
+    inputs: dict
+    """What it is built from (recorded in its manifest, upstream manifests in full)."""
+    upstream: dict = field(default_factory=dict)
+    """Manifests of the upstream artifacts it reads, by stage name."""
+
+
+def _plan(run_dir: Path, name: str, config: dict, inputs: dict, upstream: dict | None = None) -> Plan:
+    upstream = upstream or {}
+    fp = artifacts.fingerprint(config, {**inputs, **{f"{k}_manifest": artifacts.build_id(m) for k, m in upstream.items()}})
+    recorded = {**inputs, **{f"{k}_manifest": m for k, m in upstream.items()}}
+    return Plan(artifacts.StageDir(run_dir, name), fp, config, recorded, upstream)
+
+
+def _datasets(*specs: DatasetSpec | None) -> dict:
+    return {spec.path: artifacts.source_fingerprint(spec.path) for spec in specs if spec is not None}
+
+
+NO_BASE = "base: the recipe starts from '{}', there is no demo base model to build"
+
+
+def base(recipe: Recipe) -> Plan | None:
+    """None when the recipe starts from a model of its own (nothing to build; say NO_BASE)."""
+    settings = recipe.base
+    if recipe.sft.model != settings.output:
+        return None
+    out = Path(settings.output)
+    return _plan(out.parent, out.name, {"base": to_dict(settings), "seed": recipe.seed},
+                 {p: artifacts.source_fingerprint(p) for p in settings.corpus})
+
+
+def sft(recipe: Recipe) -> Plan:
+    s = recipe.sft
+    if s.model is None:
+        raise ConfigError("sft.model is not set: name a hub model id or a local model directory")
+    if s.dataset is None:
+        raise ConfigError("sft.dataset is not set: name a dataset file or hub dataset id")
+    return _plan(recipe.run_dir, "sft", {"sft": to_dict(s), "seed": recipe.seed},
+                 {"model": s.model, "model_fingerprint": artifacts.source_fingerprint(s.model),
+                  "datasets": _datasets(s.dataset, s.eval_dataset)})
+
+
+def rm_reference(recipe: Recipe) -> DatasetSpec | None:
+    """Responses whose reward mean/std PPO normalises scores by: the SFT data unless set."""
+    return recipe.rm.reference_dataset or recipe.sft.dataset
+
+
+def rm_model(recipe: Recipe) -> str:
+    """The model the reward model starts from: rm.model if set, else this run's SFT model."""
+    return recipe.rm.model or str(recipe.run_dir / "sft")
+
+
+def rm(recipe: Recipe) -> Plan:
+    r = recipe.rm
+    if r.dataset is None:
+        raise ConfigError("rm.dataset is not set: name a preference dataset file or hub dataset id")
+    upstream = {} if r.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
+    # Artifacts are known by build id, not path, so a run directory can move without re-running.
+    return _plan(recipe.run_dir, "rm", {"rm": to_dict(r), "seed": recipe.seed, "judge": recipe.judge},
+                 {"model_fingerprint": artifacts.source_fingerprint(rm_model(recipe)),
+                  "datasets": _datasets(r.dataset, r.eval_dataset, rm_reference(recipe))}, upstream)
+
+
+def ppo(recipe: Recipe) -> Plan:
+    p = recipe.ppo
+    if p.prompts is None:
+        raise ConfigError("ppo.prompts is not set: name a dataset with a `prompt` column")
+    if p.batch_size % p.mini_batch_size or p.mini_batch_size % p.gradient_accumulation_steps:
+        raise ConfigError("ppo.mini_batch_size must divide ppo.batch_size, and ppo.gradient_accumulation_steps "
+                          "must divide ppo.mini_batch_size")
+    upstream = {name: artifacts.require(recipe.run_dir / name, name) for name in ("sft", "rm")}
+    return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
+                 {"prompts": _datasets(p.prompts)}, upstream)
+
+
+def eval_policies(recipe: Recipe) -> dict[str, str]:
+    """The policies to evaluate: the model SFT started from, SFT, and PPO once it exists."""
+    run = recipe.run_dir
+    policies = {"base": recipe.sft.model, "sft": str(run / "sft")}
+    if artifacts.read_manifest(run / "ppo") is not None:
+        policies["ppo"] = str(run / "ppo")
+    return policies
+
+
+def eval(recipe: Recipe) -> Plan:
+    e = recipe.eval
+    if e.prompts is None:
+        raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
+    upstream = {name: artifacts.require(path, name)
+                for name, path in [*eval_policies(recipe).items(), ("rm", recipe.run_dir / "rm")] if name != "base"}
+    return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge},
+                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model)},
+                 upstream)
+
+
+PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pipeline.plans STAGE [--recipe R] [--force] [overrides]`: exit 0 and say so if
+    the stage's artifact is up to date, 1 if the stage has to run."""
+    name, rest = argv[0], argv[1:]
+    try:
+        recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
+        plan = PLANS[name](recipe)
+    except (SystemExit, Exception):
+        # Only a proof of up-to-dateness counts here. Anything else (a bad recipe, a missing
+        # upstream artifact) is for the stage itself to report, with its full message.
+        return 1
+    if plan is None:
+        print(NO_BASE.format(recipe.sft.model))
+        return 0
+    if args.force or not plan.stage.is_current(plan.fingerprint):
+        return 1
+    print(f"{name}: {plan.stage.final} is up to date (FORCE=1 to re-run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

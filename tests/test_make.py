@@ -1,0 +1,73 @@
+"""`make` follows the artifacts: finished stages are not re-run, a changed recipe section re-runs its
+stage and those after it, FORCE re-runs the stage asked for and not its upstream."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from pipeline.artifacts import read_manifest
+from tests.conftest import PPO_RUN, REPO, RM_RUN, SFT_RUN, base_overrides, sft_overrides
+
+STAGES = ["base", "sft", "rm", "ppo", "eval"]
+
+
+def make(target: str, overrides: list[str], *variables: str) -> str:
+    run = subprocess.run(["make", "-s", target, f"ARGS={' '.join(overrides)}", *variables], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def build_ids(runs, base_model) -> dict:
+    dirs = {"base": base_model, **{s: runs / "demo" / s for s in STAGES[1:]}}
+    return {s: (read_manifest(d) or {}).get("build_id") for s, d in dirs.items()}
+
+
+def up_to_date(stdout: str) -> set[str]:
+    """The stages make found up to date (and so did not launch)."""
+    return {line.split(":")[0] for line in stdout.splitlines() if line.endswith("is up to date (FORCE=1 to re-run)")}
+
+
+def test_make_demo_runs_only_what_is_out_of_date(tmp_path, rm_run, base_model):
+    # The session's finished SFT and RM, with the very overrides that built them: make must see
+    # them as done and run only PPO and eval (tiny settings for both).
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
+    overrides = [*base_overrides(base_model), *sft_overrides(tmp_path, base_model, *SFT_RUN), *RM_RUN, *PPO_RUN,
+                 "ppo.total_episodes=64", "eval.prompts.limit=16", "eval.max_new_tokens=8"]
+    before = build_ids(tmp_path, base_model)
+
+    first = make("demo", overrides)
+    assert up_to_date(first) == {"base", "sft", "rm"}, first
+    built = build_ids(tmp_path, base_model)
+    assert {s for s in STAGES if built[s] != before[s]} == {"ppo", "eval"}
+    assert "report: " in first and "ppo win rate vs sft" in first  # make demo ends with the headline
+
+    second = make("demo", overrides)  # nothing changed: no stage runs, the headline is printed again
+    assert up_to_date(second) == set(STAGES), second
+    assert build_ids(tmp_path, base_model) == built and "ppo win rate vs sft" in second
+
+    changed = [*overrides, "rm.dataset.limit=600"]  # the rm section changes: rm, ppo and eval re-run
+    third = make("demo", changed)
+    assert up_to_date(third) == {"base", "sft"}, third
+    rebuilt = build_ids(tmp_path, base_model)
+    assert {s for s in STAGES if rebuilt[s] != built[s]} == {"rm", "ppo", "eval"}
+    assert read_manifest(tmp_path / "demo" / "rm")["metrics"]["train_pairs"] == 600
+
+    forced = make("ppo", changed, "FORCE=1")  # ppo again, its upstream left alone
+    assert up_to_date(forced) == {"base", "sft", "rm"}, forced
+    after = build_ids(tmp_path, base_model)
+    assert {s for s in STAGES if after[s] != rebuilt[s]} == {"ppo"}
+    # eval was built from the previous PPO artifact, so it is out of date now
+    check = subprocess.run([sys.executable, "-m", "pipeline.plans", "eval", *changed], cwd=REPO)
+    assert check.returncode == 1
+
+
+def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "stages/ppo.py", f"runs_dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"error: the sft artifact {tmp_path}/demo/sft does not exist: run `make sft` first (with the same RECIPE)")
