@@ -18,7 +18,7 @@ import time
 
 import torch
 import yaml
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from pipeline import cli, data, models, plans
@@ -69,6 +69,9 @@ def main(argv=None):
         dropped = {k: dropped[k] + eval_dropped[k] for k in dropped}
 
     # ---- model ----
+    # Seeded before loading: the new score head (and any new token embedding) is initialised here,
+    # before the Trainer seeds, and the same recipe should give the same reward model.
+    set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(model_source)
     model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm))
     models.fit_embeddings(model, tokenizer)

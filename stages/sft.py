@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import cli, data, models, plans
@@ -42,6 +42,7 @@ def main(argv=None):
     train_ds, eval_ds, fmt = data.train_eval(sft.dataset, sft.eval_dataset, sft.eval_fraction, ACCEPTED, recipe.seed)
 
     # ---- model ----
+    set_seed(recipe.seed)  # before loading: a new pad-token embedding is initialised there
     tokenizer = models.load_tokenizer(sft.model)
     model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft))
     models.fit_embeddings(model, tokenizer)

@@ -45,7 +45,7 @@ def improves(history):
 
 
 def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm):
-    ppo.main(ppo_args(runs_with_rm, "ppo.learning_rate=1e-3", "ppo.total_episodes=320"))
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=320"))  # the demo's learning rate
     history = check_run(runs_with_rm, iterations=10)
     assert improves(history)
     assert 0 < history[-1]["objective/kl"] < 10

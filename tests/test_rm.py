@@ -14,7 +14,7 @@ from stages import rm
 from tests.conftest import read_jsonl, rm_args
 
 
-@pytest.mark.parametrize("finetune, lr", [("full", 1e-3), ("lora", 5e-3)])
+@pytest.mark.parametrize("finetune, lr", [("full", 1e-3), ("lora", 2e-3)])
 def test_reward_model_learns_the_demo_judge(runs_with_sft, finetune, lr):
     rm.main(rm_args(runs_with_sft, f"rm.finetune={finetune}", f"rm.trainer.learning_rate={lr}",
                     "rm.lora.r=16", "rm.trainer.num_train_epochs=3"))
@@ -87,3 +87,14 @@ def test_rm_stage_refuses_non_preference_data(runs_with_sft):
     with pytest.raises(DataError, match=r"prompt_completion data, but this stage needs preference"):
         rm.main(rm_args(runs_with_sft, "rm.dataset=data/demo/sft_train.jsonl"))
     assert not (runs_with_sft / "demo" / "rm" / "manifest.json").exists()
+
+
+def test_the_same_recipe_gives_the_same_reward_model(runs_with_sft, tmp_path):
+    """The new score head is initialised before the Trainer seeds anything: the stage must seed it."""
+    weights = []
+    for attempt in range(2):
+        rm.main(rm_args(runs_with_sft, "rm.dataset.limit=64", "rm.eval_dataset.limit=16", "rm.reference_limit=8",
+                        "rm.trainer.num_train_epochs=1", "--force"))
+        model = AutoModelForSequenceClassification.from_pretrained(runs_with_sft / "demo" / "rm")
+        weights.append(model.score.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
