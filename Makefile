@@ -23,12 +23,17 @@ TORCH_VERSION := 2.13.0
 # upstream stages make visits on the way: `make ppo FORCE=1` must not retrain the SFT model.
 FORCED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS))
 stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(FORCED)),--force)) $(ARGS)
+# Without a config, accelerate launch sets OMP_NUM_THREADS=1 (one process) and torch then uses a
+# single core on a CPU machine: give each process its share of the cores instead.
+CORES := $(shell nproc 2>/dev/null || echo 1)
+THREADS = $(shell echo $$(( $(CORES) / $(NPROC) > 1 ? $(CORES) / $(NPROC) : 1 )))
+LAUNCH_DEFAULTS = --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
 ifneq ($(ACCELERATE_CONFIG),)
 LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC)
 else ifeq ($(NPROC),1)
-LAUNCH = $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH = $(BIN)/accelerate launch --num_processes 1 $(LAUNCH_DEFAULTS)
 else
-LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
 .PHONY: setup base sft rm ppo eval demo test clean
