@@ -158,8 +158,10 @@ def write_plots(out: Path, run: Path, texts: dict, has_gold: bool) -> list[str]:
     keys = ["rm"] + (["gold"] if has_gold else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
+        scores = [x for t in texts.values() for x in t[key]]
+        bins = torch.linspace(min(scores), max(scores) + 1e-6, 31).tolist()  # shared, so bars compare
         for name, t in texts.items():
-            ax.hist(t[key], bins=20, alpha=0.5, label=name)
+            ax.hist(t[key], bins=bins, alpha=0.5, label=name)
         ax.set(xlabel=f"{'reward-model' if key == 'rm' else 'gold-judge'} score", ylabel="responses",
                title=f"{'Reward-model' if key == 'rm' else 'Gold-judge'} scores per policy")
         ax.legend()
