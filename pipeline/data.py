@@ -116,6 +116,16 @@ def load_for(spec: DatasetSpec, accepted: list[str]) -> tuple[Dataset, str]:
     return ds, require_format(ds, accepted, spec.path)
 
 
+def load_prompts(spec: DatasetSpec) -> list:
+    """The `prompt` column of any dataset that has one (prompt-only, prompt-completion, preference)."""
+    ds = load(spec)
+    if "prompt" not in ds.column_names:
+        raise DataError(f"{spec.path}: columns {sorted(ds.column_names)}: this stage needs a `prompt` column "
+                        f"(prompt-only data, or any data with an explicit prompt)")
+    require_format(ds, [detect_format(ds.column_names)], spec.path)  # strings or message lists
+    return ds["prompt"]
+
+
 def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: float,
                accepted: list[str], seed: int) -> tuple[Dataset, Dataset | None, str]:
     """Training data and evaluation data (a given file, or a held-out fraction of training)."""

@@ -89,7 +89,7 @@ def main(argv=None):
     started = time.time()
     run, policies = recipe.run_dir, plans.eval_policies(recipe)
 
-    prompts = data.load(cfg.prompts)["prompt"]
+    prompts = data.load_prompts(cfg.prompts)
     judge = load_callable(recipe.judge) if recipe.judge else None
     rm_tokenizer = AutoTokenizer.from_pretrained(run / "rm")
     reward_model = AutoModelForSequenceClassification.from_pretrained(run / "rm").eval()

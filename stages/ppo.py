@@ -110,10 +110,7 @@ def main(argv=None):
     set_seed(recipe.seed)  # identical model initialisation on every rank
 
     # ---- data ----
-    prompts_ds = data.load(cfg.prompts)
-    if "prompt" not in prompts_ds.column_names:
-        raise data.DataError(f"{cfg.prompts.path}: columns {prompts_ds.column_names}: PPO needs a `prompt` column")
-    prompts = prompts_ds["prompt"]
+    prompts = data.load_prompts(cfg.prompts)
 
     # ---- models: policy (+ reference), reward, value ----
     dtype = models.resolve_dtype(cfg.dtype)

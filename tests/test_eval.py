@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from pipeline.artifacts import read_manifest
+from pipeline.data import DataError
 from stages import eval as evaluate
 from stages import ppo
 from tests.conftest import DEMO_RECIPE, ppo_args
@@ -30,3 +33,31 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
     for png in ("ppo_curves.png", "score_distributions.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 5000
     assert read_manifest(out)["stage"] == "eval"
+
+
+def test_eval_of_any_run_without_judge_or_ppo(runs_with_rm, base_model, tmp_path):
+    """A user's run: plain-string prompts, no gold judge, no PPO yet -> base and sft only, RM figures only."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"<|user|> how was the {a} ? <|end|> <|assistant|>"}) + "\n"
+                               for a in ("plot", "music", "acting", "ending")))
+    args = ["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}", "judge=null",
+            f"eval.prompts={prompts}", "eval.max_new_tokens=8"]
+    evaluate.main(args)
+    out = runs_with_rm / "demo" / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"settings", "base", "sft"} and metrics["settings"]["n_prompts"] == 4
+    assert "gold_score" not in metrics["sft"]["sampled"] and "rm_score" in metrics["sft"]["greedy"]
+    assert not (out / "ppo_curves.png").exists() and (out / "score_distributions.png").is_file()
+    assert "| sft |" in (out / "report.md").read_text()
+
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "judge=null"))
+    evaluate.main(args)  # a new PPO artifact makes the evaluation out of date: it now includes PPO
+    assert "ppo" in json.loads((out / "metrics.json").read_text())
+
+
+def test_prompts_without_a_prompt_column_are_refused(runs_with_rm, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "how was the plot ?"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: columns \['question'\]: this stage needs a `prompt` column"):
+        evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"eval.prompts={bad}"])
+    assert not (runs_with_rm / "demo" / "eval").exists()
