@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from pipeline import artifacts, cli, data, plans, report  # noqa: E402
-from pipeline.dist import process_state  # noqa: E402
+from pipeline.dist import open_stage  # noqa: E402
 from pipeline.ppo_math import logprobs_of, truncate_after_stop  # noqa: E402
 from pipeline.scoring import conversation_text, load_callable, position_ids, reward_scores  # noqa: E402
 
@@ -74,15 +74,10 @@ def mean_std(xs):
 
 
 def main(argv=None):
-    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    cfg = recipe.eval
-    state = process_state()
-
-    # ---- fingerprint: nothing to do if up to date; a new PPO (or SFT, RM) artifact re-runs it ----
-    plan = plans.eval(recipe)
-    out = plan.stage.open(state, plan.fingerprint, args.force)
-    if out is None:
+    recipe, state, plan, out = open_stage("eval", __doc__, argv)  # a new PPO (or SFT, RM) re-runs it
+    if out is None:  # up to date
         return
+    cfg = recipe.eval
     if not state.is_main_process:  # generation for a few hundred prompts: one process is enough
         state.wait_for_everyone()
         return
@@ -99,7 +94,7 @@ def main(argv=None):
     metrics, texts = {}, {}
     for name, path in policies.items():
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).eval()
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             enc, responses, mask, has_stop, decoded = respond(model, tokenizer, prompts, cfg.max_new_tokens,
@@ -109,15 +104,15 @@ def main(argv=None):
             m = {"rm_score": mean_std(rm), "response_length": mask.sum(1).float().mean().item(),
                  "stop_token_share": has_stop.float().mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
-            if judge is not None:
-                m["gold_score"] = mean_std([judge(p, t) for p, t in zip(prompts, decoded)])
+            gold = [judge(p, t) for p, t in zip(prompts, decoded)] if judge is not None else None
+            if gold is not None:
+                m["gold_score"] = mean_std(gold)
             if decoding == "sampled":
                 # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
-                kl = (sequence_logprob(model, enc, responses, mask, temperature)
-                      - sequence_logprob(sft_model, enc, responses, mask, temperature))
-                m["kl_from_sft"] = kl.mean().item()
-                texts[name] = {"text": decoded, "rm": rm,
-                               "gold": [judge(p, t) for p, t in zip(prompts, decoded)] if judge else None}
+                own = sequence_logprob(model, enc, responses, mask, temperature)
+                sft = own if model is sft_model else sequence_logprob(sft_model, enc, responses, mask, temperature)
+                m["kl_from_sft"] = (own - sft).mean().item()
+                texts[name] = {"text": decoded, "rm": rm, "gold": gold}
             metrics[name][decoding] = m
     if "ppo" in texts:
         metrics["ppo"]["win_rate_vs_sft"] = {"rm": win_rate(texts["ppo"]["rm"], texts["sft"]["rm"])}

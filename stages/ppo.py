@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig, get_scheduler)
 
-from pipeline import cli, data, models, plans
+from pipeline import cli, data, models
 from pipeline.config import ConfigError, to_dict
-from pipeline.dist import process_state
+from pipeline.dist import open_stage
 from pipeline.metrics import append_jsonl
 from pipeline.ppo_math import (KLController, entropy_of, explained_variance, gae, kl_per_token, logprobs_of,
                                masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
@@ -91,15 +91,10 @@ def prompt_indices(n_prompts: int, iteration: int, batch_size: int, rank: int, w
 
 
 def main(argv=None):
-    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    cfg = recipe.ppo
-    state = process_state()
-
-    # ---- fingerprint: nothing to do if up to date, resume if a run with the same one was interrupted ----
-    plan = plans.ppo(recipe)
-    out = plan.stage.open(state, plan.fingerprint, args.force, keep_partial=not args.force)
-    if out is None:
+    recipe, _, plan, out = open_stage("ppo", __doc__, argv, resume=True)  # an interrupted run goes on
+    if out is None:  # up to date
         return
+    cfg = recipe.ppo
     sft_dir, rm_dir = recipe.run_dir / "sft", recipe.run_dir / "rm"
     started = time.time()
 

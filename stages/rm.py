@@ -23,7 +23,7 @@ from trl import RewardConfig, RewardTrainer
 
 from pipeline import cli, data, models, plans
 from pipeline.config import to_dict, trl_args
-from pipeline.dist import process_state
+from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
 from pipeline.scoring import conversation_text, load_callable, reward_scores
 
@@ -49,15 +49,10 @@ def pairwise_report(model, tokenizer, pairs, judge=None) -> dict:
 
 
 def main(argv=None):
-    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    rm = recipe.rm
-    state = process_state()
-
-    # ---- fingerprint: nothing to do if the artifact is up to date (pipeline/plans.py) ----
-    plan = plans.rm(recipe)
-    out = plan.stage.open(state, plan.fingerprint, args.force)
-    if out is None:
+    recipe, state, plan, out = open_stage("rm", __doc__, argv)
+    if out is None:  # up to date
         return
+    rm = recipe.rm
     model_source, reference = plans.rm_model(recipe), plans.rm_reference(recipe)
     started = time.time()
 

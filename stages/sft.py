@@ -18,8 +18,8 @@ import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import cli, data, models, plans
-from pipeline.dist import process_state
+from pipeline import cli, data, models
+from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
 from pipeline.metrics import JsonlLogger
 
@@ -27,15 +27,10 @@ ACCEPTED = ["language_modeling", "prompt_completion"]
 
 
 def main(argv=None):
-    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    sft = recipe.sft
-    state = process_state()
-
-    # ---- fingerprint: nothing to do if the artifact is up to date (pipeline/plans.py) ----
-    plan = plans.sft(recipe)
-    out = plan.stage.open(state, plan.fingerprint, args.force)
-    if out is None:
+    recipe, state, plan, out = open_stage("sft", __doc__, argv)
+    if out is None:  # up to date
         return
+    sft = recipe.sft
     started = time.time()
 
     # ---- data ----
