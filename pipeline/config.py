@@ -83,7 +83,8 @@ class TrainStage:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings (finetune = lora / qlora-*)."""
     dtype: Dtype = "auto"
-    """Weights dtype: auto = bfloat16 where the GPU supports it, float32 otherwise."""
+    """Compute dtype (mixed precision): auto = bfloat16 where the GPU supports it, float32 otherwise.
+    Trained weights stay float32 under autocast; a LoRA/QLoRA base is stored in it (pipeline/models.py)."""
     trainer: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the trl config class (SFTConfig / RewardConfig), e.g. learning_rate."""
 
@@ -114,7 +115,8 @@ class PPOStage:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings for the policy (finetune = lora / qlora-*)."""
     dtype: Dtype = "auto"
-    """Weights dtype of every model."""
+    """Compute dtype (mixed precision): trained weights (policy, value model or head, adapters) stay
+    float32 under autocast; frozen ones (reference, reward model, a LoRA/QLoRA base) are stored in it."""
     value_model: Literal["reward", "sft", "head"] = "reward"
     """reward: separate network initialised from the reward model; sft: from the SFT policy;
     head: a value head on the policy (cheapest: no fourth network)."""
@@ -126,6 +128,11 @@ class PPOStage:
     """Rollouts per process per optimiser step (divides batch_size)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step (the mini-batch is split into this many)."""
+    forward_batch_size: int | None = None
+    """Rollouts per forward pass when scoring a batch (old log-probs, values, reference, reward);
+    None: the optimiser's micro-batch. Lower it to bound activation memory on large models."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (policy and value model): less memory, ~30% slower."""
     ppo_epochs: int = 4
     """Passes over each rollout batch, re-shuffled every pass."""
     learning_rate: float = 1.0e-5
@@ -182,6 +189,8 @@ class EvalStage:
     """Longest response."""
     temperature: float = 0.7
     """Sampling temperature (top_k = 0, top_p = 1); greedy decoding is reported too."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
     samples_in_report: int = 8
     """Rows of the side-by-side sample table."""
 

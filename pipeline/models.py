@@ -1,4 +1,12 @@
-"""Loading models and tokenizers the same way in every stage: dtype, quantization, LoRA, merging."""
+"""Loading models and tokenizers the same way in every stage: precision, quantization, LoRA, merging.
+
+Precision (the recipe's `dtype`, see `pipeline.config.TrainStage.dtype`) is mixed, never pure: the
+weights a stage trains (a full model, LoRA adapters, a value model or head) are stored in float32 and
+run under autocast in the compute dtype, because AdamW steps at the usual RLHF learning rates
+(1e-6 .. 2e-5) are far below bf16's resolution (a weight of 0.05 has a bf16 step of ~2e-4) and round
+away. Frozen weights (PPO's reference and reward models, the base under LoRA adapters) are stored in
+the compute dtype: they only run forwards, and it halves their memory.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +16,29 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import LoraSettings, TrainStage
+from pipeline.config import ConfigError, LoraSettings
 
 PAD_TOKEN = "<|pad|>"
+# Embedding rows are rounded up to a multiple of this when a token must be added: matrix shapes that
+# are multiples of 64 keep the lm_head on the fast GPU kernels.
+EMBEDDING_MULTIPLE = 64
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU that supports it, float32 elsewhere (CPU bf16 is slow and lossy)."""
+    """The compute dtype. `auto`: bfloat16 on a GPU that supports it, float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, name)
+
+
+def mixed_precision(dtype: torch.dtype) -> str:
+    """accelerate's `mixed_precision` for a compute dtype: autocast over float32 trained weights."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def trainer_precision(dtype: torch.dtype) -> dict:
+    """TrainingArguments flags for the same (the Trainer builds its Accelerator from them)."""
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 def quantization_config(finetune: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -37,11 +58,18 @@ def lora_config(finetune: str, lora: LoraSettings, task_type: str) -> LoraConfig
                       target_modules=lora.target_modules, task_type=task_type)
 
 
-def load_kwargs(stage: TrainStage) -> dict:
-    """Keyword arguments for `from_pretrained` that put the stage's dtype and quantization in force."""
-    dtype = resolve_dtype(stage.dtype)
+def load_kwargs(finetune: str, dtype_name: str) -> dict:
+    """`from_pretrained` arguments for a model that will be trained with `finetune`.
+
+    Full fine-tuning: float32 weights (autocast supplies the compute dtype). LoRA: the frozen base in
+    the compute dtype (peft keeps the adapters in float32). QLoRA: the base quantized, computing in
+    the compute dtype.
+    """
+    dtype = resolve_dtype(dtype_name)
+    if finetune == "full":
+        return {"dtype": torch.float32}
     kwargs = {"dtype": dtype}
-    quant = quantization_config(stage.finetune, dtype)
+    quant = quantization_config(finetune, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
         if not torch.cuda.is_available():
@@ -49,37 +77,60 @@ def load_kwargs(stage: TrainStage) -> dict:
     return kwargs
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token distinct from EOS.
+def _pad_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Special tokens the tokenizer already has that a model never emits, best first: one named as
+    padding, then reserved or unused ones, then an end-of-text token distinct from EOS (Qwen's
+    `<|endoftext|>` next to `<|im_end|>`). Tokens the chat template writes (turn markers) are emitted
+    by the model, so they never qualify; neither do EOS, BOS and UNK."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    taken = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token}
+    specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items())
+                if t.special and t.content not in taken and t.content not in template]
+    ranked = []
+    for words in (("pad",), ("reserved", "unused"), ("endoftext", "end_of_text")):
+        ranked += [t for t in specials if any(w in t.lower() for w in words) and t not in ranked]
+    return ranked
+
+
+def load_tokenizer(path: str, **kwargs) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token distinct from EOS that costs nothing if possible.
 
     If pad == EOS, masking the padding also masks every real EOS, and the model never learns to
-    stop; so a tokenizer without its own pad token gets one (the embeddings are resized to match
-    by `fit_embeddings`).
+    stop. A tokenizer without its own pad token reuses a special token it has and never emits
+    (`_pad_candidates`); only if there is none is a new one added, and `fit_embeddings` then grows the
+    embeddings to a multiple of 64 rows. Reusing keeps the vocabulary, so LoRA adapters need no copy
+    of the embeddings and load onto the original base model.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
+        raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        candidates = _pad_candidates(tokenizer)
+        if candidates:
+            tokenizer.pad_token = candidates[0]
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return tokenizer
 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the embeddings if the tokenizer gained tokens, and record the special ids for generate."""
+    """Grow the embeddings if the tokenizer gained tokens (rounded up to a multiple of 64 rows), and
+    record the special ids for generate."""
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, dtype: torch.dtype, **kwargs) -> PreTrainedModel:
-    """Base weights (full precision, not quantized) + trained adapter, merged into a plain model.
+def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, **kwargs) -> PreTrainedModel:
+    """Base weights + trained adapter, merged into a plain float32 model.
 
-    The adapter is merged into an unquantized copy of the base so that QLoRA artifacts load with a
-    plain `from_pretrained` and lose nothing to re-quantization.
+    Merged into an unquantized float32 copy of the base: QLoRA artifacts then load with a plain
+    `from_pretrained` and lose nothing to re-quantization, and the small LoRA deltas do not round
+    away as they would if added to bf16 weights.
     """
-    model = model_cls.from_pretrained(base, dtype=dtype, **kwargs)
+    model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
     fit_embeddings(model, tokenizer)
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

@@ -7,7 +7,7 @@ including the stop token) and 0 on padding; every reduction ignores padded posit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -35,15 +35,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under the sampling distribution: logits are divided by the temperature first,
     or the log-probs belong to a different distribution than the one the tokens were drawn from.
-    logits (B, T, V), tokens (B, T) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+    logits (B, T, V), tokens (B, T) -> (B, T), float32.
+
+    trl's `selective_log_softmax` gathers without a (B, T, V) log-softmax copy; it is called one
+    sequence at a time on a float32 view, so at most one (T, V) float32 copy exists, and the bf16
+    logits of mixed precision still get float32 log-probs (trl's bf16 path computes in bf16).
+    """
+    return torch.stack([selective_log_softmax(row.float(), tok, temperature) for row, tok in zip(logits, tokens)])
 
 
 def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T), in float32, one
+    sequence at a time through trl's chunked `entropy_from_logits`."""
+    return torch.stack([entropy_from_logits(row.float() / temperature) for row in logits])
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -1,4 +1,12 @@
-"""Turning (prompt, response) pairs into model inputs and reward-model scores."""
+"""Turning (prompt, response) pairs into model inputs and reward-model scores.
+
+There is one reward scorer, `RewardScorer`, and every stage reads the reward model through it: the RM
+stage's held-out report and reference statistics, PPO and eval. It renders a prompt and response into
+exactly the tokens trl's RewardTrainer trained on (`reward_input_ids`), so the score PPO optimises,
+the statistics it normalises with and the score eval reports are one quantity. (Reading the score
+anywhere else, e.g. at the policy's stop token, differs for ChatML templates, whose training text
+ends in a newline after `<|im_end|>`, and for tokenizers that prepend BOS.)
+"""
 
 from __future__ import annotations
 
@@ -23,30 +31,42 @@ def load_callable(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def conversation_text(tokenizer, prompt, response) -> str:
-    """The full text a reward model scores, chat-templated with *its* tokenizer where conversational.
+def reward_input_ids(tokenizer, prompt, response) -> list[int]:
+    """Token ids of prompt + response exactly as trl's RewardTrainer tokenizes a preference side.
 
-    `prompt` may be None (preference data with an implicit prompt: the response is the whole
-    conversation). Plain-text pairs get an EOS, as trl's RewardTrainer adds during training.
+    Conversational: the whole conversation through the chat template (`apply_chat_template(...,
+    tokenize=True)`, whose template writes any BOS itself). Plain text: prompt + response + EOS (added
+    unless present), tokenized with the tokenizer's special tokens (its BOS, if it adds one). `prompt`
+    may be None (implicit prompt: the response is the whole conversation).
     """
     if is_conversational(response) or is_conversational(prompt):
         if not is_conversational(response):
             response = [{"role": "assistant", "content": response}]
         messages = (prompt if is_conversational(prompt) else
                     [{"role": "user", "content": prompt}] if prompt else []) + response
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return (prompt or "") + response + tokenizer.eos_token
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    if not response.endswith(tokenizer.eos_token):
+        response = response + tokenizer.eos_token
+    return tokenizer((prompt or "") + response)["input_ids"]
 
 
-@torch.inference_mode()
-def reward_scores(model, tokenizer, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Scalar reward of each text, read at its last real token, as a float32 CPU tensor."""
-    device = next(model.parameters()).device
-    scores = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                       position_ids=position_ids(enc["attention_mask"])).logits
-        scores.append(logits[:, 0].float().cpu())
-    return torch.cat(scores)
+class RewardScorer:
+    """A frozen reward model and its tokenizer, scoring (prompt, response) pairs as it was trained."""
+
+    def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.device = device if device is not None else next(model.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, responses: list) -> torch.Tensor:
+        """Scalar reward of each pair, as a float32 tensor on the scorer's device."""
+        ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        scores = []
+        for i in range(0, len(ids), self.batch_size):
+            # Left padding: the last position is a real token whatever the model's pooling does.
+            enc = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, padding_side="left",
+                                     return_tensors="pt").to(self.device)
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                position_ids=position_ids(enc["attention_mask"]), use_cache=False).logits
+            scores.append(logits[:, 0].float())
+        return torch.cat(scores)

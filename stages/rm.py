@@ -25,14 +25,13 @@ from pipeline import cli, data, models, plans
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
-from pipeline.scoring import conversation_text, load_callable, reward_scores
+from pipeline.scoring import RewardScorer, load_callable
 
 
-def pairwise_report(model, tokenizer, pairs, judge=None) -> dict:
+def pairwise_report(scorer: RewardScorer, pairs, judge=None) -> dict:
     """Accuracy, margin and reward distribution on preference pairs (plus gold accuracy if judged)."""
     prompts = pairs["prompt"] if "prompt" in pairs.column_names else [None] * len(pairs)
-    chosen = reward_scores(model, tokenizer, [conversation_text(tokenizer, p, c) for p, c in zip(prompts, pairs["chosen"])])
-    rejected = reward_scores(model, tokenizer, [conversation_text(tokenizer, p, r) for p, r in zip(prompts, pairs["rejected"])])
+    chosen, rejected = scorer(prompts, pairs["chosen"]).cpu(), scorer(prompts, pairs["rejected"]).cpu()
     rewards = torch.cat([chosen, rejected])
     report = {"accuracy": (chosen > rejected).float().mean().item(),
               "margin_mean": (chosen - rejected).mean().item(),
@@ -68,13 +67,13 @@ def main(argv=None):
     # before the Trainer seeds, and the same recipe should give the same reward model.
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(model_source)
-    model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm))
+    model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm.finetune, rm.dtype))
     models.fit_embeddings(model, tokenizer)
     dtype = models.resolve_dtype(rm.dtype)
     training_args = trl_args(
         RewardConfig, rm.trainer, "rm.trainer",
         output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
-        bf16=dtype == torch.bfloat16, eval_strategy="epoch" if eval_ds is not None else "no")
+        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
@@ -95,7 +94,7 @@ def main(argv=None):
     if state.is_main_process:
         if rm.finetune != "full":
             final = models.merge_adapter(AutoModelForSequenceClassification, model_source, out / "adapter",
-                                         tokenizer, dtype, num_labels=1)
+                                         tokenizer, num_labels=1).to(state.device)
             final.save_pretrained(out)
         else:
             final = trainer.model
@@ -103,18 +102,17 @@ def main(argv=None):
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
         # ---- held-out report and reference statistics (for PPO's reward normalisation) ----
-        final.eval()
+        scorer = RewardScorer(final, tokenizer, state.device)
         judge = load_callable(recipe.judge) if recipe.judge else None
-        heldout = pairwise_report(final, tokenizer, eval_ds, judge) if eval_ds is not None else {}
+        heldout = pairwise_report(scorer, eval_ds, judge) if eval_ds is not None else {}
         ref = data.load(reference)
         ref = ref.select(range(min(rm.reference_limit, len(ref))))
-        ref_texts = [conversation_text(tokenizer, row.get("prompt"), row.get("completion", row.get("chosen")))
-                     for row in ref]
-        ref_scores = reward_scores(final, tokenizer, ref_texts)
+        ref_scores = scorer(ref["prompt"] if "prompt" in ref.column_names else [None] * len(ref),
+                            [row.get("completion", row.get("chosen")) for row in ref])
         metrics = {"format": fmt, "train_pairs": len(trainer.train_dataset), "dropped": dropped,
                    "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                    "eval_accuracy": after.get("eval_accuracy"), "heldout": heldout,
-                   "reference": {"dataset": reference.path, "n": len(ref_texts),
+                   "reference": {"dataset": reference.path, "n": len(ref_scores),
                                  "mean": ref_scores.mean().item(), "std": ref_scores.std().item()}}
         plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)
         gold = f", gold-judge accuracy {heldout['gold_accuracy']:.3f}" if "gold_accuracy" in heldout else ""

@@ -39,13 +39,13 @@ def main(argv=None):
     # ---- model ----
     set_seed(recipe.seed)  # before loading: a new pad-token embedding is initialised there
     tokenizer = models.load_tokenizer(sft.model)
-    model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft))
+    model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft.finetune, sft.dtype))
     models.fit_embeddings(model, tokenizer)
     dtype = models.resolve_dtype(sft.dtype)
     training_args = trl_args(
         SFTConfig, sft.trainer, "sft.trainer",
         output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
-        bf16=dtype == models.torch.bfloat16, eval_strategy="epoch" if eval_ds is not None else "no")
+        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
@@ -68,7 +68,7 @@ def main(argv=None):
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()
         if sft.finetune != "full":
-            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer, dtype)
+            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer)
             merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import pipeline.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
 from stages import base, ppo, rm
@@ -80,12 +81,12 @@ def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
         ppo.main(ppo_args(runs_with_rm))
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=sft"))
     check_run(runs_with_rm)
-    assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own (scored by text)"
+    assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
 
 
 def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
-    real = ppo.value_loss
-    monkeypatch.setattr(ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
+    real = pipeline.ppo.value_loss
+    monkeypatch.setattr(pipeline.ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
     with pytest.raises(FloatingPointError, match=r"loss/value is nan at iteration 1, epoch 1"):
         ppo.main(ppo_args(runs_with_rm))
     assert read_manifest(runs_with_rm / "demo" / "ppo") is None

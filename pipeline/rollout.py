@@ -1,0 +1,108 @@
+"""Sampling responses exactly as the log-probs assume, shared by PPO's rollouts and by eval.
+
+A rollout's log-probs are those of softmax(logits / T). Every other logits processor (top-k, top-p,
+repetition penalty, a minimum length, banned n-grams or words) draws the tokens from a different
+distribution, which biases the PPO ratio and makes the KL estimate wrong (even negative). So
+generation runs with a config built from scratch (`sampling_config`) and, for its duration, with that
+config as the model's own (`plain_sampling`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from pipeline import data
+from pipeline.ppo_math import logprobs_of, truncate_after_stop
+from pipeline.scoring import position_ids
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and the responses sampled for them."""
+
+    prompts: list
+    """The prompts as given (strings or message lists)."""
+    query_responses: torch.Tensor
+    """(B, P + R) left-padded prompt tokens, then the response tokens (pad after the stop token)."""
+    attention_mask: torch.Tensor
+    """(B, P + R) 1 on real tokens."""
+    responses: torch.Tensor
+    """(B, R) response tokens."""
+    response_mask: torch.Tensor
+    """(B, R) 1 up to and including the stop token."""
+    has_stop: torch.Tensor
+    """(B,) whether the response ended with the stop token."""
+    texts: list[str]
+    """Decoded responses, special tokens skipped."""
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, stop_id: int, pad_id: int) -> GenerationConfig:
+    """Temperature sampling and nothing else (temperature 0: greedy). Each processor transformers
+    would add from a model's defaults is set to its neutral value explicitly."""
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                     epsilon_cutoff=0.0, eta_cutoff=0.0) if temperature > 0 else dict(do_sample=False))
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_id, pad_token_id=pad_id,
+                            repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            min_length=0, min_new_tokens=0, bad_words_ids=None, suppress_tokens=None,
+                            begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                            sequence_bias=None, num_beams=1, **sampling)
+
+
+@contextmanager
+def plain_sampling(model, config: GenerationConfig):
+    """Make `config` the model's generation config while generating.
+
+    transformers 5 fills every field a passed config leaves unset from the model's
+    generation_config.json (Qwen Instruct ships repetition_penalty, top_k, top_p). trl's
+    `unwrap_model_for_generation(generation_kwargs=...)` swaps the config only on transformers < 5,
+    so the swap is done here; the model's own config is restored after, and saved artifacts keep it.
+    """
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = hf_model.generation_config
+    hf_model.generation_config = config
+    try:
+        yield
+    finally:
+        hf_model.generation_config = original
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) -> Rollout:
+    """One batched generation with KV cache; everything after the first stop token becomes padding.
+    `tokenizer` pads on the left (prompts end where generation starts)."""
+    enc = tokenizer([data.prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(device)
+    with plain_sampling(model, config):
+        sequences = model.generate(**enc, generation_config=config)
+    context = enc["input_ids"].shape[1]
+    responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
+    return Rollout(prompts=list(prompts), query_responses=torch.cat([enc["input_ids"], responses], 1),
+                   attention_mask=torch.cat([enc["attention_mask"], mask], 1), responses=responses,
+                   response_mask=mask, has_stop=has_stop,
+                   texts=tokenizer.batch_decode(responses, skip_special_tokens=True))
+
+
+def response_logits(model, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+    """Logits that predict the response tokens (B, R, V): position t predicts token t + 1, and
+    `logits_to_keep` skips the lm_head over the prompt."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=False, logits_to_keep=response_len + 1)
+    return out.logits[:, :-1]
+
+
+@torch.inference_mode()
+def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int) -> torch.Tensor:
+    """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R)."""
+    R, out = rollout.responses.shape[1], []
+    for i in range(0, len(rollout), batch_size):
+        s = slice(i, i + batch_size)
+        logits = response_logits(model, rollout.query_responses[s], rollout.attention_mask[s], R)
+        out.append(logprobs_of(logits, rollout.responses[s], temperature))
+    return torch.cat(out) * rollout.response_mask
