@@ -25,6 +25,8 @@ FORCED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS
 stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(FORCED)),--force)) $(ARGS)
 # Without a config, accelerate launch sets OMP_NUM_THREADS=1 (one process) and torch then uses a
 # single core on a CPU machine: give each process its share of the cores instead.
+# Precision is not the launcher's: each stage passes the recipe's (`dtype`: float32 trained weights
+# under bf16/fp16 autocast) to accelerate itself, so `--mixed_precision no` here changes nothing.
 CORES := $(shell nproc 2>/dev/null || echo 1)
 THREADS = $(shell echo $$(( $(CORES) / $(NPROC) > 1 ? $(CORES) / $(NPROC) : 1 )))
 LAUNCH_DEFAULTS = --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)

@@ -37,8 +37,9 @@ def mixed_precision(dtype: torch.dtype) -> str:
 
 
 def trainer_precision(dtype: torch.dtype) -> dict:
-    """TrainingArguments flags for the same (the Trainer builds its Accelerator from them)."""
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    """TrainingArguments flags for the same (the Trainer builds its Accelerator from them). Without
+    a GPU, `use_cpu` too: TrainingArguments refuses bf16 autocast on a CPU unless told it is one."""
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "use_cpu": not torch.cuda.is_available()}
 
 
 def quantization_config(finetune: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -75,6 +76,14 @@ def load_kwargs(finetune: str, dtype_name: str) -> dict:
         if not torch.cuda.is_available():
             kwargs["device_map"] = {"": "cpu"}
     return kwargs
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Trained weights in float32: peft upcasts LoRA weights itself, but not the full copies it
+    trains with them (`modules_to_save`, e.g. a reward/value model's score head over a bf16 base)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
 
 
 def _pad_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:

@@ -45,12 +45,13 @@ class Rollout:
 
 def sampling_config(temperature: float, max_new_tokens: int, stop_id: int, pad_id: int) -> GenerationConfig:
     """Temperature sampling and nothing else (temperature 0: greedy). Each processor transformers
-    would add from a model's defaults is set to its neutral value explicitly."""
+    would add from a model's defaults is set to its neutral value explicitly (`min_new_tokens` stays
+    None: 0 would still install a min-length processor; `plain_sampling` keeps the model's out)."""
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
                      epsilon_cutoff=0.0, eta_cutoff=0.0) if temperature > 0 else dict(do_sample=False))
     return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_id, pad_token_id=pad_id,
                             repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            min_length=0, min_new_tokens=0, bad_words_ids=None, suppress_tokens=None,
+                            min_length=0, min_new_tokens=None, bad_words_ids=None, suppress_tokens=None,
                             begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
                             sequence_bias=None, num_beams=1, **sampling)
 

@@ -24,33 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from pipeline import artifacts, cli, data, plans, report  # noqa: E402
+from pipeline import artifacts, cli, data, models, plans, report  # noqa: E402
 from pipeline.dist import open_stage  # noqa: E402
-from pipeline.ppo_math import logprobs_of, truncate_after_stop  # noqa: E402
-from pipeline.scoring import conversation_text, load_callable, position_ids, reward_scores  # noqa: E402
+from pipeline.rollout import generate, response_logprobs, sampling_config  # noqa: E402
+from pipeline.scoring import RewardScorer, load_callable  # noqa: E402
 
 
-@torch.inference_mode()
-def respond(model, tokenizer, prompts, max_new_tokens, temperature, seed):
-    """Responses (token ids, mask, has_stop, text) and the prompt encoding, sampled or greedy."""
-    enc = tokenizer([data.prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
+def respond(model, tokenizer, prompts, cfg, temperature, stop_id, seed, device):
+    """Responses to every prompt in batches of `eval.batch_size`, sampled at `temperature` (0: greedy)
+    with temperature alone, stopping at PPO's stop token. Returns one Rollout per batch."""
+    config = sampling_config(temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **kwargs)
-    responses, mask, has_stop = truncate_after_stop(out[:, enc["input_ids"].shape[1]:], tokenizer.eos_token_id,
-                                                    tokenizer.pad_token_id)
-    return enc, responses, mask, has_stop, tokenizer.batch_decode(responses, skip_special_tokens=True)
-
-
-@torch.inference_mode()
-def sequence_logprob(model, enc, responses, mask, temperature):
-    ids = torch.cat([enc["input_ids"], responses], 1)
-    attn = torch.cat([enc["attention_mask"], mask], 1)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn),
-                   logits_to_keep=responses.shape[1] + 1).logits[:, :-1]
-    return (logprobs_of(logits, responses, temperature) * mask).sum(1)
+    return [generate(model, tokenizer, prompts[i:i + cfg.batch_size], config, device)
+            for i in range(0, len(prompts), cfg.batch_size)]
 
 
 def distinct(texts, n):
@@ -86,32 +72,41 @@ def main(argv=None):
 
     prompts = data.load_prompts(cfg.prompts)
     judge = load_callable(recipe.judge) if recipe.judge else None
-    rm_tokenizer = AutoTokenizer.from_pretrained(run / "rm")
-    reward_model = AutoModelForSequenceClassification.from_pretrained(run / "rm").eval()
-    sft_model = AutoModelForCausalLM.from_pretrained(run / "sft").eval()
+    device = state.device
+    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(run / "rm").to(device),
+                          AutoTokenizer.from_pretrained(run / "rm"), device, batch_size=cfg.batch_size)
+    sft_model = AutoModelForCausalLM.from_pretrained(run / "sft").to(device).eval()
+    stop_token = recipe.ppo.stop_token  # eval stops where PPO's rollouts stopped
 
     # ---- generate and score, per policy and decoding ----
     metrics, texts = {}, {}
     for name, path in policies.items():
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).eval()
+        # The base model's tokenizer may have no pad token: it gets the one the SFT stage gave it.
+        tokenizer = models.load_tokenizer(path, padding_side="left")
+        stop_id = tokenizer.convert_tokens_to_ids(stop_token) if stop_token else tokenizer.eos_token_id
+        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        models.fit_embeddings(model, tokenizer)
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
-            enc, responses, mask, has_stop, decoded = respond(model, tokenizer, prompts, cfg.max_new_tokens,
-                                                              temperature, recipe.seed)
-            rm = reward_scores(reward_model, rm_tokenizer,
-                               [conversation_text(rm_tokenizer, p, t) for p, t in zip(prompts, decoded)]).tolist()
-            m = {"rm_score": mean_std(rm), "response_length": mask.sum(1).float().mean().item(),
-                 "stop_token_share": has_stop.float().mean().item(),
+            batches = respond(model, tokenizer, prompts, cfg, temperature, stop_id, recipe.seed, device)
+            decoded = [t for b in batches for t in b.texts]
+            rm = scorer(prompts, decoded).tolist()
+            lengths = torch.cat([b.response_mask.sum(1).float().cpu() for b in batches])
+            m = {"rm_score": mean_std(rm), "response_length": lengths.mean().item(),
+                 "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
             gold = [judge(p, t) for p, t in zip(prompts, decoded)] if judge is not None else None
             if gold is not None:
                 m["gold_score"] = mean_std(gold)
             if decoding == "sampled":
                 # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
-                own = sequence_logprob(model, enc, responses, mask, temperature)
-                sft = own if model is sft_model else sequence_logprob(sft_model, enc, responses, mask, temperature)
-                m["kl_from_sft"] = (own - sft).mean().item()
+                if model is not sft_model:
+                    kl = [(response_logprobs(model, b, temperature, cfg.batch_size)
+                           - response_logprobs(sft_model, b, temperature, cfg.batch_size)).sum(1).cpu()
+                          for b in batches]
+                    m["kl_from_sft"] = torch.cat(kl).mean().item()
+                else:
+                    m["kl_from_sft"] = 0.0
                 texts[name] = {"text": decoded, "rm": rm, "gold": gold}
             metrics[name][decoding] = m
     if "ppo" in texts:

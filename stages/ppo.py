@@ -88,6 +88,7 @@ def load_models(cfg, sft_dir, rm_dir, tokenizer, device):
         if cfg.finetune != "full":
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
     model = PolicyAndValue(policy, value_model)
+    models.upcast_trainable(model)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

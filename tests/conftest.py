@@ -93,3 +93,12 @@ PPO_RUN = ["ppo.total_episodes=192", "ppo.batch_size=32", "ppo.mini_batch_size=8
 
 def ppo_args(runs_dir: Path, *extra: str) -> list[str]:
     return ["--recipe", DEMO_RECIPE, f"runs_dir={runs_dir}", *PPO_RUN, *extra]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each stage runs in a process of its own in real use; in-process tests run many, with other
+    precisions: accelerate's process-wide state is reset so one test's settings never leak."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield

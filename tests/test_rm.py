@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.artifacts import MissingArtifact, require
 from pipeline.config import DatasetSpec
 from pipeline.data import DataError, clean_preferences, load
-from pipeline.scoring import conversation_text, reward_scores
+from pipeline.scoring import RewardScorer
 from stages import rm
 from tests.conftest import read_jsonl, rm_args
 
@@ -31,8 +31,9 @@ def test_reward_model_learns_the_demo_judge(runs_with_sft, finetune, lr):
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     pairs = [json.loads(line) for line in open("data/demo/preferences_test.jsonl")][:100]
-    chosen = reward_scores(model, tokenizer, [conversation_text(tokenizer, p["prompt"], p["chosen"]) for p in pairs])
-    rejected = reward_scores(model, tokenizer, [conversation_text(tokenizer, p["prompt"], p["rejected"]) for p in pairs])
+    scorer = RewardScorer(model, tokenizer)
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs])
     assert (chosen > rejected).float().mean() > 0.65
     assert (out / "adapter").is_dir() == (finetune == "lora")
 
@@ -42,11 +43,12 @@ def test_scores_do_not_depend_on_padding(runs_with_sft):
     model = AutoModelForSequenceClassification.from_pretrained(runs_with_sft / "demo" / "sft", num_labels=1).eval()
     tokenizer = AutoTokenizer.from_pretrained(runs_with_sft / "demo" / "sft")
     model.config.pad_token_id = tokenizer.pad_token_id
-    texts = ["<|user|> how was the plot ? <|end|> <|assistant|> the plot was great . <|end|>",
-             "<|user|> how was the music of star quest ? <|end|> <|assistant|> the music was really "
-             "wonderful and the plot was fine . <|end|>"]
-    alone = torch.stack([reward_scores(model, tokenizer, [t])[0] for t in texts])
-    assert torch.allclose(reward_scores(model, tokenizer, texts), alone, atol=1e-5)
+    scorer = RewardScorer(model, tokenizer)
+    prompts = [[{"role": "user", "content": "how was the plot ?"}],
+               [{"role": "user", "content": "how was the music of star quest ?"}]]
+    responses = ["the plot was great .", "the music was really wonderful and the plot was fine ."]
+    alone = torch.stack([scorer([p], [r])[0] for p, r in zip(prompts, responses)])
+    assert torch.allclose(scorer(prompts, responses), alone, atol=1e-5)
 
 
 def test_missing_sft_artifact_names_the_target(tmp_path):

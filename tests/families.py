@@ -1,0 +1,71 @@
+"""Tiny tokenizers and models in the shapes real families have, built offline from configs.
+
+ByteLevel BPE (like GPT-2, Llama 3, Qwen) trained in a second on the demo corpus, with:
+- `chatml`: Qwen/SmolLM-style ChatML template (`<|im_start|>role\\n...<|im_end|>\\n`), EOS `<|im_end|>`;
+- `bos`: a Llama-style tokenizer whose post-processor prepends BOS and whose template writes it.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+from stages.base import corpus
+
+CORPUS = ["data/demo/sft_train.jsonl"]
+CHATML = ("{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+LLAMA = ("{{ bos_token }}{%- for m in messages -%}{{ '[' + m['role'] + '] ' + m['content'] + eos_token }}"
+         "{%- endfor -%}{%- if add_generation_prompt -%}{{ '[assistant] ' }}{%- endif -%}")
+
+
+def byte_level_tokenizer(specials: list[str], vocab_size: int = 400) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = list(corpus(CORPUS)) + ["\n[user] [assistant] user\nassistant\n"] * 10
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def chatml_tokenizer(pad: bool = True, reserved: int = 0) -> PreTrainedTokenizerFast:
+    """EOS <|im_end|>; pad <|endoftext|> (as Qwen2.5-Instruct) or none; `reserved` unused specials."""
+    extra = [f"<|reserved_special_token_{i}|>" for i in range(reserved)]
+    tok = byte_level_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>" if pad else None,
+                                   additional_special_tokens=["<|im_start|>", *extra], chat_template=CHATML,
+                                   clean_up_tokenization_spaces=False)
+
+
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """BOS <s> prepended to plain text by the post-processor (as Llama/Gemma), EOS </s>, pad <pad>."""
+    tok = byte_level_tokenizer(["<pad>", "<s>", "</s>"])
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=LLAMA, clean_up_tokenization_spaces=False)
+
+
+def llama_config(tokenizer, **kw) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=tokenizer.bos_token_id, **kw)
+
+
+def save_causal_lm(tokenizer, path, seed: int = 0, **kw):
+    import torch
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(tokenizer, **kw))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reward_model(tokenizer, seed: int = 0) -> LlamaForSequenceClassification:
+    import torch
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).eval()

@@ -1,0 +1,193 @@
+"""Correct on real settings: mixed precision, plain sampling, memory options, a pad token that costs
+nothing. bf16 autocast runs on CPU, so every check here is the one a GPU run depends on."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import modeling_utils
+from transformers.generation import utils as generation_utils
+
+from pipeline import models
+from pipeline.config import load_recipe
+from pipeline.ppo import PolicyAndValue, disable_dropout, score
+from pipeline.rollout import generate, sampling_config
+from stages import eval as evaluate
+from stages import ppo, sft
+from tests import families
+from tests.conftest import DEMO_RECIPE, ppo_args, read_jsonl, sft_args
+
+
+def weights(path) -> dict:
+    return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def changed_share(before: dict, after: dict) -> float:
+    changed = sum((before[k] != after[k]).sum().item() for k in before if "norm" not in k)
+    return changed / sum(before[k].numel() for k in before if "norm" not in k)
+
+
+# ---- 1. mixed precision, not pure bf16 ----
+
+def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(tmp_path, base_model):
+    sft.main(sft_args(tmp_path, base_model, "sft.dtype=bfloat16", "sft.trainer.learning_rate=1e-5",
+                      "sft.dataset.limit=64", "sft.eval_dataset.limit=8", "sft.trainer.num_train_epochs=1",
+                      "sft.trainer.warmup_steps=0"))
+    out = tmp_path / "demo" / "sft"
+    after = weights(out)
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    # 8 AdamW steps of ~1e-5: bf16 weights (a step of ~1e-4 at 0.02) would keep almost all of them
+    assert changed_share(weights(base_model), after) > 0.9
+
+
+def test_ppo_under_bf16_trains_float32_weights_and_a_value_head(runs_with_rm):
+    ppo.main(ppo_args(runs_with_rm, "ppo.dtype=bfloat16", "ppo.value_model=head", "ppo.learning_rate=1e-5",
+                      "ppo.total_episodes=64"))
+    out = runs_with_rm / "demo" / "ppo"
+    history = read_jsonl(out / "metrics.jsonl")
+    assert [h["first_minibatch"]["ratio"] for h in history] == pytest.approx([1.0, 1.0], abs=1e-5)
+    after = weights(out)
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    assert changed_share(weights(runs_with_rm / "demo" / "sft"), after) > 0.9
+    assert torch.load(out / "value_head.pt")["weight"].dtype == torch.float32
+
+
+def ppo_models(runs_dir, *overrides):
+    recipe = load_recipe(DEMO_RECIPE, [f"runs_dir={runs_dir}", *overrides])
+    run = recipe.run_dir
+    tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
+    return recipe, tokenizer, ppo.load_models(recipe.ppo, run / "sft", run / "rm", tokenizer, torch.device("cpu"))
+
+
+def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
+    _, _, (model, reference, scorer) = ppo_models(rm_run, "ppo.dtype=bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
+
+
+def test_a_lora_policy_trains_a_small_fraction_and_no_full_value_model(rm_run):
+    _, _, (model, reference, _) = ppo_models(rm_run, "ppo.finetune=lora", "ppo.lora.r=2", "ppo.dtype=bfloat16")
+    assert reference is None  # the policy with its adapter disabled
+    assert isinstance(model.value_model, PeftModel)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.float32}  # adapters float32 over a bf16 base
+    assert sum(p.numel() for p in trainable) < 0.1 * sum(p.numel() for p in model.parameters())
+
+
+# ---- 3. sampling exactly as the log-probs assume ----
+
+@pytest.fixture
+def recorded_processors(monkeypatch):
+    seen = []
+    real = generation_utils.GenerationMixin._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        processors = real(self, *args, **kwargs)
+        seen.append(sorted(type(p).__name__ for p in processors))
+        return processors
+
+    monkeypatch.setattr(generation_utils.GenerationMixin, "_get_logits_processor", spy)
+    return seen
+
+
+def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_model, recorded_processors):
+    sft_dir = runs_with_rm / "demo" / "sft"
+    shipped = GenerationConfig.from_pretrained(sft_dir)  # what a hub Instruct model ships
+    shipped.update(do_sample=True, repetition_penalty=1.3, top_k=5, top_p=0.5, min_new_tokens=3,
+                   no_repeat_ngram_size=2, temperature=0.2)
+    shipped.save_pretrained(sft_dir)
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "ppo.save_every=100"))
+    assert recorded_processors == [["TemperatureLogitsWarper"]]
+    recorded_processors.clear()
+    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
+                   "eval.prompts.limit=6", "eval.batch_size=4", "eval.max_new_tokens=8"])
+    # base, sft, ppo x (sampled, greedy) x 2 batches: temperature alone, or nothing at all (greedy)
+    assert len(recorded_processors) == 12
+    assert {tuple(p) for p in recorded_processors} == {("TemperatureLogitsWarper",), ()}
+    # the artifact keeps what the model ships for its users
+    assert GenerationConfig.from_pretrained(runs_with_rm / "demo" / "ppo").repetition_penalty == 1.3
+
+
+# ---- 5. memory ----
+
+def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
+    recipe, tokenizer, (model, reference, scorer) = ppo_models(rm_run)
+    cfg = recipe.ppo
+    config = sampling_config(cfg.temperature, 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    from pipeline.data import load_prompts
+    rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, "cpu")
+    whole = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=12)
+    parts = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=5)
+    for name in ("old_logp", "ref_logp", "old_values", "entropy", "scores"):
+        assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-5), name
+
+
+def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, monkeypatch):
+    calls = []
+    real = modeling_utils.checkpoint
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ppo.main(ppo_args(runs_with_rm, "ppo.gradient_checkpointing=true", "ppo.total_episodes=64",
+                      "ppo.forward_batch_size=4"))
+    assert calls  # only in train mode: with the models in eval mode it would silently do nothing
+    for h in read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl"):
+        assert h["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_dropout_is_off_in_train_mode():
+    tokenizer = families.chatml_tokenizer()
+    model = PolicyAndValue(AutoModelForCausalLM.from_config(families.llama_config(tokenizer, attention_dropout=0.5)),
+                           None)
+    disable_dropout(model)
+    model.train()
+    ids = torch.randint(0, len(tokenizer), (2, 10))
+    mask = torch.ones_like(ids)
+    a, b = model(ids, mask, 4), model(ids, mask, 4)
+    assert torch.equal(a[0], b[0])
+
+
+# ---- 6. a pad token that costs nothing ----
+
+def test_pad_token_reuses_an_unused_special_token_first():
+    tokenizer = families.chatml_tokenizer(pad=False, reserved=2)
+    n = len(tokenizer)
+    assert models._pad_candidates(tokenizer)[0] == "<|reserved_special_token_0|>"
+    # <|endoftext|> next to an <|im_end|> EOS qualifies when nothing better exists; turn markers never do
+    assert models._pad_candidates(families.chatml_tokenizer(pad=False)) == ["<|endoftext|>"]
+    assert len(tokenizer) == n
+
+
+def test_a_pad_token_that_must_be_added_rounds_the_embeddings_to_64(tmp_path):
+    tokenizer = families.bos_tokenizer()
+    tokenizer.pad_token = None  # <s> and </s> are BOS and EOS; <pad> is left unused
+    tokenizer.save_pretrained(tmp_path)
+    loaded = models.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == "<pad>"  # named as padding: reused
+    gpt2_like = families.byte_level_tokenizer(["<|endoftext|>"])
+    from transformers import PreTrainedTokenizerFast
+    gpt2 = PreTrainedTokenizerFast(tokenizer_object=gpt2_like, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    loaded = models.load_tokenizer(str(tmp_path / "gpt2"))
+    assert loaded.pad_token == models.PAD_TOKEN and len(loaded) == len(gpt2) + 1
+    model = AutoModelForCausalLM.from_config(families.llama_config(gpt2))
+    models.fit_embeddings(model, loaded)
+    assert model.get_input_embeddings().weight.shape[0] % 64 == 0
+
+
+def test_lora_adapter_of_a_padless_tokenizer_holds_no_embeddings_and_loads_on_the_base(tmp_path):
+    base = families.save_causal_lm(families.chatml_tokenizer(pad=False, reserved=256), tmp_path / "padless")
+    sft.main(sft_args(tmp_path, base, "sft.finetune=lora", "sft.lora.r=4", "sft.dataset.limit=64",
+                      "sft.eval_dataset.limit=8", "sft.trainer.num_train_epochs=1", "sft.trainer.max_length=128"))
+    out = tmp_path / "demo" / "sft"
+    tokenizer = models.load_tokenizer(str(out))
+    assert tokenizer.pad_token == "<|reserved_special_token_0|>" and len(tokenizer) == len(
+        families.chatml_tokenizer(pad=False, reserved=256))
+    adapter = (out / "adapter" / "adapter_model.safetensors").stat().st_size  # the weights (+ tokenizer files)
+    model = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    assert adapter < 0.1 * model
+    # plain peft onto the original base
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter")
