@@ -38,7 +38,7 @@ else
 LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
-.PHONY: setup base sft rm ppo eval demo test clean
+.PHONY: setup base sft rm ppo eval demo bench test clean
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -75,6 +75,11 @@ eval: ppo
 
 demo: eval
 	@$(BIN)/python -m pipeline.report $(call stage_args,eval)
+
+# PPO throughput, time split and peak memory on the recipe, for a fixed budget (BENCH_EPISODES, default
+# the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone.
+bench: rm
+	OMP_NUM_THREADS=$(CORES) $(BIN)/python -m pipeline.bench $(call stage_args,bench)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -37,11 +37,13 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
     or the log-probs belong to a different distribution than the one the tokens were drawn from.
     logits (B, T, V), tokens (B, T) -> (B, T), float32.
 
-    trl's `selective_log_softmax` gathers without a (B, T, V) log-softmax copy; it is called one
-    sequence at a time on a float32 view, so at most one (T, V) float32 copy exists, and the bf16
-    logits of mixed precision still get float32 log-probs (trl's bf16 path computes in bf16).
+    trl's `selective_log_softmax` gathers without a (B, T, V) log-softmax copy. It is called one
+    sequence at a time (as a batch of one: it loops over its first dimension) on a float32 view, so
+    at most one (T, V) float32 copy exists at a time, and bf16 logits still get float32 log-probs
+    (trl's own bf16 path computes them in bf16).
     """
-    return torch.stack([selective_log_softmax(row.float(), tok, temperature) for row, tok in zip(logits, tokens)])
+    return torch.cat([selective_log_softmax(row[None].float(), tok[None], temperature)
+                      for row, tok in zip(logits, tokens)])
 
 
 def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:

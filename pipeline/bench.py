@@ -1,0 +1,69 @@
+"""PPO benchmark: `make bench [RECIPE=...] [BENCH_EPISODES=N]` -> data/bench/ppo-<run>.json.
+
+Runs the PPO stage of a recipe (default: the demo) for a fixed budget of episodes, in a scratch run
+directory that links this run's SFT and RM artifacts (the run's own PPO artifact is not touched),
+as a separate process timed from launch to exit. Writes one JSON: episodes/s and generated tokens/s
+(training time only, and median over iterations), the time split (start-up with imports and model
+loading, generate, score, optimise, saving), and peak memory (CUDA allocator peak on a GPU, peak RSS
+on a CPU). Quote ratios between runs on the same machine only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline import artifacts, cli
+
+
+def main(argv: list[str]) -> None:
+    episodes = os.environ.get("BENCH_EPISODES")
+    recipe, args = cli.parse(__doc__.splitlines()[0], argv)
+    for stage in ("sft", "rm"):
+        artifacts.require(recipe.run_dir / stage, stage)
+    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        run = Path(tmp) / recipe.run_name
+        run.mkdir()
+        for stage in ("sft", "rm"):
+            (run / stage).symlink_to((recipe.run_dir / stage).resolve())
+        command = [sys.executable, "stages/ppo.py", "--recipe", args.recipe, *overrides, f"runs_dir={tmp}",
+                   *([f"ppo.total_episodes={episodes}"] if episodes else []), "ppo.report_to=[]"]
+        started = time.time()
+        subprocess.run(command, check=True)
+        wall = time.time() - started
+        manifest = artifacts.read_manifest(run / "ppo")
+    m, split = manifest["metrics"], manifest["metrics"]["time_split_s"]
+    training = split["generate"] + split["score"] + split["optimise"]
+    result = {
+        "recipe": args.recipe, "overrides": overrides, "episodes": m["episodes"], "iterations": m["iterations"],
+        "episodes_per_s": round(m["episodes"] / training, 2), "episodes_per_s_median": round(m["episodes_per_s_median"], 2),
+        "generated_tokens_per_s_median": round(m["tokens_per_s_median"], 1),
+        "time_split_s": {"startup": round(wall - manifest["duration_s"] + split["startup"], 1),
+                         **{k: split[k] for k in ("generate", "score", "optimise", "saving")}},
+        "wall_s": round(wall, 1), "peak_memory_mb": m["peak_memory_mb"],
+        "trainable_parameters": m["trainable_parameters"], "parameters": m["parameters"],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **_device()},
+    }
+    out = Path("data/bench") / f"ppo-{recipe.run_name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"bench: written to {out}")
+
+
+def _device() -> dict:
+    import torch
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    return {"device": "cpu", "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    cli.run(lambda: main(sys.argv[1:]))
