@@ -64,3 +64,9 @@ def test_trainer_section_is_checked_against_trl_config(tmp_path):
         trl_args(SFTConfig, {"num_train_epochs": "many"}, "sft.trainer", output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"^sft.trainer: .*logging_steps"):  # trl's own check, placed
         trl_args(SFTConfig, {"logging_steps": 0}, "sft.trainer", output_dir=str(tmp_path), bf16=False)
+
+
+def test_the_shipped_7b_recipe_is_valid():
+    from pipeline.config import load_recipe
+    recipe = load_recipe("stages/recipes/7b-lora-1gpu.yaml")
+    assert recipe.ppo.finetune == "lora" and recipe.ppo.gradient_checkpointing and recipe.ppo.forward_batch_size == 4
