@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     for stage in ("sft", "rm"):
         artifacts.require(recipe.run_dir / stage, stage)
-    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+    overrides = args.overrides
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run = Path(tmp) / recipe.run_name
         run.mkdir()

@@ -178,6 +178,11 @@ class PPOStage:
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb]."""
 
+    @property
+    def forward_batch(self) -> int:
+        """Rollouts per scoring forward: `forward_batch_size`, else the optimiser's micro-batch."""
+        return self.forward_batch_size or self.mini_batch_size // self.gradient_accumulation_steps
+
 
 @dataclass
 class EvalStage:

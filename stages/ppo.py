@@ -75,7 +75,7 @@ def load_models(cfg, sft_dir, rm_dir, tokenizer, device):
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype).requires_grad_(False)
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    scorer = RewardScorer(reward_model.to(device), rm_tokenizer, device, batch_size=cfg.forward_batch_size or 64)
+    scorer = RewardScorer(reward_model.to(device), rm_tokenizer, device, batch_size=cfg.forward_batch)
     if cfg.value_model == "reward" and not same_tokenizer(tokenizer, rm_tokenizer):
         raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
                           "set ppo.value_model=sft or ppo.value_model=head")
@@ -126,7 +126,6 @@ def main(argv=None):
         raise ConfigError(f"the SFT tokenizer's pad token must exist and differ from the stop token ({stop_id})")
     model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, device)
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
-    forward_batch = cfg.forward_batch_size or cfg.mini_batch_size // cfg.gradient_accumulation_steps
 
     iterations = math.ceil(cfg.total_episodes / (cfg.batch_size * world))
     updates_per_iteration = cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
@@ -193,7 +192,7 @@ def main(argv=None):
         # ---- score: old log-probs and values, reference log-probs, reward-model scores ----
         t0 = time.time()
         with accelerator.autocast():
-            exp = score(rollout, model, reference, scorer, cfg, score_norm, forward_batch)
+            exp = score(rollout, model, reference, scorer, cfg, score_norm, cfg.forward_batch)
         t_score = time.time() - t0
 
         # ---- advantages and PPO epochs ----

@@ -13,6 +13,7 @@ from transformers.generation import utils as generation_utils
 
 from pipeline import models
 from pipeline.config import load_recipe
+from pipeline.data import load_prompts
 from pipeline.ppo import PolicyAndValue, disable_dropout, score
 from pipeline.rollout import generate, sampling_config
 from stages import eval as evaluate
@@ -119,7 +120,6 @@ def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
     cfg = recipe.ppo
     config = sampling_config(cfg.temperature, 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    from pipeline.data import load_prompts
     rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, "cpu")
     whole = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=12)
     parts = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=5)
