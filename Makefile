@@ -38,7 +38,7 @@ else
 LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
-.PHONY: setup base sft rm ppo eval demo bench test clean
+.PHONY: setup base sft rm ppo eval demo bench test test-gpu clean
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -83,6 +83,11 @@ bench: rm
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the chain on the GPU in bf16 with every forward checked for host tensors, and the
+# precision tests (which then run on the GPU). Not part of `make test`.
+test-gpu: setup
+	GPU_TESTS=1 $(BIN)/python -m pytest -q -s tests/gpu tests/test_precision_and_memory.py
 
 clean:
 	rm -rf data/runs data/models

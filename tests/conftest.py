@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from stages import base
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/gpu needs a CUDA GPU: `make test-gpu` runs it (with the bf16 and device tests), `make test` does not
+collect_ignore = [] if os.environ.get("GPU_TESTS") else ["gpu"]
 DEMO_RECIPE = str(REPO / "stages/recipes/demo.yaml")
 
 
