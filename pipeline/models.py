@@ -138,8 +138,11 @@ def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, **kwargs) 
 
     Merged into an unquantized float32 copy of the base: QLoRA artifacts then load with a plain
     `from_pretrained` and lose nothing to re-quantization, and the small LoRA deltas do not round
-    away as they would if added to bf16 weights.
+    away as they would if added to bf16 weights. Runs on the main process alone, on the host, also
+    under ZeRO-3 (see engine.single_process_loading).
     """
-    model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
-    fit_embeddings(model, tokenizer)
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    from pipeline.engine import single_process_loading
+    with single_process_loading():
+        model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
+        fit_embeddings(model, tokenizer)
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from peft import PeftModel
 
+from pipeline import engine
 from pipeline.config import PPOStage
 from pipeline.ppo_math import (explained_variance, gae, kl_per_token, logprobs_of, entropy_of, masked_mean,
                                masked_whiten, policy_loss, token_rewards, value_loss)
@@ -75,6 +76,10 @@ class PolicyAndValue(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits, values[:, -response_len - 1:-1]
 
+    # trl's unwrap_model_for_generation switches gradient checkpointing off around generation. It is
+    # only active in train mode, and rollouts are generated in eval mode: nothing to switch.
+    is_gradient_checkpointing = False
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward; only active in train mode (see `disable_dropout`)."""
         for m in (self.policy, self.value_model):
@@ -102,7 +107,7 @@ class Experience:
     returns: torch.Tensor | None = None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def score(rollout: Rollout, model, reference, scorer: RewardScorer, cfg: PPOStage,
           score_norm: tuple[float, float], forward_batch_size: int) -> Experience:
     """Old log-probs and values, reference log-probs and reward-model scores, each forward in
@@ -147,11 +152,14 @@ class NonFiniteLoss(FloatingPointError):
     """A loss went NaN or infinite: the run stops rather than train on garbage."""
 
 
-def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str) -> dict:
+def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str,
+           stop=lambda: False) -> dict:
     """`ppo_epochs` passes of clipped policy and value losses over shuffled minibatches.
 
-    Returns per-minibatch statistics and `first`, the health check of the very first minibatch
-    (ratio 1, approx-KL 0, clip fraction 0: nothing has moved yet)."""
+    Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
+    approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop()` (a collective,
+    see ppo_run.StopRequest) is asked after every optimiser step, so a stop request is answered within
+    one minibatch, well inside the ~30 s a launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
@@ -174,10 +182,10 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                         raise NonFiniteLoss(f"ppo: {name} is {value.item()} at {where}, epoch {epoch + 1}; stopping.")
                 accelerator.backward(pg_loss + cfg.vf_coef * vf_loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    engine.clip_gradients(accelerator, model, cfg.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
-                    scheduler.step()
+                    scheduler.step()  # not prepared by accelerate: once per optimiser step, whatever the world size
                 optimizer.zero_grad()
             for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
                          ("vf_clipfrac", vf_stats["clipfrac"]), ("approxkl", pg_stats["approxkl"]),
@@ -186,8 +194,11 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
             if first is None:
                 first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
                          "clipfrac": pg_stats["clipfrac"].item()}
+            if accelerator.sync_gradients and stop():
+                model.eval()
+                return {"first": first, "interrupted": True, **{k: torch.stack(v).mean() for k, v in stats.items()}}
     model.eval()
-    return {"first": first, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+    return {"first": first, "interrupted": False, **{k: torch.stack(v).mean() for k, v in stats.items()}}
 
 
 def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, accelerator) -> dict:

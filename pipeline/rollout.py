@@ -74,14 +74,15 @@ def plain_sampling(model, config: GenerationConfig):
         hf_model.generation_config = original
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) -> Rollout:
+@torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
+def generate(model, tokenizer, prompts: list, config: GenerationConfig, device, **generate_kwargs) -> Rollout:
     """One batched generation with KV cache; everything after the first stop token becomes padding.
-    `tokenizer` pads on the left (prompts end where generation starts)."""
+    `tokenizer` pads on the left (prompts end where generation starts). `generate_kwargs`: the
+    engine's (pipeline.engine.generate_kwargs)."""
     enc = tokenizer([data.prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
                     add_special_tokens=False).to(device)
     with plain_sampling(model, config):
-        sequences = model.generate(**enc, generation_config=config)
+        sequences = model.generate(**enc, generation_config=config, **generate_kwargs)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
     return Rollout(prompts=list(prompts), query_responses=torch.cat([enc["input_ids"], responses], 1),
@@ -98,7 +99,7 @@ def response_logits(model, input_ids, attention_mask, response_len: int) -> torc
     return out.logits[:, :-1]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int) -> torch.Tensor:
     """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R)."""
     R, out = rollout.responses.shape[1], []

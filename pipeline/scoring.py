@@ -54,10 +54,11 @@ class RewardScorer:
     """A frozen reward model and its tokenizer, scoring (prompt, response) pairs as it was trained."""
 
     def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64):
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        model.eval()  # not `model = model.eval()`: a DeepSpeed engine's eval() returns None
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = device if device is not None else next(model.parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
     def __call__(self, prompts: list, responses: list) -> torch.Tensor:
         """Scalar reward of each pair, as a float32 tensor on the scorer's device."""
         ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,15 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+def launch(n: int, script: str, *args: str, engine: str | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with n gloo processes; `engine` switches accelerate to FSDP2 / DeepSpeed
+    through tests/engines.py (test-only: accelerate never picks them on CPU by itself)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    target = ["tests/engines.py", engine, script] if engine else [script]
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target, *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run

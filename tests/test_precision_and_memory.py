@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers import modeling_utils
 from transformers.generation import utils as generation_utils
@@ -15,6 +16,7 @@ from pipeline import models
 from pipeline.config import load_recipe
 from pipeline.data import load_prompts
 from pipeline.ppo import PolicyAndValue, disable_dropout, score
+from pipeline.ppo_run import load_models
 from pipeline.rollout import generate, sampling_config
 from stages import eval as evaluate
 from stages import ppo, sft
@@ -60,7 +62,7 @@ def ppo_models(runs_dir, *overrides):
     recipe = load_recipe(DEMO_RECIPE, [f"runs_dir={runs_dir}", *overrides])
     run = recipe.run_dir
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
-    return recipe, tokenizer, ppo.load_models(recipe.ppo, run / "sft", run / "rm", tokenizer, torch.device("cpu"))
+    return recipe, tokenizer, load_models(recipe.ppo, run / "sft", run / "rm", tokenizer, Accelerator(cpu=True))
 
 
 def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):

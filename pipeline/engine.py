@@ -1,0 +1,159 @@
+"""Everything that depends on the distributed engine, in one place, for every stage.
+
+The engine comes from the accelerate config the run was launched with (`make X ACCELERATE_CONFIG=
+accelerate_configs/zero3.yaml`): one process, data parallel (DDP), DeepSpeed ZeRO-2 / ZeRO-3, or
+FSDP2. The stages never ask which; they call these functions, which do the right thing for each:
+
+    accelerator(...)            the process group with an explicit timeout, the recipe's precision
+    configure(...)              DeepSpeed's own batch sizes and gradient clipping (no dataloader tells it)
+    prepare_frozen(model, ...)  a frozen reference / reward model placed or sharded like the policy
+    for_generation(model, ...)  the policy gathered once per rollout, not once per token
+    full_state_dict(...)        consolidated weights for `save_pretrained` (every rank must call it)
+
+SFT and RM run inside their Trainers, which do the same through accelerate.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from pipeline.config import ConfigError
+
+# How long a rank waits in a collective (a barrier while rank 0 merges an adapter or writes the
+# artifact, a gather) before the run fails instead of hanging. torch's default is 10 min for NCCL;
+# rank-0-only work on a 7B model (loading it in float32 on the host, merging, saving 15 GB) stays
+# well under this. PROCESS_GROUP_TIMEOUT_MIN overrides it.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=float(os.environ.get("PROCESS_GROUP_TIMEOUT_MIN", 30)))
+
+
+def accelerator(mixed_precision: str, gradient_accumulation_steps: int = 1, **kwargs) -> Accelerator:
+    """The run's Accelerator: gloo on CPUs (see pipeline.dist.process_state), the recipe's precision
+    (the launcher's `--mixed_precision` is not used), the explicit process-group timeout."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
+                       gradient_accumulation_steps=gradient_accumulation_steps,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)], **kwargs)
+
+
+def name(acc: Accelerator) -> str:
+    """'single', 'ddp', 'deepspeed-zero2', 'deepspeed-zero3', 'fsdp2' (for logs and manifests)."""
+    kind = acc.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{acc.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return f"fsdp{acc.state.fsdp_plugin.fsdp_version}"
+    return "single" if acc.num_processes == 1 else "ddp"
+
+
+def is_sharded(acc: Accelerator) -> bool:
+    """Parameters split over ranks: every forward is a collective, so every rank must run it."""
+    return name(acc) in ("deepspeed-zero3", "fsdp2")
+
+
+def check_supported(acc: Accelerator, quantized: bool) -> None:
+    """Refuse, before any model is loaded, what the stage cannot run under."""
+    engine = name(acc)
+    if engine == "fsdp1":
+        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(accelerate_configs/fsdp2.yaml)")
+    if quantized and engine in ("deepspeed-zero3", "fsdp2"):
+        raise ConfigError(f"QLoRA cannot run under {engine}: a quantized base cannot be sharded by this pipeline; "
+                          "use accelerate_configs/multi_gpu.yaml or zero2.yaml (the 4-bit base fits on each GPU)")
+
+
+def configure(acc: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """DeepSpeed takes batch sizes and gradient clipping from its own config, and our PPO passes no
+    dataloader through `prepare` to infer them. Values the user set in the config are checked, not
+    overridden."""
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch_size,
+              "gradient_accumulation_steps": acc.gradient_accumulation_steps,
+              "train_batch_size": micro_batch_size * acc.gradient_accumulation_steps * acc.num_processes,
+              "gradient_clipping": max_grad_norm}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe needs {value}: "
+                              f"remove it from the config (the recipe decides)")
+        ds[key] = value
+
+
+def clip_gradients(acc: Accelerator, model, max_norm: float) -> None:
+    """Under DeepSpeed the engine clips inside `step` (configure put the norm in its config)."""
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        acc.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def prepare_frozen(model: torch.nn.Module, acc: Accelerator) -> torch.nn.Module:
+    """A frozen model (reference, reward) for the engine: sharded like the policy under ZeRO-3 and
+    FSDP2 (trl's prepare_deepspeed / prepare_fsdp), else on the process's device."""
+    model.requires_grad_(False).eval()
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        from trl.models.utils import prepare_deepspeed
+        return prepare_deepspeed(model, acc)
+    if acc.distributed_type == DistributedType.FSDP:
+        from trl.models.utils import prepare_fsdp
+        return prepare_fsdp(model.to(acc.device), acc)
+    return model.to(acc.device)
+
+
+@contextmanager
+def for_generation(model, acc: Accelerator):
+    """The unwrapped model, with sharded parameters gathered for the whole generation.
+
+    ZeRO-3: trl's `unwrap_model_for_generation` gathers every parameter once and removes
+    DeepSpeed's hooks. FSDP2 is not covered by it (each layer would all-gather its shard again for
+    every new token), so the FSDP modules are unsharded here once and resharded after."""
+    if name(acc) != "fsdp2":
+        from trl.models.utils import unwrap_model_for_generation
+        with unwrap_model_for_generation(model, acc) as unwrapped:
+            yield unwrapped
+        return
+    from torch.distributed.fsdp import FSDPModule
+    # FSDP2 names as root the first sharded module to run forward; generation runs the policy, a
+    # submodule, so the real root is initialised first (torch has no public call for this).
+    model._get_fsdp_state()._lazy_init()
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield acc.unwrap_model(model)
+    finally:
+        for m in sharded:
+            m.set_reshard_after_forward(True)
+            m.reshard()
+
+
+@contextmanager
+def single_process_loading():
+    """`from_pretrained` on one rank only (the adapter merge for the artifact). Under ZeRO-3,
+    transformers loads every model into DeepSpeed's partitioned init, a collective that would wait
+    forever for the other ranks; the run's DeepSpeed config is hidden from it meanwhile (transformers
+    keeps it in a module-level weak reference and has no public getter to restore it from)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def generate_kwargs(acc: Accelerator) -> dict:
+    """Sharded engines: every rank runs the same number of decoding steps (a rank that stopped early
+    would leave the others waiting in the next collective)."""
+    return {"synced_gpus": True} if is_sharded(acc) and acc.num_processes > 1 else {}
+
+
+def full_state_dict(acc: Accelerator, model) -> dict:
+    """Consolidated, full-size weights on the main process (empty elsewhere); every rank must call it."""
+    return acc.get_state_dict(model)
+
+

@@ -1,0 +1,255 @@
+"""Everything around PPO's iteration in `stages/ppo.py`: models, prompts, schedule, checkpoints,
+logging and the final artifact. The iteration's phases themselves are in pipeline/ppo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import signal
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import yaml
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+from pipeline import engine, models
+from pipeline.config import ConfigError, PPOStage, to_dict
+from pipeline.metrics import append_jsonl
+from pipeline.ppo import PolicyAndValue, disable_dropout
+from pipeline.ppo_math import KLController
+from pipeline.scoring import RewardScorer
+
+RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+
+
+def policy_tokenizer(sft_dir: Path, stop_token: str | None):
+    """The SFT tokenizer (left padding: prompts end where generation starts) and the stop token id."""
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
+    stop_id = tokenizer.convert_tokens_to_ids(stop_token) if stop_token else tokenizer.eos_token_id
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == stop_id:
+        raise ConfigError(f"the SFT tokenizer's pad token must exist and differ from the stop token ({stop_id})")
+    return tokenizer, stop_id
+
+
+def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
+    """Policy + value model (one trainable module), the frozen reference (None under LoRA) and the
+    reward scorer, each in its precision (pipeline/models.py); frozen models prepared for the engine.
+
+    Full fine-tuning: float32 policy and value model, a frozen reference in the compute dtype. LoRA /
+    QLoRA: a fresh adapter on the SFT weights, so with the adapter disabled the policy IS the
+    reference; the value model then gets its own adapter (its score head trained in full), so a
+    LoRA run never trains a whole second network.
+    """
+    dtype = models.resolve_dtype(cfg.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(sft_dir, **models.load_kwargs(cfg.finetune, cfg.dtype))
+    reference = None
+    if cfg.finetune == "full":
+        reference = engine.prepare_frozen(AutoModelForCausalLM.from_pretrained(sft_dir, dtype=dtype), acc)
+    else:
+        policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype)
+    rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    scorer = RewardScorer(engine.prepare_frozen(reward_model, acc), rm_tokenizer, acc.device,
+                          batch_size=cfg.forward_batch)
+    if cfg.value_model == "reward" and not same_tokenizer(tokenizer, rm_tokenizer):
+        raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
+                          "set ppo.value_model=sft or ppo.value_model=head")
+    value_model = None
+    if cfg.value_model != "head":
+        source = rm_dir if cfg.value_model == "reward" else sft_dir
+        value_model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, **models.load_kwargs(cfg.finetune, cfg.dtype))
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+        if cfg.finetune != "full":
+            value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
+    model = PolicyAndValue(policy, value_model)
+    models.upcast_trainable(model)
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.eval(), reference, scorer
+
+
+class Schedule:
+    """How many iterations and optimiser steps the run has, and which prompts each rank takes."""
+
+    def __init__(self, cfg: PPOStage, world: int, n_prompts: int, seed: int):
+        self.cfg, self.world, self.n_prompts, self.seed = cfg, world, n_prompts, seed
+        self.iterations = math.ceil(cfg.total_episodes / (cfg.batch_size * world))
+        self.optimizer_steps = self.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+
+    def prompt_indices(self, iteration: int, rank: int) -> list[int]:
+        """The prompts of one process in one iteration: a deterministic function of the iteration,
+        so a resumed run sees exactly the prompts the uninterrupted run would have."""
+        b = self.cfg.batch_size
+        out = []
+        for k in range(iteration * b * self.world + rank * b, iteration * b * self.world + (rank + 1) * b):
+            epoch, i = divmod(k, self.n_prompts)
+            perm = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch))
+            out.append(int(perm[i]))
+        return out
+
+
+def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
+    """AdamW (fused: one kernel for all parameters, 5% of the demo's update time) and the learning-rate
+    schedule over the run's optimiser steps.
+
+    The scheduler is NOT passed to `accelerator.prepare`: accelerate's wrapper steps it once per
+    process on every call (it assumes the Trainer's per-process dataloader length), so with N
+    processes the rate would reach zero after 1/N of the run. Stepped once per optimiser step
+    here, it is the same schedule with 1 and N processes."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  eps=1e-5, fused=True)
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=0, num_training_steps=optimizer_steps)
+    return optimizer, scheduler
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 leaves an empty local shard."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop checks it (all ranks agreeing) and saves a checkpoint."""
+
+    def __init__(self, acc):
+        self.acc, self.flag = acc, False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.flag = True
+
+    def requested(self) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
+        return self.acc.reduce(torch.tensor(float(self.flag), device=self.acc.device), "sum").item() > 0
+
+
+class PPORun:
+    """The run's files in its work directory: checkpoint and resume, metrics and samples, the time
+    split, and the final artifact."""
+
+    def __init__(self, out: Path, acc, model, scheduler, kl_ctl: KLController, started: float):
+        self.out, self.acc, self.model, self.kl_ctl, self.started = out, acc, model, kl_ctl, started
+        self.checkpoint = out / "checkpoint"
+        self.seconds = defaultdict(float)  # startup, generate, score, optimise, saving: the whole run
+        self.last = {}  # the same, for the latest iteration
+        acc.register_for_checkpointing(scheduler)  # not prepared (see optimizer_and_schedule): saved all the same
+
+    @contextmanager
+    def timed(self, phase: str):
+        t0 = time.time()
+        yield
+        self.last[phase] = time.time() - t0
+        self.seconds[phase] += self.last[phase]
+
+    def resume(self, iterations: int) -> int:
+        """The iteration to start from: the checkpoint's, with the metrics after it dropped; else 0."""
+        if not (self.checkpoint / "ppo_state.json").is_file():
+            return 0
+        saved = json.loads((self.checkpoint / "ppo_state.json").read_text())
+        self.acc.load_state(str(self.checkpoint))
+        self.kl_ctl.load_state_dict(saved["kl_controller"])
+        start = saved["iteration"]
+        metrics = self.out / "metrics.jsonl"
+        if self.acc.is_main_process and metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["iteration"] <= start]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
+        return start
+
+    def save_checkpoint(self, iteration: int) -> None:
+        """Every rank takes part (sharded engines save their shards); rank 0 then swaps it in."""
+        with self.timed("saving"):
+            tmp = self.out / "checkpoint.tmp"
+            self.acc.save_state(str(tmp))
+            self.acc.wait_for_everyone()  # every rank has written its part (its RNG state at least)
+            if self.acc.is_main_process:
+                (tmp / "ppo_state.json").write_text(json.dumps({"iteration": iteration,
+                                                                "kl_controller": self.kl_ctl.state_dict()}))
+                if self.checkpoint.exists():
+                    shutil.rmtree(self.checkpoint)
+                tmp.rename(self.checkpoint)
+            self.acc.wait_for_everyone()
+
+    def log(self, iteration: int, metrics: dict, episodes: int, rollout, scores: list, sample: bool) -> None:
+        """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples."""
+        metrics.update({f"time/{k}_s": self.last[k] for k in ("generate", "score", "optimise")})
+        elapsed = sum(self.last[k] for k in ("generate", "score", "optimise"))
+        metrics.update({"episodes_per_s": episodes / elapsed,
+                        "tokens_per_s": metrics["response_length"] * episodes / elapsed,
+                        "peak_memory_mb": peak_memory_mb()})
+        if self.acc.is_main_process:
+            append_jsonl(self.out / "metrics.jsonl", metrics)
+            if sample:
+                for p, t, s in zip(rollout.prompts[:4], rollout.texts, scores):
+                    append_jsonl(self.out / "samples.jsonl", {"iteration": iteration, "prompt": p, "response": t,
+                                                              "score": s})
+        self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
+
+    def save_artifact(self, recipe, plan, tokenizer, sft_dir: Path, extra: dict) -> None:
+        """The policy (adapters merged) with its tokenizer, the value model, the recipe and the manifest.
+        Under ZeRO-3 / FSDP2 the weights are consolidated first, with every rank taking part."""
+        cfg, acc, out = recipe.ppo, self.acc, self.out
+        with self.timed("saving"):
+            state = engine.full_state_dict(acc, self.model)
+            if acc.is_main_process:
+                unwrapped = acc.unwrap_model(self.model)
+                part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+                policy = unwrapped.policy
+                if cfg.finetune == "full":
+                    policy.save_pretrained(out, state_dict=part("policy."))
+                else:
+                    policy.save_pretrained(out / "adapter", state_dict=part("policy."))
+                    models.merge_adapter(AutoModelForCausalLM, str(sft_dir), out / "adapter",
+                                         tokenizer).save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                if unwrapped.value_model is not None:
+                    unwrapped.value_model.save_pretrained(out / "value_model", state_dict=part("value_model."))
+                else:
+                    torch.save(part("value_head."), out / "value_head.pt")
+                (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        if acc.is_main_process:
+            summary = {**self.summary(unwrapped), **extra}
+            shutil.rmtree(self.checkpoint, ignore_errors=True)
+            plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, self.started)
+            print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
+                  f"{time.time() - self.started:.0f}s ({summary['episodes_per_s_median']:.1f} episodes/s), score "
+                  f"{summary['score_first']:.2f} -> {summary['objective/scores']:.2f}, "
+                  f"KL {summary['objective/kl']:.2f} -> {plan.stage.final}")
+        acc.wait_for_everyone()
+
+    def summary(self, unwrapped) -> dict:
+        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        median = lambda key: sorted(h[key] for h in history)[len(history) // 2]  # noqa: E731
+        summary = {k: history[-1][k] for k in ("objective/scores", "objective/rm_score_raw", "objective/kl",
+                                               "objective/rlhf_reward", "response_length", "episodes", "lr")}
+        summary.update({
+            "score_first": history[0]["objective/scores"], "iterations": len(history),
+            "lr_middle": history[len(history) // 2]["lr"], "processes": self.acc.num_processes,
+            "episodes_per_s_median": median("episodes_per_s"), "tokens_per_s_median": median("tokens_per_s"),
+            "time_split_s": {"startup": round(self.seconds["startup"], 1), "saving": round(self.seconds["saving"], 1),
+                             **{k: round(sum(h[f"time/{k}_s"] for h in history), 1)
+                                for k in ("generate", "score", "optimise")}},
+            "peak_memory_mb": round(max(h["peak_memory_mb"] for h in history), 1),
+            "trainable_parameters": sum(numel(p) for p in unwrapped.parameters() if p.requires_grad),
+            "parameters": sum(numel(p) for p in unwrapped.parameters())})
+        return summary
