@@ -1,10 +1,11 @@
 # RLHF pipeline: base -> sft -> rm -> ppo -> eval, each stage an artifact under data/runs/<run>/.
+# `make help` lists the targets and variables.
 #
 #   make demo                      set up, then run the whole pipeline on the embedded demo
 #   make test                      the test suite
 #   make sft RECIPE=my.yaml        one stage, on your own recipe
-#   make sft NPROC=8               multi-process through accelerate launch (GPUs, or gloo on CPUs)
-#   make sft ACCELERATE_CONFIG=ds.yaml   DeepSpeed / FSDP / multi-node: your accelerate config
+#   make sft NPROC=8               8 processes (GPUs, or gloo on CPUs), data parallel
+#   make ppo ACCELERATE_CONFIG=accelerate_configs/zero3.yaml   DeepSpeed / FSDP2 / multi-node (see that folder)
 #   make sft ARGS="sft.finetune=lora"    recipe overrides on the command line
 #   make ppo FORCE=1               re-run ppo even if up to date (then eval follows); upstream stages
 #                                  re-run only if out of date. `make demo FORCE=1` re-runs them all.
@@ -13,8 +14,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= stages/recipes/demo.yaml
-NPROC ?= 1
+NPROC ?=
 ACCELERATE_CONFIG ?=
+NNODES ?=
+NODE_RANK ?= 0
+MAIN_ADDR ?=
+MAIN_PORT ?= 29500
 ARGS ?=
 FORCE ?=
 TORCH_VERSION := 2.13.0
@@ -28,17 +33,46 @@ stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(FORCED)),--fo
 # Precision is not the launcher's: each stage passes the recipe's (`dtype`: float32 trained weights
 # under bf16/fp16 autocast) to accelerate itself, so `--mixed_precision no` here changes nothing.
 CORES := $(shell nproc 2>/dev/null || echo 1)
-THREADS = $(shell echo $$(( $(CORES) / $(NPROC) > 1 ? $(CORES) / $(NPROC) : 1 )))
+PROCS = $(or $(NPROC),1)
+THREADS = $(shell echo $$(( $(CORES) / $(PROCS) > 1 ? $(CORES) / $(PROCS) : 1 )))
 LAUNCH_DEFAULTS = --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
+# Multi-node: the same command on every node, each with its NODE_RANK (see accelerate_configs/multi_node.yaml).
+MULTI_NODE = $(if $(NNODES),--num_machines $(NNODES) --machine_rank $(NODE_RANK) --main_process_ip $(MAIN_ADDR) \
+	--main_process_port $(MAIN_PORT))
 ifneq ($(ACCELERATE_CONFIG),)
-LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC)
-else ifeq ($(NPROC),1)
+ifeq ($(wildcard $(ACCELERATE_CONFIG)),)
+$(error ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) does not exist; the shipped configs are in accelerate_configs/)
+endif
+# The config file's process count, unless NPROC is given.
+LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) $(if $(NPROC),--num_processes $(NPROC)) $(MULTI_NODE)
+else ifeq ($(PROCS),1)
 LAUNCH = $(BIN)/accelerate launch --num_processes 1 $(LAUNCH_DEFAULTS)
 else
 LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
-.PHONY: setup base sft rm ppo eval demo bench test test-gpu clean
+.PHONY: help setup base sft rm ppo eval demo bench test test-gpu clean
+
+help:
+	@echo "Targets (each stage runs its upstream stages first when they are out of date):"
+	@echo "  demo       set up, then base -> sft -> rm -> ppo -> eval on the embedded demo, with the headline"
+	@echo "  setup      the virtual environment in $(VENV) (CPU torch $(TORCH_VERSION) first)"
+	@echo "  base       the demo's tiny base model (only for recipes without a hub/local sft.model)"
+	@echo "  sft        supervised fine-tuning             -> data/runs/<run>/sft"
+	@echo "  rm         reward model from preference pairs -> data/runs/<run>/rm"
+	@echo "  ppo        PPO of the SFT policy on the RM    -> data/runs/<run>/ppo"
+	@echo "  eval       base / sft / ppo compared           -> data/runs/<run>/eval"
+	@echo "  bench      PPO throughput, time split, peak memory -> data/bench/"
+	@echo "  test       the test suite (CPU);  test-gpu: the GPU checks (CUDA machine)"
+	@echo "  clean      delete data/runs and data/models"
+	@echo "Variables:"
+	@echo "  RECIPE=path.yaml            the recipe (default $(RECIPE))"
+	@echo "  ARGS=\"k=v ...\"              recipe overrides, e.g. ARGS=\"ppo.finetune=lora ppo.kl_target=6\""
+	@echo "  FORCE=1                     re-run the named stages even if up to date"
+	@echo "  NPROC=N                     N processes (data parallel), or override a config's count"
+	@echo "  ACCELERATE_CONFIG=file      an accelerate config: accelerate_configs/{multi_gpu,zero2,zero3,zero3_offload,fsdp2,multi_node}.yaml"
+	@echo "  NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT   multi-node: the same target on every node"
+	@echo "  BENCH_EPISODES=N            the episode budget of make bench"
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import uuid
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from pipeline import cli, plans
+from pipeline.config import ConfigError
+from pipeline.engine import PROCESS_GROUP_TIMEOUT
 
 
 def process_state() -> PartialState:
@@ -15,12 +20,36 @@ def process_state() -> PartialState:
 
     Without `cpu=True`, accelerate treats N CPU processes as N independent single-process runs
     (no gradient sync, every rank writing files). TrainingArguments re-creates the state from
-    ACCELERATE_USE_CPU, so that is set too.
+    ACCELERATE_USE_CPU, so that is set too. The process group is created here, so its timeout
+    (pipeline.engine.PROCESS_GROUP_TIMEOUT) is set here.
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        return PartialState(cpu=True)
-    return PartialState()
+        return PartialState(cpu=True, timeout=PROCESS_GROUP_TIMEOUT)
+    return PartialState(timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def check_shared(state: PartialState, run_dir: Path) -> None:
+    """Multi-node runs need one run directory seen by every rank (a shared filesystem): the main
+    process writes a token there and every rank must read it back."""
+    if state.num_processes == 1:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    token_file = run_dir / ".shared-check"
+    token = [uuid.uuid4().hex if state.is_main_process else None]
+    if state.is_main_process:
+        token_file.write_text(token[0])
+    broadcast_object_list(token)
+    seen = token_file.is_file() and token_file.read_text() == token[0]
+    everyone = [None] * state.num_processes
+    torch.distributed.all_gather_object(everyone, seen)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        token_file.unlink(missing_ok=True)
+    if not all(everyone):
+        missing = [rank for rank, ok in enumerate(everyone) if not ok]
+        raise ConfigError(f"ranks {missing} do not see the run directory {run_dir} of rank 0: multi-node runs need "
+                          f"runs_dir on a filesystem shared by every node")
 
 
 def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False):
@@ -29,6 +58,7 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     `resume` keeps an interrupted run's partial directory with the same fingerprint (not with --force)."""
     recipe, args = cli.parse(doc.splitlines()[0], argv)
     state = process_state()
+    check_shared(state, recipe.run_dir)
     plan = plans.PLANS[name](recipe)
     out = plan.stage.open(state, plan.fingerprint, args.force, keep_partial=resume and not args.force)
     return recipe, state, plan, out

@@ -41,7 +41,8 @@ def switch(acc: accelerate.Accelerator, engine: str) -> None:
         _set_type(DistributedType.FSDP)
         return
     plugin = DeepSpeedPlugin(zero_stage=int(engine[-1]), gradient_accumulation_steps=acc.gradient_accumulation_steps,
-                             zero3_save_16bit_model=True, zero3_init_flag=False)
+                             zero3_save_16bit_model=True,
+                             zero3_init_flag=os.environ.get("ZERO3_INIT") == "1")
     plugin.set_mixed_precision(acc.mixed_precision)
     plugin.select(_from_accelerator_state=True)
     state.deepspeed_plugins = {"default": plugin}

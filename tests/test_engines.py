@@ -57,3 +57,18 @@ def test_lora_ppo_under_zero3_uses_the_sharded_policy_as_reference(rm_run, tmp_p
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
     sft = AutoModelForCausalLM.from_pretrained(out.parent / "sft").state_dict()
     assert any(not torch.equal(merged[k], sft[k]) for k in merged)
+
+
+def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
+    """Two nodes without a shared filesystem, played by two ranks given different directories."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom pipeline.dist import check_shared, process_state\n"
+        "from pipeline.config import ConfigError\n"
+        "state = process_state()\nbase = Path(sys.argv[1])\n"
+        "check_shared(state, base / 'shared')\n"  # the same directory on every rank: fine
+        "try:\n    check_shared(state, base / f'node{state.process_index}')\n"
+        "except ConfigError as e:\n    print('refused:', e)\n")
+    run = launch(2, str(script), str(tmp_path))
+    assert run.stdout.count("refused: ranks [1] do not see the run directory") == 2  # on both ranks
+    assert "filesystem shared by every node" in run.stdout

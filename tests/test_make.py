@@ -71,3 +71,39 @@ def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: the sft artifact {tmp_path}/demo/sft does not exist: run `make sft` first (with the same RECIPE)")
+
+
+def dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", target, *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_make_help_names_every_target_and_variable():
+    out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    for word in ("demo", "setup", "sft", "rm", "ppo", "eval", "bench", "test", "test-gpu", "clean", "RECIPE", "ARGS",
+                 "FORCE", "NPROC", "ACCELERATE_CONFIG", "NNODES", "NODE_RANK", "MAIN_ADDR", "BENCH_EPISODES"):
+        assert f" {word}" in out, word
+
+
+def test_launch_takes_the_config_files_process_count_and_node_place():
+    ppo_line = [line for line in dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/zero3.yaml").stdout.splitlines()
+                if "stages/ppo.py" in line][0]
+    assert "--config_file accelerate_configs/zero3.yaml" in ppo_line and "--num_processes" not in ppo_line
+    line = dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/fsdp2.yaml", "NPROC=4").stdout
+    assert "--num_processes 4" in line
+    line = dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NNODES=2", "NODE_RANK=1",
+                   "MAIN_ADDR=10.1.2.3").stdout
+    assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3 --main_process_port 29500" in line
+    missing = dry_run("sft", "ACCELERATE_CONFIG=accelerate_configs/nope.yaml")
+    assert missing.returncode != 0 and "accelerate_configs/nope.yaml does not exist" in missing.stderr
+
+
+def test_the_shipped_accelerate_configs_load_with_the_engine_they_name():
+    from accelerate.commands.config.config_args import load_config_from_file
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
+                "zero3_offload": "DEEPSPEED", "fsdp2": "FSDP", "multi_node": "MULTI_GPU"}
+    assert {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")} == set(expected)
+    for stem, kind in expected.items():
+        config = load_config_from_file(str(REPO / "accelerate_configs" / f"{stem}.yaml"))
+        assert config.distributed_type.value == kind and config.mixed_precision == "no", stem
+    assert load_config_from_file(str(REPO / "accelerate_configs/zero3.yaml")).deepspeed_config["zero_stage"] == 3
+    assert load_config_from_file(str(REPO / "accelerate_configs/fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
