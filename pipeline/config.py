@@ -178,6 +178,15 @@ class PPOStage:
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb]."""
 
+    def __post_init__(self):
+        # Checked when the recipe is read, before any process loads a model: every process takes
+        # batch_size rollouts, splits them into minibatches, and each of those into micro-batches.
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of gradient_accumulation_steps "
+                             f"{self.gradient_accumulation_steps}")
+
     @property
     def forward_batch(self) -> int:
         """Rollouts per scoring forward: `forward_batch_size`, else the optimiser's micro-batch."""
@@ -333,7 +342,7 @@ def build(cls, data: dict, prefix: str = ""):
         kwargs[key] = coerce(value, hints[key], full)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except (TypeError, ValueError) as e:  # a required field is missing, or settings that do not fit together
         raise ConfigError(f"'{prefix or cls.__name__}': {e}") from None
 
 

@@ -12,7 +12,7 @@ from accelerate.utils import broadcast_object_list
 
 from pipeline import cli, plans
 from pipeline.config import ConfigError
-from pipeline.engine import PROCESS_GROUP_TIMEOUT
+from pipeline.engine import PROCESS_GROUP_TIMEOUT, check_supported, launched
 
 
 def process_state() -> PartialState:
@@ -57,6 +57,7 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     what, pipeline/plans.py) and its work directory, which is None when the artifact is up to date.
     `resume` keeps an interrupted run's partial directory with the same fingerprint (not with --force)."""
     recipe, args = cli.parse(doc.splitlines()[0], argv)
+    check_supported(launched(), quantized=str(getattr(getattr(recipe, name, None), "finetune", "")).startswith("qlora"))
     state = process_state()
     check_shared(state, recipe.run_dir)
     plan = plans.PLANS[name](recipe)

@@ -55,9 +55,18 @@ def is_sharded(acc: Accelerator) -> bool:
     return name(acc) in ("deepspeed-zero3", "fsdp2")
 
 
-def check_supported(acc: Accelerator, quantized: bool) -> None:
-    """Refuse, before any model is loaded, what the stage cannot run under."""
-    engine = name(acc)
+def launched() -> str:
+    """The engine `accelerate launch --config_file` asked for (its environment variables), known
+    before any Accelerator or model exists."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return f"deepspeed-zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        return f"fsdp{os.environ.get('FSDP_VERSION', '1')}"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "single"
+
+
+def check_supported(engine: str, quantized: bool) -> None:
+    """Refuse, before any model is loaded, what the stages cannot run under."""
     if engine == "fsdp1":
         raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
                           "(accelerate_configs/fsdp2.yaml)")

@@ -13,7 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import launch, ppo_args, read_jsonl
+from pipeline.config import ConfigError
+from stages import ppo, sft
+from tests.conftest import launch, ppo_args, read_jsonl, sft_args
 
 # 2 iterations of 2 x 16 rollouts; a checkpoint at iteration 2 (save_state under the engine)
 ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
@@ -72,3 +74,22 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
     run = launch(2, str(script), str(tmp_path))
     assert run.stdout.count("refused: ranks [1] do not see the run directory") == 2  # on both ranks
     assert "filesystem shared by every node" in run.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "QLoRA cannot run under deepspeed-zero3"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "QLoRA cannot run under fsdp2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported")])
+def test_engine_mismatches_are_refused_before_anything_is_loaded(env, message, tmp_path, monkeypatch, base_model):
+    """What `accelerate launch --config_file` sets in the environment, checked before any model loads."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        sft.main(sft_args(tmp_path, base_model, "sft.finetune=qlora-4bit"))
+    assert not (tmp_path / "demo").exists()  # nothing written
+
+
+def test_a_batch_that_does_not_split_is_refused_when_the_recipe_is_read(runs_with_rm):
+    with pytest.raises(ConfigError, match="batch_size 30 is not a multiple of mini_batch_size 8"):
+        ppo.main(ppo_args(runs_with_rm, "ppo.batch_size=30"))
+    assert not (runs_with_rm / "demo" / "ppo.partial").exists()
