@@ -1,4 +1,4 @@
-"""SFT and the reward model on 2 processes against 1 process with the same global batch: the same
+"""SFT, the reward model and eval on 2 processes against 1 process with the same global batch: the same
 learning rate at every step, and losses / accuracy that agree within the noise of another sample
 order (each rank sees a different half of every batch). PPO's counterpart is in test_ppo.py."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from stages import rm, sft
-from tests.conftest import launch, read_jsonl, rm_args, sft_args
+from tests.conftest import DEMO_RECIPE, launch, read_jsonl, rm_args, sft_args
 
 QUICK_SFT = ["sft.dataset.limit=512", "sft.eval_dataset.limit=64", "sft.trainer.num_train_epochs=2",
              "sft.trainer.logging_steps=2"]
@@ -40,5 +40,9 @@ def test_sft_and_rm_on_two_processes_match_one(tmp_path, base_model):
     assert s1["eval_loss_after"] == pytest.approx(s2["eval_loss_after"], rel=0.1)
     (_, r1), (_, r2) = trained(one, "rm"), trained(two, "rm")
     assert r2["heldout"]["accuracy"] > 0.6 and abs(r1["heldout"]["accuracy"] - r2["heldout"]["accuracy"]) < 0.1
+    # eval on 2 processes too (rank 0 evaluates; the others wait well inside the process-group timeout)
+    launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={two}", f"sft.model={base_model}",
+           "eval.prompts.limit=16", "eval.max_new_tokens=8")
+    assert set(json.loads((two / "demo" / "eval" / "metrics.json").read_text())) == {"settings", "base", "sft"}
     print({"sft_eval_loss": (s1["eval_loss_after"], s2["eval_loss_after"]),
            "rm_accuracy": (r1["heldout"]["accuracy"], r2["heldout"]["accuracy"])})
