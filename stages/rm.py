@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import cli, data, models, plans
+from pipeline import cli, data, engine, models, plans
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
@@ -92,12 +92,16 @@ def main(argv=None):
     else:
         trainer.save_model(str(out / "adapter"))
     if state.is_main_process:
+        # The report reads the artifact as PPO will, on this process alone: the merged adapter, or the
+        # saved full model (under ZeRO-3 / FSDP2 the trained model is sharded over all ranks).
         if rm.finetune != "full":
             final = models.merge_adapter(AutoModelForSequenceClassification, model_source, out / "adapter",
-                                         tokenizer, num_labels=1).to(state.device)
+                                         tokenizer, num_labels=1)
             final.save_pretrained(out)
         else:
-            final = trainer.model
+            with engine.single_process_loading():
+                final = AutoModelForSequenceClassification.from_pretrained(out)
+        final.to(state.device)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 

@@ -45,14 +45,17 @@ def main(argv=None):
     training_args = trl_args(
         SFTConfig, sft.trainer, "sft.trainer",
         output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
-        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
+        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no",
+        eval_on_start=eval_ds is not None)  # the loss before training, on the engine-prepared model
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
 
     # ---- train ----
-    before = trainer.evaluate() if eval_ds is not None else {}
     result = trainer.train()
+    # the first evaluation (eval_on_start) is the loss before training: under FSDP2 / ZeRO-3 the model
+    # must be prepared with its optimizer first, so no evaluation may run before `train`
+    before = next((h for h in trainer.state.log_history if "eval_loss" in h), {})
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----

@@ -61,6 +61,14 @@ def main() -> None:
         switch(self, engine)
 
     accelerate.Accelerator.__init__ = init
+    # What `accelerate launch --config_file <engine>.yaml` exports: the Trainer (SFT, RM) builds its
+    # engine plugin from these; the switch above then makes the state use it on CPU.
+    if engine == "fsdp2":
+        os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"})
+    else:
+        os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": engine[-1],
+                           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"})
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

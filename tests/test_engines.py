@@ -11,11 +11,11 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline.config import ConfigError
 from stages import ppo, sft
-from tests.conftest import launch, ppo_args, read_jsonl, sft_args
+from tests.conftest import launch, ppo_args, read_jsonl, rm_args, sft_args
 
 # 2 iterations of 2 x 16 rollouts; a checkpoint at iteration 2 (save_state under the engine)
 ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
@@ -93,3 +93,48 @@ def test_a_batch_that_does_not_split_is_refused_when_the_recipe_is_read(runs_wit
     with pytest.raises(ConfigError, match="batch_size 30 is not a multiple of mini_batch_size 8"):
         ppo.main(ppo_args(runs_with_rm, "ppo.batch_size=30"))
     assert not (runs_with_rm / "demo" / "ppo.partial").exists()
+
+
+# SFT and RM through their Trainers under each engine: a short run of each
+QUICK_SFT = ["sft.dataset.limit=256", "sft.eval_dataset.limit=32", "sft.trainer.num_train_epochs=1",
+             "sft.trainer.per_device_train_batch_size=8"]
+QUICK_RM = ["rm.dataset.limit=512", "rm.eval_dataset.limit=64", "rm.trainer.num_train_epochs=1",
+            "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16"]
+
+
+def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str) -> tuple[dict, dict]:
+    launch(2, "stages/sft.py", *sft_args(runs, base_model, *QUICK_SFT, *sft_extra), engine=engine)
+    launch(2, "stages/rm.py", *rm_args(runs, *QUICK_RM), engine=engine)
+    return tuple(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm"))
+
+
+@pytest.fixture(scope="module")
+def sft_rm_ddp(base_model, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("sft_rm_ddp")
+    return runs, sft_rm_under(None, runs, base_model)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sft_and_rm_under_sharding_match_ddp(engine, sft_rm_ddp, base_model, tmp_path):
+    """The Trainers shard, evaluate (before training too), save consolidated weights; the RM's
+    held-out report and reference statistics read the saved artifact on rank 0."""
+    ddp_runs, (ddp_sft, ddp_rm) = sft_rm_ddp
+    sft_metrics, rm_metrics = sft_rm_under(engine, tmp_path, base_model)
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
+        assert sft_metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
+    assert sft_metrics["eval_loss_after"] < sft_metrics["eval_loss_before"]
+    assert rm_metrics["heldout"]["accuracy"] == pytest.approx(ddp_rm["heldout"]["accuracy"], abs=1e-6)
+    assert rm_metrics["reference"]["mean"] == pytest.approx(ddp_rm["reference"]["mean"], rel=1e-3, abs=1e-4)
+    for stage, cls in (("sft", AutoModelForCausalLM), ("rm", AutoModelForSequenceClassification)):
+        mine, theirs = (cls.from_pretrained(r / "demo" / stage).state_dict() for r in (tmp_path, ddp_runs))
+        for k in mine:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-4)
+
+
+def test_lora_sft_under_zero3_merges_its_adapter(base_model, tmp_path):
+    launch(2, "stages/sft.py", *sft_args(tmp_path, base_model, *QUICK_SFT, "sft.finetune=lora",
+                                          "sft.trainer.learning_rate=3e-3"), engine="zero3")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "sft").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(base_model).state_dict()
+    assert merged.keys() == base.keys() and any(not torch.equal(merged[k], base[k]) for k in merged)
+    assert (tmp_path / "demo" / "sft" / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
