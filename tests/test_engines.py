@@ -138,3 +138,55 @@ def test_lora_sft_under_zero3_merges_its_adapter(base_model, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(base_model).state_dict()
     assert merged.keys() == base.keys() and any(not torch.equal(merged[k], base[k]) for k in merged)
     assert (tmp_path / "demo" / "sft" / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+
+
+def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():
+    """No dataloader passes through `prepare` in PPO, and DeepSpeed clips inside its own step: both
+    must be in the DeepSpeed config, and a config that says otherwise is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline import engine
+    ds_config = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=2, num_processes=4,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
+    engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
+    assert ds_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 8,
+                         "gradient_accumulation_steps": 2, "train_batch_size": 64}
+    ds_config["gradient_clipping"] = 1.0
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe needs 0.5"):
+        engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
+
+
+def test_sigterm_to_a_two_process_run_saves_within_the_iteration_and_resumes(rm_run, tmp_path):
+    """The launcher forwards SIGTERM to every rank; the ranks agree at the next minibatch, save a
+    checkpoint and exit; `make ppo` again finishes the run with each iteration logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
+    args = ppo_args(tmp_path, "ppo.total_episodes=320", "ppo.batch_size=16", "ppo.mini_batch_size=4", "ppo.save_every=100")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "stages/ppo.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "demo" / "ppo.partial" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert "checkpoint saved at iteration" in output, output[-3000:]
+    saved = json.loads((tmp_path / "demo" / "ppo.partial" / "checkpoint" / "ppo_state.json").read_text())
+    assert 2 <= saved["iteration"] < 10  # not the save_every=100 schedule: saved because of the signal
+    print(f"SIGTERM -> exit in {time.time() - sent:.1f}s, checkpoint at iteration {saved['iteration']}")
+    launch(2, "stages/ppo.py", *args)
+    history = read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
+    assert [h["iteration"] for h in history] == list(range(1, 11))

@@ -144,3 +144,6 @@ def test_two_processes_follow_the_single_process_schedule(runs_with_rm, tmp_path
         assert history[-1]["objective/scores"] > history[0]["objective/scores"]
     manifest = read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]
     assert manifest["engine"] == "ddp" and manifest["processes"] == 2
+    for n, h in ((1, one), (2, two)):
+        print(f"{n} process(es): lr middle {h[3]['lr']:.3g} last {h[-1]['lr']:.3g}, score "
+              f"{h[0]['objective/scores']:.3f} -> {h[-1]['objective/scores']:.3f}, KL {h[-1]['objective/kl']:.3f}")
