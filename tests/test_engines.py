@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.config import ConfigError
 from stages import ppo, sft
-from tests.conftest import launch, ppo_args, read_jsonl, rm_args, sft_args
+from tests.conftest import DEMO_RECIPE, launch, ppo_args, read_jsonl, rm_args, sft_args
 
 # 2 iterations of 2 x 16 rollouts; a checkpoint at iteration 2 (save_state under the engine)
 ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
@@ -70,10 +70,11 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
         "state = process_state()\nbase = Path(sys.argv[1])\n"
         "check_shared(state, base / 'shared')\n"  # the same directory on every rank: fine
         "try:\n    check_shared(state, base / f'node{state.process_index}')\n"
-        "except ConfigError as e:\n    print('refused:', e)\n")
-    run = launch(2, str(script), str(tmp_path))
-    assert run.stdout.count("refused: ranks [1] do not see the run directory") == 2  # on both ranks
-    assert "filesystem shared by every node" in run.stdout
+        "except ConfigError as e:\n    (base / f'rank{state.process_index}.txt').write_text(str(e))\n")
+    launch(2, str(script), str(tmp_path))
+    for rank in (0, 1):  # both ranks stop, with the same message
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("ranks [1] do not see the run directory") and "filesystem shared by every node" in message
 
 
 @pytest.mark.parametrize("env, message", [
@@ -102,10 +103,14 @@ QUICK_RM = ["rm.dataset.limit=512", "rm.eval_dataset.limit=64", "rm.trainer.num_
             "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16"]
 
 
-def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str) -> tuple[dict, dict]:
+def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str) -> tuple[dict, dict, dict]:
+    """SFT, RM and eval (of base and SFT) launched under one engine."""
     launch(2, "stages/sft.py", *sft_args(runs, base_model, *QUICK_SFT, *sft_extra), engine=engine)
     launch(2, "stages/rm.py", *rm_args(runs, *QUICK_RM), engine=engine)
-    return tuple(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm"))
+    launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={runs}", f"sft.model={base_model}",
+           "eval.prompts.limit=16", "eval.max_new_tokens=8", engine=engine)
+    return (*(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")),
+            json.loads((runs / "demo" / "eval" / "metrics.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +119,13 @@ def sft_rm_ddp(base_model, tmp_path_factory):
     return runs, sft_rm_under(None, runs, base_model)
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_sft_and_rm_under_sharding_match_ddp(engine, sft_rm_ddp, base_model, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_model, tmp_path):
     """The Trainers shard, evaluate (before training too), save consolidated weights; the RM's
-    held-out report and reference statistics read the saved artifact on rank 0."""
-    ddp_runs, (ddp_sft, ddp_rm) = sft_rm_ddp
-    sft_metrics, rm_metrics = sft_rm_under(engine, tmp_path, base_model)
+    held-out report and reference statistics read the saved artifact on rank 0; eval runs on rank 0."""
+    ddp_runs, (ddp_sft, ddp_rm, ddp_eval) = sft_rm_ddp
+    sft_metrics, rm_metrics, evaluation = sft_rm_under(engine, tmp_path, base_model)
+    assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3)
     for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
         assert sft_metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
     assert sft_metrics["eval_loss_after"] < sft_metrics["eval_loss_before"]
