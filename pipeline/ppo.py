@@ -201,16 +201,18 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     return {"first": first, "interrupted": False, **{k: torch.stack(v).mean() for k, v in stats.items()}}
 
 
-def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, accelerator) -> dict:
+def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStage, accelerator) -> dict:
     """TRL's metric names, averaged over processes. `objective/scores` is the score PPO optimises
-    (normalised, minus the missing-stop penalty); `objective/rm_score_raw` is the reward model's
-    own score, the same quantity eval reports as `rm_score`."""
+    (normalised if asked, minus the missing-stop penalty); `objective/rm_score_raw` is the reward
+    model's own score, the same quantity eval reports as `rm_score`; `objective/missing_stop_penalty`
+    the mean penalty subtracted (unnormalised: scores = rm_score_raw - missing_stop_penalty)."""
     seq_kl, mask = exp.kl.sum(1), exp.mask
     local = {
         "objective/kl": seq_kl.mean(), "objective/entropy": masked_mean(exp.entropy, mask),
         "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean(),
         "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(), "objective/scores": exp.scores.mean(),
         "objective/rm_score_raw": exp.raw_scores.mean(),
+        "objective/missing_stop_penalty": cfg.missing_stop_penalty * (~exp.rollout.has_stop).float().mean(),
         "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["pg_clipfrac"],
         "loss/policy_avg": stats["pg_loss"], "loss/value_avg": stats["vf_loss"],
         "val/clipfrac_avg": stats["vf_clipfrac"], "val/ratio": stats["ratio"],

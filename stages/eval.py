@@ -135,7 +135,8 @@ def write_plots(out: Path, run: Path, texts: dict, has_gold: bool) -> list[str]:
         history = [json.loads(line) for line in ppo_metrics.read_text().splitlines()]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         steps = [h["iteration"] for h in history]
-        axes[0].plot(steps, [h["objective/scores"] for h in history], label="reward-model score")
+        # the raw score: the quantity eval's rm_score column reports (PPO optimises it minus penalties)
+        axes[0].plot(steps, [h["objective/rm_score_raw"] for h in history], label="reward-model score (raw)")
         axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (score - beta KL)")
         axes[0].set(xlabel="PPO iteration", ylabel="reward", title="Reward over PPO")
         axes[0].legend()

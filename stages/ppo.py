@@ -78,7 +78,7 @@ def main(argv=None):
             exp = with_advantages(exp, cfg, kl_ctl.value)
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop.requested)
 
-        metrics = iteration_metrics(exp, stats, kl_ctl.value, acc)  # averaged over processes
+        metrics = iteration_metrics(exp, stats, kl_ctl.value, cfg, acc)  # averaged over processes
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         metrics.update({"iteration": iteration + 1, "episodes": (iteration + 1) * cfg.batch_size * world,
                         "objective/kl_coef": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"]})

@@ -54,6 +54,16 @@ def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm):
     assert (runs_with_rm / "demo" / "ppo" / "value_model" / "config.json").is_file()
 
 
+def test_the_raw_score_and_the_missing_stop_penalty_are_logged_apart(runs_with_rm):
+    """Responses cut at 3 tokens rarely stop: the penalty shows, and optimised = raw - penalty."""
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=64", "ppo.max_new_tokens=3", "ppo.missing_stop_penalty=2.0"))
+    history = read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl")
+    for h in history:
+        assert 0 < h["objective/missing_stop_penalty"] <= 2.0
+        assert h["objective/scores"] == pytest.approx(h["objective/rm_score_raw"] - h["objective/missing_stop_penalty"],
+                                                      abs=1e-5)
+
+
 @pytest.mark.parametrize("finetune", ["lora", "qlora-4bit"])
 def test_ppo_with_adapters_uses_the_disabled_adapter_as_reference(runs_with_rm, finetune):
     ppo.main(ppo_args(runs_with_rm, f"ppo.finetune={finetune}", "ppo.learning_rate=1e-2", "ppo.lora.r=8"))
