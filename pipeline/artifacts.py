@@ -22,7 +22,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import UserError
+from pipeline.config import ConfigError, UserError
 
 MANIFEST = "manifest.json"
 # Part of every fingerprint: artifacts from a version of this code with other manifest contents or
@@ -32,6 +32,17 @@ PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "b
 
 # Which make target produces each stage, for error messages.
 MAKE_TARGET = {"base": "make base", "sft": "make sft", "rm": "make rm", "ppo": "make ppo", "eval": "make eval"}
+
+
+_opened: list[Path] = []  # work directories this process began (see discard_untouched)
+
+
+def discard_untouched() -> None:
+    """After a user error: remove the work directories this process began that hold nothing yet but
+    their fingerprint, so a mistake leaves nothing behind (a resumable partial run is kept)."""
+    for partial in _opened:
+        if partial.is_dir() and [p.name for p in partial.iterdir()] == ["fingerprint"]:
+            shutil.rmtree(partial)
 
 
 class MissingArtifact(UserError, RuntimeError):
@@ -130,6 +141,7 @@ class StageDir:
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fp + "\n")
+        _opened.append(self.partial)
         return self.partial
 
     def open(self, state, fp: str, force: bool, keep_partial: bool = False) -> Path | None:
@@ -166,3 +178,17 @@ class StageDir:
         os.replace(self.partial, self.final)
         shutil.rmtree(old, ignore_errors=True)
         return manifest
+
+
+def check_model_source(source: str, key: str) -> None:
+    """A model named in the recipe, checked before anything is loaded: a local path must be a saved
+    model directory; anything else is taken as a hub id (resolved when loaded, see `models.load_tokenizer`)."""
+    path = Path(source).expanduser()
+    local = source.startswith(("/", ".", "~")) or path.exists()
+    if not local:
+        return
+    if not path.exists():
+        raise ConfigError(f"{key}: '{source}' does not exist: set {key} to a saved model directory or a hub model id")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: '{source}' is not a saved model (a directory with config.json): set {key} to one, "
+                          f"or to a hub model id")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
+from pipeline import artifacts
 from pipeline.config import Recipe, UserError, load_recipe
 
 DEFAULT_RECIPE = "stages/recipes/demo.yaml"
@@ -21,8 +23,12 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
 
 
 def run(main: Callable[[], object]) -> None:
-    """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`."""
+    """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`, and
+    exit code 1; with RLHF_DEBUG=1 in the environment the traceback is shown as well."""
     try:
         main()
     except UserError as e:
+        artifacts.discard_untouched()
+        if os.environ.get("RLHF_DEBUG") == "1":
+            raise
         sys.exit(f"error: {e}")

@@ -10,8 +10,6 @@ the compute dtype: they only run forwards, and it halves their memory.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -110,7 +108,11 @@ def load_tokenizer(path: str, **kwargs) -> PreTrainedTokenizerBase:
     embeddings to a multiple of 64 rows. Reusing keeps the vocabulary, so LoRA adapters need no copy
     of the embeddings and load onto the original base model.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # not on the hub / offline / no tokenizer files in the directory
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"no tokenizer could be loaded from '{path}' ({first})") from e
     if tokenizer.eos_token is None:
         raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -124,8 +126,13 @@ def load_tokenizer(path: str, **kwargs) -> PreTrainedTokenizerBase:
 
 def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Grow the embeddings if the tokenizer gained tokens (rounded up to a multiple of 64 rows), and
-    record the special ids for generate."""
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    record the special ids for generate. A tokenizer far larger than the model's vocabulary is not
+    this model's (only the pad token `load_tokenizer` may add is grown into the embeddings)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows + 1:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
+                          f"the tokenizer does not belong to this model (use the model's own tokenizer)")
+    if rows < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -62,6 +62,7 @@ def sft(recipe: Recipe) -> Plan:
         raise ConfigError("sft.model is not set: name a hub model id or a local model directory")
     if s.dataset is None:
         raise ConfigError("sft.dataset is not set: name a dataset file or hub dataset id")
+    artifacts.check_model_source(s.model, "sft.model")
     return _plan(recipe.run_dir, "sft", {"sft": to_dict(s), "seed": recipe.seed},
                  {"model": s.model, "model_fingerprint": artifacts.source_fingerprint(s.model),
                   "datasets": _datasets(s.dataset, s.eval_dataset)})
@@ -81,6 +82,8 @@ def rm(recipe: Recipe) -> Plan:
     r = recipe.rm
     if r.dataset is None:
         raise ConfigError("rm.dataset is not set: name a preference dataset file or hub dataset id")
+    if r.model:
+        artifacts.check_model_source(r.model, "rm.model")
     upstream = {} if r.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
     # Artifacts are known by build id, not path, so a run directory can move without re-running.
     return _plan(recipe.run_dir, "rm", {"rm": to_dict(r), "seed": recipe.seed, "judge": recipe.judge},
@@ -92,9 +95,6 @@ def ppo(recipe: Recipe) -> Plan:
     p = recipe.ppo
     if p.prompts is None:
         raise ConfigError("ppo.prompts is not set: name a dataset with a `prompt` column")
-    if p.batch_size % p.mini_batch_size or p.mini_batch_size % p.gradient_accumulation_steps:
-        raise ConfigError("ppo.mini_batch_size must divide ppo.batch_size, and ppo.gradient_accumulation_steps "
-                          "must divide ppo.mini_batch_size")
     upstream = {name: artifacts.require(recipe.run_dir / name, name) for name in ("sft", "rm")}
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
                  {"prompts": _datasets(p.prompts)}, upstream)
