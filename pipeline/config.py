@@ -50,6 +50,9 @@ class DatasetSpec:
     """Split to load (hub datasets and directories; `train` for single files)."""
     limit: int | None = None
     """Keep only the first N rows (quick experiments)."""
+    columns: dict[str, str] | None = None
+    """This pipeline's column names -> the dataset's, for datasets that spell them otherwise, e.g.
+    {chosen: pos, rejected: neg, prompt: question}."""
 
 
 @dataclass

@@ -5,17 +5,30 @@ Formats (as TRL documents them), each either plain strings or conversational mes
 - prompt_completion: `prompt` + `completion`
 - preference: `chosen` + `rejected`, with an explicit `prompt` or an implicit one (shared prefix)
 - prompt_only: `prompt`
+
+and the spellings of the most used hub datasets, normalised on load: other column names (the
+recipe's `columns` mapping), Anthropic HH's raw "\n\nHuman: ... \n\nAssistant: ..." text, a prompt
+repeated inside the chosen/rejected conversations (UltraFeedback: stripped as trl's data utilities
+do), and extra columns (dropped, listed once).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import datasets
 from datasets import Dataset
 
 from pipeline.config import DatasetSpec, UserError
+
+# The columns each format uses; the rest of a dataset is dropped (UltraFeedback's prompt_id,
+# score_chosen, messages, ...). `margin` is RewardTrainer's optional margin.
+USED = {"preference": ["prompt", "chosen", "rejected", "margin"], "prompt_completion": ["prompt", "completion"],
+        "language_modeling": ["messages", "text"], "prompt_only": ["prompt"]}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 FORMATS = {
     "preference": ({"chosen", "rejected"}, "chosen + rejected (optional prompt)"),
@@ -75,6 +88,56 @@ def load(spec: DatasetSpec) -> Dataset:
         ds = ds.select(range(min(spec.limit, len(ds))))
     if len(ds) == 0:
         raise DataError(f"dataset '{spec.path}' is empty")
+    return _hh_to_messages(_renamed(ds, spec))
+
+
+def _renamed(ds: Dataset, spec: DatasetSpec) -> Dataset:
+    """The recipe's column mapping applied: {chosen: pos} renames the dataset's `pos` to `chosen`."""
+    if not spec.columns:
+        return ds
+    missing = [theirs for theirs in spec.columns.values() if theirs not in ds.column_names]
+    if missing:
+        raise DataError(f"{spec.path}: columns {missing} named in `columns` are not in the dataset "
+                        f"(it has {sorted(ds.column_names)})")
+    clashes = [ours for ours, theirs in spec.columns.items() if ours in ds.column_names and ours != theirs]
+    return ds.remove_columns(clashes).rename_columns({theirs: ours for ours, theirs in spec.columns.items()})
+
+
+def hh_messages(text: str) -> list[dict]:
+    """Anthropic HH's raw text ("\n\nHuman: ... \n\nAssistant: ...") as a message list."""
+    parts = HH_TURN.split(text)
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _hh_to_messages(ds: Dataset) -> Dataset:
+    """Preference pairs in HH's raw text form become conversations (the shared turns are then the
+    implicit prompt, which RewardTrainer extracts)."""
+    if "chosen" not in ds.column_names or not isinstance(ds[0]["chosen"], str) or \
+            not ds[0]["chosen"].lstrip(" ").startswith("\n\nHuman:"):
+        return ds
+    return ds.map(lambda row: {"chosen": hh_messages(row["chosen"]), "rejected": hh_messages(row["rejected"])})
+
+
+def _strip_repeated_prompt(row: dict) -> dict:
+    """UltraFeedback-style rows: an explicit prompt that chosen/rejected repeat as their first turns.
+    A string prompt: trl's `maybe_extract_prompt` takes the shared turns as the prompt. A message-list
+    prompt: its turns are cut off the front of both sides."""
+    from trl.data_utils import maybe_extract_prompt
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if is_conversational(chosen) and not is_conversational(prompt):
+        return maybe_extract_prompt({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if is_conversational(prompt) and chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt:
+        return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _only_used(ds: Dataset, fmt: str, source: str) -> Dataset:
+    extra = [c for c in ds.column_names if c not in USED[fmt]]
+    if extra:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{source}: {fmt} data; ignoring columns {extra}")
+        ds = ds.remove_columns(extra)
     return ds
 
 
@@ -113,7 +176,26 @@ def require_format(ds: Dataset, accepted: list[str], source: str) -> str:
 
 def load_for(spec: DatasetSpec, accepted: list[str]) -> tuple[Dataset, str]:
     ds = load(spec)
-    return ds, require_format(ds, accepted, spec.path)
+    fmt = require_format(ds, accepted, spec.path)
+    ds = _only_used(ds, fmt, spec.path)
+    if fmt == "preference" and "prompt" in ds.column_names:
+        ds = ds.map(_strip_repeated_prompt)
+    return ds, fmt
+
+
+def reference_pairs(spec: DatasetSpec, limit: int) -> tuple[list, list]:
+    """(prompts, responses) of a reference set in any format with a response: prompt-completion,
+    preference (the chosen side), or language modelling (a conversation's last turn given the rest;
+    plain text as a whole, prompt None)."""
+    ds, fmt = load_for(spec, ["prompt_completion", "preference", "language_modeling"])
+    ds = ds.select(range(min(limit, len(ds))))
+    if fmt == "prompt_completion":
+        return ds["prompt"], ds["completion"]
+    if fmt == "preference":
+        return (ds["prompt"] if "prompt" in ds.column_names else [None] * len(ds)), ds["chosen"]
+    if "messages" in ds.column_names:
+        return [m[:-1] for m in ds["messages"]], [m[-1:] for m in ds["messages"]]
+    return [None] * len(ds), ds["text"]
 
 
 def load_prompts(spec: DatasetSpec) -> list:

@@ -20,6 +20,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
+from trl.data_utils import extract_prompt
 
 from pipeline import cli, data, engine, models, plans
 from pipeline.config import to_dict, trl_args
@@ -40,7 +41,10 @@ def pairwise_report(scorer: RewardScorer, pairs, judge=None) -> dict:
                                            torch.quantile(rewards, torch.tensor([.05, .25, .5, .75, .95])).tolist()))}
     if judge is not None:
         # Against the gold judge's own preference, not the (noisy) labels; ties say nothing.
-        gold = [judge(p, c) - judge(p, r) for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])]
+        # (an implicit prompt is the turns chosen and rejected share: trl's extract_prompt finds it)
+        explicit = [(p, c, r) if p is not None else tuple(extract_prompt({"chosen": c, "rejected": r}).values())
+                    for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])]
+        gold = [judge(p, c) - judge(p, r) for p, c, r in explicit]
         agree = [(d > 0) == (c > r) for d, c, r in zip(gold, chosen.tolist(), rejected.tolist()) if d != 0]
         report["gold_accuracy"] = sum(agree) / len(agree)
         report["label_gold_agreement"] = sum(d > 0 for d in gold if d != 0) / len(agree)
@@ -61,6 +65,8 @@ def main(argv=None):
     if eval_ds is not None:
         eval_ds, eval_dropped = data.clean_preferences(eval_ds, (rm.eval_dataset or rm.dataset).path)
         dropped = {k: dropped[k] + eval_dropped[k] for k in dropped}
+    # read now, not after training: a reference set the scorer cannot use must fail before the work
+    reference_set = data.reference_pairs(reference, rm.reference_limit)
 
     # ---- model ----
     # Seeded before loading: the new score head (and any new token embedding) is initialised here,
@@ -109,10 +115,7 @@ def main(argv=None):
         scorer = RewardScorer(final, tokenizer, state.device)
         judge = load_callable(recipe.judge) if recipe.judge else None
         heldout = pairwise_report(scorer, eval_ds, judge) if eval_ds is not None else {}
-        ref = data.load(reference)
-        ref = ref.select(range(min(rm.reference_limit, len(ref))))
-        ref_scores = scorer(ref["prompt"] if "prompt" in ref.column_names else [None] * len(ref),
-                            [row.get("completion", row.get("chosen")) for row in ref])
+        ref_scores = scorer(*reference_set)
         metrics = {"format": fmt, "train_pairs": len(trainer.train_dataset), "dropped": dropped,
                    "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                    "eval_accuracy": after.get("eval_accuracy"), "heldout": heldout,

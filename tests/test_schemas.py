@@ -1,0 +1,96 @@
+"""Preference and reference data in the spellings of the most used hub datasets, written from their
+dataset cards as fixtures (the demo's pairs re-spelled), normalised on load and trained on by the RM
+stage:
+
+- HuggingFaceH4/ultrafeedback_binarized: `prompt` (string), `prompt_id`, `chosen` / `rejected`
+  (message lists that repeat the user turn), `messages`, `score_chosen`, `score_rejected`;
+- Anthropic/hh-rlhf: `chosen` / `rejected` as raw text, "\\n\\nHuman: ...\\n\\nAssistant: ...";
+- a dataset with its own column names (`question`, `pos`, `neg`), mapped with `columns:`;
+- SFT data in `messages` form as the RM stage's reference set (the default is the SFT data).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import DatasetSpec
+from pipeline.data import DataError, load_for, reference_pairs
+from stages import rm
+from tests.conftest import REPO, read_jsonl, rm_args
+
+DEMO_PAIRS = read_jsonl(REPO / "data/demo/preferences_train.jsonl")[:400]
+
+
+def write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def ultrafeedback(path) -> str:
+    rows = []
+    for i, r in enumerate(DEMO_PAIRS):
+        user = r["prompt"][0]["content"]
+        chosen = [{"role": "user", "content": user}, *r["chosen"]]
+        rows.append({"prompt": user, "prompt_id": f"{i:064x}", "chosen": chosen,
+                     "rejected": [{"role": "user", "content": user}, *r["rejected"]], "messages": chosen,
+                     "score_chosen": 8.0, "score_rejected": 3.5})
+    return write(path, rows)
+
+
+def hh(path) -> str:
+    text = lambda r, side: f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant: {r[side][0]['content']}"  # noqa: E731
+    return write(path, [{"chosen": text(r, "chosen"), "rejected": text(r, "rejected")} for r in DEMO_PAIRS])
+
+
+def own_names(path) -> str:
+    return write(path, [{"question": r["prompt"][0]["content"], "pos": r["chosen"][0]["content"],
+                         "neg": r["rejected"][0]["content"], "source": "demo"} for r in DEMO_PAIRS])
+
+
+def sft_messages(path) -> str:
+    rows = read_jsonl(REPO / "data/demo/sft_train.jsonl")[:200]
+    return write(path, [{"messages": r["prompt"] + r["completion"], "id": i} for i, r in enumerate(rows)])
+
+
+def test_ultrafeedback_pairs_lose_the_repeated_prompt_and_the_extra_columns(tmp_path, capsys):
+    ds, fmt = load_for(DatasetSpec(ultrafeedback(tmp_path / "uf.jsonl")), ["preference"])
+    assert fmt == "preference" and ds.column_names == ["prompt", "chosen", "rejected"]
+    row, demo = ds[0], DEMO_PAIRS[0]
+    assert row["prompt"] == demo["prompt"] and row["chosen"] == demo["chosen"] and row["rejected"] == demo["rejected"]
+    assert "ignoring columns ['prompt_id', 'messages', 'score_chosen', 'score_rejected']" in capsys.readouterr().out
+
+
+def test_hh_raw_text_becomes_conversations(tmp_path):
+    ds, fmt = load_for(DatasetSpec(hh(tmp_path / "hh.jsonl")), ["preference"])
+    demo = DEMO_PAIRS[0]
+    assert fmt == "preference" and ds[0]["chosen"] == demo["prompt"] + demo["chosen"]
+    assert ds[0]["rejected"] == demo["prompt"] + demo["rejected"]  # the shared turns: RewardTrainer's implicit prompt
+
+
+def test_columns_are_mapped_and_a_wrong_mapping_is_named(tmp_path):
+    path = own_names(tmp_path / "own.jsonl")
+    ds, fmt = load_for(DatasetSpec(path, columns={"prompt": "question", "chosen": "pos", "rejected": "neg"}),
+                       ["preference"])
+    assert fmt == "preference" and ds[0] == {"prompt": DEMO_PAIRS[0]["prompt"][0]["content"],
+                                             "chosen": DEMO_PAIRS[0]["chosen"][0]["content"],
+                                             "rejected": DEMO_PAIRS[0]["rejected"][0]["content"]}
+    with pytest.raises(DataError, match=r"columns \['better'\] named in `columns` are not in the dataset"):
+        load_for(DatasetSpec(path, columns={"chosen": "better"}), ["preference"])
+
+
+def test_a_messages_reference_set_gives_prompts_and_last_turns(tmp_path):
+    prompts, responses = reference_pairs(DatasetSpec(sft_messages(tmp_path / "msgs.jsonl")), limit=5)
+    demo = read_jsonl(REPO / "data/demo/sft_train.jsonl")[0]
+    assert len(prompts) == 5 and prompts[0] == demo["prompt"] and responses[0] == demo["completion"]
+
+
+@pytest.mark.parametrize("schema", ["ultrafeedback", "hh"])
+def test_the_rm_stage_trains_on_hub_schemas_with_a_messages_reference(schema, runs_with_sft, tmp_path):
+    data = ultrafeedback(tmp_path / "pairs.jsonl") if schema == "ultrafeedback" else hh(tmp_path / "pairs.jsonl")
+    rm.main(rm_args(runs_with_sft, f"rm.dataset={data}", "rm.eval_dataset=null", "rm.eval_fraction=0.1",
+                    f"rm.reference_dataset={sft_messages(tmp_path / 'msgs.jsonl')}", "rm.trainer.num_train_epochs=2"))
+    metrics = json.loads((runs_with_sft / "demo" / "rm" / "manifest.json").read_text())["metrics"]
+    assert metrics["train_pairs"] == 360 and metrics["reference"]["n"] == 64
+    assert metrics["heldout"]["accuracy"] > 0.6  # learned the demo judge from the re-spelled pairs
