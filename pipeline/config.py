@@ -120,6 +120,9 @@ class PPOStage:
     dtype: Dtype = "auto"
     """Compute dtype (mixed precision): trained weights (policy, value model or head, adapters) stay
     float32 under autocast; frozen ones (reference, reward model, a LoRA/QLoRA base) are stored in it."""
+    reward_model: str | None = None
+    """An already trained reward model (a hub id or a directory of any sequence classifier with one
+    output) to optimise against instead of this run's RM stage; eval then scores with it too."""
     value_model: Literal["reward", "sft", "head"] = "reward"
     """reward: separate network initialised from the reward model; sft: from the SFT policy;
     head: a value head on the policy (cheapest: no fourth network)."""

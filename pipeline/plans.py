@@ -95,9 +95,22 @@ def ppo(recipe: Recipe) -> Plan:
     p = recipe.ppo
     if p.prompts is None:
         raise ConfigError("ppo.prompts is not set: name a dataset with a `prompt` column")
-    upstream = {name: artifacts.require(recipe.run_dir / name, name) for name in ("sft", "rm")}
+    if p.reward_model:
+        artifacts.check_model_source(p.reward_model, "ppo.reward_model")
+        if p.normalize_scores:
+            raise ConfigError("ppo.normalize_scores uses the RM stage's reference statistics, which an external "
+                              "ppo.reward_model does not have: set ppo.normalize_scores=false")
+    upstream = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}
+    if not p.reward_model:
+        upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
-                 {"prompts": _datasets(p.prompts)}, upstream)
+                 {"prompts": _datasets(p.prompts), "reward_model": reward_model(recipe),
+                  "reward_model_fingerprint": artifacts.source_fingerprint(reward_model(recipe))}, upstream)
+
+
+def reward_model(recipe: Recipe) -> str:
+    """The reward model PPO optimises and eval reports: ppo.reward_model if set, else the RM stage's."""
+    return recipe.ppo.reward_model or str(recipe.run_dir / "rm")
 
 
 def eval_policies(recipe: Recipe) -> dict[str, str]:
@@ -113,11 +126,12 @@ def eval(recipe: Recipe) -> Plan:
     e = recipe.eval
     if e.prompts is None:
         raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
-    upstream = {name: artifacts.require(path, name)
-                for name, path in [*eval_policies(recipe).items(), ("rm", recipe.run_dir / "rm")] if name != "base"}
+    upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name != "base"}
+    if not recipe.ppo.reward_model:
+        upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge},
-                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model)},
-                 upstream)
+                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model),
+                  "reward_model_fingerprint": artifacts.source_fingerprint(reward_model(recipe))}, upstream)
 
 
 PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}

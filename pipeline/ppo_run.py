@@ -59,6 +59,9 @@ def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
     else:
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype)
+    if reward_model.config.num_labels != 1:
+        raise ConfigError(f"the reward model '{rm_dir}' has {reward_model.config.num_labels} outputs; a reward model "
+                          f"gives one score (num_labels=1)")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
     scorer = RewardScorer(engine.prepare_frozen(reward_model, acc), rm_tokenizer, acc.device,
                           batch_size=cfg.forward_batch)

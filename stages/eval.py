@@ -73,8 +73,9 @@ def main(argv=None):
     prompts = data.load_prompts(cfg.prompts)
     judge = load_callable(recipe.judge) if recipe.judge else None
     device = state.device
-    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(run / "rm").to(device),
-                          AutoTokenizer.from_pretrained(run / "rm"), device, batch_size=cfg.batch_size)
+    reward_model = plans.reward_model(recipe)  # the one PPO optimised
+    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(reward_model).to(device),
+                          AutoTokenizer.from_pretrained(reward_model), device, batch_size=cfg.batch_size)
     sft_model = AutoModelForCausalLM.from_pretrained(run / "sft").to(device).eval()
     stop_token = recipe.ppo.stop_token  # eval stops where PPO's rollouts stopped
 

@@ -21,7 +21,7 @@ import time
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from pipeline import cli, data, engine, models
+from pipeline import cli, data, engine, models, plans
 from pipeline.dist import open_stage
 from pipeline.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.ppo_math import KLController
@@ -34,7 +34,7 @@ def main(argv=None):
     recipe, _, plan, out = open_stage("ppo", __doc__, argv, resume=True)  # an interrupted run goes on
     if out is None:  # up to date
         return
-    started, cfg, sft_dir, rm_dir = time.time(), recipe.ppo, recipe.run_dir / "sft", recipe.run_dir / "rm"
+    started, cfg, sft_dir, rm_dir = time.time(), recipe.ppo, recipe.run_dir / "sft", plans.reward_model(recipe)
     acc = engine.accelerator(models.mixed_precision(models.resolve_dtype(cfg.dtype)), cfg.gradient_accumulation_steps,
                              log_with=cfg.report_to or None, project_dir=str(out))
     engine.check_supported(engine.name(acc), quantized=cfg.finetune.startswith("qlora"))
@@ -52,8 +52,8 @@ def main(argv=None):
     model, optimizer = acc.prepare(model, optimizer)
     reference = reference if reference is not None else acc.unwrap_model(model).policy  # LoRA: adapter disabled
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    reference_stats = plan.upstream["rm"]["metrics"]["reference"]
-    score_norm = (reference_stats["mean"], reference_stats["std"])
+    reference_stats = plan.upstream["rm"]["metrics"]["reference"] if "rm" in plan.upstream else None
+    score_norm = (reference_stats["mean"], reference_stats["std"]) if reference_stats else None
 
     # ---- resume ----
     run = PPORun(out, acc, model, scheduler, kl_ctl, started)

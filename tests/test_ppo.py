@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import pipeline.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
@@ -157,3 +157,27 @@ def test_two_processes_follow_the_single_process_schedule(runs_with_rm, tmp_path
     for n, h in ((1, one), (2, two)):
         print(f"{n} process(es): lr middle {h[3]['lr']:.3g} last {h[-1]['lr']:.3g}, score "
               f"{h[0]['objective/scores']:.3f} -> {h[-1]['objective/scores']:.3f}, KL {h[-1]['objective/kl']:.3f}")
+
+
+def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_run, base_model, tmp_path):
+    """How most users start: `ppo.reward_model` names a trained sequence classifier; no RM stage runs,
+    PPO optimises it and eval reports it."""
+    from stages import eval as evaluate
+    trained = rm_run / "demo" / "rm"
+    ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={trained}", "ppo.learning_rate=1e-3"))
+    assert not (runs_with_sft / "demo" / "rm").exists()
+    manifest = read_manifest(runs_with_sft / "demo" / "ppo")
+    assert manifest["inputs"]["reward_model"] == str(trained) and "rm_manifest" not in manifest["inputs"]
+    history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
+    assert improves(history)
+    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
+                   f"ppo.reward_model={trained}", "eval.prompts.limit=16", "eval.max_new_tokens=8"])
+    assert (runs_with_sft / "demo" / "eval" / "manifest.json").is_file()
+
+    with pytest.raises(ConfigError, match="normalize_scores uses the RM stage's reference statistics"):
+        ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={trained}", "ppo.normalize_scores=true"))
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(trained, num_labels=2, ignore_mismatched_sizes=True).save_pretrained(two)
+    AutoTokenizer.from_pretrained(trained).save_pretrained(two)
+    with pytest.raises(ConfigError, match="has 2 outputs; a reward model gives one score"):
+        ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={two}", "ppo.value_model=sft", "--force"))
