@@ -32,3 +32,14 @@ def run(main: Callable[[], object]) -> None:
         if os.environ.get("RLHF_DEBUG") == "1":
             raise
         sys.exit(f"error: {e}")
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors,
+    gloo's threads can abort a rank ("terminate called without an active exception") after the
+    stage has finished. torch is only looked up, never imported, here (make's checks stay light)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
