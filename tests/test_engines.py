@@ -70,7 +70,8 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
         "state = process_state()\nbase = Path(sys.argv[1])\n"
         "check_shared(state, base / 'shared')\n"  # the same directory on every rank: fine
         "try:\n    check_shared(state, base / f'node{state.process_index}')\n"
-        "except ConfigError as e:\n    (base / f'rank{state.process_index}.txt').write_text(str(e))\n")
+        "except ConfigError as e:\n    (base / f'rank{state.process_index}.txt').write_text(str(e))\n"
+        "import torch\ntorch.distributed.destroy_process_group()\n")  # as pipeline.cli.run does
     launch(2, str(script), str(tmp_path))
     for rank in (0, 1):  # both ranks stop, with the same message
         message = (tmp_path / f"rank{rank}.txt").read_text()
