@@ -94,3 +94,18 @@ def test_the_rm_stage_trains_on_hub_schemas_with_a_messages_reference(schema, ru
     metrics = json.loads((runs_with_sft / "demo" / "rm" / "manifest.json").read_text())["metrics"]
     assert metrics["train_pairs"] == 360 and metrics["reference"]["n"] == 64
     assert metrics["heldout"]["accuracy"] > 0.6  # learned the demo judge from the re-spelled pairs
+
+
+def test_multi_turn_histories_with_a_system_turn_repeated_in_both_sides(tmp_path):
+    """An explicit conversational prompt (system + earlier turns) that chosen/rejected repeat: cut off."""
+    history = [{"role": "system", "content": "you review films ."}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "hello !"}, *DEMO_PAIRS[0]["prompt"]]
+    rows = [{"prompt": history, "chosen": history + DEMO_PAIRS[0]["chosen"],
+             "rejected": history + DEMO_PAIRS[0]["rejected"]}] * 3
+    ds, _ = load_for(DatasetSpec(write(tmp_path / "multi.jsonl", rows)), ["preference"])
+    assert ds[0] == {"prompt": history, "chosen": DEMO_PAIRS[0]["chosen"], "rejected": DEMO_PAIRS[0]["rejected"]}
+
+
+def test_a_text_reference_set_is_scored_as_whole_texts(tmp_path):
+    path = write(tmp_path / "text.jsonl", [{"text": "the music is great ."}, {"text": "the story is dull ."}])
+    assert reference_pairs(DatasetSpec(path), limit=10) == ([None, None], ["the music is great .", "the story is dull ."])
