@@ -8,7 +8,7 @@ FSDP2. The stages never ask which; they call these functions, which do the right
     configure(...)              DeepSpeed's own batch sizes and gradient clipping (no dataloader tells it)
     prepare_frozen(model, ...)  a frozen reference / reward model placed or sharded like the policy
     for_generation(model, ...)  the policy gathered once per rollout, not once per token
-    full_state_dict(...)        consolidated weights for `save_pretrained` (every rank must call it)
+    single_process_loading()    loading on rank 0 alone (adapter merges), also under ZeRO-3
 
 SFT and RM run inside their Trainers, which do the same through accelerate.
 """
@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType
 
 from pipeline.config import ConfigError
 
@@ -33,11 +33,10 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=float(os.environ.get("PROCESS_GROUP_TI
 
 
 def accelerator(mixed_precision: str, gradient_accumulation_steps: int = 1, **kwargs) -> Accelerator:
-    """The run's Accelerator: gloo on CPUs (see pipeline.dist.process_state), the recipe's precision
-    (the launcher's `--mixed_precision` is not used), the explicit process-group timeout."""
+    """The run's Accelerator: gloo on CPUs, the recipe's precision (the launcher's `--mixed_precision`
+    is not used). The process group, with its timeout, already exists (pipeline.dist.process_state)."""
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)], **kwargs)
+                       gradient_accumulation_steps=gradient_accumulation_steps, **kwargs)
 
 
 def name(acc: Accelerator) -> str:
@@ -159,10 +158,5 @@ def generate_kwargs(acc: Accelerator) -> dict:
     """Sharded engines: every rank runs the same number of decoding steps (a rank that stopped early
     would leave the others waiting in the next collective)."""
     return {"synced_gpus": True} if is_sharded(acc) and acc.num_processes > 1 else {}
-
-
-def full_state_dict(acc: Accelerator, model) -> dict:
-    """Consolidated, full-size weights on the main process (empty elsewhere); every rank must call it."""
-    return acc.get_state_dict(model)
 
 

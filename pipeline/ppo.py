@@ -163,7 +163,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
-    first = None
+    first, interrupted = None, False
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=exp.mask.device)
@@ -195,10 +195,12 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                 first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
                          "clipfrac": pg_stats["clipfrac"].item()}
             if accelerator.sync_gradients and stop():
-                model.eval()
-                return {"first": first, "interrupted": True, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+                interrupted = True
+                break
+        if interrupted:
+            break
     model.eval()
-    return {"first": first, "interrupted": False, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+    return {"first": first, "interrupted": interrupted, **{k: torch.stack(v).mean() for k, v in stats.items()}}
 
 
 def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStage, accelerator) -> dict:

@@ -216,7 +216,7 @@ class PPORun:
         Under ZeRO-3 / FSDP2 the weights are consolidated first, with every rank taking part."""
         cfg, acc, out = recipe.ppo, self.acc, self.out
         with self.timed("saving"):
-            state = engine.full_state_dict(acc, self.model)
+            state = acc.get_state_dict(self.model)  # consolidated on rank 0; every rank takes part
             if acc.is_main_process:
                 unwrapped = acc.unwrap_model(self.model)
                 part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731

@@ -37,7 +37,6 @@ def main(argv=None):
     started, cfg, sft_dir, rm_dir = time.time(), recipe.ppo, recipe.run_dir / "sft", plans.reward_model(recipe)
     acc = engine.accelerator(models.mixed_precision(models.resolve_dtype(cfg.dtype)), cfg.gradient_accumulation_steps,
                              log_with=cfg.report_to or None, project_dir=str(out))
-    engine.check_supported(engine.name(acc), quantized=cfg.finetune.startswith("qlora"))
     engine.configure(acc, cfg.mini_batch_size // cfg.gradient_accumulation_steps, cfg.max_grad_norm)
     rank, world = acc.process_index, acc.num_processes
     set_seed(recipe.seed)  # identical model initialisation on every rank
