@@ -99,21 +99,33 @@ def _pad_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return ranked
 
 
-def load_tokenizer(path: str, **kwargs) -> PreTrainedTokenizerBase:
+def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """A BERT / RoBERTa / DeBERTa-style tokenizer: no chat template, a classification token and a
+    separator that frame a text pair (`[CLS] prompt [SEP] response [SEP]`). Its model pools the first
+    token and reads the pair as it was pre-trained to, so it needs no EOS and no chat template
+    (pipeline/scoring.py renders for it). Decoder families have no CLS/SEP tokens."""
+    return tokenizer.chat_template is None and tokenizer.cls_token is not None and tokenizer.sep_token is not None
+
+
+def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token distinct from EOS that costs nothing if possible.
 
     If pad == EOS, masking the padding also masks every real EOS, and the model never learns to
     stop. A tokenizer without its own pad token reuses a special token it has and never emits
     (`_pad_candidates`); only if there is none is a new one added, and `fit_embeddings` then grows the
     embeddings to a multiple of 64 rows. Reusing keeps the vocabulary, so LoRA adapters need no copy
-    of the embeddings and load onto the original base model.
+    of the embeddings and load onto the original base model. `reward`: the tokenizer of a reward model,
+    which may be an encoder's (no EOS needed, see `is_encoder`).
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:  # not on the hub / offline / no tokenizer files in the directory
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"no tokenizer could be loaded from '{path}' ({first})") from e
-    if tokenizer.eos_token is None:
+    if is_encoder(tokenizer) and not reward:
+        raise ConfigError(f"'{path}' has an encoder's tokenizer (BERT-style [CLS]/[SEP], no chat template): a policy "
+                          f"must be a causal language model (an encoder can be `rm.model` or `ppo.reward_model`)")
+    if tokenizer.eos_token is None and not is_encoder(tokenizer):
         raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         candidates = _pad_candidates(tokenizer)

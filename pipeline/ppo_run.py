@@ -63,9 +63,6 @@ def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
         raise ConfigError(f"the reward model '{rm_dir}' has {reward_model.config.num_labels} outputs; a reward model "
                           f"gives one score (num_labels=1)")
     rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    if rm_tokenizer.eos_token is None:  # e.g. a BERT-style encoder classifier
-        raise ConfigError(f"the reward model's tokenizer ('{rm_dir}') has no EOS token, so responses cannot be "
-                          f"rendered as RewardTrainer trains them; encoder reward models are not supported yet")
     scorer = RewardScorer(engine.prepare_frozen(reward_model, acc), rm_tokenizer, acc.device,
                           batch_size=cfg.forward_batch)
     if cfg.value_model == "reward" and not same_tokenizer(tokenizer, rm_tokenizer):

@@ -6,16 +6,23 @@ exactly the tokens trl's RewardTrainer trained on (`reward_input_ids`), so the s
 the statistics it normalises with and the score eval reports are one quantity. (Reading the score
 anywhere else, e.g. at the policy's stop token, differs for ChatML templates, whose training text
 ends in a newline after `<|im_end|>`, and for tokenizers that prepend BOS.)
+
+Encoder reward models (BERT / RoBERTa / DeBERTa classifiers, `models.is_encoder`) have no chat
+template and no EOS: they read `[CLS] prompt [SEP] response [SEP]`, the text pair they were
+pre-trained on, and pool the first token. The RM stage trains them on the ids `reward_input_ids`
+gives (`encoder_pairs`), so training and scoring are again one rendering.
 """
 
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from pipeline.data import is_conversational
+from pipeline.models import is_encoder
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -31,14 +38,57 @@ def load_callable(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def plain_text(x) -> str:
+    """A conversation as an encoder reads it: one turn is its text; several are "role: text" paragraphs."""
+    if x is None or isinstance(x, str):
+        return x or ""
+    if len(x) == 1:
+        return x[0]["content"]
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in x)
+
+
+@contextmanager
+def truncating_left(tokenizer):
+    """Tokenizers take the truncation side from an attribute only: set for one call, then restored."""
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = side
+
+
+def encoder_input_ids(tokenizer, prompt, response) -> list[int]:
+    """`[CLS] prompt [SEP] response [SEP]` (or the tokenizer's own pair form), cut to its maximum
+    length by dropping the start of the prompt, so the response being judged stays whole (only a
+    response that alone overflows the window loses its start too). An implicit conversational prompt
+    is split off the last turn; plain text with no prompt is one sequence. Segment ids are not used:
+    trl's preference collator carries input ids only, so scoring omits them too (DeBERTa-v3 and
+    RoBERTa have none anyway)."""
+    if prompt is None and is_conversational(response) and len(response) > 1:
+        prompt, response = response[:-1], response[-1:]
+    texts = [t for t in (plain_text(prompt), plain_text(response)) if t] or [""]
+    ids = tokenizer(*texts)["input_ids"]
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return ids
+    overflow = len(ids) - limit
+    prompt_fits = len(texts) == 2 and len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) > overflow
+    with truncating_left(tokenizer):
+        return tokenizer(*texts, truncation="only_first" if prompt_fits else "longest_first",
+                         max_length=limit)["input_ids"]
+
+
 def reward_input_ids(tokenizer, prompt, response) -> list[int]:
-    """Token ids of prompt + response exactly as trl's RewardTrainer tokenizes a preference side.
+    """Token ids of prompt + response exactly as trl's RewardTrainer tokenizes a preference side
+    (for an encoder, as the RM stage trains it: `encoder_input_ids`).
 
     Conversational: the whole conversation through the chat template (`apply_chat_template(...,
     tokenize=True)`, whose template writes any BOS itself). Plain text: prompt + response + EOS (added
     unless present), tokenized with the tokenizer's special tokens (its BOS, if it adds one). `prompt`
     may be None (implicit prompt: the response is the whole conversation).
     """
+    if is_encoder(tokenizer):
+        return encoder_input_ids(tokenizer, prompt, response)
     if is_conversational(response) or is_conversational(prompt):
         if not is_conversational(response):
             response = [{"role": "assistant", "content": response}]
@@ -50,12 +100,24 @@ def reward_input_ids(tokenizer, prompt, response) -> list[int]:
     return tokenizer((prompt or "") + response)["input_ids"]
 
 
+def encoder_pairs(dataset, tokenizer):
+    """A preference dataset as `chosen_ids` / `rejected_ids` for an encoder, which RewardTrainer then
+    takes as they are (it would otherwise append an EOS or apply a chat template)."""
+    def render(row):
+        prompt = row.get("prompt")
+        return {"chosen_ids": encoder_input_ids(tokenizer, prompt, row["chosen"]),
+                "rejected_ids": encoder_input_ids(tokenizer, prompt, row["rejected"])}
+    keep = {"margin"} & set(dataset.column_names)
+    return dataset.map(render, remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
 class RewardScorer:
     """A frozen reward model and its tokenizer, scoring (prompt, response) pairs as it was trained."""
 
     def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64):
         model.eval()  # not `model = model.eval()`: a DeepSpeed engine's eval() returns None
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.encoder = is_encoder(tokenizer)
         self.device = device if device is not None else next(model.parameters()).device
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
@@ -64,10 +126,12 @@ class RewardScorer:
         ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         scores = []
         for i in range(0, len(ids), self.batch_size):
-            # Left padding: the last position is a real token whatever the model's pooling does.
-            enc = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, padding_side="left",
-                                     return_tensors="pt").to(self.device)
-            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                position_ids=position_ids(enc["attention_mask"]), use_cache=False).logits
+            # Decoders: left padding, so the last position is a real token whatever the pooling does.
+            # Encoders pool the first token and number positions themselves (RoBERTa's start after
+            # the padding index): right padding, no position ids, as RewardTrainer trained them.
+            enc = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, return_tensors="pt",
+                                     padding_side="right" if self.encoder else "left").to(self.device)
+            extra = {} if self.encoder else {"position_ids": position_ids(enc["attention_mask"]), "use_cache": False}
+            logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **extra).logits
             scores.append(logits[:, 0].float())
         return torch.cat(scores)

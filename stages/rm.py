@@ -6,7 +6,8 @@
 
 Trains a sequence-classification model with one output on preference pairs (chosen/rejected,
 implicit or explicit prompt, plain or conversational; an optional `margin` column is used). By
-default it starts from this run's SFT artifact. After training it reports pairwise accuracy on the
+default it starts from this run's SFT artifact; `rm.model` may also be any causal LM or an encoder
+(BERT / RoBERTa / DeBERTa: trained on "prompt [SEP] response" pairs, see pipeline/scoring.py). After training it reports pairwise accuracy on the
 held-out pairs (and against the gold judge when the recipe names one), and records the reward's
 mean and std on reference responses so that PPO can normalise scores. Writes
 <runs_dir>/<run_name>/rm/ like the SFT stage (adapters merged; manifest last).
@@ -22,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import extract_prompt
 
-from pipeline import cli, data, engine, models, plans
+from pipeline import cli, data, engine, models, plans, scoring
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
@@ -72,7 +73,7 @@ def main(argv=None):
     # Seeded before loading: the new score head (and any new token embedding) is initialised here,
     # before the Trainer seeds, and the same recipe should give the same reward model.
     set_seed(recipe.seed)
-    tokenizer = models.load_tokenizer(model_source)
+    tokenizer = models.load_tokenizer(model_source, reward=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm.finetune, rm.dtype))
     models.fit_embeddings(model, tokenizer)
     dtype = models.resolve_dtype(rm.dtype)
@@ -80,7 +81,13 @@ def main(argv=None):
         RewardConfig, rm.trainer, "rm.trainer",
         output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
         **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
-    trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+    # An encoder reads "[CLS] prompt [SEP] response [SEP]": rendered here, as the scorer will read it
+    # (RewardTrainer would append an EOS or apply a chat template, which an encoder does not have).
+    train_rows, eval_rows = train_ds, eval_ds
+    if models.is_encoder(tokenizer):
+        train_rows = scoring.encoder_pairs(train_ds, tokenizer)
+        eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
+    trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
                             processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
     # trl drops pairs longer than max_length while preparing the data: count them

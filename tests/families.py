@@ -7,7 +7,7 @@ ByteLevel BPE (like GPT-2, Llama 3, Qwen) trained in a second on the demo corpus
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from stages.base import corpus
@@ -69,3 +69,49 @@ def reward_model(tokenizer, seed: int = 0) -> LlamaForSequenceClassification:
     import torch
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).eval()
+
+
+def encoder_reward_model(kind: str, path, seed: int = 0):
+    """A tiny BERT / RoBERTa / DeBERTa-v2 sequence classifier (one output) with its own tokenizer, as
+    the hub has them: BERT WordPiece, RoBERTa byte-level BPE (<s>/</s> framing a pair, an EOS), DeBERTa
+    Unigram with [CLS]/[SEP] (EOS [SEP]); none has a chat template. 128 positions, like 512 on the hub."""
+    import json
+    import math
+    from collections import Counter
+
+    import torch
+    from transformers import (AutoModelForSequenceClassification, BertConfig, BertTokenizer, DebertaV2Config,
+                              DebertaV2Tokenizer, RobertaConfig, RobertaTokenizer)
+
+    texts = list(corpus(CORPUS))
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, num_labels=1)
+    if kind == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(), pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+            vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        tokenizer = BertTokenizer(vocab=tok.get_vocab(), model_max_length=128)
+        config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=128, **size)
+    elif kind == "roberta":
+        model = json.loads(byte_level_tokenizer(["<s>", "<pad>", "</s>", "<unk>", "<mask>"]).to_str())["model"]
+        tokenizer = RobertaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], model_max_length=128)
+        config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=130, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, **size)
+    else:
+        # a SentencePiece-style Unigram vocabulary: every corpus word as "▁word" (log-frequency scores),
+        # single characters as the fallback (the Unigram trainer stops at ~140 pieces on this corpus)
+        words = Counter(w for t in texts for w in t.split())
+        total = sum(words.values())
+        chars = sorted({c for w in words for c in w})
+        vocab = ([(t, 0.0) for t in ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]]
+                 + [("▁" + w, math.log(n / total)) for w, n in words.most_common()]
+                 + [(c, -20.0) for c in ["▁", *chars]])
+        tokenizer = DebertaV2Tokenizer(vocab=vocab, unk_id=3, model_max_length=128)
+        config = DebertaV2Config(vocab_size=len(tokenizer), max_position_embeddings=128, type_vocab_size=0,
+                                 relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
+                                 pooler_hidden_size=64, **size)
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -182,9 +182,3 @@ def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_
     AutoTokenizer.from_pretrained(trained).save_pretrained(two)
     with pytest.raises(ConfigError, match="has 2 outputs; a reward model gives one score"):
         ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={two}", "ppo.value_model=sft", "--force"))
-    no_eos = tmp_path / "no_eos"  # as a BERT-style encoder's tokenizer
-    shutil.copytree(trained, no_eos)
-    config = json.loads((no_eos / "tokenizer_config.json").read_text())
-    (no_eos / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
-    with pytest.raises(ConfigError, match="has no EOS token.*encoder reward models are not supported yet"):
-        ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={no_eos}", "ppo.value_model=sft", "--force"))
