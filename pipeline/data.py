@@ -110,13 +110,26 @@ def hh_messages(text: str) -> list[dict]:
             for who, said in zip(parts[1::2], parts[2::2])]
 
 
+def _is_hh_text(value) -> bool:
+    return isinstance(value, str) and value.lstrip(" ").startswith("\n\nHuman:")
+
+
 def _hh_to_messages(ds: Dataset) -> Dataset:
-    """Preference pairs in HH's raw text form become conversations (the shared turns are then the
-    implicit prompt, which RewardTrainer extracts)."""
-    if "chosen" not in ds.column_names or not isinstance(ds[0]["chosen"], str) or \
-            not ds[0]["chosen"].lstrip(" ").startswith("\n\nHuman:"):
+    """Anthropic HH's raw text form becomes conversations, in both of its hub spellings: whole
+    dialogues in chosen/rejected (Anthropic/hh-rlhf: the shared turns are then the implicit prompt,
+    which RewardTrainer extracts), or a dialogue prompt ending in "Assistant:" next to plain-string
+    responses (Dahoas/full-hh-rlhf, and prompt-only sets in the same form)."""
+    first = ds[0]
+    if _is_hh_text(first.get("chosen")):
+        return ds.map(lambda row: {"chosen": hh_messages(row["chosen"]), "rejected": hh_messages(row["rejected"])})
+    if not _is_hh_text(first.get("prompt")):
         return ds
-    return ds.map(lambda row: {"chosen": hh_messages(row["chosen"]), "rejected": hh_messages(row["rejected"])})
+    responses = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
+
+    def convert(row):
+        turns = [m for m in hh_messages(row["prompt"]) if m["content"] or m["role"] == "user"]
+        return {"prompt": turns, **{c: [{"role": "assistant", "content": row[c].strip()}] for c in responses}}
+    return ds.map(convert)
 
 
 def _strip_repeated_prompt(row: dict) -> dict:

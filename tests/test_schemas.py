@@ -5,6 +5,11 @@ stage:
 - HuggingFaceH4/ultrafeedback_binarized: `prompt` (string), `prompt_id`, `chosen` / `rejected`
   (message lists that repeat the user turn), `messages`, `score_chosen`, `score_rejected`;
 - Anthropic/hh-rlhf: `chosen` / `rejected` as raw text, "\\n\\nHuman: ...\\n\\nAssistant: ...";
+- Dahoas/full-hh-rlhf: `prompt` as HH raw text ending in "Assistant:", `response`, and `chosen` /
+  `rejected` as plain strings (and prompt-only sets in the same form, for PPO and eval);
+- trl-lib/ultrafeedback_binarized: implicit prompt (`chosen` / `rejected` whole conversations),
+  `score_chosen`, `score_rejected`;
+- HuggingFaceH4/no_robots: `messages` next to a string `prompt`, `prompt_id`, `category` (SFT data);
 - a dataset with its own column names (`question`, `pos`, `neg`), mapped with `columns:`;
 - SFT data in `messages` form as the RM stage's reference set (the default is the SFT data).
 """
@@ -16,7 +21,7 @@ import json
 import pytest
 
 from pipeline.config import DatasetSpec
-from pipeline.data import DataError, load_for, reference_pairs
+from pipeline.data import DataError, load_for, load_prompts, reference_pairs
 from stages import rm
 from tests.conftest import REPO, read_jsonl, rm_args
 
@@ -44,6 +49,23 @@ def hh(path) -> str:
     return write(path, [{"chosen": text(r, "chosen"), "rejected": text(r, "rejected")} for r in DEMO_PAIRS])
 
 
+def dahoas(path) -> str:
+    return write(path, [{"prompt": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant:",
+                         "response": " " + r["chosen"][0]["content"], "chosen": " " + r["chosen"][0]["content"],
+                         "rejected": " " + r["rejected"][0]["content"]} for r in DEMO_PAIRS])
+
+
+def trl_ultrafeedback(path) -> str:
+    return write(path, [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"],
+                         "score_chosen": 8.0, "score_rejected": 3.5} for r in DEMO_PAIRS])
+
+
+def no_robots(path) -> str:
+    rows = read_jsonl(REPO / "data/demo/sft_train.jsonl")[:50]
+    return write(path, [{"prompt": r["prompt"][0]["content"], "prompt_id": f"{i:064x}",
+                         "messages": r["prompt"] + r["completion"], "category": "Open QA"} for i, r in enumerate(rows)])
+
+
 def own_names(path) -> str:
     return write(path, [{"question": r["prompt"][0]["content"], "pos": r["chosen"][0]["content"],
                          "neg": r["rejected"][0]["content"], "source": "demo"} for r in DEMO_PAIRS])
@@ -69,6 +91,30 @@ def test_hh_raw_text_becomes_conversations(tmp_path):
     assert ds[0]["rejected"] == demo["prompt"] + demo["rejected"]  # the shared turns: RewardTrainer's implicit prompt
 
 
+def test_hh_prompts_with_plain_responses_become_conversations(tmp_path):
+    """Dahoas/full-hh-rlhf: the dialogue prompt becomes its turns (the empty "Assistant:" dropped),
+    the string responses assistant turns; `response` is dropped. A multi-turn HH prompt keeps its
+    history, and a prompt-only set in this form gives conversational prompts."""
+    ds, fmt = load_for(DatasetSpec(dahoas(tmp_path / "dahoas.jsonl")), ["preference"])
+    demo = DEMO_PAIRS[0]
+    assert fmt == "preference" and ds[0] == {"prompt": demo["prompt"], "chosen": demo["chosen"], "rejected": demo["rejected"]}
+    multi = "\n\nHuman: hi\n\nAssistant: hello !\n\nHuman: and the music ?\n\nAssistant:"
+    path = write(tmp_path / "prompts.jsonl", [{"prompt": multi}])
+    assert load_prompts(DatasetSpec(path)) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello !"},
+                                                {"role": "user", "content": "and the music ?"}]]
+
+
+def test_implicit_conversations_with_scores_and_messages_with_a_prompt_column(tmp_path):
+    """trl-lib/ultrafeedback_binarized keeps its implicit prompt (RewardTrainer extracts it), scores
+    dropped; no_robots is SFT conversation data whatever its string `prompt` column says."""
+    ds, fmt = load_for(DatasetSpec(trl_ultrafeedback(tmp_path / "uf.jsonl")), ["preference"])
+    assert fmt == "preference" and ds.column_names == ["chosen", "rejected"]
+    assert ds[0]["chosen"] == DEMO_PAIRS[0]["prompt"] + DEMO_PAIRS[0]["chosen"]
+    ds, fmt = load_for(DatasetSpec(no_robots(tmp_path / "nr.jsonl")), ["prompt_completion", "language_modeling"])
+    assert fmt == "language_modeling" and ds.column_names == ["messages"]
+    assert load_prompts(DatasetSpec(str(tmp_path / "nr.jsonl")))[0] == ds[0]["messages"][0]["content"]
+
+
 def test_columns_are_mapped_and_a_wrong_mapping_is_named(tmp_path):
     path = own_names(tmp_path / "own.jsonl")
     ds, fmt = load_for(DatasetSpec(path, columns={"prompt": "question", "chosen": "pos", "rejected": "neg"}),
@@ -86,9 +132,9 @@ def test_a_messages_reference_set_gives_prompts_and_last_turns(tmp_path):
     assert len(prompts) == 5 and prompts[0] == demo["prompt"] and responses[0] == demo["completion"]
 
 
-@pytest.mark.parametrize("schema", ["ultrafeedback", "hh"])
+@pytest.mark.parametrize("schema", ["ultrafeedback", "hh", "dahoas"])
 def test_the_rm_stage_trains_on_hub_schemas_with_a_messages_reference(schema, runs_with_sft, tmp_path):
-    data = ultrafeedback(tmp_path / "pairs.jsonl") if schema == "ultrafeedback" else hh(tmp_path / "pairs.jsonl")
+    data = {"ultrafeedback": ultrafeedback, "hh": hh, "dahoas": dahoas}[schema](tmp_path / "pairs.jsonl")
     rm.main(rm_args(runs_with_sft, f"rm.dataset={data}", "rm.eval_dataset=null", "rm.eval_fraction=0.1",
                     f"rm.reference_dataset={sft_messages(tmp_path / 'msgs.jsonl')}", "rm.trainer.num_train_epochs=2"))
     metrics = json.loads((runs_with_sft / "demo" / "rm" / "manifest.json").read_text())["metrics"]
