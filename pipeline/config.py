@@ -37,6 +37,31 @@ class ConfigError(UserError, ValueError):
 Finetune = Literal["full", "lora", "qlora-4bit", "qlora-8bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+# Ranges, checked when the recipe is read (`build`): a rule per field, in the notation of the error.
+RULES = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+}
+
+
+def ranged(default, rule: str):
+    """A field whose value (when not None) must satisfy `rule`, one of RULES."""
+    assert rule in RULES, rule
+    return field(default=default, metadata={"range": rule})
+
+
+# The trainer sections' keys that transformers / trl do not range-check themselves (a negative
+# learning rate trains "backwards"; a batch size of 0 fails deep inside the DataLoader).
+TRAINER_RULES = {"learning_rate": "> 0", "num_train_epochs": "> 0", "per_device_train_batch_size": ">= 1",
+                 "per_device_eval_batch_size": ">= 1", "gradient_accumulation_steps": ">= 1",
+                 "max_length": ">= 1", "weight_decay": ">= 0", "max_grad_norm": ">= 0", "warmup_ratio": "in [0, 1]",
+                 "save_steps": "> 0", "save_total_limit": ">= 1", "center_rewards_coefficient": ">= 0"}
+
+
+def check_range(value, rule: str, key: str) -> None:
+    if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not RULES[rule](value):
+        raise ConfigError(f"'{key}': {value!r} is out of range: it must be {rule}")
+
 
 @dataclass
 class DatasetSpec:
@@ -48,7 +73,7 @@ class DatasetSpec:
     """Hub dataset configuration name, if the dataset has several."""
     split: str = "train"
     """Split to load (hub datasets and directories; `train` for single files)."""
-    limit: int | None = None
+    limit: int | None = ranged(None, ">= 1")
     """Keep only the first N rows (quick experiments)."""
     columns: dict[str, str] | None = None
     """This pipeline's column names -> the dataset's, for datasets that spell them otherwise, e.g.
@@ -59,11 +84,11 @@ class DatasetSpec:
 class LoraSettings:
     """LoRA adapter settings (used when `finetune` is lora or qlora-*)."""
 
-    r: int = 16
+    r: int = ranged(16, ">= 1")
     """Adapter rank."""
-    alpha: int = 32
+    alpha: int = ranged(32, ">= 1")
     """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "in [0, 1)")
     """Dropout on the adapter input (keep 0 for PPO: dropout breaks ratio == 1 at the first step)."""
     target_modules: str | list[str] = "all-linear"
     """Which modules get adapters: "all-linear" or a list of module names."""
@@ -79,7 +104,7 @@ class TrainStage:
     """Training data."""
     eval_dataset: DatasetSpec | None = None
     """Evaluation data. If None, `eval_fraction` of the training data is held out."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = ranged(0.05, "in [0, 1)")
     """Share of the training data held out for evaluation when no eval_dataset is given."""
     finetune: Finetune = "full"
     """full: all weights; lora: adapters on the model; qlora-4bit/8bit: adapters on a quantized model."""
@@ -88,8 +113,10 @@ class TrainStage:
     dtype: Dtype = "auto"
     """Compute dtype (mixed precision): auto = bfloat16 where the GPU supports it, float32 otherwise.
     Trained weights stay float32 under autocast; a LoRA/QLoRA base is stored in it (pipeline/models.py)."""
-    trainer: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the trl config class (SFTConfig / RewardConfig), e.g. learning_rate."""
+    trainer: dict[str, Any] = field(default_factory=dict, metadata={"entry_ranges": TRAINER_RULES})
+    """Keyword arguments for the trl config class (SFTConfig / RewardConfig), e.g. learning_rate. Their
+    types are checked against that class when the stage builds it (`trl_args`: importing trl here would
+    slow every `make` check), the ranges of TRAINER_RULES when the recipe is read."""
 
 
 @dataclass
@@ -103,7 +130,7 @@ class RMStage(TrainStage):
 
     reference_dataset: DatasetSpec | None = None
     """Responses whose reward mean/std are recorded for PPO's score normalisation (default: sft.dataset)."""
-    reference_limit: int = 512
+    reference_limit: int = ranged(512, ">= 1")
     """How many reference responses to score."""
 
 
@@ -126,60 +153,60 @@ class PPOStage:
     value_model: Literal["reward", "sft", "head"] = "reward"
     """reward: separate network initialised from the reward model; sft: from the SFT policy;
     head: a value head on the policy (cheapest: no fourth network)."""
-    total_episodes: int = 2048
+    total_episodes: int = ranged(2048, ">= 1")
     """Rollouts in the whole run (summed over processes)."""
-    batch_size: int = 64
+    batch_size: int = ranged(64, ">= 1")
     """Rollouts per process per iteration."""
-    mini_batch_size: int = 16
+    mini_batch_size: int = ranged(16, ">= 1")
     """Rollouts per process per optimiser step (divides batch_size)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, ">= 1")
     """Micro-batches per optimiser step (the mini-batch is split into this many)."""
-    forward_batch_size: int | None = None
+    forward_batch_size: int | None = ranged(None, ">= 1")
     """Rollouts per forward pass when scoring a batch (old log-probs, values, reference, reward);
     None: the optimiser's micro-batch. Lower it to bound activation memory on large models."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (policy and value model): less memory, ~30% slower."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = ranged(4, ">= 1")
     """Passes over each rollout batch, re-shuffled every pass."""
-    learning_rate: float = 1.0e-5
+    learning_rate: float = ranged(1.0e-5, "> 0")
     """AdamW learning rate (policy and value)."""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """Learning-rate schedule over the run."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, "> 0")
     """Gradient clipping."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = ranged(24, ">= 1")
     """Longest response."""
-    temperature: float = 0.7
+    temperature: float = ranged(0.7, "> 0")
     """Sampling temperature (top_k = 0, top_p = 1: the distribution the log-probs are taken from)."""
     stop_token: str | None = None
     """Token that ends a response (default: the tokenizer's EOS)."""
-    missing_stop_penalty: float = 1.0
+    missing_stop_penalty: float = ranged(1.0, ">= 0")
     """Subtracted from the score of a response that never emits the stop token."""
-    kl_coef: float = 0.05
+    kl_coef: float = ranged(0.05, ">= 0")
     """Initial KL coefficient beta."""
-    kl_target: float | None = None
+    kl_target: float | None = ranged(None, "> 0")
     """Target per-sequence KL (nats) for the adaptive controller; None keeps beta fixed."""
-    kl_horizon: int = 10000
+    kl_horizon: int = ranged(10000, ">= 1")
     """Horizon of the adaptive KL controller, in episodes."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator added to the reward."""
-    gamma: float = 1.0
+    gamma: float = ranged(1.0, "in [0, 1]")
     """Discount."""
-    lam: float = 0.95
+    lam: float = ranged(0.95, "in [0, 1]")
     """GAE lambda."""
-    cliprange: float = 0.2
+    cliprange: float = ranged(0.2, "> 0")
     """Policy ratio clip."""
-    cliprange_value: float = 0.2
+    cliprange_value: float = ranged(0.2, "> 0")
     """Value clip around the rollout-time values."""
-    vf_coef: float = 0.1
+    vf_coef: float = ranged(0.1, ">= 0")
     """Value loss coefficient."""
     normalize_scores: bool = False
     """Normalise reward-model scores with the mean/std the RM stage measured on reference responses."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance (needs batches of 8 or more)."""
-    save_every: int = 10
+    save_every: int = ranged(10, ">= 1")
     """Checkpoint every N iterations (and on Ctrl-C / SIGTERM)."""
-    sample_every: int = 5
+    sample_every: int = ranged(5, ">= 1")
     """Log sample completions every N iterations."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb]."""
@@ -205,13 +232,13 @@ class EvalStage:
 
     prompts: DatasetSpec | None = None
     """Held-out prompts (a `prompt` column)."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = ranged(24, ">= 1")
     """Longest response."""
-    temperature: float = 0.7
+    temperature: float = ranged(0.7, "> 0")
     """Sampling temperature (top_k = 0, top_p = 1); greedy decoding is reported too."""
-    batch_size: int = 64
+    batch_size: int = ranged(64, ">= 1")
     """Prompts per generation batch."""
-    samples_in_report: int = 8
+    samples_in_report: int = ranged(8, ">= 0")
     """Rows of the side-by-side sample table."""
 
 
@@ -224,13 +251,13 @@ class BaseModelSettings:
     """Files whose text trains the word-level tokenizer."""
     output: str = "data/models/demo-base"
     """Where the model and tokenizer are saved."""
-    hidden_size: int = 128
+    hidden_size: int = ranged(128, ">= 1")
     """Width of the transformer."""
-    num_layers: int = 2
+    num_layers: int = ranged(2, ">= 1")
     """Number of decoder layers."""
-    num_heads: int = 4
+    num_heads: int = ranged(4, ">= 1")
     """Attention heads."""
-    max_positions: int = 128
+    max_positions: int = ranged(128, ">= 1")
     """Maximum sequence length."""
 
 
@@ -242,7 +269,7 @@ class Recipe:
     """Artifacts go to <runs_dir>/<run_name>/<stage>/."""
     runs_dir: str = "data/runs"
     """Root directory of all runs."""
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     """Global seed; each process adds a rank-dependent offset where sampling must differ."""
     judge: str | None = None
     """Gold judge 'module:function' taking (prompt, response) -> float, if the task has one."""
@@ -287,7 +314,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # X | None: X's own message (e.g. a nested key out of range)
+            return coerce(value, candidates[0], key)
+        for arg in candidates:
             try:
                 return coerce(value, arg, key)
             except ConfigError:
@@ -346,6 +376,11 @@ def build(cls, data: dict, prefix: str = ""):
         if key not in fields:
             raise ConfigError(f"unknown key '{full}'{_closest(key, fields)}")
         kwargs[key] = coerce(value, hints[key], full)
+        metadata = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+        if "range" in metadata:
+            check_range(kwargs[key], metadata["range"], full)
+        for entry, rule in metadata.get("entry_ranges", {}).items():
+            check_range(kwargs[key].get(entry), rule, f"{full}.{entry}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # a required field is missing, or settings that do not fit together

@@ -1,7 +1,13 @@
+import re
+import subprocess
+import sys
+
 import pytest
 from trl import SFTConfig
 
 from pipeline.config import ConfigError, DatasetSpec, load_recipe, trl_args
+from tests.conftest import DEMO_RECIPE as DEMO
+from tests.conftest import REPO
 
 
 def write(tmp_path, text):
@@ -70,3 +76,44 @@ def test_the_shipped_7b_recipe_is_valid():
     from pipeline.config import load_recipe
     recipe = load_recipe("stages/recipes/7b-lora-1gpu.yaml")
     assert recipe.ppo.finetune == "lora" and recipe.ppo.gradient_checkpointing and recipe.ppo.forward_batch_size == 4
+
+
+OUT_OF_RANGE = [  # every ranged field once, at a value just outside its range
+    ("ppo.lam=1.5", "in [0, 1]"), ("ppo.gamma=-0.1", "in [0, 1]"), ("ppo.learning_rate=-1e-5", "> 0"),
+    ("ppo.learning_rate=0", "> 0"), ("ppo.batch_size=0", ">= 1"), ("ppo.mini_batch_size=0", ">= 1"),
+    ("ppo.total_episodes=0", ">= 1"), ("ppo.temperature=0", "> 0"), ("eval.temperature=0", "> 0"),
+    ("ppo.cliprange=0", "> 0"), ("ppo.cliprange_value=-0.2", "> 0"), ("ppo.ppo_epochs=0", ">= 1"),
+    ("ppo.max_new_tokens=0", ">= 1"), ("ppo.kl_coef=-0.1", ">= 0"), ("ppo.kl_target=0", "> 0"),
+    ("ppo.kl_horizon=0", ">= 1"), ("ppo.vf_coef=-1", ">= 0"), ("ppo.max_grad_norm=0", "> 0"),
+    ("ppo.gradient_accumulation_steps=0", ">= 1"), ("ppo.forward_batch_size=0", ">= 1"),
+    ("ppo.missing_stop_penalty=-1", ">= 0"), ("ppo.save_every=0", ">= 1"), ("ppo.sample_every=0", ">= 1"),
+    ("ppo.lora.r=0", ">= 1"), ("sft.lora.alpha=0", ">= 1"), ("rm.lora.dropout=1.0", "in [0, 1)"),
+    ("sft.eval_fraction=1.0", "in [0, 1)"), ("rm.reference_limit=0", ">= 1"), ("sft.dataset.limit=0", ">= 1"),
+    ("eval.max_new_tokens=0", ">= 1"), ("eval.batch_size=0", ">= 1"), ("eval.samples_in_report=-1", ">= 0"),
+    ("base.hidden_size=0", ">= 1"), ("seed=-1", ">= 0"),
+    ("sft.trainer.learning_rate=-2e-5", "> 0"), ("rm.trainer.per_device_train_batch_size=0", ">= 1"),
+    ("sft.trainer.num_train_epochs=0", "> 0"), ("rm.trainer.gradient_accumulation_steps=0", ">= 1"),
+    ("sft.trainer.warmup_ratio=1.5", "in [0, 1]"), ("rm.trainer.max_length=0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("override,rule", OUT_OF_RANGE, ids=[o for o, _ in OUT_OF_RANGE])
+def test_out_of_range_values_are_refused_when_the_recipe_is_read(override, rule):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^'{re.escape(key)}': .* is out of range: it must be {re.escape(rule)}$"):
+        load_recipe(DEMO, [override])
+
+
+def test_values_at_the_edge_of_their_range_are_accepted():
+    recipe = load_recipe(DEMO, ["ppo.lam=1", "ppo.gamma=0", "ppo.kl_coef=0", "ppo.vf_coef=0", "sft.eval_fraction=0",
+                                "ppo.kl_target=null", "ppo.batch_size=1", "ppo.mini_batch_size=1", "seed=0"])
+    assert recipe.ppo.lam == 1 and recipe.ppo.batch_size == 1 and recipe.sft.eval_fraction == 0
+
+
+def test_a_stage_given_an_out_of_range_value_stops_in_one_line_before_loading_anything(tmp_path):
+    """eval.temperature=0 used to run and report a NaN KL with exit code 0."""
+    result = subprocess.run([sys.executable, "stages/eval.py", f"runs_dir={tmp_path}", "eval.temperature=0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: 'eval.temperature': 0.0 is out of range: it must be > 0"
+    assert not any(tmp_path.iterdir())
