@@ -12,11 +12,13 @@ puts `manifest.json` there (atomically) and swaps the directory into `<run>/<sta
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import time
 import uuid
 from importlib import metadata
@@ -45,6 +47,49 @@ def discard_untouched() -> None:
             shutil.rmtree(partial)
 
 
+class StageBusy(UserError, RuntimeError):
+    """The same stage of the same run is already running."""
+
+
+_locks: dict[Path, int] = {}  # lock file -> descriptor, held by this process
+
+
+def lock_stage(run_dir: Path, stage: str) -> None:
+    """Hold `<run>/.<stage>.lock` while this process runs the stage: a second run of the same stage
+    on the same run stops with the holder's pid instead of deleting its work directory.
+
+    An flock, which the kernel releases when its process ends however it ends (SIGKILL, OOM), so a
+    stale lock is never mistaken for a live one; the file holds the holder's pid and host for the
+    message, and is emptied on a clean exit (so a leftover pid means the holder was killed)."""
+    path = Path(run_dir) / f".{stage}.lock"
+    if path in _locks:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+        raise StageBusy(f"{stage} is already running for {run_dir} ({who}): wait for it to finish, or stop it "
+                        f"(Ctrl-C saves a checkpoint) and run again") from None
+    if holder:
+        print(f"{stage}: taking over the lock of pid {holder[0]} on {holder[1] if len(holder) > 1 else '?'}, "
+              f"which ended without releasing it")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    _locks[path] = fd
+
+
+def release_locks() -> None:
+    """On a clean exit: empty and release every stage lock this process holds."""
+    while _locks:
+        _, fd = _locks.popitem()
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
 class MissingArtifact(UserError, RuntimeError):
     """An upstream stage has not produced a complete artifact."""
 
@@ -56,11 +101,25 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+class CorruptManifest(UserError, RuntimeError):
+    """A manifest that cannot be read (truncated by a full disk, edited by hand)."""
+
+
 def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of a complete artifact; None if there is none. A manifest that cannot be read is
+    an error naming the file and the command that rebuilds it (never a bare JSONDecodeError)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or "fingerprint" not in manifest:
+        stage = Path(directory).name
+        fix = f"run `{MAKE_TARGET[stage]} FORCE=1` to rebuild it" if stage in MAKE_TARGET else "rebuild or remove it"
+        raise CorruptManifest(f"{path} is corrupt (truncated or not a manifest): {fix}")
+    return manifest
 
 
 def require(directory: str | Path, stage: str) -> dict:
@@ -147,7 +206,7 @@ class StageDir:
     def open(self, state, fp: str, force: bool, keep_partial: bool = False) -> Path | None:
         """For every process of a stage: None if the artifact is up to date (nothing to do), else the
         work directory, prepared by the main process before any process goes on."""
-        if self.is_current(fp) and not force:
+        if not force and self.is_current(fp):  # forced: a corrupt manifest is not even read
             state.print(f"{self.stage}: {self.final} is up to date (FORCE=1 to re-run)")
             return None
         if state.is_main_process:
@@ -177,6 +236,7 @@ class StageDir:
             os.replace(self.final, old)
         os.replace(self.partial, self.final)
         shutil.rmtree(old, ignore_errors=True)
+        release_locks()  # complete: a new run of this stage may start (and will find it up to date)
         return manifest
 
 

@@ -33,6 +33,7 @@ def run(main: Callable[[], object]) -> None:
             raise
         sys.exit(f"error: {e}")
     finally:
+        artifacts.release_locks()
         _end_process_group()
 
 

@@ -10,7 +10,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from pipeline import cli, plans
+from pipeline import artifacts, cli, plans
 from pipeline.config import ConfigError
 from pipeline.engine import PROCESS_GROUP_TIMEOUT, check_supported, launched
 
@@ -52,6 +52,20 @@ def check_shared(state: PartialState, run_dir: Path) -> None:
                           f"runs_dir on a filesystem shared by every node")
 
 
+def lock(state: PartialState, run_dir: Path, stage: str) -> None:
+    """The main process takes the stage's lock (artifacts.lock_stage); if it is held, every rank stops."""
+    busy = [None]
+    if state.is_main_process:
+        try:
+            artifacts.lock_stage(run_dir, stage)
+        except artifacts.StageBusy as e:
+            busy[0] = str(e)
+    if state.num_processes > 1:
+        broadcast_object_list(busy)
+    if busy[0]:
+        raise artifacts.StageBusy(busy[0])
+
+
 def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False):
     """The start every stage shares: its recipe, the process state, its plan (what it builds from
     what, pipeline/plans.py) and its work directory, which is None when the artifact is up to date.
@@ -60,6 +74,9 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     check_supported(launched(), quantized=str(getattr(getattr(recipe, name, None), "finetune", "")).startswith("qlora"))
     state = process_state()
     check_shared(state, recipe.run_dir)
+    lock(state, recipe.run_dir, name)
     plan = plans.PLANS[name](recipe)
     out = plan.stage.open(state, plan.fingerprint, args.force, keep_partial=resume and not args.force)
+    if out is None:
+        artifacts.release_locks()
     return recipe, state, plan, out

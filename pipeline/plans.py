@@ -144,6 +144,7 @@ def main(argv: list[str]) -> int:
     try:
         recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
         plan = PLANS[name](recipe)
+        current = plan is not None and not args.force and plan.stage.is_current(plan.fingerprint)
     except (SystemExit, Exception):
         # Only a proof of up-to-dateness counts here. Anything else (a bad recipe, a missing
         # upstream artifact) is for the stage itself to report, with its full message.
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> int:
     if plan is None:
         print(NO_BASE.format(recipe.sft.model))
         return 0
-    if args.force or not plan.stage.is_current(plan.fingerprint):
+    if not current:
         return 1
     print(f"{name}: {plan.stage.final} is up to date (FORCE=1 to re-run)")
     return 0

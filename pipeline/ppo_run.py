@@ -146,6 +146,14 @@ class StopRequest:
         return self.acc.reduce(torch.tensor(float(self.flag), device=self.acc.device), "sum").item() > 0
 
 
+def _iteration(line: str) -> float:
+    """The iteration of a metrics/samples line; a line torn by a kill mid-write counts as after any."""
+    try:
+        return json.loads(line)["iteration"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class PPORun:
     """The run's files in its work directory: checkpoint and resume, metrics and samples, the time
     split, and the final artifact."""
@@ -165,18 +173,23 @@ class PPORun:
         self.seconds[phase] += self.last[phase]
 
     def resume(self, iterations: int) -> int:
-        """The iteration to start from: the checkpoint's, with the metrics after it dropped; else 0."""
-        if not (self.checkpoint / "ppo_state.json").is_file():
-            return 0
-        saved = json.loads((self.checkpoint / "ppo_state.json").read_text())
-        self.acc.load_state(str(self.checkpoint))
-        self.kl_ctl.load_state_dict(saved["kl_controller"])
-        start = saved["iteration"]
-        metrics = self.out / "metrics.jsonl"
-        if self.acc.is_main_process and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["iteration"] <= start]
-            metrics.write_text("".join(line + "\n" for line in kept))
-        self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
+        """The iteration to start from: the checkpoint's (model, optimiser, scheduler, KL controller and
+        every process's RNG states restored, so the run goes on exactly as if never stopped), else 0.
+        Metrics and samples logged after that point (by a run killed before its next checkpoint) are
+        cut off, so every iteration appears once."""
+        start = 0
+        if (self.checkpoint / "ppo_state.json").is_file():
+            saved = json.loads((self.checkpoint / "ppo_state.json").read_text())
+            self.acc.load_state(str(self.checkpoint))
+            self.kl_ctl.load_state_dict(saved["kl_controller"])
+            start = saved["iteration"]
+            self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
+        if self.acc.is_main_process:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                path = self.out / name
+                if path.exists():
+                    kept = [line for line in path.read_text().splitlines() if _iteration(line) <= start]
+                    path.write_text("".join(line + "\n" for line in kept))
         return start
 
     def save_checkpoint(self, iteration: int) -> None:

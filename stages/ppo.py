@@ -55,9 +55,9 @@ def main(argv=None):
     score_norm = (reference_stats["mean"], reference_stats["std"]) if reference_stats else None
 
     # ---- resume ----
+    set_seed(recipe.seed + rank * RANK_SEED_STRIDE)  # each rank samples its own rollouts
     run = PPORun(out, acc, model, scheduler, kl_ctl, started)
-    start = run.resume(schedule.iterations)
-    set_seed(recipe.seed + rank * RANK_SEED_STRIDE + start)
+    start = run.resume(schedule.iterations)  # a checkpoint's RNG states replace the seed's
     stop = StopRequest(acc)
     acc.init_trackers("ppo", config=None)
     run.seconds["startup"] = time.time() - run.started

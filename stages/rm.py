@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import extract_prompt
 
-from pipeline import cli, data, engine, models, plans, scoring
+from pipeline import checkpoints, cli, data, engine, models, plans, scoring
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
@@ -53,7 +53,7 @@ def pairwise_report(scorer: RewardScorer, pairs, judge=None) -> dict:
 
 
 def main(argv=None):
-    recipe, state, plan, out = open_stage("rm", __doc__, argv)
+    recipe, state, plan, out = open_stage("rm", __doc__, argv, resume=True)
     if out is None:  # up to date
         return
     rm = recipe.rm
@@ -77,9 +77,9 @@ def main(argv=None):
     model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm.finetune, rm.dtype))
     models.fit_embeddings(model, tokenizer)
     dtype = models.resolve_dtype(rm.dtype)
+    resume = checkpoints.resume_point(out, "rm", state.is_main_process)  # an interrupted run goes on
     training_args = trl_args(
-        RewardConfig, rm.trainer, "rm.trainer",
-        output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
+        RewardConfig, rm.trainer, "rm.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
         **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
     # An encoder reads "[CLS] prompt [SEP] response [SEP]": rendered here, as the scorer will read it
     # (RewardTrainer would append an EOS or apply a chat template, which an encoder does not have).
@@ -87,8 +87,9 @@ def main(argv=None):
     if models.is_encoder(tokenizer):
         train_rows = scoring.encoder_pairs(train_ds, tokenizer)
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
+    stop = checkpoints.StopOnSignal()
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
-                            processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
+                            processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
     # trl drops pairs longer than max_length while preparing the data: count them
     dropped["too_long"] = len(train_ds) - len(trainer.train_dataset)
@@ -96,7 +97,7 @@ def main(argv=None):
         dropped["too_long"] += len(eval_ds) - len(trainer.eval_dataset)
 
     # ---- train ----
-    result = trainer.train()
+    result = checkpoints.train(trainer, resume, stop, "rm")
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----
@@ -115,6 +116,7 @@ def main(argv=None):
             with engine.single_process_loading():
                 final = AutoModelForSequenceClassification.from_pretrained(out)
         final.to(state.device)
+        checkpoints.discard(out)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 

@@ -18,7 +18,7 @@ import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import cli, data, models
+from pipeline import checkpoints, cli, data, models
 from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
 from pipeline.metrics import JsonlLogger
@@ -27,7 +27,7 @@ ACCEPTED = ["language_modeling", "prompt_completion"]
 
 
 def main(argv=None):
-    recipe, state, plan, out = open_stage("sft", __doc__, argv)
+    recipe, state, plan, out = open_stage("sft", __doc__, argv, resume=True)
     if out is None:  # up to date
         return
     sft = recipe.sft
@@ -42,17 +42,19 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft.finetune, sft.dtype))
     models.fit_embeddings(model, tokenizer)
     dtype = models.resolve_dtype(sft.dtype)
+    resume = checkpoints.resume_point(out, "sft", state.is_main_process)  # an interrupted run goes on
     training_args = trl_args(
-        SFTConfig, sft.trainer, "sft.trainer",
-        output_dir=str(out / "checkpoints"), seed=recipe.seed, report_to="none", save_strategy="no",
+        SFTConfig, sft.trainer, "sft.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
         **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no",
-        eval_on_start=eval_ds is not None)  # the loss before training, on the engine-prepared model
+        # the loss before training, on the engine-prepared model (a resumed run has it in its history)
+        eval_on_start=eval_ds is not None and resume is None)
+    stop = checkpoints.StopOnSignal()
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl")],
+                         processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
 
     # ---- train ----
-    result = trainer.train()
+    result = checkpoints.train(trainer, resume, stop, "sft")
     # the first evaluation (eval_on_start) is the loss before training: under FSDP2 / ZeRO-3 the model
     # must be prepared with its optimizer first, so no evaluation may run before `train`
     before = next((h for h in trainer.state.log_history if "eval_loss" in h), {})
@@ -67,9 +69,7 @@ def main(argv=None):
                "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
     if state.is_main_process:
-        checkpoints = out / "checkpoints"
-        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-            checkpoints.rmdir()
+        checkpoints.discard(out)
         if sft.finetune != "full":
             merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer)
             merged.save_pretrained(out)

@@ -105,8 +105,11 @@ def fresh_accelerator_state():
     """Each stage runs in a process of its own in real use; in-process tests run many, with other
     precisions: accelerate's process-wide state is reset so one test's settings never leak."""
     from accelerate.state import AcceleratorState
+
+    from pipeline import artifacts
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+    artifacts.release_locks()  # a stage run in-process holds its lock until its process exits
 
 
 def launch(n: int, script: str, *args: str, engine: str | None = None) -> subprocess.CompletedProcess:
