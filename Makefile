@@ -39,16 +39,19 @@ LAUNCH_DEFAULTS = --num_machines 1 --mixed_precision no --dynamo_backend no --nu
 # Multi-node: the same command on every node, each with its NODE_RANK (see accelerate_configs/multi_node.yaml).
 MULTI_NODE = $(if $(NNODES),--num_machines $(NNODES) --machine_rank $(NODE_RANK) --main_process_ip $(MAIN_ADDR) \
 	--main_process_port $(MAIN_PORT))
+# pipeline.launch is `accelerate launch` that returns only once the stage's processes have exited
+# (after Ctrl-C they save a checkpoint first) and adds no launcher traceback to a stage's error.
+ACCELERATE_LAUNCH = $(BIN)/python -m pipeline.launch
 ifneq ($(ACCELERATE_CONFIG),)
 ifeq ($(wildcard $(ACCELERATE_CONFIG)),)
 $(error ACCELERATE_CONFIG=$(ACCELERATE_CONFIG) does not exist; the shipped configs are in accelerate_configs/)
 endif
 # The config file's process count, unless NPROC is given.
-LAUNCH = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) $(if $(NPROC),--num_processes $(NPROC)) $(MULTI_NODE)
+LAUNCH = $(ACCELERATE_LAUNCH) --config_file $(ACCELERATE_CONFIG) $(if $(NPROC),--num_processes $(NPROC)) $(MULTI_NODE)
 else ifeq ($(PROCS),1)
-LAUNCH = $(BIN)/accelerate launch --num_processes 1 $(LAUNCH_DEFAULTS)
+LAUNCH = $(ACCELERATE_LAUNCH) --num_processes 1 $(LAUNCH_DEFAULTS)
 else
-LAUNCH = $(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
+LAUNCH = $(ACCELERATE_LAUNCH) --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
 .PHONY: help setup base sft rm ppo eval demo bench test test-gpu clean

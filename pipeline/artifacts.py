@@ -90,6 +90,34 @@ def release_locks() -> None:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
+class DiskError(UserError, OSError):
+    """Not enough free space, or an output directory that cannot be written."""
+
+
+def check_writable(run_dir: Path) -> None:
+    """Before anything is loaded: the run directory can be created and written to."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DiskError(f"cannot write to the run directory {run_dir} ({e.strerror or e}): set runs_dir to a "
+                        f"writable directory") from None
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """Before training: the disk holding `directory` has room for what the stage will write."""
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise DiskError(f"{directory} has {gigabytes(free)} free, but {what} need about {gigabytes(need)}: free "
+                        f"some space or set runs_dir to a larger disk")
+
+
 class MissingArtifact(UserError, RuntimeError):
     """An upstream stage has not produced a complete artifact."""
 

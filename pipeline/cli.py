@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable
@@ -18,7 +19,7 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe YAML (default: the embedded demo)")
     parser.add_argument("--force", action="store_true", help="re-run even if the artifact is up to date")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `--force` may stand between overrides
     return load_recipe(args.recipe, args.overrides), args
 
 
@@ -31,7 +32,17 @@ def run(main: Callable[[], object]) -> None:
         artifacts.discard_untouched()
         if os.environ.get("RLHF_DEBUG") == "1":
             raise
-        sys.exit(f"error: {e}")
+        # every rank meets the same error (settings and data are read by all): one of them says it
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+    except OSError as e:
+        if e.errno != errno.ENOSPC or os.environ.get("RLHF_DEBUG") == "1":
+            raise
+        # finished artifacts are never touched by a failed run; the work directory is kept to resume
+        sys.exit(f"error: no space left on the device while writing {e.filename or 'a file'}: free some space and "
+                 f"run the same command again (finished artifacts are intact; checkpoints are kept)")
+    except KeyboardInterrupt:  # Ctrl-C before training began (training itself saves and exits 130)
+        print("interrupted before training began: nothing to save", file=sys.stderr)
+        sys.exit(130)
     finally:
         artifacts.release_locks()
         _end_process_group()

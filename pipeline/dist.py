@@ -72,6 +72,7 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     `resume` keeps an interrupted run's partial directory with the same fingerprint (not with --force)."""
     recipe, args = cli.parse(doc.splitlines()[0], argv)
     check_supported(launched(), quantized=str(getattr(getattr(recipe, name, None), "finetune", "")).startswith("qlora"))
+    artifacts.check_writable(recipe.run_dir)
     state = process_state()
     check_shared(state, recipe.run_dir)
     lock(state, recipe.run_dir, name)

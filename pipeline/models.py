@@ -76,6 +76,23 @@ def load_kwargs(finetune: str, dtype_name: str) -> dict:
     return kwargs
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 leaves an empty local shard."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def disk_need(model: torch.nn.Module, whole_state_in_checkpoint: bool) -> int:
+    """Bytes a training stage writes at its peak, for the free-space check before training: the
+    artifact (every weight in float32, adapters merged) and two checkpoints (the new one is written
+    before the old one is removed), each with the trained weights in float32 and AdamW's two moments.
+    The Trainer's checkpoints hold only the trained weights; PPO's (accelerate's save_state) the whole
+    model in its stored dtypes. (Quantized weights count at their packed size: a small underestimate.)"""
+    params = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    weights = sum(numel(p) * p.element_size() for p in model.parameters()) if whole_state_in_checkpoint else 4 * trainable
+    return 4 * params + 2 * (weights + 8 * trainable)
+
+
 def upcast_trainable(model: torch.nn.Module) -> None:
     """Trained weights in float32: peft upcasts LoRA weights itself, but not the full copies it
     trains with them (`modules_to_save`, e.g. a reward/value model's score head over a bf16 base)."""

@@ -118,11 +118,6 @@ def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
     return optimizer, scheduler
 
 
-def numel(p: torch.Tensor) -> int:
-    """A parameter's full size, also when ZeRO-3 leaves an empty local shard."""
-    return getattr(p, "ds_numel", p.numel())
-
-
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set."""
     if torch.cuda.is_available():
@@ -266,6 +261,6 @@ class PPORun:
                              **{k: round(sum(h[f"time/{k}_s"] for h in history), 1)
                                 for k in ("generate", "score", "optimise")}},
             "peak_memory_mb": round(max(h["peak_memory_mb"] for h in history), 1),
-            "trainable_parameters": sum(numel(p) for p in unwrapped.parameters() if p.requires_grad),
-            "parameters": sum(numel(p) for p in unwrapped.parameters())})
+            "trainable_parameters": sum(models.numel(p) for p in unwrapped.parameters() if p.requires_grad),
+            "parameters": sum(models.numel(p) for p in unwrapped.parameters())})
         return summary

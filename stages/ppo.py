@@ -21,7 +21,7 @@ import time
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from pipeline import cli, data, engine, models, plans
+from pipeline import artifacts, cli, data, engine, models, plans
 from pipeline.dist import open_stage
 from pipeline.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.ppo_math import KLController
@@ -46,6 +46,8 @@ def main(argv=None):
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
     tokenizer, stop_id = policy_tokenizer(sft_dir, cfg.stop_token)
     model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, acc)
+    artifacts.check_free_space(out, models.disk_need(model, whole_state_in_checkpoint=True),
+                               "the ppo artifact and its checkpoints")
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, schedule.optimizer_steps)
     model, optimizer = acc.prepare(model, optimizer)

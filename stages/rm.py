@@ -23,7 +23,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import extract_prompt
 
-from pipeline import checkpoints, cli, data, engine, models, plans, scoring
+from pipeline import artifacts, checkpoints, cli, data, engine, models, plans, scoring
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.metrics import JsonlLogger
@@ -97,6 +97,8 @@ def main(argv=None):
         dropped["too_long"] += len(eval_ds) - len(trainer.eval_dataset)
 
     # ---- train ----
+    artifacts.check_free_space(out, models.disk_need(trainer.model, whole_state_in_checkpoint=False),
+                               "the rm artifact and its checkpoints")
     result = checkpoints.train(trainer, resume, stop, "rm")
     after = trainer.evaluate() if eval_ds is not None else {}
 

@@ -18,7 +18,7 @@ import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import checkpoints, cli, data, models
+from pipeline import artifacts, checkpoints, cli, data, models
 from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
 from pipeline.metrics import JsonlLogger
@@ -54,6 +54,8 @@ def main(argv=None):
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
 
     # ---- train ----
+    artifacts.check_free_space(out, models.disk_need(trainer.model, whole_state_in_checkpoint=False),
+                               "the sft artifact and its checkpoints")
     result = checkpoints.train(trainer, resume, stop, "sft")
     # the first evaluation (eval_on_start) is the loss before training: under FSDP2 / ZeRO-3 the model
     # must be prepared with its optimizer first, so no evaluation may run before `train`

@@ -1,0 +1,148 @@
+"""Faults a user meets, injected: two runs of one stage at once, a killed run's stale lock, a truncated
+manifest, a full disk, an unwritable run directory, Ctrl-C at the terminal, and a stage error seen
+through `make` (its one line, no launcher traceback)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import pytest
+import transformers
+
+from pipeline import cli
+from pipeline.artifacts import DiskError, read_manifest
+from stages import ppo, sft
+from tests.conftest import REPO, base_overrides, ppo_args, read_jsonl, sft_args, sft_overrides
+from tests.test_resume import kill_when, start
+
+LAUNCH = [sys.executable, "-m", "pipeline.launch", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def training_began(partial):
+    return lambda: (partial / "metrics.jsonl").is_file() and '"loss"' in (partial / "metrics.jsonl").read_text()
+
+
+def test_a_second_run_of_a_running_stage_stops_and_a_killed_runs_lock_is_taken_over(tmp_path, base_model):
+    args = sft_args(tmp_path, base_model, "sft.trainer.num_train_epochs=30")  # outlasts the second's start-up
+    partial = tmp_path / "demo" / "sft.partial"
+    first = start("sft", args)
+    deadline = time.time() + 300
+    while not training_began(partial)():
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "stages/sft.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: sft is already running for {tmp_path}/demo (pid {first.pid} on {socket.gethostname()}): wait for it "
+        f"to finish, or stop it (Ctrl-C saves a checkpoint) and run again")
+    assert partial.is_dir()  # the running stage's work directory was left alone
+    kill_when(first, lambda: True)  # SIGKILL: the lock file still names it, but nobody holds the lock
+    third = start("sft", sft_args(tmp_path, base_model))  # (another recipe: no need to wait for 30 epochs)
+    output = third.communicate(timeout=300)[0]
+    assert third.returncode == 0, output[-3000:]
+    assert f"sft: taking over the lock of pid {first.pid} on {socket.gethostname()}, which ended without" in output
+    assert read_manifest(tmp_path / "demo" / "sft") is not None
+    assert (tmp_path / "demo" / ".sft.lock").read_text() == ""  # released cleanly
+
+
+def make(target: str, overrides: list[str], *variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", target, f"ARGS={' '.join(overrides)}", *variables], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_truncated_manifest_is_named_with_its_fix_and_force_rebuilds_it(tmp_path, base_model):
+    overrides = [*base_overrides(base_model), *sft_overrides(tmp_path, base_model)]
+    sft.main(["--recipe", "stages/recipes/demo.yaml", *overrides[len(base_overrides(base_model)) - 1:]])
+    manifest = tmp_path / "demo" / "sft" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])  # as a full disk leaves it
+    failed = make("rm", overrides)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr + failed.stdout
+    assert f"error: {manifest} is corrupt (truncated or not a manifest): run `make sft FORCE=1` to rebuild it" in (
+        failed.stderr)
+    rebuilt = make("sft", overrides, "FORCE=1")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert read_manifest(manifest.parent)["stage"] == "sft"
+    transformers.AutoModelForCausalLM.from_pretrained(manifest.parent)
+
+
+def fake_disk(free: int):
+    usage = namedtuple("usage", "total used free")
+    return lambda path: usage(free * 4, free * 3, free)
+
+
+def test_a_full_disk_is_found_before_training_and_leaves_the_finished_artifact_alone(runs_with_rm, monkeypatch):
+    before = read_manifest(runs_with_rm / "demo" / "sft")["build_id"]
+    monkeypatch.setattr(shutil, "disk_usage", fake_disk(2**19))  # 0.5 MiB free; the tiny models need a few
+    with pytest.raises(DiskError, match=r"has 0.5 MiB free, but the ppo artifact and its checkpoints need about "
+                                        r"[0-9.]+ MiB: free some space or set runs_dir to a larger disk"):
+        ppo.main(ppo_args(runs_with_rm))
+    assert not (runs_with_rm / "demo" / "ppo.partial" / "metrics.jsonl").exists()
+    with pytest.raises(DiskError, match="the sft artifact and its checkpoints need about"):
+        sft.main(["--recipe", "stages/recipes/demo.yaml", f"runs_dir={runs_with_rm}", "--force",
+                  f"sft.model={runs_with_rm / 'demo' / 'sft'}"])
+    assert read_manifest(runs_with_rm / "demo" / "sft")["build_id"] == before
+
+
+def test_no_space_left_while_saving_is_one_line_and_the_old_artifact_survives(runs_with_rm, monkeypatch, capsys):
+    sft_dir = runs_with_rm / "demo" / "sft"
+    build = read_manifest(sft_dir)["build_id"]
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda: sft.main(["--recipe", "stages/recipes/demo.yaml", f"runs_dir={runs_with_rm}", "--force",
+                                  "sft.dataset.limit=64", "sft.eval_dataset.limit=16", "sft.trainer.num_train_epochs=1",
+                                  f"sft.model={sft_dir}"]))
+    assert str(stop.value).startswith("error: no space left on the device while writing ") and "\n" not in str(stop.value)
+    assert read_manifest(sft_dir)["build_id"] == build
+    transformers.AutoModelForCausalLM.from_pretrained(sft_dir)
+
+
+def test_an_unwritable_run_directory_fails_before_anything_loads(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DiskError, match=rf"cannot write to the run directory {blocker}/runs/demo \(.*\): set runs_dir "
+                                        r"to a writable directory"):
+        ppo.main(["--recipe", "stages/recipes/demo.yaml", f"runs_dir={blocker}/runs"])
+
+
+def test_ctrl_c_at_the_terminal_returns_only_after_the_stage_has_saved(runs_with_rm):
+    """SIGINT to the whole foreground process group, as the terminal sends it: the launcher make uses
+    exits after the stage's checkpoint is written and its process has exited (the lock is free)."""
+    args = ppo_args(runs_with_rm, "ppo.save_every=100")
+    partial = runs_with_rm / "demo" / "ppo.partial"
+    proc = subprocess.Popen([*LAUNCH, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert (partial / "checkpoint" / "ppo_state.json").is_file()
+    with open(runs_with_rm / "demo" / ".ppo.lock") as f:  # the stage process has exited: nobody holds it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert "Run `make ppo` again (same recipe) to resume." in output and "Traceback" not in output
+    resumed = [h["iteration"] for h in read_jsonl(partial / "metrics.jsonl")]
+    assert resumed == list(range(1, len(resumed) + 1))
+
+
+def test_a_stage_error_through_make_is_its_one_line(tmp_path, base_model):
+    result = make("ppo", [*base_overrides(base_model), *sft_overrides(tmp_path, base_model), "ppo.temperature=0"])
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+    assert "error: 'ppo.temperature': 0.0 is out of range: it must be > 0" in result.stderr
