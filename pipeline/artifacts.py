@@ -66,20 +66,32 @@ def lock_stage(run_dir: Path, stage: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    holder = os.pread(fd, 200, 0).decode(errors="replace").split()
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         os.close(fd)
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
         raise StageBusy(f"{stage} is already running for {run_dir} ({who}): wait for it to finish, or stop it "
                         f"(Ctrl-C saves a checkpoint) and run again") from None
+    holder = os.pread(fd, 200, 0).decode(errors="replace").split()
     if holder:
         print(f"{stage}: taking over the lock of pid {holder[0]} on {holder[1] if len(holder) > 1 else '?'}, "
               f"which ended without releasing it")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _locks[path] = fd
+
+
+def _close_in_child() -> None:
+    """Forked children (DataLoader workers, datasets' map processes) share the lock's open file and so
+    would keep it held after the stage dies: they close their copy."""
+    for fd in _locks.values():
+        os.close(fd)
+    _locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def release_locks() -> None:
@@ -108,6 +120,11 @@ def check_writable(run_dir: Path) -> None:
 
 def gigabytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def size(directory: Path) -> int:
+    """Bytes the files under `directory` take on the disk."""
+    return sum(f.stat().st_blocks * 512 for f in Path(directory).rglob("*") if f.is_file())
 
 
 def check_free_space(directory: Path, need: int, what: str) -> None:

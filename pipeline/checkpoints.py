@@ -38,7 +38,9 @@ def resume_point(out: Path, stage: str, is_main_process: bool) -> str | None:
     step, last = complete[-1] if complete else (0, None)
     metrics = out / "metrics.jsonl"
     if is_main_process and metrics.exists():
-        kept = [line for line in metrics.read_text().splitlines() if last and _step(line) <= step]
+        # (an interrupted run's own end-of-training summary goes too: the finished run logs one)
+        kept = [line for line in metrics.read_text().splitlines()
+                if last and _step(line) <= step and '"train_runtime"' not in line]
         metrics.write_text("".join(line + "\n" for line in kept))
     if last and is_main_process:
         print(f"{stage}: resuming from the checkpoint at step {step}")

@@ -34,18 +34,32 @@ def run(main: Callable[[], object]) -> None:
             raise
         # every rank meets the same error (settings and data are read by all): one of them says it
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
-    except OSError as e:
-        if e.errno != errno.ENOSPC or os.environ.get("RLHF_DEBUG") == "1":
+    except KeyboardInterrupt:  # Ctrl-C outside training (training itself saves a checkpoint and exits 130)
+        print("stopped outside training: run the same command again (it resumes from the last checkpoint, if any)",
+              file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if not _disk_full(e) or os.environ.get("RLHF_DEBUG") == "1":
             raise
         # finished artifacts are never touched by a failed run; the work directory is kept to resume
-        sys.exit(f"error: no space left on the device while writing {e.filename or 'a file'}: free some space and "
-                 f"run the same command again (finished artifacts are intact; checkpoints are kept)")
-    except KeyboardInterrupt:  # Ctrl-C before training began (training itself saves and exits 130)
-        print("interrupted before training began: nothing to save", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(f"error: no space left on the device while writing {getattr(e, 'filename', None) or 'the run'}: "
+                 f"free some space and run the same command again (finished artifacts are intact; checkpoints "
+                 f"are kept)")
     finally:
         artifacts.release_locks()
         _end_process_group()
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception's chain: an OSError from Python's own writes, or the messages
+    of torch.save ("file write failed") and safetensors ("StorageFull"), which raise other types."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if any(m in str(e) for m in ("No space left on device", "StorageFull", "file write failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _end_process_group() -> None:

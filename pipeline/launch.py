@@ -3,10 +3,13 @@
     python -m pipeline.launch [accelerate launch arguments] stages/ppo.py --recipe my.yaml ...
 
 1. It returns only when every process of the stage has exited. After Ctrl-C the stage's ranks
-   save a checkpoint before they exit, but `accelerate launch` returns at once, so `make` would give
-   the prompt back while they still write, and an immediate re-run would race them. Here the
-   launcher runs in a process group of its own; Ctrl-C / SIGTERM / SIGHUP are passed on to the
-   whole group, and this process waits until the group is empty.
+   save a checkpoint before they exit, but `accelerate launch` returns at once (and with several
+   processes torch elastic SIGKILLs the ranks 30 s later), so `make` would give the prompt back
+   while they still write, and an immediate re-run would race them. Here the launcher runs in a
+   process group of its own; Ctrl-C / SIGTERM (SIGHUP: as SIGTERM) are passed on to the whole group
+   and this process waits until the group is empty (with several processes torch elastic passes the
+   signal on to the ranks and waits for them, here up to 10 minutes). A third Ctrl-C kills the
+   launcher's group.
 2. A stage that fails has already said why (one line, or its traceback): its exit code is passed
    on without the launcher's own traceback (CalledProcessError / ChildFailedError) below it.
 """
@@ -21,34 +24,51 @@ import sys
 import time
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STRAGGLER_WAIT_S = 10  # after the launcher itself has exited (its ranks have), for leftover group members
+STOP_TIMEOUT_S = 600  # several processes: how long the ranks may take to save after Ctrl-C
+
+
+def _exit_code(code: int) -> int:
+    """A process's code as a shell reports it: 128 + N for death by signal N."""
+    return 128 - code if code < 0 else code
 
 
 def _launch(argv: list[str]) -> int:
     """`accelerate launch` in this process, its failures reduced to the stage's exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
-    # torch elastic logs every failed rank; the stage has reported its own error (below: other exits)
+    # Several processes: torch elastic starts each rank in a session of its own and passes the signal
+    # on to them, then SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by default, less than
+    # a large model's rollout and checkpoint take): they get STOP_TIMEOUT_S. Its per-rank failure log
+    # repeats what the stage has reported (other exits are reported below).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_TIMEOUT_S))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    for sig in FORWARDED:  # the group leader gets the signal too: wait for the stage, do not die first
+    for sig in FORWARDED:  # one process: it is in this group, so it has the signal; wait for it
         signal.signal(sig, lambda *_: None)
     try:
         launch_command(launch_command_parser().parse_args(argv))
     except subprocess.CalledProcessError as e:  # one process: the stage's own exit code
-        return e.returncode if e.returncode > 0 else 128 - e.returncode
-    except Exception as e:  # several processes: torch elastic's ChildFailedError lists each rank's code
-        failures = getattr(e, "failures", None)
-        if not failures:
+        return _exit_code(e.returncode)
+    except Exception as e:  # several processes
+        if type(e).__name__ == "SignalException":  # elastic passed the stop on and the ranks have exited
+            return 130
+        if not hasattr(e, "get_first_failure"):  # ChildFailedError names each failed rank
             raise
-        codes = {rank: failure.exitcode for rank, failure in sorted(failures.items())}
+        if not hasattr(e, "get_first_failure"):
+            raise
+        codes = {rank: _exit_code(failure.exitcode) for rank, failure in sorted(e.failures.items())}
         for rank, code in codes.items():
             if code not in (1, 130):  # 1: a reported error, 130: stopped on request; else a crash or a kill
                 print(f"launch: rank {rank} ended with exit code {code}", file=sys.stderr)
-        return next(iter(codes.values())) or 1
+        if codes.get(0) != 1 and 1 in codes.values():  # rank 0 reports errors; these ranks had their own
+            print(f"launch: ranks {[r for r, c in codes.items() if c == 1]} stopped with an error of their own: "
+                  f"run again with RLHF_DEBUG=1 to see it", file=sys.stderr)
+        return _exit_code(e.get_first_failure()[1].exitcode) or 1
     return 0
 
 
-def _wait_for_group(pgid: int) -> None:
+def _wait_for_group(pgid: int, deadline: float) -> None:
     """Until no process of the group is left (ranks reparented after their launcher exited included)."""
-    while True:
+    while time.time() < deadline:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -60,22 +80,31 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--in-group"]:
         return _launch(argv[1:])
     child = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "--in-group", *argv], start_new_session=True)
-    told = []
+    received = []
 
     def forward(sig, _frame):
-        if not told:
-            print("launch: stopping: the stage saves a checkpoint and exits (this waits for it)", file=sys.stderr)
-            told.append(sig)
+        received.append(sig)
+        # 1st and 2nd: the stage saves and exits; 3rd: killed. SIGHUP (a closed terminal) as SIGTERM,
+        # which the stages handle; the default for SIGHUP would end them without a checkpoint.
+        send = signal.SIGKILL if len(received) >= 3 else signal.SIGTERM if sig == signal.SIGHUP else sig
         try:
-            os.killpg(child.pid, sig)
+            os.killpg(child.pid, send)
         except ProcessLookupError:
+            pass
+        try:  # after a closed terminal, writing may fail: that must not stop the forwarding
+            if len(received) == 1:
+                print("launch: stopping: the stage saves a checkpoint and exits (Ctrl-C twice more kills it)",
+                      file=sys.stderr)
+            elif send == signal.SIGKILL:
+                print("launch: killed: what was done since the last checkpoint is lost", file=sys.stderr)
+        except OSError:
             pass
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
     code = child.wait()
-    _wait_for_group(child.pid)
-    return code if code >= 0 else 128 - code
+    _wait_for_group(child.pid, time.time() + STRAGGLER_WAIT_S)
+    return _exit_code(code)
 
 
 if __name__ == "__main__":

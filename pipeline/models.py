@@ -81,16 +81,19 @@ def numel(p: torch.Tensor) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-def disk_need(model: torch.nn.Module, whole_state_in_checkpoint: bool) -> int:
-    """Bytes a training stage writes at its peak, for the free-space check before training: the
-    artifact (every weight in float32, adapters merged) and two checkpoints (the new one is written
-    before the old one is removed), each with the trained weights in float32 and AdamW's two moments.
-    The Trainer's checkpoints hold only the trained weights; PPO's (accelerate's save_state) the whole
-    model in its stored dtypes. (Quantized weights count at their packed size: a small underestimate.)"""
-    params = sum(numel(p) for p in model.parameters())
+def disk_need(checkpoint: int, artifact: int) -> int:
+    """Peak bytes a training stage writes, for the free-space check before training: two checkpoints
+    while a new one is written before the old one is removed, or the last checkpoint and the artifact
+    at the end (the checkpoint goes only once the artifact is complete)."""
+    return checkpoint + max(checkpoint, artifact)
+
+
+def trainer_disk_need(model: torch.nn.Module) -> int:
+    """SFT / RM: a Trainer checkpoint holds the trained weights in float32 and AdamW's two moments (12
+    bytes a trained parameter: the whole model, or the adapters); the artifact every weight in float32
+    (adapters merged). Quantized weights count at their packed size: a small underestimate."""
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    weights = sum(numel(p) * p.element_size() for p in model.parameters()) if whole_state_in_checkpoint else 4 * trainable
-    return 4 * params + 2 * (weights + 8 * trainable)
+    return disk_need(12 * trainable, 4 * sum(numel(p) for p in model.parameters()))
 
 
 def upcast_trainable(model: torch.nn.Module) -> None:
@@ -122,6 +125,23 @@ def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
     token and reads the pair as it was pre-trained to, so it needs no EOS and no chat template
     (pipeline/scoring.py renders for it). Decoder families have no CLS/SEP tokens."""
     return tokenizer.chat_template is None and tokenizer.cls_token is not None and tokenizer.sep_token is not None
+
+
+# Encoders whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids)
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
+                    "longformer", "mpnet"}
+
+
+def bound_encoder_length(tokenizer: PreTrainedTokenizerBase, config) -> None:
+    """An encoder reads at most its position table: the tokenizer's `model_max_length` (unset, i.e.
+    1e30, in many saved tokenizers) is capped to it, so that scoring cuts over-long pairs to fit
+    (pipeline/scoring.py) instead of indexing past the position embeddings."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not is_encoder(tokenizer) or positions is None:
+        return
+    if config.model_type in OFFSET_POSITIONS:
+        positions -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
 
 
 def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedTokenizerBase:

@@ -118,6 +118,18 @@ def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
     return optimizer, scheduler
 
 
+def disk_need(model, cfg: PPOStage) -> int:
+    """Peak bytes of the run (models.disk_need): a checkpoint is accelerate's save_state (every weight
+    in its stored dtype, AdamW's moments); the artifact the float32 policy (adapters merged) and the
+    value model (under LoRA: its adapter and head, which is what is saved)."""
+    trainable = sum(models.numel(p) for p in model.parameters() if p.requires_grad)
+    checkpoint = sum(models.numel(p) * p.element_size() for p in model.parameters()) + 8 * trainable
+    value = model.value_model if model.value_model is not None else model.value_head
+    artifact = 4 * (sum(models.numel(p) for p in model.policy.parameters())
+                    + sum(models.numel(p) for p in value.parameters() if cfg.finetune == "full" or p.requires_grad))
+    return models.disk_need(checkpoint, artifact)
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set."""
     if torch.cuda.is_available():
@@ -130,11 +142,15 @@ class StopRequest:
 
     def __init__(self, acc):
         self.acc, self.flag = acc, False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._set)
+        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _set(self, *_):
         self.flag = True
+
+    def restore(self):
+        """After the loop: a stop request no longer has a checkpoint to take (see cli.run)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def requested(self) -> bool:
         """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
@@ -173,11 +189,16 @@ class PPORun:
         Metrics and samples logged after that point (by a run killed before its next checkpoint) are
         cut off, so every iteration appears once."""
         start = 0
-        if (self.checkpoint / "ppo_state.json").is_file():
-            saved = json.loads((self.checkpoint / "ppo_state.json").read_text())
-            self.acc.load_state(str(self.checkpoint))
-            self.kl_ctl.load_state_dict(saved["kl_controller"])
-            start = saved["iteration"]
+        # save_checkpoint swaps checkpoint.tmp in through checkpoint.old: a kill in between leaves
+        # the newest complete one (ppo_state.json is written last) under one of these names
+        complete = [d for d in (self.checkpoint, self.out / "checkpoint.tmp", self.out / "checkpoint.old")
+                    if (d / "ppo_state.json").is_file()]
+        if complete:
+            states = {d: json.loads((d / "ppo_state.json").read_text()) for d in complete}
+            newest = max(complete, key=lambda d: states[d]["iteration"])
+            self.acc.load_state(str(newest))
+            self.kl_ctl.load_state_dict(states[newest]["kl_controller"])
+            start = states[newest]["iteration"]
             self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
         if self.acc.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -190,15 +211,20 @@ class PPORun:
     def save_checkpoint(self, iteration: int) -> None:
         """Every rank takes part (sharded engines save their shards); rank 0 then swaps it in."""
         with self.timed("saving"):
-            tmp = self.out / "checkpoint.tmp"
+            tmp, old = self.out / "checkpoint.tmp", self.out / "checkpoint.old"
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # a part written before a kill
+            self.acc.wait_for_everyone()
             self.acc.save_state(str(tmp))
             self.acc.wait_for_everyone()  # every rank has written its part (its RNG state at least)
-            if self.acc.is_main_process:
+            if self.acc.is_main_process:  # ppo_state.json last: it marks a checkpoint complete
                 (tmp / "ppo_state.json").write_text(json.dumps({"iteration": iteration,
                                                                 "kl_controller": self.kl_ctl.state_dict()}))
                 if self.checkpoint.exists():
-                    shutil.rmtree(self.checkpoint)
+                    shutil.rmtree(old, ignore_errors=True)
+                    self.checkpoint.rename(old)
                 tmp.rename(self.checkpoint)
+                shutil.rmtree(old, ignore_errors=True)
             self.acc.wait_for_everyone()
 
     def log(self, iteration: int, metrics: dict, episodes: int, rollout, scores: list, sample: bool) -> None:
@@ -240,7 +266,8 @@ class PPORun:
                 (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         if acc.is_main_process:
             summary = {**self.summary(unwrapped), **extra}
-            shutil.rmtree(self.checkpoint, ignore_errors=True)
+            for leftover in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+                shutil.rmtree(out / leftover, ignore_errors=True)
             plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, self.started)
             print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
                   f"{time.time() - self.started:.0f}s ({summary['episodes_per_s_median']:.1f} episodes/s), score "

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from pipeline.data import is_conversational
-from pipeline.models import is_encoder
+from pipeline.models import bound_encoder_length, is_encoder
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,9 @@ def encoder_input_ids(tokenizer, prompt, response) -> list[int]:
     RoBERTa have none anyway)."""
     if prompt is None and is_conversational(response) and len(response) > 1:
         prompt, response = response[:-1], response[-1:]
-    texts = [t for t in (plain_text(prompt), plain_text(response)) if t] or [""]
+    prompt, response = plain_text(prompt), plain_text(response)
+    # an empty response still makes a pair (tokenizers read "" as no second text; " " is one)
+    texts = [prompt, response or " "] if prompt else [response]
     ids = tokenizer(*texts)["input_ids"]
     limit = tokenizer.model_max_length
     if len(ids) <= limit:
@@ -118,6 +120,8 @@ class RewardScorer:
         model.eval()  # not `model = model.eval()`: a DeepSpeed engine's eval() returns None
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.encoder = is_encoder(tokenizer)
+        if self.encoder:  # (a DeepSpeed engine keeps the config on its module)
+            bound_encoder_length(tokenizer, getattr(model, "config", None) or model.module.config)
         self.device = device if device is not None else next(model.parameters()).device
 
     @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later

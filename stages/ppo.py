@@ -25,8 +25,8 @@ from pipeline import artifacts, cli, data, engine, models, plans
 from pipeline.dist import open_stage
 from pipeline.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.ppo_math import KLController
-from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, StopRequest, load_models, optimizer_and_schedule,
-                              policy_tokenizer, same_tokenizer)
+from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, StopRequest, disk_need, load_models,
+                              optimizer_and_schedule, policy_tokenizer, same_tokenizer)
 from pipeline.rollout import generate, sampling_config
 
 
@@ -46,7 +46,7 @@ def main(argv=None):
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
     tokenizer, stop_id = policy_tokenizer(sft_dir, cfg.stop_token)
     model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, acc)
-    artifacts.check_free_space(out, models.disk_need(model, whole_state_in_checkpoint=True),
+    artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, schedule.optimizer_steps)
@@ -96,6 +96,7 @@ def main(argv=None):
             acc.end_training()
             raise SystemExit(130)
 
+    stop.restore()
     run.save_artifact(recipe, plan, tokenizer, sft_dir, {
         "engine": engine.name(acc),
         "reward_model_tokenizer": "shared" if same_tokenizer(tokenizer, scorer.tokenizer) else "own"})

@@ -85,6 +85,7 @@ def main(argv=None):
     # (RewardTrainer would append an EOS or apply a chat template, which an encoder does not have).
     train_rows, eval_rows = train_ds, eval_ds
     if models.is_encoder(tokenizer):
+        models.bound_encoder_length(tokenizer, model.config)  # saved with the tokenizer: PPO and eval cut alike
         train_rows = scoring.encoder_pairs(train_ds, tokenizer)
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
     stop = checkpoints.StopOnSignal()
@@ -97,7 +98,8 @@ def main(argv=None):
         dropped["too_long"] += len(eval_ds) - len(trainer.eval_dataset)
 
     # ---- train ----
-    artifacts.check_free_space(out, models.disk_need(trainer.model, whole_state_in_checkpoint=False),
+    # (a resumed run's checkpoints are on the disk already)
+    artifacts.check_free_space(out, models.trainer_disk_need(trainer.model) - artifacts.size(out),
                                "the rm artifact and its checkpoints")
     result = checkpoints.train(trainer, resume, stop, "rm")
     after = trainer.evaluate() if eval_ds is not None else {}

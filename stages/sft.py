@@ -54,7 +54,8 @@ def main(argv=None):
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
 
     # ---- train ----
-    artifacts.check_free_space(out, models.disk_need(trainer.model, whole_state_in_checkpoint=False),
+    # (a resumed run's checkpoints are on the disk already)
+    artifacts.check_free_space(out, models.trainer_disk_need(trainer.model) - artifacts.size(out),
                                "the sft artifact and its checkpoints")
     result = checkpoints.train(trainer, resume, stop, "sft")
     # the first evaluation (eval_on_start) is the loss before training: under FSDP2 / ZeRO-3 the model

@@ -62,6 +62,21 @@ def test_an_over_long_pair_loses_the_start_of_the_prompt(encoders):
     assert len(ids) == 128 and tokenizer.decode(ids).startswith("[CLS] write about a dog [SEP]")
 
 
+def test_a_tokenizer_without_a_length_is_bounded_by_the_position_table(encoders):
+    """Many saved tokenizers leave model_max_length unset (1e30): the scorer caps it to the positions the
+    model has (RoBERTa: 130 - 2, its positions start after the padding index), so a long pair is cut,
+    not run past the position embeddings. An empty response still makes a pair."""
+    tokenizer = AutoTokenizer.from_pretrained(encoders["roberta"])
+    tokenizer.model_max_length = int(1e30)
+    model = AutoModelForSequenceClassification.from_pretrained(encoders["roberta"]).eval()
+    scorer = RewardScorer(model, tokenizer)
+    assert tokenizer.model_max_length == 128
+    scores = scorer(["write about the music in star quest . " * 50], ["the music is great ."])
+    assert scores.isfinite().all()
+    bert = AutoTokenizer.from_pretrained(encoders["bert"])
+    assert reward_input_ids(bert, "write about the music", "").count(bert.sep_token_id) == 2
+
+
 def test_an_implicit_conversation_is_split_at_its_last_turn(encoders):
     tokenizer = AutoTokenizer.from_pretrained(encoders["bert"])
     conversation = PROMPTS[0] + RESPONSES[0]

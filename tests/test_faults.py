@@ -94,12 +94,22 @@ def test_a_full_disk_is_found_before_training_and_leaves_the_finished_artifact_a
     assert read_manifest(runs_with_rm / "demo" / "sft")["build_id"] == before
 
 
-def test_no_space_left_while_saving_is_one_line_and_the_old_artifact_survives(runs_with_rm, monkeypatch, capsys):
+FULL = {  # what a full disk raises: Python's own writes, torch.save, safetensors
+    "oserror": lambda path: OSError(errno.ENOSPC, "No space left on device", str(path)),
+    "torch": lambda path: RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: "
+                                       "PytorchStreamWriter failed writing file data/0: file write failed"),
+    "safetensors": lambda path: Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          "message: \"No space left on device\" })"),
+}
+
+
+@pytest.mark.parametrize("raised", list(FULL))
+def test_no_space_left_while_saving_is_one_line_and_the_old_artifact_survives(raised, runs_with_rm, monkeypatch):
     sft_dir = runs_with_rm / "demo" / "sft"
     build = read_manifest(sft_dir)["build_id"]
 
     def disk_full(self, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        raise FULL[raised](path)
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
     with pytest.raises(SystemExit) as stop:
@@ -119,12 +129,15 @@ def test_an_unwritable_run_directory_fails_before_anything_loads(tmp_path):
         ppo.main(["--recipe", "stages/recipes/demo.yaml", f"runs_dir={blocker}/runs"])
 
 
-def test_ctrl_c_at_the_terminal_returns_only_after_the_stage_has_saved(runs_with_rm):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_at_the_terminal_returns_only_after_the_stage_has_saved(processes, runs_with_rm):
     """SIGINT to the whole foreground process group, as the terminal sends it: the launcher make uses
-    exits after the stage's checkpoint is written and its process has exited (the lock is free)."""
+    exits after the stage's checkpoint is written and its processes have exited (the lock is free),
+    with the stage's exit code (torch elastic, with 2 processes, neither re-signals nor kills them)."""
     args = ppo_args(runs_with_rm, "ppo.save_every=100")
     partial = runs_with_rm / "demo" / "ppo.partial"
-    proc = subprocess.Popen([*LAUNCH, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+    launch = LAUNCH if processes == 1 else [*LAUNCH[:3], "--multi_gpu", "--num_processes", "2", *LAUNCH[5:]]
+    proc = subprocess.Popen([*launch, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
