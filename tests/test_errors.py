@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from tests import families
 from tests.conftest import REPO, sft_args

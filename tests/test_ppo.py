@@ -1,7 +1,5 @@
 """End-to-end PPO on the demo with tiny models: every variant the stage supports."""
 
-import json
-import os
 import shutil
 import signal
 import subprocess

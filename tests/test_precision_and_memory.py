@@ -1,9 +1,6 @@
 """Correct on real settings: mixed precision, plain sampling, memory options, a pad token that costs
 nothing. bf16 autocast runs on CPU, so every check here is the one a GPU run depends on."""
 
-import json
-import shutil
-
 import pytest
 import torch
 from peft import PeftModel

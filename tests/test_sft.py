@@ -4,7 +4,6 @@ import json
 import subprocess
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import MissingArtifact, read_manifest, require
