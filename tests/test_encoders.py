@@ -84,7 +84,7 @@ def test_an_implicit_conversation_is_split_at_its_last_turn(encoders):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft):
+def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_model):
     rm.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"rm.model={encoders[kind]}", "judge=null",
              "rm.dataset.limit=1000", "rm.eval_dataset.limit=100", "rm.reference_limit=16",
              "rm.trainer.num_train_epochs=8", "rm.trainer.learning_rate=3e-4"])
@@ -102,8 +102,8 @@ def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft):
         print(f"ppo against the bert reward model: raw score {first:.3f} -> {last:.3f}")
         assert last > first
         assert read_manifest(runs_with_sft / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
-        evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", "eval.prompts.limit=8",
-                       "eval.max_new_tokens=8", "judge=null"])
+        evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
+                       "eval.prompts.limit=8", "eval.max_new_tokens=8", "judge=null"])
         scores = json.loads((runs_with_sft / "demo" / "eval" / "metrics.json").read_text())
         assert {"mean", "std"} <= set(scores["ppo"]["sampled"]["rm_score"])
 
