@@ -1,4 +1,5 @@
-"""Resuming the Trainer stages (SFT, RM) after a crash, a kill or Ctrl-C.
+"""Resuming the Trainer stages (SFT, RM) after a crash, a kill or Ctrl-C; the stop request on Ctrl-C
+that every training loop (the Trainer's, PPO's) shares.
 
 The Trainer checkpoints into `<work dir>/checkpoints/` (only the latest is kept). The work directory
 is stamped with the stage's fingerprint, so running the same stage again with the same recipe finds
@@ -9,7 +10,6 @@ checkpoints are removed before the artifact is committed: only the final model g
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 from pathlib import Path
@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.artifacts import MAKE_TARGET
+from pipeline.metrics import cut_jsonl
 
 DIR = "checkpoints"
 
@@ -36,44 +37,45 @@ def resume_point(out: Path, stage: str, is_main_process: bool) -> str | None:
     complete = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in (out / DIR).glob("checkpoint-*")
                       if (p / "trainer_state.json").is_file())
     step, last = complete[-1] if complete else (0, None)
-    metrics = out / "metrics.jsonl"
-    if is_main_process and metrics.exists():
-        # (an interrupted run's own end-of-training summary goes too: the finished run logs one)
-        kept = [line for line in metrics.read_text().splitlines()
-                if last and _step(line) <= step and '"train_runtime"' not in line]
-        metrics.write_text("".join(line + "\n" for line in kept))
+    if is_main_process:  # (an interrupted run's own end-of-training summary goes too: the finished run logs one)
+        cut_jsonl(out / "metrics.jsonl", "step", step if last else -1, drop='"train_runtime"')
     if last and is_main_process:
         print(f"{stage}: resuming from the checkpoint at step {step}")
     return str(last) if last else None
 
 
-def _step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):  # a line torn by a kill mid-write
-        return float("inf")
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the training loop asks at the end of each step (PPO: minibatch)
+    whether any rank got one, all ranks together, so that all of them save and stop at the same point."""
 
-
-class StopOnSignal(TrainerCallback):
-    """Ctrl-C / SIGTERM: the Trainer saves a checkpoint at the end of the current step and stops.
-    The ranks agree first (one all-reduce per step), so all of them save and stop at the same step."""
-
-    def __init__(self):
-        self.flag, self.stopped_at = False, None
+    def __init__(self, device):
+        self.device, self.flag = device, False
         self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
     def _set(self, *_):
         self.flag = True
 
-    def on_step_end(self, args, state, control, **kwargs):
-        flag = torch.tensor(float(self.flag), device=args.device)
+    def restore(self):
+        """After training: a stop request has no checkpoint to take any more (see cli.run)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
+        flag = torch.tensor(float(self.flag), device=self.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag)
-        if flag.item() > 0:
+        return flag.item() > 0
+
+
+class StopOnSignal(TrainerCallback):
+    """A StopRequest for the Trainer: it saves a checkpoint at the end of the current step and stops."""
+
+    def __init__(self, device):
+        self.request, self.stopped_at = StopRequest(device), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.request.requested():
             control.should_save, control.should_training_stop = True, True
             self.stopped_at = state.global_step
         return control
@@ -85,7 +87,7 @@ def train(trainer, resume: str | None, stop: StopOnSignal, stage: str):
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
-        stop.restore()
+        stop.request.restore()
     if stop.stopped_at is not None:
         if trainer.is_world_process_zero():
             print(f"{stage}: interrupted; checkpoint saved at step {stop.stopped_at}. Run `{MAKE_TARGET[stage]}` "

@@ -8,6 +8,19 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 
+def cut_jsonl(path: Path, key: str, last: float, drop: str | None = None) -> None:
+    """Resuming: keep the lines of `path` whose `key` is at most `last` (and that do not contain `drop`),
+    so what a killed run logged after its checkpoint appears once. A line torn by the kill is dropped."""
+    if not path.exists():
+        return
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)[key] <= last and (drop is None or drop not in line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if kept(line)))
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -158,7 +158,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
 
     Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
     approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop()` (a collective,
-    see ppo_run.StopRequest) is asked after every optimiser step, so a stop request is answered within
+    see checkpoints.StopRequest) is asked after every optimiser step, so a stop request is answered within
     one minibatch, well inside the ~30 s a launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps

@@ -8,7 +8,6 @@ import json
 import math
 import resource
 import shutil
-import signal
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
-from pipeline.metrics import append_jsonl
+from pipeline.metrics import append_jsonl, cut_jsonl
 from pipeline.ppo import PolicyAndValue, disable_dropout
 from pipeline.ppo_math import KLController
 from pipeline.scoring import RewardScorer
@@ -137,34 +136,6 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop checks it (all ranks agreeing) and saves a checkpoint."""
-
-    def __init__(self, acc):
-        self.acc, self.flag = acc, False
-        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _set(self, *_):
-        self.flag = True
-
-    def restore(self):
-        """After the loop: a stop request no longer has a checkpoint to take (see cli.run)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self) -> bool:
-        """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
-        return self.acc.reduce(torch.tensor(float(self.flag), device=self.acc.device), "sum").item() > 0
-
-
-def _iteration(line: str) -> float:
-    """The iteration of a metrics/samples line; a line torn by a kill mid-write counts as after any."""
-    try:
-        return json.loads(line)["iteration"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
 class PPORun:
     """The run's files in its work directory: checkpoint and resume, metrics and samples, the time
     split, and the final artifact."""
@@ -202,10 +173,7 @@ class PPORun:
             self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
         if self.acc.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):
-                path = self.out / name
-                if path.exists():
-                    kept = [line for line in path.read_text().splitlines() if _iteration(line) <= start]
-                    path.write_text("".join(line + "\n" for line in kept))
+                cut_jsonl(self.out / name, "iteration", start)
         return start
 
     def save_checkpoint(self, iteration: int) -> None:

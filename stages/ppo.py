@@ -25,7 +25,8 @@ from pipeline import artifacts, cli, data, engine, models, plans
 from pipeline.dist import open_stage
 from pipeline.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.ppo_math import KLController
-from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, StopRequest, disk_need, load_models,
+from pipeline.checkpoints import StopRequest
+from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
                               optimizer_and_schedule, policy_tokenizer, same_tokenizer)
 from pipeline.rollout import generate, sampling_config
 
@@ -60,7 +61,7 @@ def main(argv=None):
     set_seed(recipe.seed + rank * RANK_SEED_STRIDE)  # each rank samples its own rollouts
     run = PPORun(out, acc, model, scheduler, kl_ctl, started)
     start = run.resume(schedule.iterations)  # a checkpoint's RNG states replace the seed's
-    stop = StopRequest(acc)
+    stop = StopRequest(acc.device)
     acc.init_trackers("ppo", config=None)
     run.seconds["startup"] = time.time() - run.started
 

@@ -88,7 +88,7 @@ def main(argv=None):
         models.bound_encoder_length(tokenizer, model.config)  # saved with the tokenizer: PPO and eval cut alike
         train_rows = scoring.encoder_pairs(train_ds, tokenizer)
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
-    stop = checkpoints.StopOnSignal()
+    stop = checkpoints.StopOnSignal(state.device)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
                             processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))

@@ -48,7 +48,7 @@ def main(argv=None):
         **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no",
         # the loss before training, on the engine-prepared model (a resumed run has it in its history)
         eval_on_start=eval_ds is not None and resume is None)
-    stop = checkpoints.StopOnSignal()
+    stop = checkpoints.StopOnSignal(state.device)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
