@@ -146,7 +146,8 @@ class PPOStage:
     """LoRA settings for the policy (finetune = lora / qlora-*)."""
     dtype: Dtype = "auto"
     """Compute dtype (mixed precision): trained weights (policy, value model or head, adapters) stay
-    float32 under autocast; frozen ones (reference, reward model, a LoRA/QLoRA base) are stored in it."""
+    float32 under autocast; frozen ones (reward model, a LoRA/QLoRA base, the reference's linear layers) are
+    stored in it. Eval loads every policy in it."""
     reward_model: str | None = None
     """An already trained reward model (a hub id or a directory of any sequence classifier with one
     output) to optimise against instead of this run's RM stage; eval then scores with it too."""
@@ -178,8 +179,10 @@ class PPOStage:
     """Longest response."""
     temperature: float = ranged(0.7, "> 0")
     """Sampling temperature (top_k = 0, top_p = 1: the distribution the log-probs are taken from)."""
-    stop_token: str | None = None
-    """Token that ends a response (default: the tokenizer's EOS)."""
+    stop_token: str | list[str] | None = None
+    """Token(s) that end a response, in PPO and eval. Default: where the assistant's turn ends as SFT
+    trained it: the chat template's turn-end token, the tokenizer's EOS and the EOS ids the model's
+    generation config lists (pipeline/models.py, `stop_token_ids`)."""
     missing_stop_penalty: float = ranged(1.0, ">= 0")
     """Subtracted from the score of a response that never emits the stop token."""
     kl_coef: float = ranged(0.05, ">= 0")

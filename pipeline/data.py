@@ -240,14 +240,6 @@ def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: 
     return split["train"], split["test"], fmt
 
 
-def prompt_text(tokenizer, prompt) -> str:
-    """The text a model is conditioned on: the chat template with a generation prompt for
-    conversational prompts, the string itself otherwise."""
-    if is_conversational(prompt):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
 def _empty(value) -> bool:
     return value is None or (isinstance(value, (str, list)) and len(value) == 0)
 

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def cut_jsonl(path: Path, key: str, last: float, drop: str | None = None) -> None:

@@ -4,8 +4,9 @@ Precision (the recipe's `dtype`, see `pipeline.config.TrainStage.dtype`) is mixe
 weights a stage trains (a full model, LoRA adapters, a value model or head) are stored in float32 and
 run under autocast in the compute dtype, because AdamW steps at the usual RLHF learning rates
 (1e-6 .. 2e-5) are far below bf16's resolution (a weight of 0.05 has a bf16 step of ~2e-4) and round
-away. Frozen weights (PPO's reference and reward models, the base under LoRA adapters) are stored in
-the compute dtype: they only run forwards, and it halves their memory.
+away. Frozen weights (the reward model, the base under LoRA adapters) are stored in the compute
+dtype: they only run forwards, and it halves their memory. PPO's frozen reference stores only its
+linear layers so, to compute exactly as the float32 policy does under autocast (`load_reference`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from pipeline.config import ConfigError, LoraSettings
-
-PAD_TOKEN = "<|pad|>"
-# Embedding rows are rounded up to a multiple of this when a token must be added: matrix shapes that
-# are multiples of 64 keep the lm_head on the fast GPU kernels.
-EMBEDDING_MULTIPLE = 64
-
 
 def resolve_dtype(name: str) -> torch.dtype:
     """The compute dtype. `auto`: bfloat16 on a GPU that supports it, float32 elsewhere."""
@@ -121,6 +117,51 @@ def _pad_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return ranked
 
 
+SENTINEL = "\u2063sentinel\u2063"  # a reply no template rewrites, to find what follows a reply
+
+
+def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template writes right after an assistant's reply (ChatML's
+    `<|im_end|>`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`): what SFT on conversations teaches
+    the model to emit when its turn is over. trl's SFTTrainer appends EOS only to plain text, so a
+    base whose EOS is another token (Qwen2.5 base: `<|endoftext|>`) learns to stop with this one.
+    None without a template, or if the template writes no special token after the reply."""
+    if not isinstance(tokenizer.chat_template, str):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": SENTINEL}], tokenize=False)
+    except Exception:  # a template with rules of its own (system turns, roles): no answer from it
+        return None
+    if SENTINEL not in text:
+        return None
+    after = tokenizer(text.split(SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((tokenizer.convert_ids_to_tokens(i) for i in after if i in special), None)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None,
+                   stop_token: str | list[str] | None = None) -> list[int]:
+    """The tokens that end a response, the same in PPO's rollouts, eval and the stop-token metrics.
+
+    `stop_token` (the recipe's `ppo.stop_token`, one token or a list) if given; else every token that
+    ends a turn as the model was trained: the chat template's turn end (`turn_end_token`), the
+    tokenizer's EOS (plain-text SFT appends it), and the EOS ids the generation config lists (Llama 3
+    and Qwen2.5 Instruct list several)."""
+    if stop_token:
+        names = [stop_token] if isinstance(stop_token, str) else list(stop_token)
+        vocab = tokenizer.get_vocab()
+        unknown = [t for t in names if t not in vocab]
+        if unknown:
+            raise ConfigError(f"ppo.stop_token {unknown} is not in the policy's vocabulary: name a token it has "
+                              f"(e.g. {tokenizer.eos_token!r})")
+        return [vocab[t] for t in names]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (turn_end_token(tokenizer), tokenizer.eos_token) if t]
+    listed = getattr(generation_config, "eos_token_id", None)
+    ids += listed if isinstance(listed, list) else [listed] if listed is not None else []
+    return list(dict.fromkeys(ids))
+
+
 def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
     """A BERT / RoBERTa / DeBERTa-style tokenizer: no chat template, a classification token and a
     separator that frame a text pair (`[CLS] prompt [SEP] response [SEP]`). Its model pools the first
@@ -147,14 +188,16 @@ def bound_encoder_length(tokenizer: PreTrainedTokenizerBase, config) -> None:
 
 
 def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token distinct from EOS that costs nothing if possible.
+    """The model's tokenizer, with a pad token, never a new one.
 
-    If pad == EOS, masking the padding also masks every real EOS, and the model never learns to
-    stop. A tokenizer without its own pad token reuses a special token it has and never emits
-    (`_pad_candidates`); only if there is none is a new one added, and `fit_embeddings` then grows the
-    embeddings to a multiple of 64 rows. Reusing keeps the vocabulary, so LoRA adapters need no copy
-    of the embeddings and load onto the original base model. `reward`: the tokenizer of a reward model,
-    which may be an encoder's (no EOS needed, see `is_encoder`).
+    Padding is marked by attention masks everywhere in this pipeline (and in trl's collators, which pad
+    labels with -100), never by comparing ids with the pad id, so any token may pad, EOS included. A
+    tokenizer with a pad token keeps it (SmolLM2's pad is its EOS); one without reuses a special token
+    it has and never emits (`_pad_candidates`), else UNK, else EOS (Mistral v0.1: `<unk>`; GPT-2:
+    `<|endoftext|>`). Adding a token instead would grow the embeddings, and every LoRA adapter would
+    then carry full copies of the embeddings and LM head (236 MB for SmolLM2-135M's 1.6 MB of LoRA
+    weights) and no longer load onto the original hub model. `reward`: the tokenizer of a reward
+    model, which may be an encoder's (no EOS needed, see `is_encoder`).
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -166,29 +209,55 @@ def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedToken
                           f"must be a causal language model (an encoder can be `rm.model` or `ppo.reward_model`)")
     if tokenizer.eos_token is None and not is_encoder(tokenizer):
         raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        candidates = _pad_candidates(tokenizer)
-        if candidates:
-            tokenizer.pad_token = candidates[0]
-        else:
-            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = next(iter(_pad_candidates(tokenizer)), tokenizer.unk_token or tokenizer.eos_token)
     return tokenizer
 
 
-def fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Grow the embeddings if the tokenizer gained tokens (rounded up to a multiple of 64 rows), and
-    record the special ids for generate. A tokenizer far larger than the model's vocabulary is not
-    this model's (only the pad token `load_tokenizer` may add is grown into the embeddings)."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows + 1:
+def generation_config(path) -> GenerationConfig | None:
+    """A model's saved generation config (its EOS list), or None if it has none."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The model's config and generation config take the tokenizer's pad and EOS ids (a sequence
+    classifier finds its last token through `config.pad_token_id`; `pad_token_id: null` fails on any
+    batch of two). The generation config keeps every EOS it lists, the tokenizer's first. A
+    tokenizer with more tokens than the model has embedding rows is not this model's."""
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # (ZeRO-3 leaves an empty local shard)
+    if len(tokenizer) > rows:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
                           f"the tokenizer does not belong to this model (use the model's own tokenizer)")
-    if rows < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and tokenizer.eos_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        eos = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in listed if i is not None]]))
+        generation.eos_token_id = eos if len(eos) > 1 else eos[0]
+
+
+def load_reference(path, dtype: torch.dtype) -> PreTrainedModel:
+    """The frozen reference of a fully fine-tuned policy, computing exactly as the policy does.
+
+    The policy is float32 weights under autocast: matmuls (nn.Linear) run on weights cast to the
+    compute dtype, everything else (embeddings, norms, the residual stream) in float32. A reference
+    loaded in bf16 differs before any update (its residual stream is bf16: 3.8e-3 nats per token on
+    two layers, growing with depth), and the KL penalty would charge that artefact. Here only the
+    Linear layers are stored in the compute dtype, which is what autocast computes with anyway, and
+    the rest stays float32: identical log-probs at 2 bytes per matmul weight (a tied LM head stays
+    float32, as the embedding it shares)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if dtype != torch.float32:
+        tied = model.get_input_embeddings().weight
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+                module.to(dtype)
+    return model
 
 
 def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, **kwargs) -> PreTrainedModel:
@@ -202,5 +271,5 @@ def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, **kwargs) 
     from pipeline.engine import single_process_loading
     with single_process_loading():
         model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
-        fit_embeddings(model, tokenizer)
+        align_special_tokens(model, tokenizer)
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

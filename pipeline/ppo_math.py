@@ -145,12 +145,14 @@ class KLController:
         self.value = state["value"]
 
 
-def truncate_after_stop(responses: torch.Tensor, stop_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Everything after the first stop token becomes padding.
+def truncate_after_stop(responses: torch.Tensor, stop_ids: int | list[int],
+                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything after the first stop token (any of `stop_ids`) becomes padding. The pad id may be a
+    stop id itself (SmolLM2, GPT-2): the mask, not the id, says where the response ends.
 
     Returns (responses, mask with the stop token included, has_stop per sequence).
     """
-    is_stop = responses == stop_id
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device).reshape(-1))
     has_stop = is_stop.any(1)
     # index of the first stop token, or T if none
     first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, responses.shape[1], dtype=torch.long))

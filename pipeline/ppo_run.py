@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import time
 from collections import defaultdict
@@ -16,14 +15,14 @@ from pathlib import Path
 import torch
 import yaml
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
 
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
-from pipeline.metrics import append_jsonl, cut_jsonl
+from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.ppo import PolicyAndValue, disable_dropout
 from pipeline.ppo_math import KLController
-from pipeline.scoring import RewardScorer
+from pipeline.scoring import RewardScorer, load_reward_model
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
 
@@ -32,13 +31,12 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
 
 
-def policy_tokenizer(sft_dir: Path, stop_token: str | None):
-    """The SFT tokenizer (left padding: prompts end where generation starts) and the stop token id."""
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, padding_side="left")
-    stop_id = tokenizer.convert_tokens_to_ids(stop_token) if stop_token else tokenizer.eos_token_id
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == stop_id:
-        raise ConfigError(f"the SFT tokenizer's pad token must exist and differ from the stop token ({stop_id})")
-    return tokenizer, stop_id
+def policy_tokenizer(sft_dir: Path, stop_token: str | list[str] | None):
+    """The SFT tokenizer (left padding: prompts end where generation starts) and the ids that end a
+    response (`models.stop_token_ids`: where the assistant's turn ends, as SFT trained it). The pad
+    token may be one of them: padding is marked by masks, never by id."""
+    tokenizer = models.load_tokenizer(str(sft_dir), padding_side="left")
+    return tokenizer, models.stop_token_ids(tokenizer, models.generation_config(sft_dir), stop_token)
 
 
 def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
@@ -53,15 +51,11 @@ def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
     dtype = models.resolve_dtype(cfg.dtype)
     policy = AutoModelForCausalLM.from_pretrained(sft_dir, **models.load_kwargs(cfg.finetune, cfg.dtype))
     reference = None
-    if cfg.finetune == "full":
-        reference = engine.prepare_frozen(AutoModelForCausalLM.from_pretrained(sft_dir, dtype=dtype), acc)
+    if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
+        reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
     else:
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
-    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=dtype)
-    if reward_model.config.num_labels != 1:
-        raise ConfigError(f"the reward model '{rm_dir}' has {reward_model.config.num_labels} outputs; a reward model "
-                          f"gives one score (num_labels=1)")
-    rm_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+    reward_model, rm_tokenizer = load_reward_model(rm_dir, dtype)
     scorer = RewardScorer(engine.prepare_frozen(reward_model, acc), rm_tokenizer, acc.device,
                           batch_size=cfg.forward_batch)
     if cfg.value_model == "reward" and not same_tokenizer(tokenizer, rm_tokenizer):
@@ -127,13 +121,6 @@ def disk_need(model, cfg: PPOStage) -> int:
     artifact = 4 * (sum(models.numel(p) for p in model.policy.parameters())
                     + sum(models.numel(p) for p in value.parameters() if cfg.finetune == "full" or p.requires_grad))
     return models.disk_need(checkpoint, artifact)
-
-
-def peak_memory_mb() -> float:
-    """Peak memory of this process: CUDA's allocator peak on a GPU, else the peak resident set."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class PPORun:

@@ -43,13 +43,13 @@ class Rollout:
         return len(self.prompts)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, stop_id: int, pad_id: int) -> GenerationConfig:
+def sampling_config(temperature: float, max_new_tokens: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     """Temperature sampling and nothing else (temperature 0: greedy). Each processor transformers
     would add from a model's defaults is set to its neutral value explicitly (`min_new_tokens` stays
     None: 0 would still install a min-length processor; `plain_sampling` keeps the model's out)."""
     sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
                      epsilon_cutoff=0.0, eta_cutoff=0.0) if temperature > 0 else dict(do_sample=False))
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop_id, pad_token_id=pad_id,
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
                             repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
                             min_length=0, min_new_tokens=None, bad_words_ids=None, suppress_tokens=None,
                             begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
@@ -74,13 +74,24 @@ def plain_sampling(model, config: GenerationConfig):
         hf_model.generation_config = original
 
 
+def prompt_ids(tokenizer, prompt) -> list[int]:
+    """The ids a policy is conditioned on, exactly the prefix SFT trained before the completion
+    (trl's SFTTrainer): a conversation through the chat template with a generation prompt (the
+    template writes any BOS itself), plain text through the tokenizer with its special tokens (the
+    BOS Llama, Mistral and Gemma tokenizers prepend)."""
+    if data.is_conversational(prompt):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return tokenizer(prompt)["input_ids"]
+
+
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def generate(model, tokenizer, prompts: list, config: GenerationConfig, device, **generate_kwargs) -> Rollout:
     """One batched generation with KV cache; everything after the first stop token becomes padding.
-    `tokenizer` pads on the left (prompts end where generation starts). `generate_kwargs`: the
+    Prompts are padded on the left (they end where generation starts). `generate_kwargs`: the
     engine's (pipeline.engine.generate_kwargs)."""
-    enc = tokenizer([data.prompt_text(tokenizer, p) for p in prompts], return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(device)
+    enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, p) for p in prompts]}, padding_side="left",
+                        return_tensors="pt").to(device)
     with plain_sampling(model, config):
         sequences = model.generate(**enc, generation_config=config, **generate_kwargs)
     context = enc["input_ids"].shape[1]

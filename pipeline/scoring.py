@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data import is_conversational
-from pipeline.models import bound_encoder_length, is_encoder
+from pipeline.models import align_special_tokens, bound_encoder_length, is_encoder, load_tokenizer
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,9 @@ def reward_input_ids(tokenizer, prompt, response) -> list[int]:
     if is_encoder(tokenizer):
         return encoder_input_ids(tokenizer, prompt, response)
     if is_conversational(response) or is_conversational(prompt):
+        if not isinstance(tokenizer.chat_template, str):
+            raise ConfigError(f"the reward model's tokenizer ({tokenizer.name_or_path}) has no chat template, so it "
+                              f"cannot read conversations: use plain-text prompts, or a reward model with a template")
         if not is_conversational(response):
             response = [{"role": "assistant", "content": response}]
         messages = (prompt if is_conversational(prompt) else
@@ -111,6 +115,22 @@ def encoder_pairs(dataset, tokenizer):
                 "rejected_ids": encoder_input_ids(tokenizer, prompt, row["rejected"])}
     keep = {"margin"} & set(dataset.column_names)
     return dataset.map(render, remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+def load_reward_model(path, dtype: torch.dtype):
+    """A frozen reward model and its tokenizer, from this run's RM stage or from anywhere (a hub id,
+    a directory of any sequence classifier with one output). Many classifiers have no pad token
+    (GPT-2 and Llama-based ones) or `pad_token_id: null` in their config: they get one as a policy
+    does (`load_tokenizer`: an existing token, never a new one, so the model is never resized)."""
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    if model.config.num_labels != 1:
+        raise ConfigError(f"the reward model '{path}' has {model.config.num_labels} outputs; a reward model "
+                          f"gives one score (num_labels=1)")
+    tokenizer = load_tokenizer(str(path), reward=True)
+    if tokenizer.pad_token_id is not None:
+        align_special_tokens(model, tokenizer)
+    return model.requires_grad_(False).eval(), tokenizer
 
 
 class RewardScorer:

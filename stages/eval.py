@@ -12,6 +12,7 @@ stop token, distinct n-grams; win rate of PPO over SFT with a 95% interval. Writ
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -22,21 +23,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from pipeline import artifacts, cli, data, models, plans, report  # noqa: E402
 from pipeline.dist import open_stage  # noqa: E402
 from pipeline.rollout import generate, response_logprobs, sampling_config  # noqa: E402
-from pipeline.scoring import RewardScorer, load_callable  # noqa: E402
+from pipeline.metrics import peak_memory_mb  # noqa: E402
+from pipeline.scoring import RewardScorer, load_callable, load_reward_model  # noqa: E402
 
 
-def respond(model, tokenizer, prompts, cfg, temperature, stop_id, seed, device):
+def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device):
     """Responses to every prompt in batches of `eval.batch_size`, sampled at `temperature` (0: greedy)
-    with temperature alone, stopping at PPO's stop token. Returns one Rollout per batch."""
-    config = sampling_config(temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
+    with temperature alone, stopping where PPO's rollouts stop. Returns one Rollout per batch."""
+    config = sampling_config(temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return [generate(model, tokenizer, prompts[i:i + cfg.batch_size], config, device)
             for i in range(0, len(prompts), cfg.batch_size)]
+
+
+def load_policy(path, dtype, device):
+    """A policy for evaluation: in the compute dtype PPO trained under (float32 artifacts would
+    double a 7B's memory), with its tokenizer (a base without a pad token gets one as SFT gave it)."""
+    tokenizer = models.load_tokenizer(str(path), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    models.align_special_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def release_memory() -> None:
+    """Return a released policy's memory (Python's cycles, then CUDA's cache) before the next loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def distinct(texts, n):
@@ -72,24 +90,23 @@ def main(argv=None):
 
     prompts = data.load_prompts(cfg.prompts)
     judge = load_callable(recipe.judge) if recipe.judge else None
-    device = state.device
-    reward_model = plans.reward_model(recipe)  # the one PPO optimised
-    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(reward_model).to(device),
-                          AutoTokenizer.from_pretrained(reward_model), device, batch_size=cfg.batch_size)
-    sft_model = AutoModelForCausalLM.from_pretrained(run / "sft").to(device).eval()
-    stop_token = recipe.ppo.stop_token  # eval stops where PPO's rollouts stopped
+    device, dtype = state.device, models.resolve_dtype(recipe.ppo.dtype)
+    forward_batch = recipe.ppo.forward_batch  # KL forwards in PPO's micro-batches: bounded logits memory
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    reward_model, rm_tokenizer = load_reward_model(plans.reward_model(recipe), dtype)  # the one PPO optimised
+    scorer = RewardScorer(reward_model.to(device), rm_tokenizer, device, batch_size=cfg.batch_size)
+    sft = load_policy(run / "sft", dtype, device)  # (model, tokenizer): the reference of every KL
+    sft_model = sft[0]
 
     # ---- generate and score, per policy and decoding ----
     metrics, texts = {}, {}
     for name, path in policies.items():
-        # The base model's tokenizer may have no pad token: it gets the one the SFT stage gave it.
-        tokenizer = models.load_tokenizer(path, padding_side="left")
-        stop_id = tokenizer.convert_tokens_to_ids(stop_token) if stop_token else tokenizer.eos_token_id
-        model = sft_model if name == "sft" else AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        models.fit_embeddings(model, tokenizer)
+        model, tokenizer = sft if name == "sft" else load_policy(path, dtype, device)
+        stop_ids = models.stop_token_ids(tokenizer, models.generation_config(path), recipe.ppo.stop_token)
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
-            batches = respond(model, tokenizer, prompts, cfg, temperature, stop_id, recipe.seed, device)
+            batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device)
             decoded = [t for b in batches for t in b.texts]
             rm = scorer(prompts, decoded).tolist()
             lengths = torch.cat([b.response_mask.sum(1).float().cpu() for b in batches])
@@ -102,27 +119,32 @@ def main(argv=None):
             if decoding == "sampled":
                 # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
                 if model is not sft_model:
-                    kl = [(response_logprobs(model, b, temperature, cfg.batch_size)
-                           - response_logprobs(sft_model, b, temperature, cfg.batch_size)).sum(1).cpu()
+                    kl = [(response_logprobs(model, b, temperature, forward_batch)
+                           - response_logprobs(sft_model, b, temperature, forward_batch)).sum(1).cpu()
                           for b in batches]
                     m["kl_from_sft"] = torch.cat(kl).mean().item()
                 else:
                     m["kl_from_sft"] = 0.0
                 texts[name] = {"text": decoded, "rm": rm, "gold": gold}
             metrics[name][decoding] = m
+        del model  # one policy resident at a time: released before the next one loads
+        release_memory()
     if "ppo" in texts:
         metrics["ppo"]["win_rate_vs_sft"] = {"rm": win_rate(texts["ppo"]["rm"], texts["sft"]["rm"])}
         if judge is not None:
             metrics["ppo"]["win_rate_vs_sft"]["gold"] = win_rate(texts["ppo"]["gold"], texts["sft"]["gold"])
+    metrics_peak = peak_memory_mb()
     settings = {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
                 "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts)}
-    artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, **metrics})
+    artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, "peak_memory_mb": metrics_peak,
+                                                         **metrics})
 
     # ---- plots and report ----
     plots = write_plots(out, run, texts, judge is not None)
     write_report(out, metrics, texts, prompts, settings, plots, cfg.samples_in_report)
     summary = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
                for name, m in metrics.items()}
+    summary["peak_memory_mb"] = metrics_peak
     plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, started)
     print(f"eval: {len(prompts)} prompts in {time.time() - started:.0f}s, report at {plan.stage.final / 'report.md'}")
     print(report.headline(metrics))

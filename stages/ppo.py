@@ -45,11 +45,11 @@ def main(argv=None):
     # ---- data, models, optimiser ----
     prompts = data.load_prompts(cfg.prompts)
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
-    tokenizer, stop_id = policy_tokenizer(sft_dir, cfg.stop_token)
+    tokenizer, stop_ids = policy_tokenizer(sft_dir, cfg.stop_token)
     model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
-    generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_id, tokenizer.pad_token_id)
+    generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, schedule.optimizer_steps)
     model, optimizer = acc.prepare(model, optimizer)
     reference = reference if reference is not None else acc.unwrap_model(model).policy  # LoRA: adapter disabled

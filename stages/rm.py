@@ -70,12 +70,12 @@ def main(argv=None):
     reference_set = data.reference_pairs(reference, rm.reference_limit)
 
     # ---- model ----
-    # Seeded before loading: the new score head (and any new token embedding) is initialised here,
+    # Seeded before loading: the new score head is initialised here,
     # before the Trainer seeds, and the same recipe should give the same reward model.
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(model_source, reward=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm.finetune, rm.dtype))
-    models.fit_embeddings(model, tokenizer)
+    models.align_special_tokens(model, tokenizer)
     dtype = models.resolve_dtype(rm.dtype)
     resume = checkpoints.resume_point(out, "rm", state.is_main_process)  # an interrupted run goes on
     training_args = trl_args(

@@ -26,6 +26,22 @@ from pipeline.metrics import JsonlLogger
 ACCEPTED = ["language_modeling", "prompt_completion"]
 
 
+def end_of_turn(tokenizer, train_ds, trainer_settings: dict) -> dict:
+    """SFTConfig's `eos_token` for conversations on a base whose EOS does not end a chat turn.
+
+    trl appends EOS only to plain text; a conversation ends with whatever the chat template closes a
+    turn with (Qwen2.5 base: `<|im_end|>`, EOS `<|endoftext|>`; Llama 3 base: `<|eot_id|>`, EOS
+    `<|end_of_text|>`). trl's `eos_token` makes that token the saved tokenizer's EOS and puts it first in
+    the generation config's EOS list, so PPO, eval and any `generate` stop where the model learned to.
+    A recipe that sets `sft.trainer.eos_token` itself keeps its choice."""
+    first = train_ds[0]
+    conversational = any(data.is_conversational(first.get(c)) for c in ("messages", "prompt", "completion"))
+    turn_end = models.turn_end_token(tokenizer)
+    if "eos_token" in trainer_settings or not conversational or turn_end in (None, tokenizer.eos_token):
+        return {}
+    return {"eos_token": turn_end}
+
+
 def main(argv=None):
     recipe, state, plan, out = open_stage("sft", __doc__, argv, resume=True)
     if out is None:  # up to date
@@ -37,15 +53,16 @@ def main(argv=None):
     train_ds, eval_ds, fmt = data.train_eval(sft.dataset, sft.eval_dataset, sft.eval_fraction, ACCEPTED, recipe.seed)
 
     # ---- model ----
-    set_seed(recipe.seed)  # before loading: a new pad-token embedding is initialised there
+    set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(sft.model)
     model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft.finetune, sft.dtype))
-    models.fit_embeddings(model, tokenizer)
+    models.align_special_tokens(model, tokenizer)
     dtype = models.resolve_dtype(sft.dtype)
     resume = checkpoints.resume_point(out, "sft", state.is_main_process)  # an interrupted run goes on
     training_args = trl_args(
         SFTConfig, sft.trainer, "sft.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
-        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no",
+        **models.trainer_precision(dtype), **end_of_turn(tokenizer, train_ds, sft.trainer),
+        eval_strategy="epoch" if eval_ds is not None else "no",
         # the loss before training, on the engine-prepared model (a resumed run has it in its history)
         eval_on_start=eval_ds is not None and resume is None)
     stop = checkpoints.StopOnSignal(state.device)

@@ -49,6 +49,28 @@ def bos_tokenizer() -> PreTrainedTokenizerFast:
                                    chat_template=LLAMA, clean_up_tokenization_spaces=False)
 
 
+# The demo's files and the recipe keys that read them
+DEMO_FILES = {"sft.dataset": "sft_train", "sft.eval_dataset": "sft_eval", "rm.dataset": "preferences_train",
+              "rm.eval_dataset": "preferences_test", "ppo.prompts": "prompts_train", "eval.prompts": "prompts_heldout"}
+
+
+def plain_demo_data(folder, limits: dict[str, int]) -> dict[str, str]:
+    """The demo's conversational rows re-written as plain strings (prompt-completion text, as GPT-2
+    style models without a chat template or trl-lib/tldr have them), for the recipe keys in `limits`
+    with that many rows each: {recipe key: path of the written file}. A completion starts with a
+    space, so it does not run into the prompt's last word."""
+    import json
+    text = lambda v: v if isinstance(v, str) else " ".join(m["content"] for m in v)  # noqa: E731
+    out = {}
+    for key, limit in limits.items():
+        rows = [json.loads(line) for line in open(f"data/demo/{DEMO_FILES[key]}.jsonl")][:limit]
+        rows = [{k: (" " if k == "completion" else "") + text(v) for k, v in r.items()} for r in rows]
+        path = folder / f"{DEMO_FILES[key]}.plain.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[key] = str(path)
+    return out
+
+
 def llama_config(tokenizer, **kw) -> LlamaConfig:
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -17,7 +17,7 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
                    "eval.prompts.limit=32", "eval.max_new_tokens=16"])
     out = runs_with_rm / "demo" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"settings", "base", "sft", "ppo"}
+    assert set(metrics) == {"settings", "peak_memory_mb", "base", "sft", "ppo"}
     for policy in ("base", "sft", "ppo"):
         sampled = metrics[policy]["sampled"]
         assert {"gold_score", "rm_score", "kl_from_sft", "response_length", "stop_token_share",
@@ -45,7 +45,7 @@ def test_eval_of_any_run_without_judge_or_ppo(runs_with_rm, base_model, tmp_path
     evaluate.main(args)
     out = runs_with_rm / "demo" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"settings", "base", "sft"} and metrics["settings"]["n_prompts"] == 4
+    assert set(metrics) == {"settings", "peak_memory_mb", "base", "sft"} and metrics["settings"]["n_prompts"] == 4
     assert "gold_score" not in metrics["sft"]["sampled"] and "rm_score" in metrics["sft"]["greedy"]
     assert not (out / "ppo_curves.png").exists() and (out / "score_distributions.png").is_file()
     assert "| sft |" in (out / "report.md").read_text()
@@ -61,3 +61,44 @@ def test_prompts_without_a_prompt_column_are_refused(runs_with_rm, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: columns \['question'\]: this stage needs a `prompt` column"):
         evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"eval.prompts={bad}"])
     assert not (runs_with_rm / "demo" / "eval").exists()
+
+
+def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
+    """Policies in the recipe's compute dtype, one resident at a time next to the SFT reference and the
+    reward model, KL forwards in PPO's micro-batches, and the peak memory reported. Old code: float32
+    from_pretrained defaults, every policy kept alive, KL over whole generation batches."""
+    import gc
+    import weakref
+
+    import pipeline.rollout
+    import torch
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "ppo.save_every=100"))
+    loads, alive_at_load, kl_forwards, dtypes = [], [], [], set()
+    real_load = evaluate.AutoModelForCausalLM.from_pretrained
+    real_logits = pipeline.rollout.response_logits
+
+    def load(path, *args, **kwargs):
+        gc.collect()
+        alive_at_load.append(sorted(name for name, ref in loads if ref() is not None and name != "sft"))
+        model = real_load(path, *args, **kwargs)
+        loads.append((str(path).rstrip("/").split("/")[-1], weakref.ref(model)))
+        dtypes.add(next(model.parameters()).dtype)
+        return model
+
+    def logits(model, input_ids, *args, **kwargs):
+        out = real_logits(model, input_ids, *args, **kwargs)
+        kl_forwards.append((len(input_ids), out.dtype))
+        return out
+
+    monkeypatch.setattr(evaluate.AutoModelForCausalLM, "from_pretrained", load)
+    monkeypatch.setattr(pipeline.rollout, "response_logits", logits)
+    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
+                   "ppo.dtype=bfloat16", "ppo.forward_batch_size=2", "eval.batch_size=8", "eval.prompts.limit=16",
+                   "eval.max_new_tokens=8"])
+    assert dtypes == {torch.bfloat16}
+    assert [name for name, _ in loads] == ["sft", "base", "ppo"]
+    assert alive_at_load == [[], [], []]  # the base policy was released before PPO's loaded
+    assert kl_forwards and {n for n, _ in kl_forwards} == {2} and {d for _, d in kl_forwards} == {torch.bfloat16}
+    metrics = json.loads((runs_with_rm / "demo" / "eval" / "metrics.json").read_text())
+    assert metrics["peak_memory_mb"] > 0
+    assert read_manifest(runs_with_rm / "demo" / "eval")["metrics"]["peak_memory_mb"] == metrics["peak_memory_mb"]

@@ -133,7 +133,7 @@ def test_adaptive_kl_controller_by_hand():
 
 def test_truncate_after_stop():
     responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8]])
-    out, mask, has_stop = truncate_after_stop(responses, stop_id=1, pad_id=0)
+    out, mask, has_stop = truncate_after_stop(responses, stop_ids=1, pad_id=0)
     assert out.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert has_stop.tolist() == [True, False]

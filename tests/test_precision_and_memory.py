@@ -65,8 +65,40 @@ def ppo_models(runs_dir, *overrides):
 def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
     _, _, (model, reference, scorer) = ppo_models(rm_run, "ppo.dtype=bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    # the reference: matmul weights in bf16 (what autocast computes with), the rest float32 like the policy's
+    linear = {m.weight.dtype for m in reference.modules() if isinstance(m, torch.nn.Linear)
+              and m.weight is not reference.get_input_embeddings().weight}
+    assert linear == {torch.bfloat16} and reference.get_input_embeddings().weight.dtype == torch.float32
     assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_reference_computes_exactly_as_the_policy_under_bf16(tied, tmp_path):
+    """Old code loaded the reference in bf16: its residual stream and embeddings are bf16 while the
+    float32 policy's are float32 under autocast, so log-probs differed before any update."""
+    tokenizer = families.chatml_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(families.llama_config(tokenizer, tie_word_embeddings=tied)).save_pretrained(tmp_path)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    reference = models.load_reference(tmp_path, torch.bfloat16)
+    pure_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ids = torch.randint(0, len(tokenizer), (4, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = [m(input_ids=ids).logits.float() for m in (policy, reference, pure_bf16)]
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.equal(logits[0], logits[2])  # what the old reference computed
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(reference) < 0.75 * bytes_of(policy)
+
+
+@pytest.mark.parametrize("variant", ["ppo.value_model=reward", "ppo.value_model=sft", "ppo.value_model=head",
+                                     "ppo.finetune=lora"])
+def test_kl_before_the_first_update_is_zero_under_bf16(variant, runs_with_rm):
+    """The rollouts of iteration 1 come from the SFT policy itself: KL(policy || reference) is 0 up to
+    float rounding, under bf16 autocast too (old code: -3e-3 on the demo, from the bf16 reference)."""
+    ppo.main(ppo_args(runs_with_rm, "ppo.dtype=bfloat16", variant, "ppo.total_episodes=32", "ppo.save_every=100"))
+    first = read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl")[0]
+    assert abs(first["objective/kl"]) < 1e-6, first["objective/kl"]
 
 
 def test_a_lora_policy_trains_a_small_fraction_and_no_full_value_model(rm_run):
@@ -117,7 +149,7 @@ def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_mode
 def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
     recipe, tokenizer, (model, reference, scorer) = ppo_models(rm_run)
     cfg = recipe.ppo
-    config = sampling_config(cfg.temperature, 12, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = sampling_config(cfg.temperature, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)
     rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, "cpu")
     whole = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=12)
@@ -160,7 +192,7 @@ def test_pad_token_reuses_an_unused_special_token_first():
     assert len(tokenizer) == n
 
 
-def test_a_pad_token_that_must_be_added_rounds_the_embeddings_to_64(tmp_path):
+def test_a_tokenizer_without_a_spare_token_pads_with_unk_or_eos_and_keeps_its_size(tmp_path):
     tokenizer = families.bos_tokenizer()
     tokenizer.pad_token = None  # <s> and </s> are BOS and EOS; <pad> is left unused
     tokenizer.save_pretrained(tmp_path)
@@ -171,10 +203,11 @@ def test_a_pad_token_that_must_be_added_rounds_the_embeddings_to_64(tmp_path):
     gpt2 = PreTrainedTokenizerFast(tokenizer_object=gpt2_like, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     gpt2.save_pretrained(tmp_path / "gpt2")
     loaded = models.load_tokenizer(str(tmp_path / "gpt2"))
-    assert loaded.pad_token == models.PAD_TOKEN and len(loaded) == len(gpt2) + 1
+    assert loaded.pad_token == "<|endoftext|>" and len(loaded) == len(gpt2)  # EOS pads: masks mark padding
     model = AutoModelForCausalLM.from_config(families.llama_config(gpt2))
-    models.fit_embeddings(model, loaded)
-    assert model.get_input_embeddings().weight.shape[0] % 64 == 0
+    rows = model.get_input_embeddings().weight.shape[0]
+    models.align_special_tokens(model, loaded)
+    assert model.get_input_embeddings().weight.shape[0] == rows and model.config.pad_token_id == loaded.eos_token_id
 
 
 def test_lora_adapter_of_a_padless_tokenizer_holds_no_embeddings_and_loads_on_the_base(tmp_path):

@@ -43,6 +43,7 @@ def test_sft_and_rm_on_two_processes_match_one(tmp_path, base_model):
     # eval on 2 processes too (rank 0 evaluates; the others wait well inside the process-group timeout)
     launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={two}", f"sft.model={base_model}",
            "eval.prompts.limit=16", "eval.max_new_tokens=8")
-    assert set(json.loads((two / "demo" / "eval" / "metrics.json").read_text())) == {"settings", "base", "sft"}
+    assert set(json.loads((two / "demo" / "eval" / "metrics.json").read_text())) == {"settings", "peak_memory_mb", "base",
+                                                                                       "sft"}
     print({"sft_eval_loss": (s1["eval_loss_after"], s2["eval_loss_after"]),
            "rm_accuracy": (r1["heldout"]["accuracy"], r2["heldout"]["accuracy"])})

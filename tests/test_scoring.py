@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import data
+from pipeline.rollout import prompt_ids
 from pipeline.scoring import RewardScorer, reward_input_ids
 from tests import families
 
@@ -24,8 +24,7 @@ def trainer_ids(tokenizer, model, row, tmp_path) -> list[int]:
 def policy_rollout_texts(tokenizer, prompt, response, stop_token):
     """What PPO and eval hand the scorer: the response the policy generated (its stop token
     included), decoded with special tokens skipped."""
-    ids = tokenizer(data.prompt_text(tokenizer, prompt) if data.is_conversational(prompt) else prompt,
-                    add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(stop_token)]
     return tokenizer.decode(response_ids, skip_special_tokens=True), len(ids)
 

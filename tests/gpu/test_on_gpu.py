@@ -50,6 +50,10 @@ def test_the_chain_on_gpu_in_the_compute_dtype(tmp_path, base_model, forwards_on
                    "eval.prompts.limit=64"])
     assert not forwards_on_gpu, f"forwards with a tensor off the GPU: {sorted(forwards_on_gpu)}"
     ppo_metrics = read_manifest(tmp_path / "demo" / "ppo")["metrics"]
+    # the reference computes as the policy does under bf16 autocast on CUDA: no KL before the first update
+    first = json.loads((tmp_path / "demo" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["objective/kl"]) < 1e-5, first["objective/kl"]
     assert ppo_metrics["objective/scores"] > ppo_metrics["score_first"]
     evaluation = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
-    print(json.dumps({"ppo": ppo_metrics, "eval_ppo": evaluation["ppo"]["sampled"]}, indent=1))
+    print(json.dumps({"ppo": ppo_metrics, "eval_ppo": evaluation["ppo"]["sampled"],
+                      "eval_peak_memory_mb": evaluation["peak_memory_mb"]}, indent=1))
