@@ -20,6 +20,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 
 from pipeline.config import ConfigError, LoraSettings
 
+# Tokenizer entries past the embedding rows that are tolerated (see `align_special_tokens`)
+TOKENIZER_SLACK = 8
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """The compute dtype. `auto`: bfloat16 on a GPU that supports it, float32 elsewhere."""
     if name == "auto":
@@ -126,7 +130,7 @@ def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     the model to emit when its turn is over. trl's SFTTrainer appends EOS only to plain text, so a
     base whose EOS is another token (Qwen2.5 base: `<|endoftext|>`) learns to stop with this one.
     None without a template, or if the template writes no special token after the reply."""
-    if not isinstance(tokenizer.chat_template, str):
+    if tokenizer.chat_template is None:  # (a dict of named templates is applied by its default)
         return None
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
@@ -209,8 +213,12 @@ def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedToken
                           f"must be a causal language model (an encoder can be `rm.model` or `ppo.reward_model`)")
     if tokenizer.eos_token is None and not is_encoder(tokenizer):
         raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = next(iter(_pad_candidates(tokenizer)), tokenizer.unk_token or tokenizer.eos_token)
+    # A reward model to be trained pools its score at the last token that is not the pad token
+    # (transformers' sequence classifiers), so there a pad equal to EOS would hide the EOS that
+    # plain-text pairs end with: a spare token pads instead, where the tokenizer has one.
+    if tokenizer.pad_token is None or (reward and tokenizer.pad_token_id == tokenizer.eos_token_id):
+        spare = _pad_candidates(tokenizer)
+        tokenizer.pad_token = spare[0] if spare else tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
 
@@ -229,10 +237,17 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     tokenizer with more tokens than the model has embedding rows is not this model's."""
     weight = model.get_input_embeddings().weight
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # (ZeRO-3 leaves an empty local shard)
-    if len(tokenizer) > rows:
+    used = [i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None]
+    # a few entries past the embeddings occur on the hub (Gemma 3: an image token the text model never
+    # sees); many, or a special token the pipeline uses among them, mean another model's tokenizer
+    if len(tokenizer) > rows + TOKENIZER_SLACK or any(i >= rows for i in used):
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
                           f"the tokenizer does not belong to this model (use the model's own tokenizer)")
     model.config.pad_token_id = tokenizer.pad_token_id
+    text_config = model.config.get_text_config()
+    listed = text_config.eos_token_id if isinstance(text_config.eos_token_id, list) else [text_config.eos_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in listed:
+        text_config.eos_token_id = tokenizer.eos_token_id  # as trl's `eos_token` does for the model it trains
     generation = getattr(model, "generation_config", None)
     if generation is not None and tokenizer.eos_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
@@ -249,13 +264,15 @@ def load_reference(path, dtype: torch.dtype) -> PreTrainedModel:
     loaded in bf16 differs before any update (its residual stream is bf16: 3.8e-3 nats per token on
     two layers, growing with depth), and the KL penalty would charge that artefact. Here only the
     Linear layers are stored in the compute dtype, which is what autocast computes with anyway, and
-    the rest stays float32: identical log-probs at 2 bytes per matmul weight (a tied LM head stays
-    float32, as the embedding it shares)."""
+    the rest stays float32: identical log-probs at 2 bytes per linear-layer weight. A tied LM head
+    stays float32, as the embedding it shares; so do weights outside linear layers (the fused expert
+    tensors of some mixture-of-experts models): correct, at float32's memory."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if dtype != torch.float32:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (addmm: autocast casts it too)
         tied = model.get_input_embeddings().weight
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight is not tied:
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module.weight is not tied:
                 module.to(dtype)
     return model
 

@@ -129,7 +129,11 @@ def eval(recipe: Recipe) -> Plan:
     upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name != "base"}
     if not recipe.ppo.reward_model:
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
-    return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge},
+    # eval stops where PPO's rollouts stopped, in PPO's compute dtype and forward micro-batches
+    ppo_settings = {"stop_token": recipe.ppo.stop_token, "dtype": recipe.ppo.dtype,
+                    "forward_batch": recipe.ppo.forward_batch}
+    return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge,
+                                          "ppo": ppo_settings},
                  {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model),
                   "reward_model_fingerprint": artifacts.source_fingerprint(reward_model(recipe))}, upstream)
 

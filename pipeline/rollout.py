@@ -82,7 +82,11 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     if data.is_conversational(prompt):
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])
-    return tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt)["input_ids"]
+    # a tokenizer set to append EOS (`add_eos_token`) would end the context where SFT's continues
+    if ids and ids[-1] == tokenizer.eos_token_id and not prompt.endswith(tokenizer.eos_token):
+        ids = ids[:-1]
+    return ids
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later

@@ -93,7 +93,7 @@ def reward_input_ids(tokenizer, prompt, response) -> list[int]:
     if is_encoder(tokenizer):
         return encoder_input_ids(tokenizer, prompt, response)
     if is_conversational(response) or is_conversational(prompt):
-        if not isinstance(tokenizer.chat_template, str):
+        if tokenizer.chat_template is None:
             raise ConfigError(f"the reward model's tokenizer ({tokenizer.name_or_path}) has no chat template, so it "
                               f"cannot read conversations: use plain-text prompts, or a reward model with a template")
         if not is_conversational(response):
@@ -128,7 +128,11 @@ def load_reward_model(path, dtype: torch.dtype):
         raise ConfigError(f"the reward model '{path}' has {model.config.num_labels} outputs; a reward model "
                           f"gives one score (num_labels=1)")
     tokenizer = load_tokenizer(str(path), reward=True)
-    if tokenizer.pad_token_id is not None:
+    if model.config.pad_token_id is not None:
+        # a trained classifier pools at the last token that is not its config's pad token: scoring
+        # must pad with that one, whatever the tokenizer says, or the score moves to another token
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id)
+    else:
         align_special_tokens(model, tokenizer)
     return model.requires_grad_(False).eval(), tokenizer
 
@@ -150,7 +154,9 @@ class RewardScorer:
         ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         scores = []
         for i in range(0, len(ids), self.batch_size):
-            # Decoders: left padding, so the last position is a real token whatever the pooling does.
+            # Decoders: left padding. transformers' classifiers pool at the last token that is not the
+            # pad token: the sequence's own last token, unless that is the pad token itself (a pad equal
+            # to EOS: the RM stage pads with a spare token for this, see models.load_tokenizer).
             # Encoders pool the first token and number positions themselves (RoBERTa's start after
             # the padding index): right padding, no position ids, as RewardTrainer trained them.
             enc = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, return_tensors="pt",

@@ -72,13 +72,16 @@ def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
     assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_reference_computes_exactly_as_the_policy_under_bf16(tied, tmp_path):
+@pytest.mark.parametrize("family", ["llama-tied", "llama-untied", "gpt2"])
+def test_the_reference_computes_exactly_as_the_policy_under_bf16(family, tmp_path):
     """Old code loaded the reference in bf16: its residual stream and embeddings are bf16 while the
     float32 policy's are float32 under autocast, so log-probs differed before any update."""
+    from transformers import GPT2Config
     tokenizer = families.chatml_tokenizer()
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(families.llama_config(tokenizer, tie_word_embeddings=tied)).save_pretrained(tmp_path)
+    config = (GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4) if family == "gpt2" else
+              families.llama_config(tokenizer, tie_word_embeddings=family == "llama-tied"))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     reference = models.load_reference(tmp_path, torch.bfloat16)
     pure_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)

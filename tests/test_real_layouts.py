@@ -12,13 +12,14 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
+                          GPT2ForSequenceClassification)
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import models
 from pipeline.ppo_math import gae, truncate_after_stop
-from pipeline.rollout import generate, sampling_config
-from pipeline.scoring import RewardScorer, load_reward_model
+from pipeline.rollout import generate, prompt_ids, sampling_config
+from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids
 from stages import eval as evaluate
 from stages import ppo, rm, sft
 from tests import families, layouts
@@ -153,11 +154,66 @@ def test_pad_equal_to_the_stop_token_changes_no_rollout_score_or_advantage(saved
     assert (ended[a.has_stop] == same.eos_token_id).all()  # the stop token is kept, inside the mask
     # the same left-padded prompts under both pad ids, by mask
     assert torch.equal(a.attention_mask, b.attention_mask)
+    # the reward model reads the same texts (ChatML's turn ends in "\n", so pooling sees no pad either way)
+    classifier = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    scores = []
+    for tokenizer in (same, spare):
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+        scores.append(RewardScorer(classifier, tokenizer, batch_size=8)(prompts, a.texts))
+    assert torch.allclose(scores[0], scores[1], atol=1e-6)
     torch.manual_seed(1)
     values, rewards = torch.randn(a.responses.shape), torch.randn(a.responses.shape)
     for x, y in zip(gae(values, rewards, a.response_mask.float(), 1.0, 0.95),
                     gae(values, rewards, b.response_mask.float(), 1.0, 0.95)):
         assert torch.equal(x, y)
+
+
+def test_a_reward_model_reads_the_eos_its_texts_end_with(saved, tmp_path):
+    """transformers' classifiers pool at the last token that is not the pad token. A reward model to
+    be trained on a pad == EOS layout (Qwen2.5 base) pads with a spare token, so the EOS that plain
+    pairs end with is read; a trained classifier keeps the pad its config names (where it learned to
+    pool), whatever its tokenizer says."""
+    tokenizer = models.load_tokenizer(str(saved["qwen25-base"]), reward=True)
+    assert tokenizer.pad_token != tokenizer.eos_token and len(tokenizer) == len(layouts.tokenizer("qwen25-base"))
+    classifier = AutoModelForSequenceClassification.from_pretrained(saved["qwen25-base"], num_labels=1).eval()
+    models.align_special_tokens(classifier, tokenizer)
+    prompt, response = "review star quest .", " it was good ."
+    ids = reward_input_ids(tokenizer, prompt, response)
+    assert ids[-1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden = classifier.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        at_eos, before = classifier.score(hidden[-1]).item(), classifier.score(hidden[-2]).item()
+        score = RewardScorer(classifier, tokenizer)([prompt, "a"], [response, " b"])[0].item()
+    assert score == pytest.approx(at_eos, abs=1e-5) and score != pytest.approx(before, abs=1e-5)
+    classifier.config.pad_token_id = tokenizer.convert_tokens_to_ids("<|fim_pad|>")  # not the first spare
+    classifier.save_pretrained(tmp_path / "rm")
+    layouts.tokenizer("qwen25-base").save_pretrained(tmp_path / "rm")  # its tokenizer pads with EOS
+    _, loaded = load_reward_model(tmp_path / "rm", torch.float32)
+    assert loaded.pad_token == "<|fim_pad|>"
+
+
+def test_the_tokenizer_may_have_a_few_entries_past_the_embeddings(saved):
+    """Gemma 3 lists one token more than its embedding rows; another model's tokenizer is refused."""
+    tokenizer = models.load_tokenizer(str(saved["gemma"]))
+    small = AutoModelForCausalLM.from_config(layouts.LlamaConfig(
+        vocab_size=len(tokenizer) - 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    models.align_special_tokens(small, tokenizer)
+    tiny = AutoModelForCausalLM.from_config(layouts.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(models.ConfigError, match="does not belong to this model"):
+        models.align_special_tokens(tiny, tokenizer)
+
+
+def test_a_tokenizer_that_appends_eos_still_generates_from_the_prompt_alone(tmp_path):
+    """Tokenizers set to append EOS (`add_eos_token`) end plain text with it; the prompt must not."""
+    from tokenizers import processors
+    tok = layouts.tokenizer("mistral-v01")
+    backend = tok.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    assert tok("review")["input_ids"][-1] == tok.eos_token_id
+    ids = prompt_ids(tok, "review star quest .")
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
 
 
 def test_truncation_when_the_pad_is_a_stop_token():
