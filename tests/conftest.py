@@ -112,6 +112,48 @@ def fresh_accelerator_state():
     artifacts.release_locks()  # a stage run in-process holds its lock until its process exits
 
 
+def control_run(runs_dir: Path, scratch: Path, *args: str) -> list[dict]:
+    """The same PPO run (`args` as for ppo_args) with a learning rate of ~0, next to the run's SFT (and
+    RM) artifacts: what sampling noise alone does to the logged scores. Same seed, so the same first
+    rollouts as the trained run."""
+    from stages import ppo
+    for stage in ("sft", "rm"):
+        if (runs_dir / "demo" / stage).is_dir():
+            shutil.copytree(runs_dir / "demo" / stage, scratch / "demo" / stage)
+    ppo.main(ppo_args(scratch, *args, "ppo.learning_rate=1e-12"))
+    return read_jsonl(scratch / "demo" / "ppo" / "metrics.jsonl")
+
+
+def assert_learned(history: list[dict], control: list[dict], margin: float, key: str = "objective/rm_score_raw",
+                   last: int = 4) -> None:
+    """PPO raised the reward: over the last `last` iterations, the trained run's mean score beats the
+    untrained control's by `margin` (a mean of 4 x 32 rollouts has a noise of ~0.2 on the demo)."""
+    trained, untrained = (sum(h[key] for h in hs[-last:]) / last for hs in (history, control))
+    assert trained > untrained + margin, f"{key}: trained {trained:.3f} vs untrained control {untrained:.3f}"
+
+
+@pytest.fixture
+def loaded_models(monkeypatch):
+    """Every model `from_pretrained` loads during the test, as loaded (the stage then trains it in
+    place: peft wraps its layers), to inspect what the stage really trained."""
+    from transformers import modeling_utils
+    seen = []
+    real = modeling_utils.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(real(cls, *args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "from_pretrained", classmethod(spy))
+    return seen
+
+
+def quantized_layers(model) -> dict[str, int]:
+    """How many of the model's linear layers are bitsandbytes 4-bit and 8-bit ones."""
+    import bitsandbytes as bnb
+    return {"4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+            "8bit": sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())}
+
+
 def launch(n: int, script: str, *args: str, engine: str | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` with n gloo processes; `engine` switches accelerate to FSDP2 / DeepSpeed
     through tests/engines.py (test-only: accelerate never picks them on CPU by itself)."""

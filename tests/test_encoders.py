@@ -16,7 +16,7 @@ from pipeline.scoring import RewardScorer, reward_input_ids
 from stages import eval as evaluate
 from stages import ppo, rm, sft
 from tests import families
-from tests.conftest import DEMO_RECIPE, ppo_args, read_jsonl
+from tests.conftest import DEMO_RECIPE, assert_learned, control_run, ppo_args, read_jsonl
 
 KINDS = ["bert", "roberta", "deberta"]
 PROMPTS = [[{"role": "user", "content": "Write about the sea."}], "Describe a cat.",
@@ -84,7 +84,7 @@ def test_an_implicit_conversation_is_split_at_its_last_turn(encoders):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_model):
+def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_model, tmp_path):
     rm.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"rm.model={encoders[kind]}", "judge=null",
              "rm.dataset.limit=1000", "rm.eval_dataset.limit=100", "rm.reference_limit=16",
              "rm.trainer.num_train_epochs=8", "rm.trainer.learning_rate=3e-4"])
@@ -98,9 +98,10 @@ def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_mode
     if kind == "bert":  # the rest of the chain once: PPO raises the encoder's score, eval reports it
         ppo.main(ppo_args(runs_with_sft, "ppo.value_model=sft", "ppo.learning_rate=1e-3"))
         history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
-        first, last = (sum(h["objective/rm_score_raw"] for h in hs) / 2 for hs in (history[:2], history[-2:]))
-        print(f"ppo against the bert reward model: raw score {first:.3f} -> {last:.3f}")
-        assert last > first
+        control = control_run(runs_with_sft, tmp_path / "control", "ppo.value_model=sft")
+        print(f"ppo against the bert reward model: raw score {history[0]['objective/rm_score_raw']:.3f} -> "
+              f"{history[-1]['objective/rm_score_raw']:.3f} (untrained control {control[-1]['objective/rm_score_raw']:.3f})")
+        assert_learned(history, control, margin=0.15)
         assert read_manifest(runs_with_sft / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
         evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
                        "eval.prompts.limit=8", "eval.max_new_tokens=8", "judge=null"])

@@ -14,18 +14,19 @@ import pipeline.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
 from stages import base, ppo, rm
-from tests.conftest import DEMO_RECIPE, REPO, launch, read_jsonl, ppo_args, rm_args
+from tests.conftest import (DEMO_RECIPE, REPO, assert_learned, control_run, launch, ppo_args, quantized_layers, read_jsonl,
+                            rm_args)
 
 
-def check_run(runs_dir, iterations=6):
+def check_run(runs_dir, iterations=6, tolerance=1e-5):
     out = runs_dir / "demo" / "ppo"
     manifest = require(out, "ppo")
     history = read_jsonl(out / "metrics.jsonl")
     assert [h["iteration"] for h in history] == list(range(1, iterations + 1))
     for h in history:
         # the health check of a correct implementation: nothing has moved at the first minibatch
-        assert h["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=1e-5)
-        assert h["first_minibatch"]["approxkl"] == pytest.approx(0.0, abs=1e-6)
+        assert h["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=tolerance)
+        assert h["first_minibatch"]["approxkl"] == pytest.approx(0.0, abs=tolerance / 10)
         assert h["first_minibatch"]["clipfrac"] == 0.0
         assert all(v == v for v in h.values() if isinstance(v, float))  # no NaN
         # k1 is unbiased but noisy per batch while the true KL is tiny: a small negative batch is noise,
@@ -39,16 +40,10 @@ def check_run(runs_dir, iterations=6):
     return history
 
 
-def improves(history):
-    first = sum(h["objective/scores"] for h in history[:2]) / 2
-    last = sum(h["objective/scores"] for h in history[-2:]) / 2
-    return last > first
-
-
-def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm):
+def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm, tmp_path):
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=320"))  # the demo's learning rate
     history = check_run(runs_with_rm, iterations=10)
-    assert improves(history)
+    assert_learned(history, control_run(runs_with_rm, tmp_path / "control", "ppo.total_episodes=320"), margin=0.4)
     assert 0 < history[-1]["objective/kl"] < 10
     assert (runs_with_rm / "demo" / "ppo" / "value_model" / "config.json").is_file()
 
@@ -63,19 +58,57 @@ def test_the_raw_score_and_the_missing_stop_penalty_are_logged_apart(runs_with_r
                                                       abs=1e-5)
 
 
-@pytest.mark.parametrize("finetune", ["lora", "qlora-4bit"])
-def test_ppo_with_adapters_uses_the_disabled_adapter_as_reference(runs_with_rm, finetune):
+@pytest.mark.parametrize("finetune", ["lora", "qlora-4bit", "qlora-8bit"])
+def test_ppo_with_adapters_uses_the_disabled_adapter_as_reference(runs_with_rm, finetune, loaded_models):
     ppo.main(ppo_args(runs_with_rm, f"ppo.finetune={finetune}", "ppo.learning_rate=1e-2", "ppo.lora.r=8"))
-    check_run(runs_with_rm)
+    # LLM.int8 picks its outlier columns per batch, so an 8-bit forward depends on the batch it is in:
+    # the first minibatch's ratio is 1 only to ~1e-3 there (bitsandbytes, not this pipeline)
+    check_run(runs_with_rm, tolerance=1e-3 if finetune == "qlora-8bit" else 1e-5)
+    policy = loaded_models[0]  # the policy PPO trained: its base quantized under QLoRA, adapters trained
+    bits = quantized_layers(policy)
+    assert bits == {"4bit": 14 if finetune == "qlora-4bit" else 0, "8bit": 14 if finetune == "qlora-8bit" else 0}
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    assert 0 < trained < 0.3 * sum(p.numel() for p in policy.parameters())
     assert (runs_with_rm / "demo" / "ppo" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_ppo_with_a_value_head_on_the_policy(runs_with_rm):
+def test_ppo_with_a_value_head_on_the_policy(runs_with_rm, monkeypatch):
+    """The value head, and the options that change the reward: k3 KL, whitened rewards, normalised
+    scores and the adaptive KL controller, each checked against its formula on what the run used."""
+    seen = []  # each iteration's experience and the beta it was penalised with
+
+    def with_advantages(exp, cfg, beta):
+        seen.append((pipeline.ppo.with_advantages(exp, cfg, beta), beta))
+        return seen[-1][0]
+    monkeypatch.setattr(ppo, "with_advantages", with_advantages)
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=head", "ppo.learning_rate=1e-3", "ppo.kl_estimator=k3",
                       "ppo.kl_target=2.0", "ppo.whiten_rewards=true", "ppo.normalize_scores=true"))
     history = check_run(runs_with_rm)
     assert (runs_with_rm / "demo" / "ppo" / "value_head.pt").is_file()
-    assert history[-1]["objective/kl_coef"] != history[0]["objective/kl_coef"]  # the adaptive controller moved
+    reference = read_manifest(runs_with_rm / "demo" / "rm")["metrics"]["reference"]
+    beta = 0.05  # the recipe's kl_coef, adapted after every iteration towards the target KL
+    for h, (exp, used) in zip(history, seen):
+        assert used == pytest.approx(beta, rel=1e-9)
+        # k3 = (r - 1) - log r, r = p_ref / p, on every response token: never negative
+        log_ratio = exp.old_logp - exp.ref_logp
+        assert torch.allclose(exp.kl, (torch.expm1(-log_ratio) + log_ratio) * exp.mask, atol=1e-6)
+        assert (exp.kl >= 0).all()
+        # whitened per-token rewards: unit variance over response tokens, the mean kept
+        raw = -beta * exp.kl
+        last = exp.mask.sum(1).long() - 1
+        raw[torch.arange(len(last)), last] += exp.scores
+        n = exp.mask.sum()
+        mean = (raw * exp.mask).sum() / n
+        var = ((raw - mean) ** 2 * exp.mask).sum() / (n - 1)
+        assert torch.allclose(exp.rewards, ((raw - mean) / torch.sqrt(var + 1e-8) + mean) * exp.mask, atol=1e-5)
+        # scores normalised by the RM stage's reference statistics, before the missing-stop penalty
+        normalised = (h["objective/rm_score_raw"] - reference["mean"]) / reference["std"]
+        assert h["objective/scores"] == pytest.approx(normalised - h["objective/missing_stop_penalty"], abs=1e-4)
+        error = min(max(h["objective/kl"] / 2.0 - 1, -0.2), 0.2)
+        beta *= 1 + error * 32 / 10000  # 32 episodes an iteration, the default horizon
+        assert h["objective/kl_coef"] == pytest.approx(beta, rel=1e-6)
+    assert len(seen) == len(history) == 6
+    assert abs(history[0]["objective/scores"]) < 1.0  # the SFT policy's answers score like the reference set
 
 
 def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
@@ -168,7 +201,7 @@ def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_
     manifest = read_manifest(runs_with_sft / "demo" / "ppo")
     assert manifest["inputs"]["reward_model"] == str(trained) and "rm_manifest" not in manifest["inputs"]
     history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
-    assert improves(history)
+    assert_learned(history, control_run(runs_with_sft, tmp_path / "control", f"ppo.reward_model={trained}"), margin=0.3)
     evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
                    f"ppo.reward_model={trained}", "eval.prompts.limit=16", "eval.max_new_tokens=8"])
     assert (runs_with_sft / "demo" / "eval" / "manifest.json").is_file()

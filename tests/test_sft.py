@@ -1,4 +1,4 @@
-"""End-to-end SFT on the demo data with a tiny model: full, LoRA and 4-bit QLoRA."""
+"""End-to-end SFT on the demo data with a tiny model: full, LoRA and 4-bit / 8-bit QLoRA."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
 from pipeline.data import DataError
 from stages import sft
-from tests.conftest import REPO, read_jsonl, sft_args
+from tests.conftest import REPO, quantized_layers, read_jsonl, sft_args
 
 
 def generate(path, text="how was the music of star quest ?"):
@@ -23,10 +23,15 @@ def generate(path, text="how was the music of star quest ?"):
     return out[0, enc["input_ids"].shape[1]:], tokenizer
 
 
-@pytest.mark.parametrize("finetune, lr", [("full", 3e-3), ("lora", 1e-2), ("qlora-4bit", 1e-2)])
-def test_sft_trains_and_the_artifact_loads_and_generates(tmp_path, base_model, finetune, lr):
+@pytest.mark.parametrize("finetune, lr", [("full", 3e-3), ("lora", 1e-2), ("qlora-4bit", 1e-2), ("qlora-8bit", 1e-2)])
+def test_sft_trains_and_the_artifact_loads_and_generates(tmp_path, base_model, finetune, lr, loaded_models):
     sft.main(sft_args(tmp_path, base_model, f"sft.finetune={finetune}", f"sft.trainer.learning_rate={lr}",
                       "sft.lora.r=8"))
+    trained = loaded_models[0]  # what the Trainer trained: quantized layers under QLoRA, a small trained share
+    bits = {"qlora-4bit": "4bit", "qlora-8bit": "8bit"}.get(finetune)
+    assert quantized_layers(trained) == {"4bit": 14 if bits == "4bit" else 0, "8bit": 14 if bits == "8bit" else 0}
+    share = sum(p.numel() for p in trained.parameters() if p.requires_grad) / sum(p.numel() for p in trained.parameters())
+    assert (share == 1.0) if finetune == "full" else share < 0.3  # (4-bit weights count packed, two per byte)
     out = tmp_path / "demo" / "sft"
     manifest = require(out, "sft")
     metrics = manifest["metrics"]
