@@ -182,8 +182,9 @@ class PPORun:
                 shutil.rmtree(old, ignore_errors=True)
             self.acc.wait_for_everyone()
 
-    def log(self, iteration: int, metrics: dict, episodes: int, rollout, scores: list, sample: bool) -> None:
-        """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples."""
+    def log(self, iteration: int, metrics: dict, episodes: int, exp, sample: bool) -> None:
+        """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples with
+        the score optimised and the reward model's own."""
         metrics.update({f"time/{k}_s": self.last[k] for k in ("generate", "score", "optimise")})
         elapsed = sum(self.last[k] for k in ("generate", "score", "optimise"))
         metrics.update({"episodes_per_s": episodes / elapsed,
@@ -192,9 +193,11 @@ class PPORun:
         if self.acc.is_main_process:
             append_jsonl(self.out / "metrics.jsonl", metrics)
             if sample:
-                for p, t, s in zip(rollout.prompts[:4], rollout.texts, scores):
-                    append_jsonl(self.out / "samples.jsonl", {"iteration": iteration, "prompt": p, "response": t,
-                                                              "score": s})
+                rows = zip(exp.rollout.prompts[:4], exp.rollout.texts, exp.scores.tolist(), exp.raw_scores.tolist())
+                for prompt, response, score, raw in rows:
+                    append_jsonl(self.out / "samples.jsonl", {"iteration": iteration, "prompt": prompt,
+                                                              "response": response, "score": score,
+                                                              "rm_score_raw": raw})
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
 
     def save_artifact(self, recipe, plan, tokenizer, sft_dir: Path, extra: dict) -> None:

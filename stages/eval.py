@@ -7,7 +7,8 @@ For each policy present (base, sft, ppo): responses to the held-out prompts, sam
 recorded temperature (top_k=0, top_p=1) and greedy; reward-model score, gold-judge score (if the
 recipe names a judge), per-sequence KL from the SFT policy, response length, share ending with the
 stop token, distinct n-grams; win rate of PPO over SFT with a 95% interval. Writes
-<runs_dir>/<run_name>/eval/: metrics.json, report.md and PNG plots.
+<runs_dir>/<run_name>/eval/: metrics.json, samples.jsonl (every sampled response with its scores),
+report.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -138,6 +139,11 @@ def main(argv=None):
                 "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts)}
     artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, "peak_memory_mb": metrics_peak,
                                                          **metrics})
+    with open(out / "samples.jsonl", "w") as f:  # every sampled response with its scores
+        for name, t in texts.items():
+            for i, prompt in enumerate(prompts):
+                f.write(json.dumps({"policy": name, "prompt": prompt, "response": t["text"][i], "rm_score": t["rm"][i],
+                                    "gold_score": t["gold"][i] if t["gold"] else None}) + "\n")
 
     # ---- plots and report ----
     plots = write_plots(out, run, texts, judge is not None)

@@ -84,7 +84,7 @@ def main(argv=None):
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         metrics.update({"iteration": iteration + 1, "episodes": (iteration + 1) * cfg.batch_size * world,
                         "objective/kl_coef": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"]})
-        run.log(iteration + 1, metrics, cfg.batch_size * world, rollout, exp.scores.tolist(),
+        run.log(iteration + 1, metrics, cfg.batch_size * world, exp,
                 sample=(iteration + 1) % cfg.sample_every == 0 or iteration == 0)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
 

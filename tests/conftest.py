@@ -154,6 +154,22 @@ def quantized_layers(model) -> dict[str, int]:
             "8bit": sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())}
 
 
+def assert_scored_by(samples: list[dict], reward_model, key: str) -> None:
+    """Each sample's logged score `key` is what the reward model gives its (prompt, response) through
+    its own tokenizer, read directly from its directory (one pair at a time: no padding involved)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.scoring import RewardScorer
+    scorer = RewardScorer(AutoModelForSequenceClassification.from_pretrained(reward_model).eval(),
+                          AutoTokenizer.from_pretrained(reward_model))
+    assert samples
+    for row in samples:
+        expected = scorer([row["prompt"]], [row["response"]])[0].item()
+        assert row[key] == pytest.approx(expected, abs=1e-4), row
+        assert torch.isfinite(torch.tensor(row[key]))
+
+
 def launch(n: int, script: str, *args: str, engine: str | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch` with n gloo processes; `engine` switches accelerate to FSDP2 / DeepSpeed
     through tests/engines.py (test-only: accelerate never picks them on CPU by itself)."""

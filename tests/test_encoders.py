@@ -16,7 +16,7 @@ from pipeline.scoring import RewardScorer, reward_input_ids
 from stages import eval as evaluate
 from stages import ppo, rm, sft
 from tests import families
-from tests.conftest import DEMO_RECIPE, assert_learned, control_run, ppo_args, read_jsonl
+from tests.conftest import DEMO_RECIPE, assert_learned, assert_scored_by, control_run, ppo_args, read_jsonl
 
 KINDS = ["bert", "roberta", "deberta"]
 PROMPTS = [[{"role": "user", "content": "Write about the sea."}], "Describe a cat.",
@@ -105,8 +105,9 @@ def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_mode
         assert read_manifest(runs_with_sft / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
         evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
                        "eval.prompts.limit=8", "eval.max_new_tokens=8", "judge=null"])
-        scores = json.loads((runs_with_sft / "demo" / "eval" / "metrics.json").read_text())
-        assert {"mean", "std"} <= set(scores["ppo"]["sampled"]["rm_score"])
+        for stage, key in (("ppo", "rm_score_raw"), ("eval", "rm_score")):  # through BERT's own tokenizer
+            assert_scored_by(read_jsonl(runs_with_sft / "demo" / stage / "samples.jsonl"), runs_with_sft / "demo" / "rm",
+                             key)
 
 
 def test_an_untrained_encoder_as_ppo_reward_model_and_bert_as_a_policy(encoders, runs_with_sft):
@@ -115,5 +116,6 @@ def test_an_untrained_encoder_as_ppo_reward_model_and_bert_as_a_policy(encoders,
     bert = encoders["bert"]
     ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={bert}", "ppo.value_model=sft", "ppo.total_episodes=64"))
     assert read_manifest(runs_with_sft / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
+    assert_scored_by(read_jsonl(runs_with_sft / "demo" / "ppo" / "samples.jsonl"), bert, "rm_score_raw")
     with pytest.raises(ConfigError, match="encoder's tokenizer.*a policy must be a causal language model"):
         sft.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={bert}", "--force"])

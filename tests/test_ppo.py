@@ -14,7 +14,7 @@ import pipeline.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
 from stages import base, ppo, rm
-from tests.conftest import (DEMO_RECIPE, REPO, assert_learned, control_run, launch, ppo_args, quantized_layers, read_jsonl,
+from tests.conftest import (DEMO_RECIPE, REPO, assert_learned, assert_scored_by, control_run, launch, ppo_args, quantized_layers, read_jsonl,
                             rm_args)
 
 
@@ -125,6 +125,8 @@ def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=sft"))
     check_run(runs_with_rm)
     assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
+    assert_scored_by(read_jsonl(runs_with_rm / "demo" / "ppo" / "samples.jsonl"), runs_with_rm / "demo" / "rm",
+                     "rm_score_raw")
 
 
 def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
