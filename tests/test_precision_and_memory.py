@@ -1,6 +1,8 @@
 """Correct on real settings: mixed precision, plain sampling, memory options, a pad token that costs
 nothing. bf16 autocast runs on CPU, so every check here is the one a GPU run depends on."""
 
+import shutil
+
 import pytest
 import torch
 from peft import PeftModel
@@ -32,10 +34,22 @@ def changed_share(before: dict, after: dict) -> float:
 
 # ---- 1. mixed precision, not pure bf16 ----
 
-def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(tmp_path, base_model):
+@pytest.fixture
+def linear_output_dtypes():
+    """The dtypes every nn.Linear forward produced during the test (bf16 under bf16 autocast)."""
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.add(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    yield seen
+    handle.remove()
+
+
+def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(tmp_path, base_model,
+                                                                                         linear_output_dtypes):
     sft.main(sft_args(tmp_path, base_model, "sft.dtype=bfloat16", "sft.trainer.learning_rate=1e-5",
                       "sft.dataset.limit=64", "sft.eval_dataset.limit=8", "sft.trainer.num_train_epochs=1",
                       "sft.trainer.warmup_steps=0"))
+    assert torch.bfloat16 in linear_output_dtypes  # the Trainer computed under bf16 autocast
     out = tmp_path / "demo" / "sft"
     after = weights(out)
     assert {v.dtype for v in after.values()} == {torch.float32}
@@ -43,9 +57,11 @@ def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learni
     assert changed_share(weights(base_model), after) > 0.9
 
 
-def test_ppo_under_bf16_trains_float32_weights_and_a_value_head(runs_with_rm):
+def test_ppo_under_bf16_trains_float32_weights_and_a_value_head(runs_with_rm, linear_output_dtypes):
     ppo.main(ppo_args(runs_with_rm, "ppo.dtype=bfloat16", "ppo.value_model=head", "ppo.learning_rate=1e-5",
                       "ppo.total_episodes=64"))
+    # every matmul of the float32 policy ran in bf16 (accelerate hands the logits back in float32)
+    assert linear_output_dtypes == {torch.bfloat16}
     out = runs_with_rm / "demo" / "ppo"
     history = read_jsonl(out / "metrics.jsonl")
     assert [h["first_minibatch"]["ratio"] for h in history] == pytest.approx([1.0, 1.0], abs=1e-5)
@@ -161,15 +177,26 @@ def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
         assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-5), name
 
 
-def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, monkeypatch):
+def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, tmp_path, monkeypatch):
+    """An SFT model with attention dropout (as many hub configs ship): PPO switches it off, so the
+    first minibatch's ratio is 1 and gradient checkpointing (which recomputes the forward in
+    backward) changes no metric."""
+    import json
+    config = runs_with_rm / "demo" / "sft" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "attention_dropout": 0.3}))
+    shutil.copytree(runs_with_rm / "demo", tmp_path / "plain" / "demo")
     calls = []
     real = modeling_utils.checkpoint
     monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ppo.main(ppo_args(runs_with_rm, "ppo.gradient_checkpointing=true", "ppo.total_episodes=64",
-                      "ppo.forward_batch_size=4"))
+    common = ["ppo.total_episodes=64", "ppo.forward_batch_size=4", "ppo.learning_rate=1e-3"]
+    ppo.main(ppo_args(runs_with_rm, "ppo.gradient_checkpointing=true", *common))
     assert calls  # only in train mode: with the models in eval mode it would silently do nothing
-    for h in read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl"):
-        assert h["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    ppo.main(ppo_args(tmp_path / "plain", *common))
+    checkpointed, plain = (read_jsonl(r / "demo" / "ppo" / "metrics.jsonl") for r in (runs_with_rm, tmp_path / "plain"))
+    for a, b in zip(checkpointed, plain):
+        assert a["first_minibatch"]["ratio"] == pytest.approx(1.0, abs=1e-5)
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_dropout_is_off_in_train_mode():
