@@ -194,3 +194,8 @@ def test_a_changed_recipe_discards_the_checkpoints_of_the_old_one(runs_with_sft,
     rm.main([*args, "rm.trainer.learning_rate=1e-4"])
     assert "resuming" not in capsys.readouterr().out
     assert read_manifest(runs_with_sft / "demo" / "rm") is not None and not partial.exists()
+    logged = [h for h in read_jsonl(runs_with_sft / "demo" / "rm" / "metrics.jsonl") if "learning_rate" in h]
+    assert logged[0]["step"] == 2  # from the start: nothing of the old run's steps
+    # the new schedule: 10 warmup steps to 1e-4 (the old recipe's peak was 1e-3)
+    assert logged[0]["learning_rate"] == pytest.approx(1e-4 * 1 / 10)  # the rate step 2 ran with
+    assert max(h["learning_rate"] for h in logged) == pytest.approx(1e-4, rel=0.05)
