@@ -84,6 +84,12 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported")])
 def test_engine_mismatches_are_refused_before_anything_is_loaded(env, message, tmp_path, monkeypatch, base_model):
     """What `accelerate launch --config_file` sets in the environment, checked before any model loads."""
+    from transformers import modeling_utils, tokenization_utils_base
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the engine check")
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "from_pretrained", no_loading)
+    monkeypatch.setattr(tokenization_utils_base.PreTrainedTokenizerBase, "from_pretrained", no_loading)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message):
@@ -167,8 +173,8 @@ def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():
 
 
 def test_sigterm_to_a_two_process_run_saves_within_the_iteration_and_resumes(rm_run, tmp_path):
-    """The launcher forwards SIGTERM to every rank; the ranks agree at the next minibatch, save a
-    checkpoint and exit; `make ppo` again finishes the run with each iteration logged once."""
+    """make's launcher forwards SIGTERM to every rank; the ranks agree at the next minibatch, save a
+    checkpoint and exit 130; `make ppo` again finishes the run with each iteration logged once."""
     import os
     import signal
     import subprocess
@@ -179,7 +185,7 @@ def test_sigterm_to_a_two_process_run_saves_within_the_iteration_and_resumes(rm_
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
     args = ppo_args(tmp_path, "ppo.total_episodes=320", "ppo.batch_size=16", "ppo.mini_batch_size=4", "ppo.save_every=100")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", "2",  # as make launches
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "stages/ppo.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -191,6 +197,7 @@ def test_sigterm_to_a_two_process_run_saves_within_the_iteration_and_resumes(rm_
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert "checkpoint saved at iteration" in output, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]  # interrupted, with the checkpoint written: make's exit code
     saved = json.loads((tmp_path / "demo" / "ppo.partial" / "checkpoint" / "ppo_state.json").read_text())
     assert 2 <= saved["iteration"] < 10  # not the save_every=100 schedule: saved because of the signal
     print(f"SIGTERM -> exit in {time.time() - sent:.1f}s, checkpoint at iteration {saved['iteration']}")

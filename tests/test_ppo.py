@@ -184,8 +184,11 @@ def test_two_processes_follow_the_single_process_schedule(runs_with_rm, tmp_path
     # linear decay over 8 iterations x 4 optimiser steps: half the rate after iteration 4, zero after the last
     assert two[3]["lr"] == pytest.approx(0.5e-3) and two[-2]["lr"] == pytest.approx(0.125e-3)
     assert two[-1]["episodes"] == 256 and two[0]["val/num_eos_tokens"] <= 32
-    for history in (one, two):
-        assert history[-1]["objective/scores"] > history[0]["objective/scores"]
+    # the same recipe learns alike on 1 and 2 processes (other samples: equal only within the noise)
+    late = [sum(h["objective/rm_score_raw"] for h in history[-4:]) / 4 for history in (one, two)]
+    assert late[0] > one[0]["objective/rm_score_raw"] + 0.3 and late[1] > two[0]["objective/rm_score_raw"] + 0.3
+    assert late[0] == pytest.approx(late[1], abs=0.35)
+    assert one[-1]["objective/kl"] == pytest.approx(two[-1]["objective/kl"], rel=0.5, abs=0.5)
     manifest = read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]
     assert manifest["engine"] == "ddp" and manifest["processes"] == 2
     for n, h in ((1, one), (2, two)):
