@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class ConfigError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 
 Finetune = Literal["full", "lora", "qlora-4bit", "qlora-8bit"]
+# accelerate's trackers and the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Ranges, checked when the recipe is read (`build`): a rule per field, in the notation of the error.
@@ -212,9 +216,17 @@ class PPOStage:
     sample_every: int = ranged(5, ">= 1")
     """Log sample completions every N iterations."""
     report_to: list[str] = field(default_factory=list)
-    """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb]."""
+    """Experiment trackers through accelerate, e.g. [tensorboard] or [wandb] (the package installed)."""
 
     def __post_init__(self):
+        # accelerate only warns about a tracker it cannot use, and the run then logs nowhere: refused here,
+        # when the recipe is read (find_spec imports nothing)
+        for tracker in self.report_to:
+            if tracker not in TRACKERS:
+                raise ValueError(f"report_to: unknown tracker '{tracker}' (use {sorted(TRACKERS)})")
+            if importlib.util.find_spec(TRACKERS[tracker]) is None:
+                raise ValueError(f"report_to: {tracker} is not installed: `pip install {TRACKERS[tracker]}`, or "
+                                 f"remove it from ppo.report_to")
         # Checked when the recipe is read, before any process loads a model: every process takes
         # batch_size rollouts, splits them into minibatches, and each of those into micro-batches.
         if self.batch_size % self.mini_batch_size:

@@ -147,6 +147,17 @@ def loaded_models(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def linear_output_dtypes():
+    """The dtypes every nn.Linear forward produced during the test (bf16 under bf16 autocast)."""
+    import torch
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: seen.add(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    yield seen
+    handle.remove()
+
+
 def quantized_layers(model) -> dict[str, int]:
     """How many of the model's linear layers are bitsandbytes 4-bit and 8-bit ones."""
     import bitsandbytes as bnb

@@ -34,16 +34,6 @@ def changed_share(before: dict, after: dict) -> float:
 
 # ---- 1. mixed precision, not pure bf16 ----
 
-@pytest.fixture
-def linear_output_dtypes():
-    """The dtypes every nn.Linear forward produced during the test (bf16 under bf16 autocast)."""
-    seen = set()
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: seen.add(output.dtype) if isinstance(module, torch.nn.Linear) else None)
-    yield seen
-    handle.remove()
-
-
 def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(tmp_path, base_model,
                                                                                          linear_output_dtypes):
     sft.main(sft_args(tmp_path, base_model, "sft.dtype=bfloat16", "sft.trainer.learning_rate=1e-5",
