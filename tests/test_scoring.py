@@ -5,7 +5,8 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from pipeline.rollout import prompt_ids
+from pipeline import models
+from pipeline.rollout import generate, sampling_config
 from pipeline.scoring import RewardScorer, reward_input_ids
 from tests import families
 
@@ -21,12 +22,17 @@ def trainer_ids(tokenizer, model, row, tmp_path) -> list[int]:
     return list(trainer.train_dataset[0]["chosen_ids"])
 
 
-def policy_rollout_texts(tokenizer, prompt, response, stop_token):
-    """What PPO and eval hand the scorer: the response the policy generated (its stop token
-    included), decoded with special tokens skipped."""
-    ids = prompt_ids(tokenizer, prompt)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(stop_token)]
-    return tokenizer.decode(response_ids, skip_special_tokens=True), len(ids)
+class ScriptedPolicy(torch.nn.Module):
+    """A policy whose sampler answers every prompt with the given tokens (then padding), so that
+    everything `pipeline.rollout.generate` does around the model runs as in PPO and eval: prompt ids,
+    truncation after the stop token, decoding."""
+
+    def __init__(self, answer: list[int]):
+        super().__init__()
+        self.answer, self.generation_config = answer, None
+
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+        return torch.cat([input_ids, torch.tensor([self.answer] * len(input_ids))], 1)
 
 
 @pytest.mark.parametrize("family, prompt, response", [
@@ -52,9 +58,12 @@ def test_every_stage_scores_what_reward_trainer_trained_on(family, prompt, respo
     scorer = RewardScorer(model, tokenizer, batch_size=8)
     # RM stage report / reference statistics: dataset (prompt, response) pairs, padded in a batch
     rm_stage = scorer([prompt, OTHER[0]], [response, OTHER[1]])[0].item()
-    # PPO and eval: the policy's generated tokens (stop token included), decoded
-    stop = tokenizer.eos_token
-    decoded, _ = policy_rollout_texts(tokenizer, prompt, response, stop)
-    ppo_and_eval = scorer([OTHER[0], prompt], [OTHER[1], decoded])[1].item()
+    # PPO and eval: a rollout from pipeline.rollout.generate, the stop token and padding after the answer
+    stop, pad = models.stop_token_ids(tokenizer), tokenizer.pad_token_id
+    answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [stop[0], pad, pad]
+    tokenizer.padding_side = "left"
+    rollout = generate(ScriptedPolicy(answer), tokenizer, [prompt], sampling_config(1.0, 8, stop, pad), "cpu")
+    assert rollout.has_stop.all() and rollout.response_mask.sum().item() == len(answer) - 2
+    ppo_and_eval = scorer([OTHER[0], prompt], [OTHER[1], rollout.texts[0]])[1].item()
     assert rm_stage == pytest.approx(trained, abs=1e-5)
     assert ppo_and_eval == pytest.approx(trained, abs=1e-5)
