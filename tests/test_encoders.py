@@ -4,7 +4,6 @@ the RM stage, and scored by PPO and eval through the reward model's own tokenize
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -22,6 +22,9 @@ from stages import ppo, sft
 from tests import families
 from tests.conftest import DEMO_RECIPE, ppo_args, read_jsonl, sft_args
 
+# `make test-gpu` runs this file on a CUDA machine: the checks then build their models there
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def weights(path) -> dict:
     return {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
@@ -65,7 +68,8 @@ def ppo_models(runs_dir, *overrides):
     recipe = load_recipe(DEMO_RECIPE, [f"runs_dir={runs_dir}", *overrides])
     run = recipe.run_dir
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
-    return recipe, tokenizer, load_models(recipe.ppo, run / "sft", run / "rm", tokenizer, Accelerator(cpu=True))
+    return recipe, tokenizer, load_models(recipe.ppo, run / "sft", run / "rm", tokenizer,
+                                          Accelerator(cpu=DEVICE == "cpu"))
 
 
 def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
@@ -88,11 +92,11 @@ def test_the_reference_computes_exactly_as_the_policy_under_bf16(family, tmp_pat
     config = (GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4) if family == "gpt2" else
               families.llama_config(tokenizer, tie_word_embeddings=family == "llama-tied"))
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    reference = models.load_reference(tmp_path, torch.bfloat16)
-    pure_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    ids = torch.randint(0, len(tokenizer), (4, 24))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE)
+    reference = models.load_reference(tmp_path, torch.bfloat16).to(DEVICE)
+    pure_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to(DEVICE)
+    ids = torch.randint(0, len(tokenizer), (4, 24), device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         logits = [m(input_ids=ids).logits.float() for m in (policy, reference, pure_bf16)]
     assert torch.equal(logits[0], logits[1])
     assert not torch.equal(logits[0], logits[2])  # what the old reference computed
@@ -160,7 +164,7 @@ def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
     cfg = recipe.ppo
     config = sampling_config(cfg.temperature, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)
-    rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, "cpu")
+    rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, DEVICE)
     whole = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=12)
     parts = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=5)
     for name in ("old_logp", "ref_logp", "old_values", "entropy", "scores"):

@@ -16,7 +16,8 @@ import torch
 from pipeline.artifacts import read_manifest
 from stages import eval as evaluate
 from stages import ppo, rm, sft
-from tests.conftest import DEMO_RECIPE, ppo_args, rm_args, sft_args
+from tests.conftest import (DEMO_RECIPE, assert_learned, control_run, ppo_args, quantized_layers, read_jsonl,
+                            rm_args, sft_args)
 
 AUTO = ["sft.dtype=auto", "rm.dtype=auto", "ppo.dtype=auto"]
 
@@ -31,29 +32,51 @@ def forwards_on_gpu():
     """Every module forward: parameters and tensor inputs on CUDA. Collects offenders by class."""
     offenders = set()
 
-    def check(module, args, kwargs):
+    def check(module, args, kwargs, output):
         tensors = [*module.parameters(recurse=False),
                    *(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))]
         if any(t.device.type != "cuda" for t in tensors):
             offenders.add(type(module).__name__)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(check, with_kwargs=True)
+    # (torch's global pre-hook takes no keyword arguments; the forward hook sees the same inputs)
+    handle = torch.nn.modules.module.register_module_forward_hook(check, with_kwargs=True)
     yield offenders
     handle.remove()
 
 
-def test_the_chain_on_gpu_in_the_compute_dtype(tmp_path, base_model, forwards_on_gpu):
+def test_the_chain_on_gpu_in_the_compute_dtype(tmp_path, base_model, forwards_on_gpu, linear_output_dtypes):
     sft.main(sft_args(tmp_path, base_model, *AUTO))
     rm.main(rm_args(tmp_path, *AUTO))
     ppo.main(ppo_args(tmp_path, *AUTO, "ppo.total_episodes=320"))
     evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={tmp_path}", f"sft.model={base_model}", *AUTO,
                    "eval.prompts.limit=64"])
     assert not forwards_on_gpu, f"forwards with a tensor off the GPU: {sorted(forwards_on_gpu)}"
+    assert torch.bfloat16 in linear_output_dtypes, "dtype auto did not compute in bf16 on this GPU"
     ppo_metrics = read_manifest(tmp_path / "demo" / "ppo")["metrics"]
     # the reference computes as the policy does under bf16 autocast on CUDA: no KL before the first update
     first = json.loads((tmp_path / "demo" / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["objective/kl"]) < 1e-5, first["objective/kl"]
-    assert ppo_metrics["objective/scores"] > ppo_metrics["score_first"]
+    history = read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
+    assert_learned(history, control_run(tmp_path, tmp_path / "control", *AUTO, "ppo.total_episodes=320"), margin=0.4)
     evaluation = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     print(json.dumps({"ppo": ppo_metrics, "eval_ppo": evaluation["ppo"]["sampled"],
                       "eval_peak_memory_mb": evaluation["peak_memory_mb"]}, indent=1))
+
+
+@pytest.mark.parametrize("variant", [["ppo.finetune=lora"], ["ppo.finetune=qlora-4bit"], ["ppo.finetune=qlora-8bit"],
+                                     ["ppo.gradient_checkpointing=true", "ppo.value_model=head"]])
+def test_ppo_variants_on_gpu(variant, rm_run, tmp_path, forwards_on_gpu, linear_output_dtypes, loaded_models):
+    """LoRA, QLoRA (bitsandbytes' CUDA kernels: the main GPU-only risk), gradient checkpointing and the
+    value head, each a short PPO run on the GPU in bf16."""
+    import shutil
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
+    ppo.main(ppo_args(tmp_path, *AUTO, *variant, "ppo.total_episodes=64", "ppo.learning_rate=1e-3"))
+    assert not forwards_on_gpu, f"forwards with a tensor off the GPU: {sorted(forwards_on_gpu)}"
+    assert torch.bfloat16 in linear_output_dtypes
+    history = read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
+    tolerance = 1e-2 if "qlora-8bit" in variant[0] else 1e-4  # LLM.int8 depends on the batch (see test_ppo)
+    assert all(abs(h["first_minibatch"]["ratio"] - 1) < tolerance for h in history), history
+    bits = quantized_layers(loaded_models[0])
+    assert bits == {"4bit": 14 if "4bit" in variant[0] else 0, "8bit": 14 if "8bit" in variant[0] else 0}
+    print(variant, {k: history[-1][k] for k in ("objective/scores", "objective/kl", "episodes_per_s", "peak_memory_mb")})
