@@ -161,9 +161,20 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None,
                               f"(e.g. {tokenizer.eos_token!r})")
         return [vocab[t] for t in names]
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (turn_end_token(tokenizer), tokenizer.eos_token) if t]
-    listed = getattr(generation_config, "eos_token_id", None)
-    ids += listed if isinstance(listed, list) else [listed] if listed is not None else []
-    return list(dict.fromkeys(ids))
+    return list(dict.fromkeys(ids + id_list(getattr(generation_config, "eos_token_id", None))))
+
+
+def id_list(ids) -> list[int]:
+    """A config's token id field (one id, a list of them, or None) as a list."""
+    return ids if isinstance(ids, list) else [] if ids is None else [ids]
+
+
+def policy_tokenizer(path, stop_token: str | list[str] | None = None):
+    """A policy's tokenizer, padding on the left (prompts end where generation starts), and the ids
+    that end its responses (`stop_token_ids`), for PPO's rollouts and eval alike. The pad token may be
+    one of them: padding is marked by masks, never by id."""
+    tokenizer = load_tokenizer(str(path), padding_side="left")
+    return tokenizer, stop_token_ids(tokenizer, generation_config(path), stop_token)
 
 
 def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -245,14 +256,12 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                           f"the tokenizer does not belong to this model (use the model's own tokenizer)")
     model.config.pad_token_id = tokenizer.pad_token_id
     text_config = model.config.get_text_config()
-    listed = text_config.eos_token_id if isinstance(text_config.eos_token_id, list) else [text_config.eos_token_id]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in listed:
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in id_list(text_config.eos_token_id):
         text_config.eos_token_id = tokenizer.eos_token_id  # as trl's `eos_token` does for the model it trains
     generation = getattr(model, "generation_config", None)
     if generation is not None and tokenizer.eos_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
-        listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-        eos = list(dict.fromkeys([tokenizer.eos_token_id, *[i for i in listed if i is not None]]))
+        eos = list(dict.fromkeys([tokenizer.eos_token_id, *id_list(generation.eos_token_id)]))
         generation.eos_token_id = eos if len(eos) > 1 else eos[0]
 
 

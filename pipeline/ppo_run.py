@@ -31,14 +31,6 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
 
 
-def policy_tokenizer(sft_dir: Path, stop_token: str | list[str] | None):
-    """The SFT tokenizer (left padding: prompts end where generation starts) and the ids that end a
-    response (`models.stop_token_ids`: where the assistant's turn ends, as SFT trained it). The pad
-    token may be one of them: padding is marked by masks, never by id."""
-    tokenizer = models.load_tokenizer(str(sft_dir), padding_side="left")
-    return tokenizer, models.stop_token_ids(tokenizer, models.generation_config(sft_dir), stop_token)
-
-
 def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
     """Policy + value model (one trainable module), the frozen reference (None under LoRA) and the
     reward scorer, each in its precision (pipeline/models.py); frozen models prepared for the engine.

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from pipeline.config import ConfigError
 from pipeline.data import is_conversational
@@ -122,7 +123,6 @@ def load_reward_model(path, dtype: torch.dtype):
     a directory of any sequence classifier with one output). Many classifiers have no pad token
     (GPT-2 and Llama-based ones) or `pad_token_id: null` in their config: they get one as a policy
     does (`load_tokenizer`: an existing token, never a new one, so the model is never resized)."""
-    from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
     if model.config.num_labels != 1:
         raise ConfigError(f"the reward model '{path}' has {model.config.num_labels} outputs; a reward model "

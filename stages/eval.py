@@ -42,13 +42,14 @@ def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device)
             for i in range(0, len(prompts), cfg.batch_size)]
 
 
-def load_policy(path, dtype, device):
+def load_policy(path, dtype, device, stop_token):
     """A policy for evaluation: in the compute dtype PPO trained under (float32 artifacts would
-    double a 7B's memory), with its tokenizer (a base without a pad token gets one as SFT gave it)."""
-    tokenizer = models.load_tokenizer(str(path), padding_side="left")
+    double a 7B's memory), with its tokenizer (a base without a pad token gets one as SFT gave it)
+    and the ids its responses stop at, as in PPO's rollouts."""
+    tokenizer, stop_ids = models.policy_tokenizer(path, stop_token)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     models.align_special_tokens(model, tokenizer)
-    return model, tokenizer
+    return model, tokenizer, stop_ids
 
 
 def release_memory() -> None:
@@ -97,14 +98,13 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     reward_model, rm_tokenizer = load_reward_model(plans.reward_model(recipe), dtype)  # the one PPO optimised
     scorer = RewardScorer(reward_model.to(device), rm_tokenizer, device, batch_size=cfg.batch_size)
-    sft = load_policy(run / "sft", dtype, device)  # (model, tokenizer): the reference of every KL
+    sft = load_policy(run / "sft", dtype, device, recipe.ppo.stop_token)  # the reference of every KL
     sft_model = sft[0]
 
     # ---- generate and score, per policy and decoding ----
     metrics, texts = {}, {}
     for name, path in policies.items():
-        model, tokenizer = sft if name == "sft" else load_policy(path, dtype, device)
-        stop_ids = models.stop_token_ids(tokenizer, models.generation_config(path), recipe.ppo.stop_token)
+        model, tokenizer, stop_ids = sft if name == "sft" else load_policy(path, dtype, device, recipe.ppo.stop_token)
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device)

@@ -27,7 +27,7 @@ from pipeline.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.ppo_math import KLController
 from pipeline.checkpoints import StopRequest
 from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
-                              optimizer_and_schedule, policy_tokenizer, same_tokenizer)
+                              optimizer_and_schedule, same_tokenizer)
 from pipeline.rollout import generate, sampling_config
 
 
@@ -45,7 +45,7 @@ def main(argv=None):
     # ---- data, models, optimiser ----
     prompts = data.load_prompts(cfg.prompts)
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
-    tokenizer, stop_ids = policy_tokenizer(sft_dir, cfg.stop_token)
+    tokenizer, stop_ids = models.policy_tokenizer(sft_dir, cfg.stop_token)
     model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
