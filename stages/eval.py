@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from pipeline import artifacts, cli, data, models, plans, report  # noqa: E402
 from pipeline.dist import open_stage  # noqa: E402
-from pipeline.rollout import generate, response_logprobs, sampling_config  # noqa: E402
+from pipeline.rl.rollout import generate, response_logprobs, sampling_config  # noqa: E402
 from pipeline.metrics import peak_memory_mb  # noqa: E402
 from pipeline.scoring import RewardScorer, load_callable, load_reward_model  # noqa: E402
 

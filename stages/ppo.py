@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, cli, data, engine, models, plans
 from pipeline.dist import open_stage
-from pipeline.ppo import iteration_metrics, score, update, with_advantages
-from pipeline.ppo_math import KLController
+from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
+from pipeline.rl.ppo_math import KLController
 from pipeline.checkpoints import StopRequest
-from pipeline.ppo_run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
+from pipeline.rl.run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
                               optimizer_and_schedule, same_tokenizer)
-from pipeline.rollout import generate, sampling_config
+from pipeline.rl.rollout import generate, sampling_config
 
 
 def main(argv=None):

@@ -91,12 +91,12 @@ def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
     import gc
     import weakref
 
-    import pipeline.rollout
+    import pipeline.rl.rollout
     import torch
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "ppo.save_every=100"))
     loads, alive_at_load, kl_forwards, dtypes = [], [], [], set()
     real_load = evaluate.AutoModelForCausalLM.from_pretrained
-    real_logits = pipeline.rollout.response_logits
+    real_logits = pipeline.rl.rollout.response_logits
 
     def load(path, *args, **kwargs):
         gc.collect()
@@ -112,7 +112,7 @@ def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
         return out
 
     monkeypatch.setattr(evaluate.AutoModelForCausalLM, "from_pretrained", load)
-    monkeypatch.setattr(pipeline.rollout, "response_logits", logits)
+    monkeypatch.setattr(pipeline.rl.rollout, "response_logits", logits)
     evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
                    "ppo.dtype=bfloat16", "ppo.forward_batch_size=2", "eval.batch_size=8", "eval.prompts.limit=16",
                    "eval.max_new_tokens=8"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import pipeline.ppo
+import pipeline.rl.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
 from stages import base, ppo, rm
@@ -78,7 +78,7 @@ def test_ppo_with_a_value_head_on_the_policy(runs_with_rm, monkeypatch):
     seen = []  # each iteration's experience and the beta it was penalised with
 
     def with_advantages(exp, cfg, beta):
-        seen.append((pipeline.ppo.with_advantages(exp, cfg, beta), beta))
+        seen.append((pipeline.rl.ppo.with_advantages(exp, cfg, beta), beta))
         return seen[-1][0]
     monkeypatch.setattr(ppo, "with_advantages", with_advantages)
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=head", "ppo.learning_rate=1e-3", "ppo.kl_estimator=k3",
@@ -130,8 +130,8 @@ def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
-    real = pipeline.ppo.value_loss
-    monkeypatch.setattr(pipeline.ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
+    real = pipeline.rl.ppo.value_loss
+    monkeypatch.setattr(pipeline.rl.ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
     with pytest.raises(FloatingPointError, match=r"loss/value is nan at iteration 1, epoch 1"):
         ppo.main(ppo_args(runs_with_rm))
     assert read_manifest(runs_with_rm / "demo" / "ppo") is None

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.ppo_math import (KLController, entropy_of, explained_variance, gae, kl_per_token, logprobs_of,
+from pipeline.rl.ppo_math import (KLController, entropy_of, explained_variance, gae, kl_per_token, logprobs_of,
                                masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
                                value_loss)
 

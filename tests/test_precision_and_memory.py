@@ -14,9 +14,9 @@ from transformers.generation import utils as generation_utils
 from pipeline import models
 from pipeline.config import load_recipe
 from pipeline.data import load_prompts
-from pipeline.ppo import PolicyAndValue, disable_dropout, score
-from pipeline.ppo_run import load_models
-from pipeline.rollout import generate, sampling_config
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout, score
+from pipeline.rl.run import load_models
+from pipeline.rl.rollout import generate, sampling_config
 from stages import eval as evaluate
 from stages import ppo, sft
 from tests import families

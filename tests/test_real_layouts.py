@@ -17,8 +17,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import models
-from pipeline.ppo_math import gae, truncate_after_stop
-from pipeline.rollout import generate, prompt_ids, sampling_config
+from pipeline.rl.ppo_math import gae, truncate_after_stop
+from pipeline.rl.rollout import generate, prompt_ids, sampling_config
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids
 from stages import eval as evaluate
 from stages import ppo, rm, sft

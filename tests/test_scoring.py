@@ -6,7 +6,7 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from pipeline import models
-from pipeline.rollout import generate, sampling_config
+from pipeline.rl.rollout import generate, sampling_config
 from pipeline.scoring import RewardScorer, reward_input_ids
 from tests import families
 
@@ -24,7 +24,7 @@ def trainer_ids(tokenizer, model, row, tmp_path) -> list[int]:
 
 class ScriptedPolicy(torch.nn.Module):
     """A policy whose sampler answers every prompt with the given tokens (then padding), so that
-    everything `pipeline.rollout.generate` does around the model runs as in PPO and eval: prompt ids,
+    everything `pipeline.rl.rollout.generate` does around the model runs as in PPO and eval: prompt ids,
     truncation after the stop token, decoding."""
 
     def __init__(self, answer: list[int]):
@@ -58,7 +58,7 @@ def test_every_stage_scores_what_reward_trainer_trained_on(family, prompt, respo
     scorer = RewardScorer(model, tokenizer, batch_size=8)
     # RM stage report / reference statistics: dataset (prompt, response) pairs, padded in a batch
     rm_stage = scorer([prompt, OTHER[0]], [response, OTHER[1]])[0].item()
-    # PPO and eval: a rollout from pipeline.rollout.generate, the stop token and padding after the answer
+    # PPO and eval: a rollout from pipeline.rl.rollout.generate, the stop token and padding after the answer
     stop, pad = models.stop_token_ids(tokenizer), tokenizer.pad_token_id
     answer = tokenizer(response, add_special_tokens=False)["input_ids"] + [stop[0], pad, pad]
     tokenizer.padding_side = "left"

@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from pipeline import data
-from pipeline.ppo_math import logprobs_of, truncate_after_stop
+from pipeline.rl.ppo_math import logprobs_of, truncate_after_stop
 from pipeline.scoring import position_ids
 
 

@@ -1,12 +1,12 @@
 """PPO's phases for a language-model policy, in the order `stages/ppo.py` runs them each iteration:
 
-    rollout     = generate(...)                       pipeline/rollout.py
+    rollout     = generate(...)                       pipeline/rl/rollout.py
     experience  = score(rollout, models, ...)         old log-probs, values, reference log-probs, scores
     experience  = with_advantages(experience, ...)    KL-penalised rewards, GAE, whitening
     stats       = update(experience, models, ...)     PPO epochs over shuffled minibatches
     metrics     = iteration_metrics(...)              gathered over processes
 
-The math lives in `pipeline/ppo_math.py` (pure functions); this module runs it on models.
+The math lives in `pipeline/rl/ppo_math.py` (pure functions); this module runs it on models.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from peft import PeftModel
 
 from pipeline import engine
 from pipeline.config import PPOStage
-from pipeline.ppo_math import (explained_variance, gae, kl_per_token, logprobs_of, entropy_of, masked_mean,
+from pipeline.rl.ppo_math import (explained_variance, gae, kl_per_token, logprobs_of, entropy_of, masked_mean,
                                masked_whiten, policy_loss, token_rewards, value_loss)
-from pipeline.rollout import Rollout, response_logits, response_logprobs
+from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
 from pipeline.scoring import RewardScorer, position_ids
 
 

@@ -1,5 +1,5 @@
 """Everything around PPO's iteration in `stages/ppo.py`: models, prompts, schedule, checkpoints,
-logging and the final artifact. The iteration's phases themselves are in pipeline/ppo.py.
+logging and the final artifact. The iteration's phases themselves are in pipeline/rl/ppo.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
-from pipeline.ppo import PolicyAndValue, disable_dropout
-from pipeline.ppo_math import KLController
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout
+from pipeline.rl.ppo_math import KLController
 from pipeline.scoring import RewardScorer, load_reward_model
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
