@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 import enum
 import importlib.util
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +101,85 @@ class LoraSettings:
 
 
 @dataclass
+class RewardSource:
+    """One term of the reward the RL stage optimises, or a judge it only watches: exactly one of
+    `model`, `function`, `url` (pipeline/rl/rewards.py)."""
+
+    model: str | None = None
+    """A sequence classifier with one output: `rm` (this run's RM stage, or `ppo.reward_model` if set),
+    a local directory or a hub id."""
+    function: str | None = None
+    """A Python function with trl's reward-function contract, as `package.module:name` or
+    `path/to/file.py:name`: called by keyword with prompts, completions, completion_ids and every
+    other column of the prompt dataset, plus `kwargs`; returns one float or None per completion."""
+    url: str | None = None
+    """A reward server (`make serve-rm`, or any server of the same JSON contract): POST
+    {prompts, completions} -> {rewards}."""
+    weight: float = 1.0
+    """The source's weight in the reward (the reward is the weighted sum of the sources)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for `function`."""
+    timeout_s: float = ranged(60.0, "> 0")
+    """Seconds a reward server may take for one request."""
+    name: str | None = None
+    """Name in metrics and reports (`rewards/<name>`); default: `rm`, the function's name, the model's
+    folder name or `remote`."""
+
+    def __post_init__(self):
+        given = [k for k in ("model", "function", "url") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model, function, url (got {given or 'none'})")
+        if self.kwargs and not self.function:
+            raise ValueError("kwargs are passed to a reward function: give `function`, or drop `kwargs`")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url '{self.url}' must start with http:// or https://")
+        if self.function and ":" not in self.function:
+            raise ValueError(f"function '{self.function}' must be of the form package.module:name or file.py:name")
+
+    def function_file(self) -> Path | None:
+        """The file that defines `function` (its content is part of the RL stage's fingerprint, so
+        editing a reward function re-runs `make ppo`), found without importing that module (its parent
+        packages are imported); None if it cannot be found (the stage then says why, on import)."""
+        module = self.function.rpartition(":")[0]
+        if module.endswith(".py"):
+            return Path(module)
+        importable_from_cwd()
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            return None
+        return Path(found.origin) if found is not None and found.origin not in (None, "built-in", "frozen") else None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.function:
+            return self.function.rpartition(":")[2]
+        if self.url:
+            return "remote"
+        return "rm" if self.model == "rm" else Path(self.model.rstrip("/")).name
+
+
+def importable_from_cwd() -> None:
+    """Stages are launched as `stages/ppo.py`, whose folder, not the working directory, is on the
+    path: a user's `my_rewards.py` next to their recipe must still import."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+
+
+Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need k >= 2 samples per prompt
+
+
+def _check_sources(sources: list[RewardSource], what: str) -> None:
+    labels = [s.label for s in sources]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise ValueError(f"{what}: two sources are named '{label}': give each a distinct `name`")
+
+
+@dataclass
 class TrainStage:
     """Settings shared by the stages that fine-tune a model with a trl trainer."""
 
@@ -155,9 +236,31 @@ class PPOStage:
     reward_model: str | None = None
     """An already trained reward model (a hub id or a directory of any sequence classifier with one
     output) to optimise against instead of this run's RM stage; eval then scores with it too."""
-    value_model: Literal["reward", "sft", "head"] = "reward"
-    """reward: separate network initialised from the reward model; sft: from the SFT policy;
-    head: a value head on the policy (cheapest: no fourth network)."""
+    rewards: list[RewardSource] = field(default_factory=lambda: [RewardSource(model="rm")])
+    """What the policy optimises: the weighted sum of these sources (reward models, Python functions,
+    reward servers). Default: this run's reward model."""
+    judges: list[RewardSource] = field(default_factory=list)
+    """Watched, never optimised: scored on every rollout (`judges/<name>` in metrics.jsonl) and by
+    eval, next to the optimised reward. A plain string is a function: `pkg.module:name`."""
+    advantage_estimator: Estimator = "gae"
+    """gae: PPO with a value model (or head); the rest are critic-free: grpo (group mean and std),
+    dr_grpo (group mean), rloo (leave-one-out mean), reinforce_pp (token returns whitened over the
+    batch), reinforce_pp_baseline (the group mean subtracted first). See pipeline/rl/estimators.py."""
+    samples_per_prompt: int = ranged(1, ">= 1")
+    """Responses sampled per prompt (k); the group estimators need k >= 2. Divides batch_size; a
+    prompt's k samples are generated and scored on one process."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference enters: reward (-kl_coef * KL per token, added to the reward; for
+    the group estimators the sequence's KL is subtracted from its reward) or loss (kl_coef times the
+    k3 estimate, in the loss, as GRPO does)."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How per-token policy losses become one: the mean over all tokens of the micro-batch; the mean
+    over sequences of each one's token mean (GRPO's, length-biased); or each sequence's token sum over
+    max_new_tokens, averaged (Dr. GRPO's)."""
+    value_model: Literal["reward", "sft", "head"] | None = None
+    """gae only. reward: separate network initialised from the (first) reward model; sft: from the
+    SFT policy; head: a value head on the policy (cheapest: no fourth network). Default: reward when a
+    reward model is among the rewards, else sft."""
     total_episodes: int = ranged(2048, ">= 1")
     """Rollouts in the whole run (summed over processes)."""
     batch_size: int = ranged(64, ">= 1")
@@ -234,6 +337,29 @@ class PPOStage:
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of gradient_accumulation_steps "
                              f"{self.gradient_accumulation_steps}")
+        # the estimator's needs, before any model loads
+        if not self.rewards:
+            raise ValueError("rewards is empty: give at least one source, e.g. [{model: rm}]")
+        _check_sources(self.rewards, "rewards")
+        _check_sources(self.judges, "judges")
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt {self.samples_per_prompt} does not divide batch_size {self.batch_size}")
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator} compares the k responses to a prompt: "
+                             f"set samples_per_prompt to 2 or more")
+        if self.advantage_estimator != "gae":
+            if self.value_model is not None:
+                raise ValueError(f"advantage_estimator {self.advantage_estimator} needs no value model: "
+                                 f"remove value_model (it is for gae)")
+            if self.whiten_rewards:
+                raise ValueError("whiten_rewards is for gae's token rewards: remove it")
+
+    @property
+    def critic(self) -> str | None:
+        """The value function gae trains (reward / sft / head); None for the critic-free estimators."""
+        if self.advantage_estimator != "gae":
+            return None
+        return self.value_model or ("reward" if any(s.model for s in self.rewards) else "sft")
 
     @property
     def forward_batch(self) -> int:
@@ -255,6 +381,12 @@ class EvalStage:
     """Prompts per generation batch."""
     samples_in_report: int = ranged(8, ">= 0")
     """Rows of the side-by-side sample table."""
+    judges: list[RewardSource] = field(default_factory=list)
+    """Reward functions (or models, servers) that score every policy's responses, with a win rate over
+    SFT, besides the RL stage's rewards and judges (which eval reports too)."""
+
+    def __post_init__(self):
+        _check_sources(self.judges, "judges")
 
 
 @dataclass
@@ -345,6 +477,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is DatasetSpec:
             value = {"path": value}
+        if isinstance(value, str) and tp is RewardSource:  # a judge or reward given as 'pkg.module:name'
+            value = {"function": value}
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
         return build(tp, value, key)

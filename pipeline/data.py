@@ -211,14 +211,16 @@ def reference_pairs(spec: DatasetSpec, limit: int) -> tuple[list, list]:
     return [None] * len(ds), ds["text"]
 
 
-def load_prompts(spec: DatasetSpec) -> list:
-    """The `prompt` column of any dataset that has one (prompt-only, prompt-completion, preference)."""
+def load_prompts(spec: DatasetSpec) -> tuple[list, dict[str, list]]:
+    """The `prompt` column of any dataset that has one (prompt-only, prompt-completion, preference),
+    and its other columns by name (a reference `solution`, test cases, ...), which reward functions
+    receive with each completion."""
     ds = load(spec)
     if "prompt" not in ds.column_names:
         raise DataError(f"{spec.path}: columns {sorted(ds.column_names)}: this stage needs a `prompt` column "
                         f"(prompt-only data, or any data with an explicit prompt)")
     require_format(ds, [detect_format(ds.column_names)], spec.path)  # strings or message lists
-    return ds["prompt"]
+    return ds["prompt"], {c: ds[c] for c in ds.column_names if c != "prompt"}
 
 
 def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: float,

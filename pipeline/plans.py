@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts, cli
-from pipeline.config import ConfigError, DatasetSpec, Recipe, to_dict
+from pipeline.config import ConfigError, DatasetSpec, Recipe, RewardSource, to_dict
 
 
 @dataclass
@@ -97,20 +97,47 @@ def ppo(recipe: Recipe) -> Plan:
         raise ConfigError("ppo.prompts is not set: name a dataset with a `prompt` column")
     if p.reward_model:
         artifacts.check_model_source(p.reward_model, "ppo.reward_model")
-        if p.normalize_scores:
-            raise ConfigError("ppo.normalize_scores uses the RM stage's reference statistics, which an external "
-                              "ppo.reward_model does not have: set ppo.normalize_scores=false")
+    if p.normalize_scores and not uses_rm_stage(recipe, p.rewards):
+        raise ConfigError("ppo.normalize_scores uses the RM stage's reference statistics: it needs a reward "
+                          "source {model: rm} from this run's RM stage (not ppo.reward_model): set "
+                          "ppo.normalize_scores=false")
     upstream = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}
-    if not p.reward_model:
+    if uses_rm_stage(recipe, p.rewards + p.judges):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
-                 {"prompts": _datasets(p.prompts), "reward_model": reward_model(recipe),
-                  "reward_model_fingerprint": artifacts.source_fingerprint(reward_model(recipe))}, upstream)
+                 {"prompts": _datasets(p.prompts), **reward_inputs(recipe, p.rewards + p.judges, "ppo")}, upstream)
 
 
 def reward_model(recipe: Recipe) -> str:
-    """The reward model PPO optimises and eval reports: ppo.reward_model if set, else the RM stage's."""
+    """The reward model `{model: rm}` names: ppo.reward_model if set, else the RM stage's."""
     return recipe.ppo.reward_model or str(recipe.run_dir / "rm")
+
+
+def model_path(recipe: Recipe, model: str) -> str:
+    """Where a reward source's `model` is: 'rm' is this run's reward model (`reward_model`)."""
+    return reward_model(recipe) if model == "rm" else model
+
+
+def uses_rm_stage(recipe: Recipe, sources: list[RewardSource]) -> bool:
+    """Whether these sources read this run's RM stage (so it must be built first)."""
+    return not recipe.ppo.reward_model and any(s.model == "rm" for s in sources)
+
+
+def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> dict:
+    """What the sources' scores depend on besides the recipe: each reward model's content (or hub id),
+    each function's source file (editing it re-runs the stage); a server's URL is in the recipe."""
+    inputs = {}
+    for i, s in enumerate(sources):
+        if s.model:
+            path = model_path(recipe, s.model)
+            if s.model != "rm":
+                artifacts.check_model_source(path, f"{section} reward source '{s.label}' (model)")
+            inputs[f"reward_model:{s.label}"] = {"path": path, "fingerprint": artifacts.source_fingerprint(path)}
+        elif s.function:
+            file = s.function_file()
+            inputs[f"reward_function:{s.label}"] = {
+                "function": s.function, "fingerprint": artifacts.source_fingerprint(str(file)) if file else None}
+    return inputs
 
 
 def eval_policies(recipe: Recipe) -> dict[str, str]:
@@ -127,15 +154,27 @@ def eval(recipe: Recipe) -> Plan:
     if e.prompts is None:
         raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
     upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name != "base"}
-    if not recipe.ppo.reward_model:
+    sources = eval_sources(recipe)
+    if uses_rm_stage(recipe, sources):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     # eval stops where PPO's rollouts stopped, in PPO's compute dtype and forward micro-batches
     ppo_settings = {"stop_token": recipe.ppo.stop_token, "dtype": recipe.ppo.dtype,
                     "forward_batch": recipe.ppo.forward_batch}
     return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge,
-                                          "ppo": ppo_settings},
+                                          "ppo": ppo_settings, "sources": to_dict(sources)},
                  {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model),
-                  "reward_model_fingerprint": artifacts.source_fingerprint(reward_model(recipe))}, upstream)
+                  **reward_inputs(recipe, sources, "eval")}, upstream)
+
+
+def eval_sources(recipe: Recipe) -> list[RewardSource]:
+    """What eval scores every policy with: the RL stage's rewards, then its judges and eval's own
+    (a judge named like an earlier source is that source, scored once)."""
+    sources, names = [], set()
+    for s in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges:
+        if s.label not in names:
+            sources.append(s)
+            names.add(s.label)
+    return sources
 
 
 PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}

@@ -1,15 +1,20 @@
-"""PPO of the SFT policy against the reward model: `make ppo`.
+"""The RL stage: PPO (or a critic-free estimator) of the SFT policy against its rewards: `make ppo`.
 
     make ppo                                    # the demo, one process
     make ppo NPROC=2                            # two processes (GPUs, or gloo on CPUs)
     make ppo ACCELERATE_CONFIG=accelerate_configs/zero3.yaml   # DeepSpeed ZeRO-3 (or fsdp2.yaml, ...)
     accelerate launch stages/ppo.py --recipe my.yaml ppo.finetune=lora ppo.kl_target=6
 
-Policy and reference come from this run's SFT artifact, the frozen reward model from its RM
-artifact, and the value function from the reward model (default), the SFT model, or a head on the
-policy. Each iteration: sample one batch of responses (KV cache, temperature T, top_k=0, top_p=1),
-truncate after the stop token, score them, add a per-token KL penalty, compute GAE advantages,
-then run several PPO epochs over shuffled minibatches. Ctrl-C / SIGTERM end the iteration at the
+    make ppo ARGS="ppo.advantage_estimator=rloo ppo.samples_per_prompt=4"     # critic-free
+    make ppo RECIPE=stages/recipes/demo-grpo.yaml                              # GRPO on a reward function
+
+Policy and reference come from this run's SFT artifact; the rewards from `ppo.rewards` (default:
+this run's RM artifact; also Python functions and reward servers, pipeline/rl/rewards.py); for gae
+the value function from the reward model, the SFT model, or a head on the policy. Each iteration:
+sample k responses per prompt (KV cache, temperature T, top_k=0, top_p=1), truncate after the stop
+token, score them with every source and judge, compute advantages (GAE on KL-penalised token
+rewards, or a critic-free estimator), then run several epochs of the clipped policy loss over
+shuffled minibatches. Ctrl-C / SIGTERM end the iteration at the
 next minibatch and save a checkpoint; interrupted runs (also crashes) resume from the last checkpoint
 when `make ppo` is run again with the same recipe. Engine-specific work: pipeline/engine.py.
 """
@@ -27,7 +32,7 @@ from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
 from pipeline.checkpoints import StopRequest
 from pipeline.rl.run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
-                              optimizer_and_schedule, same_tokenizer)
+                             optimizer_and_schedule, same_tokenizer)
 from pipeline.rl.rollout import generate, sampling_config
 
 
@@ -35,7 +40,7 @@ def main(argv=None):
     recipe, _, plan, out = open_stage("ppo", __doc__, argv, resume=True)  # an interrupted run goes on
     if out is None:  # up to date
         return
-    started, cfg, sft_dir, rm_dir = time.time(), recipe.ppo, recipe.run_dir / "sft", plans.reward_model(recipe)
+    started, cfg, sft_dir = time.time(), recipe.ppo, recipe.run_dir / "sft"
     acc = engine.accelerator(models.mixed_precision(models.resolve_dtype(cfg.dtype)), cfg.gradient_accumulation_steps,
                              log_with=cfg.report_to or None, project_dir=str(out))
     engine.configure(acc, cfg.mini_batch_size // cfg.gradient_accumulation_steps, cfg.max_grad_norm)
@@ -43,10 +48,10 @@ def main(argv=None):
     set_seed(recipe.seed)  # identical model initialisation on every rank
 
     # ---- data, models, optimiser ----
-    prompts = data.load_prompts(cfg.prompts)
+    prompts, columns = data.load_prompts(cfg.prompts)  # the other columns go to reward functions
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
     tokenizer, stop_ids = models.policy_tokenizer(sft_dir, cfg.stop_token)
-    model, reference, scorer = load_models(cfg, sft_dir, rm_dir, tokenizer, acc)
+    model, reference, rewards, judges = load_models(cfg, sft_dir, lambda m: plans.model_path(recipe, m), tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
@@ -69,14 +74,16 @@ def main(argv=None):
                disable=not acc.is_main_process, desc="ppo")
     for iteration in bar:
         with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
-            batch = [prompts[i] for i in schedule.prompt_indices(iteration, rank)]
+            indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
+            batch = [prompts[i] for i in indices]
             with engine.for_generation(model, acc) as unwrapped, acc.autocast():
                 rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device,
                                    **engine.generate_kwargs(acc))
-        with run.timed("score"):  # old log-probs and values, reference log-probs, reward-model scores
+        with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
             with acc.autocast():
-                exp = score(rollout, model, reference, scorer, cfg, score_norm, cfg.forward_batch)
-        with run.timed("optimise"):  # KL-penalised rewards, GAE, then the PPO epochs
+                exp = score(rollout, {k: [v[i] for i in indices] for k, v in columns.items()}, model, reference,
+                            rewards, judges, cfg, score_norm, cfg.forward_batch)
+        with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value)
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop.requested)
 
@@ -98,9 +105,11 @@ def main(argv=None):
             raise SystemExit(130)
 
     stop.restore()
+    reward_models = rewards.models()
     run.save_artifact(recipe, plan, tokenizer, sft_dir, {
-        "engine": engine.name(acc),
-        "reward_model_tokenizer": "shared" if same_tokenizer(tokenizer, scorer.tokenizer) else "own"})
+        "engine": engine.name(acc), "advantage_estimator": cfg.advantage_estimator,
+        **({"reward_model_tokenizer": "shared" if same_tokenizer(tokenizer, reward_models[0].scorer.tokenizer)
+            else "own"} if reward_models else {})})
     acc.end_training()  # also tears down the process group: nothing collective after this
 
 

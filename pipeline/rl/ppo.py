@@ -1,12 +1,13 @@
 """PPO's phases for a language-model policy, in the order `stages/ppo.py` runs them each iteration:
 
     rollout     = generate(...)                       pipeline/rl/rollout.py
-    experience  = score(rollout, models, ...)         old log-probs, values, reference log-probs, scores
-    experience  = with_advantages(experience, ...)    KL-penalised rewards, GAE, whitening
+    experience  = score(rollout, models, ...)         old log-probs, values, reference log-probs, rewards
+    experience  = with_advantages(experience, ...)    GAE on KL-penalised rewards, or a critic-free estimator
     stats       = update(experience, models, ...)     PPO epochs over shuffled minibatches
     metrics     = iteration_metrics(...)              gathered over processes
 
-The math lives in `pipeline/rl/ppo_math.py` (pure functions); this module runs it on models.
+The math lives in `pipeline/rl/ppo_math.py` and `pipeline/rl/estimators.py` (pure functions); this
+module runs it on models.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch.nn as nn
 from peft import PeftModel
 
 from pipeline import engine
-from pipeline.config import PPOStage
-from pipeline.rl.ppo_math import (explained_variance, gae, kl_per_token, logprobs_of, entropy_of, masked_mean,
-                               masked_whiten, policy_loss, token_rewards, value_loss)
+from pipeline.config import GROUP_ESTIMATORS, PPOStage
+from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
+                                    zero_variance_share)
+from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_of, entropy_of,
+                                  masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
+from pipeline.rl.rewards import Rewards
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
-from pipeline.scoring import RewardScorer, position_ids
+from pipeline.scoring import position_ids
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -52,18 +56,27 @@ def token_values(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 class PolicyAndValue(nn.Module):
-    """The trainable modules as one, so one optimiser and one engine wrapper cover both."""
+    """The trainable modules as one, so one optimiser and one engine wrapper cover both: the policy
+    and gae's value function (a separate network, or a head on the policy), or the policy alone for
+    the critic-free estimators."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: bool = False):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
         hidden = policy.config.get_text_config().hidden_size
         # float32 like every trained weight (autocast supplies the compute dtype)
-        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_model is None else None
+        self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_head else None
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_model is not None or self.value_head is not None
 
     def forward(self, input_ids, attention_mask, response_len: int):
-        """Logits for the response tokens only (B, R, V), and per-token values (B, R)."""
+        """Logits for the response tokens only (B, R, V), and per-token values (B, R) (None without a
+        value function)."""
+        if not self.has_critic:
+            return response_logits(self.policy, input_ids, attention_mask, response_len), None
         if self.value_head is None:
             logits = response_logits(self.policy, input_ids, attention_mask, response_len)
             values = token_values(self.value_model, input_ids, attention_mask)
@@ -95,23 +108,34 @@ class Experience:
     mask: torch.Tensor
     old_logp: torch.Tensor
     ref_logp: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None
+    """None for the critic-free estimators."""
     entropy: torch.Tensor
+    source_scores: dict[str, torch.Tensor]
+    """(B,) each reward source's own score (a reward model's as it was trained), NaN where none."""
+    judge_scores: dict[str, torch.Tensor]
+    """(B,) each judge's score, NaN where none: watched, never optimised."""
     raw_scores: torch.Tensor
-    """(B,) the reward model's score as it was trained (RewardScorer)."""
+    """(B,) the weighted sum of the sources' scores (0 where no source gave one)."""
+    valid: torch.Tensor
+    """(B,) whether any source gave the completion a reward (the others get advantage 0)."""
     scores: torch.Tensor
-    """(B,) the score PPO optimises: normalised if asked, minus the missing-stop penalty."""
+    """(B,) the reward optimised: the weighted sum with the RM normalised if asked, minus the
+    missing-stop penalty."""
     kl: torch.Tensor | None = None
+    kl_coef: float = 0.0
+    zero_variance_groups: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
-def score(rollout: Rollout, model, reference, scorer: RewardScorer, cfg: PPOStage,
+def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, judges: Rewards, cfg: PPOStage,
           score_norm: tuple[float, float], forward_batch_size: int) -> Experience:
-    """Old log-probs and values, reference log-probs and reward-model scores, each forward in
-    micro-batches of `forward_batch_size` rollouts (activation memory stays bounded).
+    """Old log-probs and values, reference log-probs, each forward in micro-batches of
+    `forward_batch_size` rollouts (activation memory stays bounded); every reward source's and judge's
+    scores (`columns`: the prompt dataset's other columns, one value per rollout).
 
     `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
     whose disabled adapter makes it the reference (LoRA)."""
@@ -122,29 +146,58 @@ def score(rollout: Rollout, model, reference, scorer: RewardScorer, cfg: PPOStag
         logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
         old_logp.append(logprobs_of(logits, rollout.responses[s], cfg.temperature))
         entropy.append(entropy_of(logits, cfg.temperature))
-        old_values.append(values.float())
+        if values is not None:
+            old_values.append(values.float())
         del logits
     if isinstance(reference, PeftModel):  # LoRA: with its adapter disabled the policy is the SFT model
         with reference.disable_adapter():
             ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
     else:
         ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    raw_scores = scorer(rollout.prompts, rollout.texts)
-    scores = (raw_scores - score_norm[0]) / score_norm[1] if cfg.normalize_scores else raw_scores.clone()
+    sources = rewards.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
+    judged = judges.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
+    raw_scores, valid = rewards.total(sources)
+    if cfg.normalize_scores:  # the RM stage's reward model, by the statistics it measured on reference responses
+        scores, _ = rewards.total({**sources, "rm": (sources["rm"] - score_norm[0]) / score_norm[1]})
+    else:
+        scores = raw_scores.clone()
     scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_stop_penalty)
     return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask, ref_logp=ref_logp * mask,
-                      old_values=torch.cat(old_values) * mask, entropy=torch.cat(entropy), raw_scores=raw_scores,
-                      scores=scores)
+                      old_values=torch.cat(old_values) * mask if old_values else None, entropy=torch.cat(entropy),
+                      source_scores=sources, judge_scores=judged, raw_scores=raw_scores, valid=valid, scores=scores)
 
 
 def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experience:
-    """Per-token rewards (-beta * KL, plus the score on the last token), GAE and whitened advantages."""
+    """Advantages (B, T) by `cfg.advantage_estimator`:
+
+    gae: per-token rewards (-beta * KL, plus the score on the last token), GAE, whitened;
+    grpo / dr_grpo / rloo: one advantage per sequence from its group of k (the sequence reward minus
+        beta times its KL, with the KL in the reward), on every token;
+    reinforce_pp(_baseline): per-token rewards, returns-to-go, whitened over the batch.
+
+    With `kl_in: loss` beta is 0 here and `update` adds the KL term to the loss. Completions without
+    a reward from any source get advantage 0 and take no part in the statistics."""
     exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
-    exp.rewards = token_rewards(exp.scores, exp.kl, exp.mask, kl_coef)
-    if cfg.whiten_rewards:
-        exp.rewards = masked_whiten(exp.rewards, exp.mask, shift_mean=False)
-    advantages, exp.returns = gae(exp.old_values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
-    exp.advantages = masked_whiten(advantages, exp.mask)
+    exp.kl_coef = kl_coef
+    beta = kl_coef if cfg.kl_in == "reward" else 0.0
+    rewarded = exp.mask * exp.valid.unsqueeze(1).to(exp.mask.dtype)
+    k, estimator = cfg.samples_per_prompt, cfg.advantage_estimator
+    if estimator == "gae":
+        exp.rewards = token_rewards(exp.scores, exp.kl, exp.mask, beta)
+        if cfg.whiten_rewards:
+            exp.rewards = masked_whiten(exp.rewards, exp.mask, shift_mean=False)
+        advantages, exp.returns = gae(exp.old_values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
+        exp.advantages = masked_whiten(advantages, rewarded)
+    elif estimator in ("grpo", "dr_grpo", "rloo"):
+        sequence_rewards = exp.scores - beta * exp.kl.sum(1)
+        exp.zero_variance_groups = zero_variance_share(sequence_rewards, exp.valid, k)
+        exp.advantages = group_advantages(sequence_rewards, exp.valid, k, estimator).unsqueeze(1) * exp.mask
+    else:  # reinforce_pp, reinforce_pp_baseline
+        scores = exp.scores
+        if estimator == "reinforce_pp_baseline":
+            exp.zero_variance_groups = zero_variance_share(scores, exp.valid, k)
+            scores = baseline_subtracted(scores, exp.valid, k)
+        exp.advantages = reinforce_pp_advantages(scores, exp.kl, rewarded, beta, cfg.gamma)
     return exp
 
 
@@ -154,7 +207,8 @@ class NonFiniteLoss(FloatingPointError):
 
 def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str,
            stop=lambda: False) -> dict:
-    """`ppo_epochs` passes of clipped policy and value losses over shuffled minibatches.
+    """`ppo_epochs` passes of the clipped policy loss (plus the value loss with a critic, the KL term
+    with `kl_in: loss`) over shuffled minibatches.
 
     Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
     approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop()` (a collective,
@@ -162,7 +216,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     one minibatch, well inside the ~30 s a launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio")}
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss")}
     first, interrupted = None, False
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
@@ -173,23 +227,36 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                 logits, values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R)
                 logp = logprobs_of(logits, rollout.responses[idx], cfg.temperature)
                 del logits
-                pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], exp.mask[idx],
-                                                cfg.cliprange)
-                vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx], exp.mask[idx],
-                                               cfg.cliprange_value)
-                for name, value in (("loss/policy", pg_loss), ("loss/value", vf_loss)):
-                    if not torch.isfinite(value):
-                        raise NonFiniteLoss(f"ppo: {name} is {value.item()} at {where}, epoch {epoch + 1}; stopping.")
-                accelerator.backward(pg_loss + cfg.vf_coef * vf_loss)
+                mask = exp.mask[idx]
+                pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
+                                                cfg.loss_aggregation, cfg.max_new_tokens)
+                losses = {"pg_loss": pg_loss}
+                if values is not None:
+                    vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx], mask,
+                                                   cfg.cliprange_value)
+                    losses.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                else:
+                    loss = pg_loss
+                if cfg.kl_in == "loss":  # k3: the term and its gradient are 0 while the policy is the reference
+                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, cfg.loss_aggregation,
+                                        cfg.max_new_tokens)
+                    losses["kl_loss"] = kl_loss
+                    loss = loss + exp.kl_coef * kl_loss
+                for name in ("pg_loss", "vf_loss", "kl_loss"):
+                    if name in losses and not torch.isfinite(losses[name]):
+                        label = {"pg_loss": "loss/policy", "vf_loss": "loss/value", "kl_loss": "loss/kl"}[name]
+                        raise NonFiniteLoss(f"ppo: {label} is {losses[name].item()} at {where}, epoch {epoch + 1}; "
+                                            f"stopping.")
+                accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     engine.clip_gradients(accelerator, model, cfg.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()  # not prepared by accelerate: once per optimiser step, whatever the world size
                 optimizer.zero_grad()
-            for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg_stats["clipfrac"]),
-                         ("vf_clipfrac", vf_stats["clipfrac"]), ("approxkl", pg_stats["approxkl"]),
-                         ("ratio", pg_stats["ratio"])):
+            for k, v in {**losses, "pg_clipfrac": pg_stats["clipfrac"], "approxkl": pg_stats["approxkl"],
+                         "ratio": pg_stats["ratio"]}.items():
                 stats[k].append(v.detach())
             if first is None:
                 first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
@@ -200,29 +267,50 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
         if interrupted:
             break
     model.eval()
-    return {"first": first, "interrupted": interrupted, **{k: torch.stack(v).mean() for k, v in stats.items()}}
+    return {"first": first, "interrupted": interrupted, **{k: torch.stack(v).mean() for k, v in stats.items() if v}}
 
 
 def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStage, accelerator) -> dict:
-    """TRL's metric names, averaged over processes. `objective/scores` is the score PPO optimises
-    (normalised if asked, minus the missing-stop penalty); `objective/rm_score_raw` is the reward
-    model's own score, the same quantity eval reports as `rm_score`; `objective/missing_stop_penalty`
-    the mean penalty subtracted (unnormalised: scores = rm_score_raw - missing_stop_penalty)."""
+    """TRL's metric names, averaged over processes, and each reward source's and judge's mean.
+
+    `objective/scores` is the reward optimised (normalised if asked, minus the missing-stop
+    penalty); `objective/reward_raw` the weighted sum of the sources' own scores; `rewards/<name>` and
+    `judges/<name>` each source's and judge's mean over the completions it scored. `objective/rm_score_raw`
+    (with a source named rm, as by default) is the reward model's own score, the quantity eval reports
+    as `rm_score`; `objective/missing_stop_penalty` the mean penalty subtracted (unnormalised, one
+    source: scores = rm_score_raw - missing_stop_penalty)."""
     seq_kl, mask = exp.kl.sum(1), exp.mask
     local = {
         "objective/kl": seq_kl.mean(), "objective/entropy": masked_mean(exp.entropy, mask),
         "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean(),
         "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(), "objective/scores": exp.scores.mean(),
-        "objective/rm_score_raw": exp.raw_scores.mean(),
+    }
+    if "rm" in exp.source_scores:
+        local["objective/rm_score_raw"] = exp.source_scores["rm"].mean()
+    local.update({
         "objective/missing_stop_penalty": cfg.missing_stop_penalty * (~exp.rollout.has_stop).float().mean(),
         "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["pg_clipfrac"],
-        "loss/policy_avg": stats["pg_loss"], "loss/value_avg": stats["vf_loss"],
-        "val/clipfrac_avg": stats["vf_clipfrac"], "val/ratio": stats["ratio"],
-        "val/explained_variance": explained_variance(exp.old_values, exp.returns, mask),
-        "val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
-    }
+        "loss/policy_avg": stats["pg_loss"]})
+    if exp.old_values is not None:
+        local.update({"loss/value_avg": stats["vf_loss"], "val/clipfrac_avg": stats["vf_clipfrac"]})
+    local["val/ratio"] = stats["ratio"]
+    if exp.old_values is not None:
+        local["val/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
+    local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
+                  "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean()})
+    if "kl_loss" in stats:
+        local["loss/kl_avg"] = stats["kl_loss"]
+    if exp.zero_variance_groups is not None:
+        local["objective/zero_variance_groups"] = exp.zero_variance_groups
     metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},
                                                            reduction="mean").items()}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged
+    # each source's mean over the completions it scored, on every process together (sums and counts)
+    scored = {f"rewards/{k}": v for k, v in exp.source_scores.items()}
+    scored.update({f"judges/{k}": v for k, v in exp.judge_scores.items()})
+    if scored:
+        sums = accelerator.reduce(torch.stack([torch.stack([v.nansum(), (~v.isnan()).sum().float()])
+                                               for v in scored.values()]), reduction="sum")
+        metrics.update({k: s / n if n > 0 else None for k, (s, n) in zip(scored, sums.tolist())})
     metrics["first_minibatch"] = stats["first"]
     return metrics

@@ -61,7 +61,7 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     log_ratio = logp - ref_logp
     if estimator == "k1":
         kl = log_ratio
-    elif estimator == "k3":
+    elif estimator == "k3":  # also the KL term of the loss (kl_in: loss): it and its gradient are 0 at p = p_ref
         kl = torch.expm1(-log_ratio) + log_ratio
     else:
         raise ValueError(f"unknown KL estimator '{estimator}' (use k1 or k3)")
@@ -94,14 +94,31 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", horizon: int = 1) -> torch.Tensor:
+    """One loss from per-token losses (B, T).
+
+    token_mean: the mean over every valid token (PPO's, and DAPO's); seq_mean_token_mean: each
+    sequence's token mean, then the mean over sequences (GRPO's: a token of a short response weighs
+    more); seq_mean_token_sum_norm: each sequence's token sum over a constant `horizon`
+    (max_new_tokens), then the mean (Dr. GRPO's: no length bias)."""
+    if how == "token_mean":
+        return masked_mean(per_token, mask)
+    if how == "seq_mean_token_mean":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if how == "seq_mean_token_sum_norm":
+        return ((per_token * mask).sum(1) / horizon).mean()
+    raise ValueError(f"unknown loss aggregation '{how}'")
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective: mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+                clip: float, aggregation: str = "token_mean", horizon: int = 1) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) per token,
+    aggregated (`aggregate`). `advantages` (B, T), or (B, 1) for one advantage per sequence."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation, horizon)
     stats = {"clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
              "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
              "ratio": masked_mean(ratio, mask)}

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, PPOStage, to_dict
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout
 from pipeline.rl.ppo_math import KLController
-from pipeline.scoring import RewardScorer, load_reward_model
+from pipeline.rl.rewards import Rewards, load_sources
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
 
@@ -31,14 +31,15 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
 
 
-def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
-    """Policy + value model (one trainable module), the frozen reference (None under LoRA) and the
-    reward scorer, each in its precision (pipeline/models.py); frozen models prepared for the engine.
+def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
+    """Policy + value function (one trainable module), the frozen reference (None under LoRA), the
+    reward sources and the judges, each in its precision (pipeline/models.py); frozen models prepared
+    for the engine. `model_path` resolves a reward source's `model` ('rm': this run's RM).
 
     Full fine-tuning: float32 policy and value model, a frozen reference in the compute dtype. LoRA /
     QLoRA: a fresh adapter on the SFT weights, so with the adapter disabled the policy IS the
     reference; the value model then gets its own adapter (its score head trained in full), so a
-    LoRA run never trains a whole second network.
+    LoRA run never trains a whole second network. The critic-free estimators train the policy alone.
     """
     dtype = models.resolve_dtype(cfg.dtype)
     policy = AutoModelForCausalLM.from_pretrained(sft_dir, **models.load_kwargs(cfg.finetune, cfg.dtype))
@@ -47,26 +48,28 @@ def load_models(cfg: PPOStage, sft_dir, rm_dir, tokenizer, acc):
         reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
     else:
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
-    reward_model, rm_tokenizer = load_reward_model(rm_dir, dtype)
-    scorer = RewardScorer(engine.prepare_frozen(reward_model, acc), rm_tokenizer, acc.device,
-                          batch_size=cfg.forward_batch)
-    if cfg.value_model == "reward" and not same_tokenizer(tokenizer, rm_tokenizer):
-        raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
-                          "set ppo.value_model=sft or ppo.value_model=head")
+    load = lambda specs: Rewards(load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
+                                              lambda m: engine.prepare_frozen(m, acc)), acc.device)
+    rewards, judges = load(cfg.rewards), load(cfg.judges)
     value_model = None
-    if cfg.value_model != "head":
-        source = rm_dir if cfg.value_model == "reward" else sft_dir
+    if cfg.critic == "reward":
+        reward_model = rewards.models()[0]
+        if not same_tokenizer(tokenizer, reward_model.scorer.tokenizer):
+            raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
+                              "set ppo.value_model=sft or ppo.value_model=head")
+    if cfg.critic in ("reward", "sft"):
+        source = reward_model.path if cfg.critic == "reward" else sft_dir
         value_model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=1, **models.load_kwargs(cfg.finetune, cfg.dtype))
         value_model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.finetune != "full":
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
-    model = PolicyAndValue(policy, value_model)
+    model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
     models.upcast_trainable(model)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    return model.eval(), reference, scorer
+    return model.eval(), reference, rewards, judges
 
 
 class Schedule:
@@ -78,14 +81,17 @@ class Schedule:
         self.optimizer_steps = self.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
 
     def prompt_indices(self, iteration: int, rank: int) -> list[int]:
-        """The prompts of one process in one iteration: a deterministic function of the iteration,
-        so a resumed run sees exactly the prompts the uninterrupted run would have."""
-        b = self.cfg.batch_size
+        """The prompts of one process in one iteration, each repeated `samples_per_prompt` times in a
+        row (a prompt's group stays whole, on one process): a deterministic function of the
+        iteration, so a resumed run sees exactly the prompts the uninterrupted run would have, and N
+        processes together take the prompts one process with N times the batch would."""
+        k = self.cfg.samples_per_prompt
+        b = self.cfg.batch_size // k  # distinct prompts per process
         out = []
-        for k in range(iteration * b * self.world + rank * b, iteration * b * self.world + (rank + 1) * b):
-            epoch, i = divmod(k, self.n_prompts)
+        for j in range(iteration * b * self.world + rank * b, iteration * b * self.world + (rank + 1) * b):
+            epoch, i = divmod(j, self.n_prompts)
             perm = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch))
-            out.append(int(perm[i]))
+            out += [int(perm[i])] * k
         return out
 
 
@@ -109,9 +115,10 @@ def disk_need(model, cfg: PPOStage) -> int:
     value model (under LoRA: its adapter and head, which is what is saved)."""
     trainable = sum(models.numel(p) for p in model.parameters() if p.requires_grad)
     checkpoint = sum(models.numel(p) * p.element_size() for p in model.parameters()) + 8 * trainable
-    value = model.value_model if model.value_model is not None else model.value_head
+    value = [m for m in (model.value_model, model.value_head) if m is not None]
     artifact = 4 * (sum(models.numel(p) for p in model.policy.parameters())
-                    + sum(models.numel(p) for p in value.parameters() if cfg.finetune == "full" or p.requires_grad))
+                    + sum(models.numel(p) for m in value for p in m.parameters()
+                          if cfg.finetune == "full" or p.requires_grad))
     return models.disk_need(checkpoint, artifact)
 
 
@@ -176,7 +183,7 @@ class PPORun:
 
     def log(self, iteration: int, metrics: dict, episodes: int, exp, sample: bool) -> None:
         """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples with
-        the score optimised and the reward model's own."""
+        the score optimised, each source's and judge's own (and the reward model's, as `rm_score_raw`)."""
         metrics.update({f"time/{k}_s": self.last[k] for k in ("generate", "score", "optimise")})
         elapsed = sum(self.last[k] for k in ("generate", "score", "optimise"))
         metrics.update({"episodes_per_s": episodes / elapsed,
@@ -185,11 +192,14 @@ class PPORun:
         if self.acc.is_main_process:
             append_jsonl(self.out / "metrics.jsonl", metrics)
             if sample:
-                rows = zip(exp.rollout.prompts[:4], exp.rollout.texts, exp.scores.tolist(), exp.raw_scores.tolist())
-                for prompt, response, score, raw in rows:
-                    append_jsonl(self.out / "samples.jsonl", {"iteration": iteration, "prompt": prompt,
-                                                              "response": response, "score": score,
-                                                              "rm_score_raw": raw})
+                value = lambda x: None if x != x else x  # noqa: E731  (NaN: no reward)
+                for i, (prompt, response) in enumerate(zip(exp.rollout.prompts[:4], exp.rollout.texts)):
+                    row = {"iteration": iteration, "prompt": prompt, "response": response, "score": exp.scores[i].item()}
+                    if "rm" in exp.source_scores:
+                        row["rm_score_raw"] = exp.source_scores["rm"][i].item()
+                    row["rewards"] = {k: value(v[i].item()) for k, v in exp.source_scores.items()}
+                    row["judges"] = {k: value(v[i].item()) for k, v in exp.judge_scores.items()}
+                    append_jsonl(self.out / "samples.jsonl", row)
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
 
     def save_artifact(self, recipe, plan, tokenizer, sft_dir: Path, extra: dict) -> None:
@@ -211,7 +221,7 @@ class PPORun:
                 tokenizer.save_pretrained(out)
                 if unwrapped.value_model is not None:
                     unwrapped.value_model.save_pretrained(out / "value_model", state_dict=part("value_model."))
-                else:
+                elif unwrapped.value_head is not None:
                     torch.save(part("value_head."), out / "value_head.pt")
                 (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         if acc.is_main_process:
@@ -228,8 +238,10 @@ class PPORun:
     def summary(self, unwrapped) -> dict:
         history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         median = lambda key: sorted(h[key] for h in history)[len(history) // 2]  # noqa: E731
-        summary = {k: history[-1][k] for k in ("objective/scores", "objective/rm_score_raw", "objective/kl",
-                                               "objective/rlhf_reward", "response_length", "episodes", "lr")}
+        summary = {k: history[-1][k] for k in ("objective/scores", "objective/reward_raw", "objective/rm_score_raw",
+                                               "objective/kl", "objective/rlhf_reward", "response_length", "episodes",
+                                               "lr", *(k for k in history[-1] if k.startswith(("rewards/", "judges/"))))
+                   if k in history[-1]}
         summary.update({
             "score_first": history[0]["objective/scores"], "iterations": len(history),
             "lr_middle": history[len(history) // 2]["lr"], "processes": self.acc.num_processes,

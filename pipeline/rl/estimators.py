@@ -1,0 +1,81 @@
+"""Critic-free advantage estimators and loss aggregation, as small pure tensor functions.
+
+Shapes as in ppo_math: B sequences, T response tokens, `mask` 1 on real response tokens. Group
+estimators see the batch as B / k groups of k consecutive responses to one prompt (the schedule keeps a
+prompt's k samples together, on one process). `valid` (B,) marks responses that got a reward from at
+least one source: the others get advantage 0 and take no part in their group's statistics.
+
+    grpo                   A_i = (r_i - mean) / (std + eps), std unbiased         (Shao et al. 2024)
+    dr_grpo                A_i = r_i - mean                                        (Liu et al. 2025)
+    rloo                   A_i = r_i - mean of the other k-1 = k/(k-1) (r_i - mean)  (Ahmadian et al. 2024)
+    reinforce_pp           token rewards, returns-to-go, whitened over the batch  (Hu 2025)
+    reinforce_pp_baseline  the same after subtracting the group mean from r
+
+A sequence advantage applies to every token of its response.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.rl.ppo_math import masked_whiten, token_rewards
+
+GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
+
+
+def _groups(rewards: torch.Tensor, valid: torch.Tensor, k: int):
+    """(B,) rewards -> (B/k, k) rewards with invalid ones zeroed, the validity as float, the count and
+    the mean of each group over its valid members."""
+    v = valid.reshape(-1, k).float()
+    r = torch.where(v.bool(), rewards.reshape(-1, k), torch.zeros_like(v))
+    n = v.sum(1, keepdim=True)
+    return r, v, n, r.sum(1, keepdim=True) / n.clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """Sequence advantages (B,) of grpo / dr_grpo / rloo. A group whose (valid) rewards are all equal
+    gets 0 everywhere: it carries no signal."""
+    r, v, n, mean = _groups(rewards, valid, k)
+    centred = (r - mean) * v
+    if estimator == "grpo":
+        std = ((centred ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = centred / (std + GROUP_EPS)
+    elif estimator == "dr_grpo":
+        adv = centred
+    elif estimator == "rloo":  # a group with one valid member has no "others": no baseline, no signal
+        adv = centred * n / (n - 1).clamp(min=1)
+    else:
+        raise ValueError(f"unknown group estimator '{estimator}'")
+    return adv.reshape(-1)
+
+
+def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of groups whose valid rewards are all equal (including groups with under two rewards)."""
+    r, v, n, mean = _groups(rewards, valid, k)
+    return (((r - mean).abs() * v).amax(1) == 0).float().mean()
+
+
+def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """r_i minus its group's mean (REINFORCE++-baseline's first step); invalid rewards become 0."""
+    r, v, _, mean = _groups(rewards, valid, k)
+    return ((r - mean) * v).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the token axis, without a Python loop over tokens:
+    a reversed cumulative sum for gamma = 1, else one (T, T) matrix product."""
+    if gamma == 1.0:
+        return rewards.flip(1).cumsum(1).flip(1)
+    t = torch.arange(rewards.shape[1], device=rewards.device)
+    lag = t[:, None] - t[None, :]  # s - t at [s, t]
+    weights = torch.where(lag >= 0, torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device) ** lag.clamp(min=0),
+                          torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    return rewards @ weights
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                            gamma: float) -> torch.Tensor:
+    """REINFORCE++: per-token rewards (-beta * KL, plus the score on the last token), returns-to-go,
+    whitened over every valid token of the batch (not per group: OpenRLHF #830). (B, T)."""
+    returns = discounted_returns(token_rewards(scores, kl, mask, beta), gamma)
+    return masked_whiten(returns, mask)

@@ -1,0 +1,233 @@
+"""Where rewards come from: reward models, Python functions, reward servers; and judges.
+
+`ppo.rewards` lists the sources the policy optimises (their weighted sum); `ppo.judges` and
+`eval.judges` list sources that are only watched. Every source scores a batch the same way:
+
+    source(prompts, texts, completion_ids, columns) -> (B,) float32, NaN where it gives no reward
+
+- `ModelReward`: a sequence classifier read through `RewardScorer`, exactly as the RM stage trained it.
+- `FunctionReward`: trl's reward-function contract (`GRPOTrainer._calculate_rewards`), so functions
+  written for trl work unchanged: called by keyword with `prompts`, `completions` (strings, or
+  `[{"role": "assistant", "content": ...}]` when the prompts are conversations), `completion_ids`,
+  every other column of the prompt dataset (one value per completion), and the source's `kwargs`;
+  returns a float or None per completion. A function without `**kwargs` gets only the arguments it
+  names (a classic crash with trl: `def f(prompts, completions)` meeting `completion_ids`).
+- `RemoteReward`: POST {"prompts", "completions"} to a server (`make serve-rm`, pipeline/rl/
+  reward_server.py) that answers {"rewards"}; bounded retries with backoff on connection errors,
+  timeouts and 5xx, then one line naming the URL and the last status. Never a silent 0.
+
+A completion with no reward (None) from a source is left out of that source's mean; one with no reward
+from any source gets advantage 0 (`Rewards.total`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.config import RewardSource, UserError, importable_from_cwd
+from pipeline.data import is_conversational
+from pipeline.scoring import RewardScorer, load_reward_model
+
+RETRIES = 4  # attempts per request to a reward server
+BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5 + 1 + 2 s before giving up
+
+
+class RewardError(UserError):
+    """A reward source that failed, or returned something that is not one reward per completion."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions
+# ---------------------------------------------------------------------------------------------
+
+def load_function(spec: str) -> Callable:
+    """'package.module:name' or 'path/file.py:name' -> the function, or one line saying what is wrong."""
+    module, _, name = spec.rpartition(":")
+    try:
+        if module.endswith(".py"):
+            if not Path(module).is_file():
+                raise RewardError(f"reward function '{spec}': file '{module}' not found")
+            loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
+            mod = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(mod)
+        else:
+            importable_from_cwd()
+            mod = importlib.import_module(module)
+    except ImportError as e:
+        raise RewardError(f"reward function '{spec}': cannot import '{module}' ({e})") from None
+    fn = getattr(mod, name, None)
+    if not callable(fn):
+        raise RewardError(f"reward function '{spec}': '{module}' has no function '{name}'")
+    return fn
+
+
+def check_rewards(values, n: int, who: str) -> list[float]:
+    """One float per completion (None -> NaN), or one line naming `who` and the first bad index."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"{who} returned {type(values).__name__}; it must return a list of {n} floats "
+                          f"(or None), one per completion")
+    if len(values) != n:
+        raise RewardError(f"{who} returned {len(values)} rewards for {n} completions (one per completion, "
+                          f"None to give none)")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RewardError(f"{who} returned {v!r} at index {i}: a reward is a finite number (None: no reward)")
+        else:
+            out.append(float(v))
+    return out
+
+
+class FunctionReward:
+    """A Python reward function with trl's contract (see the module docstring)."""
+
+    def __init__(self, spec: RewardSource):
+        self.spec, self.fn = spec, load_function(spec.function)
+        params = inspect.signature(self.fn).parameters
+        self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.names = set(params)
+
+    def __call__(self, prompts, texts, completion_ids, columns) -> list[float]:
+        completions = ([[{"role": "assistant", "content": t}] for t in texts]
+                       if prompts and is_conversational(prompts[0]) else list(texts))
+        kwargs = {**columns, "prompts": list(prompts), "completions": completions, "completion_ids": completion_ids,
+                  **self.spec.kwargs}
+        if not self.takes_all:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.names}
+        who = f"reward function '{self.spec.function}'"
+        try:
+            values = self.fn(**kwargs)
+            if inspect.isawaitable(values):
+                values = asyncio.run(values)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"{who} raised {type(e).__name__}: {e}") from e
+        return check_rewards(values, len(texts), who)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward servers
+# ---------------------------------------------------------------------------------------------
+
+class RemoteReward:
+    """A reward server: POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}."""
+
+    def __init__(self, spec: RewardSource):
+        self.url, self.timeout = spec.url, spec.timeout_s
+
+    def __call__(self, prompts, texts, completion_ids, columns) -> list[float]:
+        body = json.dumps({"prompts": list(prompts), "completions": list(texts)}).encode()
+        last = "no answer"
+        for attempt in range(RETRIES):
+            if attempt:
+                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {e.read().decode(errors='replace')[:200]}"
+                if e.code < 500:  # the request is wrong: asking again changes nothing
+                    raise RewardError(f"reward server {self.url} refused the request ({last})") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = str(getattr(e, "reason", e))
+            except json.JSONDecodeError:
+                raise RewardError(f"reward server {self.url} answered with something that is not JSON") from None
+        else:
+            raise RewardError(f"reward server {self.url} failed {RETRIES} times (last: {last}): is it running? "
+                              f"(`make serve-rm`)")
+        if not isinstance(answer, dict) or "rewards" not in answer:
+            raise RewardError(f"reward server {self.url} answered without a 'rewards' list")
+        return check_rewards(answer["rewards"], len(texts), f"reward server {self.url}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward models
+# ---------------------------------------------------------------------------------------------
+
+class ModelReward:
+    """A frozen sequence classifier, read through `RewardScorer` (the RM stage's own rendering)."""
+
+    def __init__(self, scorer: RewardScorer, path: str):
+        self.scorer, self.path = scorer, path
+
+    def __call__(self, prompts, texts, completion_ids, columns) -> torch.Tensor:
+        return self.scorer(prompts, texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# A set of sources
+# ---------------------------------------------------------------------------------------------
+
+def load_sources(specs: list[RewardSource], model_path: Callable[[str], str], dtype: torch.dtype, device,
+                 batch_size: int, prepare=lambda model: model) -> dict[str, tuple]:
+    """{name: (source, weight)}. `model_path` resolves a model source ('rm' -> this run's RM);
+    `prepare` readies a frozen model for the engine (pipeline.engine.prepare_frozen)."""
+    sources = {}
+    for spec in specs:
+        if spec.model:
+            path = model_path(spec.model)
+            model, tokenizer = load_reward_model(path, dtype)
+            source = ModelReward(RewardScorer(prepare(model), tokenizer, device, batch_size=batch_size), path)
+        elif spec.function:
+            source = FunctionReward(spec)
+        else:
+            source = RemoteReward(spec)
+        sources[spec.label] = (source, spec.weight)
+    return sources
+
+
+class Rewards:
+    """Named sources with weights; scores a batch with each, and combines them."""
+
+    def __init__(self, sources: dict[str, tuple], device):
+        self.sources, self.device = sources, device
+
+    def __bool__(self) -> bool:
+        return bool(self.sources)
+
+    def models(self) -> list[ModelReward]:
+        return [s for s, _ in self.sources.values() if isinstance(s, ModelReward)]
+
+    def score(self, prompts: list, texts: list[str], responses: torch.Tensor | None = None,
+              response_mask: torch.Tensor | None = None, columns: dict | None = None) -> dict[str, torch.Tensor]:
+        """{name: (B,) float32 on the device, NaN where the source gave no reward}. `responses` and
+        their mask give the functions' `completion_ids` (the response up to and including its stop)."""
+        ids = None
+        if any(isinstance(s, FunctionReward) for s, _ in self.sources.values()) and responses is not None:
+            ids = [row[: int(n)].tolist() for row, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
+        out = {}
+        for name, (source, _) in self.sources.items():
+            values = source(prompts, texts, ids, columns or {})
+            out[name] = (values if isinstance(values, torch.Tensor)
+                         else torch.tensor(values, dtype=torch.float32)).to(self.device)
+        return out
+
+    def total(self, scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted sum over sources (a source's missing reward counts 0) and whether each completion
+        got a reward from any source."""
+        weighted = [self.sources[name][1] * s for name, s in scores.items()]
+        if len(weighted) == 1:  # one source: its scores times its weight, bit for bit
+            total, valid = weighted[0], ~torch.isnan(weighted[0])
+            return torch.where(valid, total, torch.zeros_like(total)), valid
+        stacked = torch.stack(weighted)
+        return torch.nansum(stacked, 0), ~torch.isnan(stacked).all(0)
+
