@@ -54,7 +54,7 @@ else
 LAUNCH = $(ACCELERATE_LAUNCH) --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
-.PHONY: help setup base sft rm ppo eval demo bench test test-gpu clean
+.PHONY: help setup base sft rm ppo eval demo serve-rm bench test test-gpu clean
 
 help:
 	@echo "Targets (each stage runs its upstream stages first when they are out of date):"
@@ -65,6 +65,7 @@ help:
 	@echo "  rm         reward model from preference pairs -> data/runs/<run>/rm"
 	@echo "  ppo        PPO of the SFT policy on the RM    -> data/runs/<run>/ppo"
 	@echo "  eval       base / sft / ppo compared           -> data/runs/<run>/eval"
+	@echo "  serve-rm   a reward model over HTTP for ppo.rewards: [{url: ...}] (RM=path, HOST, PORT)"
 	@echo "  bench      PPO throughput, time split, peak memory -> data/bench/"
 	@echo "  test       the test suite (CPU)"
 	@echo "  test-gpu   the GPU checks (a CUDA machine)"
@@ -77,6 +78,7 @@ help:
 	@echo "  ACCELERATE_CONFIG=file      an accelerate config: accelerate_configs/{multi_gpu,zero2,zero3,zero3_offload,fsdp2,multi_node}.yaml"
 	@echo "  NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT   multi-node: the same target on every node"
 	@echo "  BENCH_EPISODES=N            the episode budget of make bench"
+	@echo "  RM=path HOST=addr PORT=n    make serve-rm: the model (default the run's RM), 127.0.0.1, 8000"
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -92,7 +94,7 @@ $(VENV)/.installed: pyproject.toml
 # second from the recipe and the manifests; launching the stage would spend seconds on imports first.
 UP_TO_DATE = $(BIN)/python -m pipeline.plans
 define run_stage
-	@$(UP_TO_DATE) $(1) $(call stage_args,$(1)) || \
+	@$(UP_TO_DATE) $(1) $(3) $(call stage_args,$(1)) || \
 	{ echo "$(2) stages/$(1).py $(call stage_args,$(1))"; $(2) stages/$(1).py $(call stage_args,$(1)); }
 endef
 
@@ -102,8 +104,10 @@ base: setup
 sft: base
 	$(call run_stage,sft,$(LAUNCH))
 
+# Visited on the way to ppo / eval, the RM stage runs only if the recipe's rewards or judges read it
+# (a recipe that optimises reward functions trains no reward model); `make rm` itself always may.
 rm: sft
-	$(call run_stage,rm,$(LAUNCH))
+	$(call run_stage,rm,$(LAUNCH),$(if $(filter rm,$(MAKECMDGOALS)),,--if-needed))
 
 ppo: rm
 	$(call run_stage,ppo,$(LAUNCH))
@@ -113,6 +117,13 @@ eval: ppo
 
 demo: eval
 	@$(BIN)/python -m pipeline.report $(call stage_args,eval)
+
+# A reward model over HTTP (pipeline/rl/reward_server.py): the run's RM artifact, or RM=path/hub-id.
+# Bound to 127.0.0.1 unless HOST is given (the server has no authentication). RM is also make's
+# built-in `rm -f`: only a value given on the command line or in the environment names a model.
+serve-rm: setup
+	$(BIN)/python -m pipeline.rl.reward_server --recipe $(RECIPE) $(if $(filter-out default,$(origin RM)),--model $(RM)) \
+		--host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) $(ARGS)
 
 # PPO throughput, time split and peak memory on the recipe, for a fixed budget (BENCH_EPISODES, default
 # the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone.

@@ -558,20 +558,36 @@ def _fix_yaml_floats(node):
     return node
 
 
+def read_recipe_file(p: Path, seen: tuple = ()) -> dict:
+    """A recipe file's settings; `extends: other.yaml` (relative to the file) starts from another
+    recipe's, which this one's override key by key."""
+    if not p.is_file():
+        raise ConfigError(f"recipe file '{p}' does not exist (set RECIPE=path/to/recipe.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{p}' must be a mapping of settings, got {type(data).__name__}")
+    data = _fix_yaml_floats(data)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if p.resolve() in seen:
+        raise ConfigError(f"recipe '{p}' extends itself (through {[str(s) for s in seen]})")
+    return _merged(read_recipe_file(p.parent / parent, seen + (p.resolve(),)), data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a recipe YAML (or the defaults if None) and apply `key.path=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe file '{p}' does not exist (set RECIPE=path/to/recipe.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe '{p}' must be a mapping of settings, got {type(data).__name__}")
-        data = _fix_yaml_floats(data)
+    data = read_recipe_file(Path(path)) if path is not None else {}
     for arg in overrides:
         keys, value = parse_override(arg)
         node = data

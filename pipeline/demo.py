@@ -100,6 +100,12 @@ def score(prompt, response) -> float:
     return round(total - min(penalty, 3.0), 4)
 
 
+def gold_reward(prompts, completions, **kwargs) -> list[float]:
+    """The gold judge as a reward function with trl's contract (`ppo.rewards: [{function:
+    pipeline.demo:gold_reward}]`, or as a judge): one score per completion."""
+    return [score(p, c) for p, c in zip(prompts, completions)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data generation
 # ---------------------------------------------------------------------------------------------

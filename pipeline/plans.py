@@ -123,6 +123,11 @@ def uses_rm_stage(recipe: Recipe, sources: list[RewardSource]) -> bool:
     return not recipe.ppo.reward_model and any(s.model == "rm" for s in sources)
 
 
+def needs_rm(recipe: Recipe) -> bool:
+    """Whether PPO or eval read this run's RM stage."""
+    return uses_rm_stage(recipe, recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges)
+
+
 def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> dict:
     """What the sources' scores depend on besides the recipe: each reward model's content (or hub id),
     each function's source file (editing it re-runs the stage); a server's URL is in the recipe."""
@@ -181,11 +186,16 @@ PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}
 
 
 def main(argv: list[str]) -> int:
-    """`python -m pipeline.plans STAGE [--recipe R] [--force] [overrides]`: exit 0 and say so if
-    the stage's artifact is up to date, 1 if the stage has to run."""
-    name, rest = argv[0], argv[1:]
+    """`python -m pipeline.plans STAGE [--if-needed] [--recipe R] [--force] [overrides]`: exit 0 and
+    say so if the stage's artifact is up to date (or, for rm with --if-needed, if nothing downstream
+    reads it), 1 if the stage has to run."""
+    name, rest = argv[0], [a for a in argv[1:] if a != "--if-needed"]
     try:
         recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
+        if name == "rm" and "--if-needed" in argv and not needs_rm(recipe):
+            print("rm: skipped, this recipe's rewards and judges read no reward model of this run (`make rm` "
+                  "builds it anyway)")
+            return 0
         plan = PLANS[name](recipe)
         current = plan is not None and not args.force and plan.stage.is_current(plan.fingerprint)
     except (SystemExit, Exception):

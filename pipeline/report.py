@@ -11,18 +11,26 @@ import sys
 
 from pipeline import artifacts, cli
 
-COLUMNS = ["gold_score", "rm_score", "kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
+COLUMNS = ["kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
+
+
+def score_order(names) -> list[str]:
+    """Score names as reports list them: the gold judge, the reward model, then the rest as given."""
+    names = list(names)
+    return [n for n in ("gold", "rm") if n in names] + [n for n in names if n not in ("gold", "rm")]
 
 
 def _value(m: dict, key: str) -> str:
     v = m.get(key)
-    return "-" if v is None else f"{v['mean'] if isinstance(v, dict) else v:.3f}"
+    v = v["mean"] if isinstance(v, dict) else v
+    return "-" if v is None else f"{v:.3f}"
 
 
 def headline(metrics: dict) -> str:
     """A fixed-width table of the sampled-decoding figures per policy, then PPO's win rates."""
     policies = [p for p in ("base", "sft", "ppo") if p in metrics]
-    columns = [c for c in COLUMNS if any(c in metrics[p]["sampled"] for p in policies)]
+    scores = score_order(k[:-len("_score")] for k in metrics[policies[0]]["sampled"] if k.endswith("_score"))
+    columns = [f"{n}_score" for n in scores] + [c for c in COLUMNS if any(c in metrics[p]["sampled"] for p in policies)]
     rows = [["policy", *columns]] + [[p, *(_value(metrics[p]["sampled"], c) for c in columns)] for p in policies]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  " + "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -4,9 +4,11 @@
     make eval RECIPE=my.yaml
 
 For each policy present (base, sft, ppo): responses to the held-out prompts, sampled at the
-recorded temperature (top_k=0, top_p=1) and greedy; reward-model score, gold-judge score (if the
-recipe names a judge), per-sequence KL from the SFT policy, response length, share ending with the
-stop token, distinct n-grams; win rate of PPO over SFT with a 95% interval. Writes
+recorded temperature (top_k=0, top_p=1) and greedy; each score: every reward source the RL stage
+optimised (`rm_score` for the reward model, `<name>_score` for the others), every judge (ppo.judges,
+eval.judges) and the recipe's gold judge (`gold_score`); per-sequence KL from the SFT policy,
+response length, share ending with the stop token, distinct n-grams; win rates of PPO over SFT by
+each score, with 95% intervals. Writes
 <runs_dir>/<run_name>/eval/: metrics.json, samples.jsonl (every sampled response with its scores),
 report.md and PNG plots.
 """
@@ -28,9 +30,10 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from pipeline import artifacts, cli, data, models, plans, report  # noqa: E402
 from pipeline.dist import open_stage  # noqa: E402
-from pipeline.rl.rollout import generate, response_logprobs, sampling_config  # noqa: E402
 from pipeline.metrics import peak_memory_mb  # noqa: E402
-from pipeline.scoring import RewardScorer, load_callable, load_reward_model  # noqa: E402
+from pipeline.rl.rewards import Rewards, load_sources  # noqa: E402
+from pipeline.rl.rollout import generate, response_logprobs, sampling_config  # noqa: E402
+from pipeline.scoring import load_callable  # noqa: E402
 
 
 def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device):
@@ -75,8 +78,24 @@ def win_rate(a, b):
 
 
 def mean_std(xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std().item() if len(xs) > 1 else 0.0}
+    """Over the responses that got a score (a reward function may give None)."""
+    t = torch.tensor([x for x in xs if x is not None], dtype=torch.float64)
+    return {"mean": t.mean().item() if len(t) else None, "std": t.std().item() if len(t) > 1 else 0.0}
+
+
+def score_key(name: str) -> str:
+    return f"{name}_score"
+
+
+def scorers(recipe, dtype, device, batch_size) -> Rewards:
+    """Every score eval reports: the RL stage's reward sources, the judges, and the recipe's gold judge
+    `(prompt, response) -> float` as `gold` (unless a judge has that name)."""
+    sources = load_sources(plans.eval_sources(recipe), lambda m: plans.model_path(recipe, m), dtype, device,
+                           batch_size, lambda model: model.to(device))
+    if recipe.judge and "gold" not in sources:
+        judge = load_callable(recipe.judge)
+        sources["gold"] = (lambda prompts, texts, ids, columns: [judge(p, t) for p, t in zip(prompts, texts)], 1.0)
+    return Rewards(sources, device)
 
 
 def main(argv=None):
@@ -90,14 +109,12 @@ def main(argv=None):
     started = time.time()
     run, policies = recipe.run_dir, plans.eval_policies(recipe)
 
-    prompts = data.load_prompts(cfg.prompts)
-    judge = load_callable(recipe.judge) if recipe.judge else None
+    prompts, columns = data.load_prompts(cfg.prompts)
     device, dtype = state.device, models.resolve_dtype(recipe.ppo.dtype)
     forward_batch = recipe.ppo.forward_batch  # KL forwards in PPO's micro-batches: bounded logits memory
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    reward_model, rm_tokenizer = load_reward_model(plans.reward_model(recipe), dtype)  # the one PPO optimised
-    scorer = RewardScorer(reward_model.to(device), rm_tokenizer, device, batch_size=cfg.batch_size)
+    scores = scorers(recipe, dtype, device, cfg.batch_size)  # what PPO optimised, the judges, the gold judge
     sft = load_policy(run / "sft", dtype, device, recipe.ppo.stop_token)  # the reference of every KL
     sft_model = sft[0]
 
@@ -109,14 +126,15 @@ def main(argv=None):
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device)
             decoded = [t for b in batches for t in b.texts]
-            rm = scorer(prompts, decoded).tolist()
+            scored = [scores.score(b.prompts, b.texts, b.responses, b.response_mask,
+                                   {k: v[i * cfg.batch_size:(i + 1) * cfg.batch_size] for k, v in columns.items()})
+                      for i, b in enumerate(batches)]
+            by_name = {score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
+                       for name in scores.sources}  # NaN: no score from that source
             lengths = torch.cat([b.response_mask.sum(1).float().cpu() for b in batches])
-            m = {"rm_score": mean_std(rm), "response_length": lengths.mean().item(),
+            m = {**{k: mean_std(v) for k, v in by_name.items()}, "response_length": lengths.mean().item(),
                  "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
-            gold = [judge(p, t) for p, t in zip(prompts, decoded)] if judge is not None else None
-            if gold is not None:
-                m["gold_score"] = mean_std(gold)
             if decoding == "sampled":
                 # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
                 if model is not sft_model:
@@ -126,14 +144,14 @@ def main(argv=None):
                     m["kl_from_sft"] = torch.cat(kl).mean().item()
                 else:
                     m["kl_from_sft"] = 0.0
-                texts[name] = {"text": decoded, "rm": rm, "gold": gold}
+                texts[name] = {"text": decoded, **by_name}
             metrics[name][decoding] = m
         del model  # one policy resident at a time: released before the next one loads
         release_memory()
-    if "ppo" in texts:
-        metrics["ppo"]["win_rate_vs_sft"] = {"rm": win_rate(texts["ppo"]["rm"], texts["sft"]["rm"])}
-        if judge is not None:
-            metrics["ppo"]["win_rate_vs_sft"]["gold"] = win_rate(texts["ppo"]["gold"], texts["sft"]["gold"])
+    if "ppo" in texts:  # by each score, on the prompts both policies got one for
+        pairs = {name: [(a, b) for a, b in zip(texts["ppo"][score_key(name)], texts["sft"][score_key(name)])
+                        if a is not None and b is not None] for name in report.score_order(scores.sources)}
+        metrics["ppo"]["win_rate_vs_sft"] = {name: win_rate(*zip(*p)) for name, p in pairs.items() if p}
     metrics_peak = peak_memory_mb()
     settings = {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
                 "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts)}
@@ -142,11 +160,11 @@ def main(argv=None):
     with open(out / "samples.jsonl", "w") as f:  # every sampled response with its scores
         for name, t in texts.items():
             for i, prompt in enumerate(prompts):
-                f.write(json.dumps({"policy": name, "prompt": prompt, "response": t["text"][i], "rm_score": t["rm"][i],
-                                    "gold_score": t["gold"][i] if t["gold"] else None}) + "\n")
+                f.write(json.dumps({"policy": name, "prompt": prompt, "response": t["text"][i],
+                                    **{k: v[i] for k, v in t.items() if k != "text"}}) + "\n")
 
     # ---- plots and report ----
-    plots = write_plots(out, run, texts, judge is not None)
+    plots = write_plots(out, run, texts, report.score_order(scores.sources))
     write_report(out, metrics, texts, prompts, settings, plots, cfg.samples_in_report)
     summary = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
                for name, m in metrics.items()}
@@ -157,33 +175,38 @@ def main(argv=None):
     state.wait_for_everyone()
 
 
-def write_plots(out: Path, run: Path, texts: dict, has_gold: bool) -> list[str]:
+def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str]:
     plots = []
     ppo_metrics = run / "ppo" / "metrics.jsonl"
     if ppo_metrics.exists():
         history = [json.loads(line) for line in ppo_metrics.read_text().splitlines()]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         steps = [h["iteration"] for h in history]
-        # the raw score: the quantity eval's rm_score column reports (PPO optimises it minus penalties)
-        axes[0].plot(steps, [h["objective/rm_score_raw"] for h in history], label="reward-model score (raw)")
-        axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (score - beta KL)")
-        axes[0].set(xlabel="PPO iteration", ylabel="reward", title="Reward over PPO")
+        # the raw reward (the quantity eval's score columns report; PPO optimises it minus penalties) and
+        # each judge's: a reward that climbs while a judge stays flat is being over-optimised
+        raw = "objective/reward_raw" if "objective/reward_raw" in history[0] else "objective/rm_score_raw"
+        axes[0].plot(steps, [h[raw] for h in history], label="reward (raw)")
+        axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (reward - beta KL)")
+        for key in [k for k in history[0] if k.startswith("judges/")]:
+            axes[0].plot(steps, [h[key] for h in history], linestyle="--", label=f"judge: {key[len('judges/'):]}")
+        axes[0].set(xlabel="RL iteration", ylabel="reward", title="Reward and judges over the RL stage")
         axes[0].legend()
         axes[1].plot(steps, [h["objective/kl"] for h in history], color="tab:red")
-        axes[1].set(xlabel="PPO iteration", ylabel="nats", title="KL(policy || SFT) per sequence")
+        axes[1].set(xlabel="RL iteration", ylabel="nats", title="KL(policy || SFT) per sequence")
         fig.tight_layout()
         fig.savefig(out / "ppo_curves.png", dpi=100)
         plt.close(fig)
         plots.append("ppo_curves.png")
-    keys = ["rm"] + (["gold"] if has_gold else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        scores = [x for t in texts.values() for x in t[key]]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        key = score_key(name)
+        scores = [x for t in texts.values() for x in t[key] if x is not None]
+        if not scores:
+            continue
         bins = torch.linspace(min(scores), max(scores) + 1e-6, 31).tolist()  # shared, so bars compare
-        for name, t in texts.items():
-            ax.hist(t[key], bins=bins, alpha=0.5, label=name)
-        ax.set(xlabel=f"{'reward-model' if key == 'rm' else 'gold-judge'} score", ylabel="responses",
-               title=f"{'Reward-model' if key == 'rm' else 'Gold-judge'} scores per policy")
+        for policy, t in texts.items():
+            ax.hist([x for x in t[key] if x is not None], bins=bins, alpha=0.5, label=policy)
+        ax.set(xlabel=f"{name} score", ylabel="responses", title=f"{name} scores per policy")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "score_distributions.png", dpi=100)
@@ -193,31 +216,33 @@ def write_plots(out: Path, run: Path, texts: dict, has_gold: bool) -> list[str]:
 
 
 def write_report(out, metrics, texts, prompts, settings, plots, n_samples):
-    cols = ["gold_score", "rm_score", "kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
+    names = report.score_order([k[:-len("_score")] for k in next(iter(texts.values())) if k.endswith("_score")])
+    cols = [score_key(n) for n in names] + ["kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
     lines = ["# Evaluation report", "",
              f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "
              f"{settings['temperature']} (top_k=0, top_p=1, max {settings['max_new_tokens']} new tokens, seed "
-             f"{settings['seed']}); greedy figures in metrics.json.", "",
-             "| policy | " + " | ".join(cols) + " | win rate vs sft (rm) | win rate vs sft (gold) |",
-             "|---" * (len(cols) + 3) + "|"]
+             f"{settings['seed']}); greedy figures in metrics.json. Scores: " + ", ".join(
+                 f"`{score_key(n)}`" for n in names) + " (each over the responses it scored).", "",
+             "| policy | " + " | ".join(cols) + " | " + " | ".join(f"win rate vs sft ({n})" for n in names) + " |",
+             "|---" * (len(cols) + len(names) + 1) + "|"]
     for name, m in metrics.items():
         s = m["sampled"]
-        cells = [f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}" if isinstance(s.get(c), dict) else
-                 f"{s[c]:.3f}" if c in s else "-" for c in cols]
+        cells = [f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}" if isinstance(s.get(c), dict) and s[c]["mean"] is not None
+                 else f"{s[c]:.3f}" if isinstance(s.get(c), float) else "-" for c in cols]
         wins = m.get("win_rate_vs_sft", {})
         cells += [f"{wins[k]['rate']:.2f} [{wins[k]['ci95'][0]:.2f}, {wins[k]['ci95'][1]:.2f}]" if k in wins else "-"
-                  for k in ("rm", "gold")]
+                  for k in names]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", ""]
-    names = [n for n in ("sft", "ppo") if n in texts]
-    lines.append("| prompt | " + " | ".join(f"{n} response (rm / gold)" for n in names) + " |")
-    lines.append("|---" * (len(names) + 1) + "|")
+    policies = [n for n in ("sft", "ppo") if n in texts]
+    lines.append("| prompt | " + " | ".join(f"{n} response ({' / '.join(names)})" for n in policies) + " |")
+    lines.append("|---" * (len(policies) + 1) + "|")
     for i in range(min(n_samples, len(prompts))):
         prompt = prompts[i][-1]["content"] if data.is_conversational(prompts[i]) else prompts[i]
         cells = []
-        for n in names:
-            gold = f" / {texts[n]['gold'][i]:.2f}" if texts[n]["gold"] else ""
-            cells.append(f"{texts[n]['text'][i]} ({texts[n]['rm'][i]:.2f}{gold})")
+        for n in policies:
+            values = [texts[n][score_key(k)][i] for k in names]
+            cells.append(f"{texts[n]['text'][i]} ({' / '.join('-' if v is None else f'{v:.2f}' for v in values)})")
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

@@ -61,7 +61,7 @@ def test_eval_of_any_run_without_judge_or_ppo(runs_with_rm, base_model, tmp_path
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"<|user|> how was the {a} ? <|end|> <|assistant|>"}) + "\n"
                                for a in ("plot", "music", "acting", "ending")))
-    args = ["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}", "judge=null",
+    args = ["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}", "judge=null", "ppo.judges=[]",
             f"eval.prompts={prompts}", "eval.max_new_tokens=8"]
     evaluate.main(args)
     out = runs_with_rm / "demo" / "eval"
@@ -71,7 +71,7 @@ def test_eval_of_any_run_without_judge_or_ppo(runs_with_rm, base_model, tmp_path
     assert not (out / "ppo_curves.png").exists() and (out / "score_distributions.png").is_file()
     assert "| sft |" in (out / "report.md").read_text()
 
-    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "judge=null"))
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "judge=null", "ppo.judges=[]"))
     evaluate.main(args)  # a new PPO artifact makes the evaluation out of date: it now includes PPO
     assert "ppo" in json.loads((out / "metrics.json").read_text())
 

@@ -15,6 +15,7 @@ from pipeline import models
 from pipeline.config import load_recipe
 from pipeline.data import load_prompts
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout, score
+from pipeline.rl.rewards import Rewards
 from pipeline.rl.run import load_models
 from pipeline.rl.rollout import generate, sampling_config
 from stages import eval as evaluate
@@ -68,12 +69,14 @@ def ppo_models(runs_dir, *overrides):
     recipe = load_recipe(DEMO_RECIPE, [f"runs_dir={runs_dir}", *overrides])
     run = recipe.run_dir
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
-    return recipe, tokenizer, load_models(recipe.ppo, run / "sft", run / "rm", tokenizer,
-                                          Accelerator(cpu=DEVICE == "cpu"))
+    model, reference, rewards, _ = load_models(recipe.ppo, run / "sft", lambda m: str(run / "rm"), tokenizer,
+                                               Accelerator(cpu=DEVICE == "cpu"))
+    return recipe, tokenizer, (model, reference, rewards)
 
 
 def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
-    _, _, (model, reference, scorer) = ppo_models(rm_run, "ppo.dtype=bfloat16")
+    _, _, (model, reference, rewards) = ppo_models(rm_run, "ppo.dtype=bfloat16")
+    scorer = rewards.models()[0].scorer
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     # the reference: matmul weights in bf16 (what autocast computes with), the rest float32 like the policy's
     linear = {m.weight.dtype for m in reference.modules() if isinstance(m, torch.nn.Linear)
@@ -160,13 +163,14 @@ def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_mode
 # ---- 5. memory ----
 
 def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
-    recipe, tokenizer, (model, reference, scorer) = ppo_models(rm_run)
+    recipe, tokenizer, (model, reference, rewards) = ppo_models(rm_run)
     cfg = recipe.ppo
     config = sampling_config(cfg.temperature, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)
-    rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[:12], config, DEVICE)
-    whole = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=12)
-    parts = score(rollout, model, reference, scorer, cfg, (0.0, 1.0), forward_batch_size=5)
+    rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[0][:12], config, DEVICE)
+    no_judges = Rewards({}, DEVICE)
+    whole = score(rollout, {}, model, reference, rewards, no_judges, cfg, (0.0, 1.0), forward_batch_size=12)
+    parts = score(rollout, {}, model, reference, rewards, no_judges, cfg, (0.0, 1.0), forward_batch_size=5)
     for name in ("old_logp", "ref_logp", "old_values", "entropy", "scores"):
         assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-5), name
 
@@ -196,7 +200,7 @@ def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, tmp_pa
 def test_dropout_is_off_in_train_mode():
     tokenizer = families.chatml_tokenizer()
     model = PolicyAndValue(AutoModelForCausalLM.from_config(families.llama_config(tokenizer, attention_dropout=0.5)),
-                           None)
+                           None, value_head=True)
     disable_dropout(model)
     model.train()
     ids = torch.randint(0, len(tokenizer), (2, 10))

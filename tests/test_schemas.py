@@ -100,7 +100,7 @@ def test_hh_prompts_with_plain_responses_become_conversations(tmp_path):
     assert fmt == "preference" and ds[0] == {"prompt": demo["prompt"], "chosen": demo["chosen"], "rejected": demo["rejected"]}
     multi = "\n\nHuman: hi\n\nAssistant: hello !\n\nHuman: and the music ?\n\nAssistant:"
     path = write(tmp_path / "prompts.jsonl", [{"prompt": multi}])
-    assert load_prompts(DatasetSpec(path)) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello !"},
+    assert load_prompts(DatasetSpec(path))[0] == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello !"},
                                                 {"role": "user", "content": "and the music ?"}]]
 
 
@@ -112,7 +112,7 @@ def test_implicit_conversations_with_scores_and_messages_with_a_prompt_column(tm
     assert ds[0]["chosen"] == DEMO_PAIRS[0]["prompt"] + DEMO_PAIRS[0]["chosen"]
     ds, fmt = load_for(DatasetSpec(no_robots(tmp_path / "nr.jsonl")), ["prompt_completion", "language_modeling"])
     assert fmt == "language_modeling" and ds.column_names == ["messages"]
-    assert load_prompts(DatasetSpec(str(tmp_path / "nr.jsonl")))[0] == ds[0]["messages"][0]["content"]
+    assert load_prompts(DatasetSpec(str(tmp_path / "nr.jsonl")))[0][0] == ds[0]["messages"][0]["content"]
 
 
 def test_columns_are_mapped_and_a_wrong_mapping_is_named(tmp_path):
