@@ -19,7 +19,7 @@ import torch.nn as nn
 from peft import PeftModel
 
 from pipeline import engine
-from pipeline.config import GROUP_ESTIMATORS, PPOStage
+from pipeline.config import PPOStage
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_of, entropy_of,

@@ -1,0 +1,139 @@
+"""Critic-free estimators and loss aggregation, checked against advantages computed by hand; the
+settings that do not fit together, refused when the recipe is read; the schedule of k samples."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_recipe
+from pipeline.rl.estimators import (baseline_subtracted, discounted_returns, group_advantages,
+                                    reinforce_pp_advantages, zero_variance_share)
+from pipeline.rl.ppo_math import aggregate, kl_per_token, policy_loss
+from pipeline.rl.run import Schedule
+from tests.conftest import DEMO_RECIPE
+
+# two groups of k = 4: one with signal, one whose rewards are all equal
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+ALL = torch.ones(8, dtype=torch.bool)
+STD = math.sqrt((4 * 0.25) / 3)  # unbiased std of [1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("estimator, first_group", [
+    ("grpo", [0.5 / STD, -0.5 / STD, -0.5 / STD, 0.5 / STD]),   # (r - mean) / std = +-0.866
+    ("dr_grpo", [0.5, -0.5, -0.5, 0.5]),                        # r - mean
+    ("rloo", [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]),     # r - mean of the other three
+])
+def test_group_advantages_by_hand(estimator, first_group):
+    adv = group_advantages(REWARDS, ALL, 4, estimator)
+    assert adv[:4].tolist() == pytest.approx(first_group, abs=1e-5)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # a group with no signal
+    assert zero_variance_share(REWARDS, ALL, 4).item() == 0.5
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    ("grpo", [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)]),  # std of [1, 0] is sqrt(1/2)
+    ("dr_grpo", [0.5, -0.5]),
+    ("rloo", [1.0, -1.0]),                                  # the other sample is the baseline
+])
+def test_group_advantages_with_two_samples(estimator, expected):
+    adv = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.ones(4, dtype=torch.bool), 2, estimator)
+    assert adv.tolist() == pytest.approx(expected + [0.0, 0.0], abs=1e-5)
+
+
+def test_a_completion_without_a_reward_gets_advantage_zero_and_leaves_its_group_statistics():
+    rewards = torch.tensor([1.0, float("nan"), 0.0, 1.0])
+    valid = torch.tensor([True, False, True, True])
+    # the group is [1, 0, 1]: mean 2/3
+    assert group_advantages(rewards, valid, 4, "dr_grpo").tolist() == pytest.approx([1 / 3, 0, -2 / 3, 1 / 3])
+    # leave-one-out over the three rewarded: 1 - mean(0, 1) = 0.5, 0 - mean(1, 1) = -1
+    assert group_advantages(rewards, valid, 4, "rloo").tolist() == pytest.approx([0.5, 0, -1.0, 0.5])
+    assert baseline_subtracted(rewards, valid, 4).tolist() == pytest.approx([1 / 3, 0, -2 / 3, 1 / 3])
+
+
+def test_reinforce_pp_by_hand():
+    """Scores [1, 0] on responses of 2 and 1 tokens, KL [0.5, 0.2] and [0.3], beta 0.1, gamma 1:
+    token rewards [-0.05, 1 - 0.02] and [-0.03]; returns-to-go [0.93, 0.98] and [-0.03]; then
+    whitened over the three valid tokens of the batch."""
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.5, 0.2, 0.0], [0.3, 0.0, 0.0]])
+    adv = reinforce_pp_advantages(torch.tensor([1.0, 0.0]), kl, mask, beta=0.1, gamma=1.0)
+    returns = torch.tensor([0.93, 0.98, -0.03])
+    whitened = (returns - returns.mean()) / returns.std()
+    assert adv[mask.bool()].tolist() == pytest.approx(whitened.tolist(), abs=1e-4)
+    assert adv[~mask.bool()].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_discounted_returns_match_the_loop():
+    rewards = torch.randn(3, 7)
+    for gamma in (1.0, 0.9, 0.0):
+        expected, running = torch.zeros_like(rewards), torch.zeros(3)
+        for t in reversed(range(7)):
+            running = rewards[:, t] + gamma * running
+            expected[:, t] = running
+        assert torch.allclose(discounted_returns(rewards, gamma), expected, atol=1e-5), gamma
+
+
+def test_loss_aggregation_on_sequences_of_one_and_three_tokens():
+    per_token = torch.tensor([[4.0, 9.0, 9.0], [1.0, 2.0, 3.0]])  # the 9s are padding
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx((4 + 1 + 2 + 3) / 4)
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx((4 + 2) / 2)
+    assert aggregate(per_token, mask, "seq_mean_token_sum_norm", horizon=3).item() == pytest.approx((4 / 3 + 6 / 3) / 2)
+    # a sequence advantage (B, 1) applies to every token: at ratio 1 the policy loss is -A per token
+    old = torch.zeros(2, 3)
+    loss, _ = policy_loss(old, old, torch.tensor([[2.0], [-1.0]]), mask, 0.2, "seq_mean_token_mean")
+    assert loss.item() == pytest.approx((-2.0 + 1.0) / 2)
+
+
+def test_kl_in_the_loss_and_its_gradient_are_zero_when_the_policy_is_the_reference():
+    logp = torch.log(torch.tensor([[0.2, 0.5, 0.9]])).requires_grad_()
+    mask = torch.ones(1, 3)
+    kl = aggregate(kl_per_token(logp, logp.detach(), mask, "k3"), mask)
+    kl.backward()
+    assert kl.item() == 0.0 and logp.grad.abs().max().item() == 0.0
+    moved = logp.detach().clone().requires_grad_()
+    kl = aggregate(kl_per_token(moved, moved.detach() - 0.3, mask, "k3"), mask)
+    kl.backward()  # away from the reference: positive, and the gradient pulls back
+    assert kl.item() > 0 and (moved.grad > 0).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ppo.advantage_estimator=grpo"], "set samples_per_prompt to 2 or more"),
+    (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=4", "ppo.value_model=reward"], "needs no value model"),
+    (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.whiten_rewards=true"], "whiten_rewards"),
+    (["ppo.samples_per_prompt=3"], "does not divide batch_size 64"),
+    (["ppo.advantage_estimator=ppo"], "is not one of"),
+    (["ppo.loss_aggregation=sum"], "is not one of"),
+    (["ppo.rewards=[]"], "rewards is empty"),
+    (["ppo.rewards=[{model: rm, function: 'a:b'}]"], "exactly one of model, function, url"),
+    (["ppo.rewards=[{url: 'localhost:8000'}]"], "must start with http"),
+    (["ppo.rewards=[{model: rm}, {model: rm, weight: 2}]"], "two sources are named 'rm'"),
+    (["ppo.judges=[not_a_function]"], "package.module:name"),
+])
+def test_settings_that_do_not_fit_are_refused_when_the_recipe_is_read(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(DEMO_RECIPE, overrides)
+
+
+def test_the_critic_follows_the_estimator_and_the_rewards():
+    assert load_recipe(DEMO_RECIPE).ppo.critic == "reward"
+    assert load_recipe(DEMO_RECIPE, ["ppo.value_model=null"]).ppo.critic == "reward"
+    functions_only = ["ppo.value_model=null", "ppo.rewards=[pipeline.demo:gold_reward]"]
+    assert load_recipe(DEMO_RECIPE, functions_only).ppo.critic == "sft"
+    assert load_recipe(DEMO_RECIPE, [*functions_only, "ppo.advantage_estimator=rloo",
+                                     "ppo.samples_per_prompt=2"]).ppo.critic is None
+
+
+def test_k_samples_per_prompt_stay_together_and_n_processes_take_one_process_batch():
+    cfg = load_recipe(DEMO_RECIPE, ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.samples_per_prompt=4"]).ppo
+    wide = load_recipe(DEMO_RECIPE, ["ppo.batch_size=16", "ppo.mini_batch_size=4", "ppo.samples_per_prompt=4"]).ppo
+    two, one = Schedule(cfg, 2, 10, seed=0), Schedule(wide, 1, 10, seed=0)
+    for iteration in range(4):  # across epochs of the 10 prompts too
+        ranks = [two.prompt_indices(iteration, r) for r in range(2)]
+        for indices in ranks:
+            assert len(indices) == 8 and all(len(set(indices[i:i + 4])) == 1 for i in range(0, 8, 4))
+        assert ranks[0] + ranks[1] == one.prompt_indices(iteration, 0)
+    # k = 1 is the schedule of every earlier run: one prompt after another of a seeded permutation
+    plain = Schedule(load_recipe(DEMO_RECIPE, ["ppo.batch_size=4", "ppo.mini_batch_size=4"]).ppo, 1, 10, seed=0)
+    assert plain.prompt_indices(0, 0) == torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4].tolist()
