@@ -19,19 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import artifacts, cli
+from pipeline import artifacts, cli, plans
 
 
 def main(argv: list[str]) -> None:
     episodes = os.environ.get("BENCH_EPISODES")
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    for stage in ("sft", "rm"):
+    upstream = ["sft", "rm"] if plans.needs_rm(recipe) else ["sft"]  # reward functions need no RM
+    for stage in upstream:
         artifacts.require(recipe.run_dir / stage, stage)
     overrides = args.overrides
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         run = Path(tmp) / recipe.run_name
         run.mkdir()
-        for stage in ("sft", "rm"):
+        for stage in upstream:
             (run / stage).symlink_to((recipe.run_dir / stage).resolve())
         command = [sys.executable, "stages/ppo.py", "--recipe", args.recipe, *overrides, f"runs_dir={tmp}",
                    *([f"ppo.total_episodes={episodes}"] if episodes else []), "ppo.report_to=[]"]

@@ -74,6 +74,8 @@ class ShadowAccelerator(TorchFunctionMode):
         elif sized and not any(sized) and name in _MODEL_OPS:
             self._record(self.on_host, name)
         out = func(*args, **kwargs)
+        if name == "cpu" and out is args[0]:  # on a CPU, .cpu() returns the tensor itself; on CUDA a
+            out = out.view_as(out)            # host copy: marking it must leave the original placed
         if func == _DATA_SET:  # Module.to replaces parameters' data
             args[0]._on_accelerator = _placed(args[1])
             return out

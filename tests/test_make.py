@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+from pipeline import plans
 from pipeline.artifacts import read_manifest
 from tests.conftest import PPO_RUN, REPO, RM_RUN, SFT_RUN, base_overrides, sft_overrides
 
@@ -113,3 +114,14 @@ def test_the_shipped_accelerate_configs_load_with_the_engine_they_name():
         assert config.distributed_type.value == kind and config.mixed_precision == "no", stem
     assert load_config_from_file(str(REPO / "accelerate_configs/zero3.yaml")).deepspeed_config["zero_stage"] == 3
     assert load_config_from_file(str(REPO / "accelerate_configs/fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
+
+
+def test_the_rm_stage_is_skipped_on_the_way_when_no_reward_reads_it(tmp_path, capsys):
+    """`make ppo` / `make eval` visit `rm` with --if-needed: a recipe that optimises reward functions
+    (demo-grpo.yaml) trains no reward model; one that reads {model: rm} still needs it."""
+    grpo = ["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
+    assert plans.main(grpo) == 0 and "rm: skipped" in capsys.readouterr().out
+    assert plans.main([*grpo, "ppo.judges=[{model: rm}]"]) == 1  # a judge that reads the RM needs it built
+    assert plans.main(["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo.yaml"),
+                       f"runs_dir={tmp_path}"]) == 1
+    assert "--if-needed" in dry_run("ppo").stdout and "--if-needed" not in dry_run("rm").stdout

@@ -48,6 +48,10 @@ def fails(prompts, completions, **kwargs):
 
 async def slow(prompts, completions, **kwargs):
     return [0.5 for _ in completions]
+
+def as_numpy(prompts, completions, **kwargs):
+    import numpy
+    return numpy.array([0.25] * len(completions), dtype=numpy.float32)
 '''
 
 PROMPTS = ["2 + 2 ?", "3 + 3 ?", "4 + 4 ?"]
@@ -102,14 +106,15 @@ def test_a_missing_function_or_module_says_so():
         FunctionReward(RewardSource(function="no_such_module:f"))
 
 
-def test_weights_none_and_async(module):
+def test_weights_none_async_and_numpy(module):
     rewards = Rewards({"skips": (source(module, "some_none"), 2.0), "len": (source(module, "two_names"), 0.5),
-                       "async": (source(module, "slow"), 1.0)}, torch.device("cpu"))
+                       "async": (source(module, "slow"), 1.0), "numpy": (source(module, "as_numpy"), 4.0)},
+                      torch.device("cpu"))
     scores = rewards.score(PROMPTS, TEXTS)
     assert torch.isnan(scores["skips"][2]) and scores["async"].tolist() == [0.5, 0.5, 0.5]
     total, valid = rewards.total(scores)
-    # 2 * [1, 1, None] + 0.5 * [1, 1, 6] + [0.5] * 3; a source's None counts 0
-    assert total.tolist() == pytest.approx([3.0, 3.0, 3.5]) and valid.all()
+    # 2 * [1, 1, None] + 0.5 * [1, 1, 6] + [0.5] * 3 + 4 * [0.25] * 3; a source's None counts 0
+    assert total.tolist() == pytest.approx([4.0, 4.0, 4.5]) and valid.all()
     alone = Rewards({"skips": (source(module, "some_none"), 2.0)}, torch.device("cpu"))
     total, valid = alone.total(alone.score(PROMPTS, TEXTS))
     assert total.tolist() == [2.0, 2.0, 0.0] and valid.tolist() == [True, True, False]

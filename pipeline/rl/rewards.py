@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import time
 import urllib.error
 import urllib.request
@@ -75,7 +76,7 @@ def load_function(spec: str) -> Callable:
 
 def check_rewards(values, n: int, who: str) -> list[float]:
     """One float per completion (None -> NaN), or one line naming `who` and the first bad index."""
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "tolist"):  # a tensor or numpy array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
         raise RewardError(f"{who} returned {type(values).__name__}; it must return a list of {n} floats "
@@ -87,7 +88,7 @@ def check_rewards(values, n: int, who: str) -> list[float]:
     for i, v in enumerate(values):
         if v is None:
             out.append(math.nan)
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):  # numpy scalars are Real
             raise RewardError(f"{who} returned {v!r} at index {i}: a reward is a finite number (None: no reward)")
         else:
             out.append(float(v))
