@@ -235,7 +235,8 @@ class PPOStage:
     stored in it. Eval loads every policy in it."""
     reward_model: str | None = None
     """An already trained reward model (a hub id or a directory of any sequence classifier with one
-    output) to optimise against instead of this run's RM stage; eval then scores with it too."""
+    output) that `{model: rm}` names instead of this run's RM stage (so the default rewards optimise
+    it, and eval scores with it too)."""
     rewards: list[RewardSource] = field(default_factory=lambda: [RewardSource(model="rm")])
     """What the policy optimises: the weighted sum of these sources (reward models, Python functions,
     reward servers). Default: this run's reward model."""
