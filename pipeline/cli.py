@@ -32,8 +32,12 @@ def run(main: Callable[[], object]) -> None:
         artifacts.discard_untouched()
         if os.environ.get("RLHF_DEBUG") == "1":
             raise
-        # every rank meets the same error (settings and data are read by all): one of them says it
-        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)
+        # every rank meets the same error (settings and data are read by all): one of them says it;
+        # an error one rank alone can meet (a reward function failing on its rollouts) is said by that rank
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            sys.exit(f"error: {e}")
+        sys.exit(f"error (process {rank}): {e}" if getattr(e, "on_one_rank", False) else 1)
     except KeyboardInterrupt:  # Ctrl-C outside training (training itself saves a checkpoint and exits 130)
         print("stopped outside training: run the same command again (it resumes from the last checkpoint, if any)",
               file=sys.stderr)

@@ -131,6 +131,9 @@ class RewardSource:
             raise ValueError(f"give exactly one of model, function, url (got {given or 'none'})")
         if self.kwargs and not self.function:
             raise ValueError("kwargs are passed to a reward function: give `function`, or drop `kwargs`")
+        reserved = {"prompts", "completions", "completion_ids"} & set(self.kwargs)
+        if reserved:
+            raise ValueError(f"kwargs {sorted(reserved)}: the function receives these itself; rename them")
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url '{self.url}' must start with http:// or https://")
         if self.function and ":" not in self.function:
@@ -343,6 +346,7 @@ class PPOStage:
             raise ValueError("rewards is empty: give at least one source, e.g. [{model: rm}]")
         _check_sources(self.rewards, "rewards")
         _check_sources(self.judges, "judges")
+        _check_sources(self.rewards + self.judges, "rewards and judges")  # one name, one score in every report
         if self.batch_size % self.samples_per_prompt:
             raise ValueError(f"samples_per_prompt {self.samples_per_prompt} does not divide batch_size {self.batch_size}")
         if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
@@ -354,6 +358,9 @@ class PPOStage:
                                  f"remove value_model (it is for gae)")
             if self.whiten_rewards:
                 raise ValueError("whiten_rewards is for gae's token rewards: remove it")
+        if self.value_model == "reward" and not any(s.model for s in self.rewards):
+            raise ValueError("value_model reward is initialised from a reward model, and rewards has none: "
+                             "set value_model to sft or head")
 
     @property
     def critic(self) -> str | None:

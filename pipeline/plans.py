@@ -105,7 +105,8 @@ def ppo(recipe: Recipe) -> Plan:
     if uses_rm_stage(recipe, p.rewards + p.judges):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
-                 {"prompts": _datasets(p.prompts), **reward_inputs(recipe, p.rewards + p.judges, "ppo")}, upstream)
+                 {"prompts": _datasets(p.prompts), **reward_inputs(recipe, p.rewards, "ppo.rewards"),
+                  **reward_inputs(recipe, p.judges, "ppo.judges")}, upstream)
 
 
 def reward_model(recipe: Recipe) -> str:
@@ -132,15 +133,15 @@ def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> 
     """What the sources' scores depend on besides the recipe: each reward model's content (or hub id),
     each function's source file (editing it re-runs the stage); a server's URL is in the recipe."""
     inputs = {}
-    for i, s in enumerate(sources):
+    for s in sources:
         if s.model:
             path = model_path(recipe, s.model)
             if s.model != "rm":
-                artifacts.check_model_source(path, f"{section} reward source '{s.label}' (model)")
-            inputs[f"reward_model:{s.label}"] = {"path": path, "fingerprint": artifacts.source_fingerprint(path)}
+                artifacts.check_model_source(path, f"{section} '{s.label}' (model)")
+            inputs[f"{section}:{s.label}"] = {"model": path, "fingerprint": artifacts.source_fingerprint(path)}
         elif s.function:
             file = s.function_file()
-            inputs[f"reward_function:{s.label}"] = {
+            inputs[f"{section}:{s.label}"] = {
                 "function": s.function, "fingerprint": artifacts.source_fingerprint(str(file)) if file else None}
     return inputs
 
@@ -174,12 +175,13 @@ def eval(recipe: Recipe) -> Plan:
 def eval_sources(recipe: Recipe) -> list[RewardSource]:
     """What eval scores every policy with: the RL stage's rewards, then its judges and eval's own
     (a judge named like an earlier source is that source, scored once)."""
-    sources, names = [], set()
+    sources = {}
     for s in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges:
-        if s.label not in names:
-            sources.append(s)
-            names.add(s.label)
-    return sources
+        if s.label in sources and sources[s.label] != s:
+            raise ConfigError(f"eval.judges: '{s.label}' already names another score of the RL stage: give it a "
+                              f"distinct `name`")
+        sources.setdefault(s.label, s)
+    return list(sources.values())
 
 
 PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}

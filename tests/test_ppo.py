@@ -204,7 +204,7 @@ def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_
     ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={trained}", "ppo.learning_rate=1e-3"))
     assert not (runs_with_sft / "demo" / "rm").exists()
     manifest = read_manifest(runs_with_sft / "demo" / "ppo")
-    assert manifest["inputs"]["reward_model:rm"]["path"] == str(trained) and "rm_manifest" not in manifest["inputs"]
+    assert manifest["inputs"]["ppo.rewards:rm"]["model"] == str(trained) and "rm_manifest" not in manifest["inputs"]
     history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
     assert_learned(history, control_run(runs_with_sft, tmp_path / "control", f"ppo.reward_model={trained}"), margin=0.3)
     evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",

@@ -129,6 +129,19 @@ def test_completion_ids_are_the_response_up_to_its_stop(module):
     assert fn.fn.__globals__["calls"][-1]["completion_ids"] == IDS
 
 
+def test_a_reward_error_on_one_process_is_said_by_that_process(monkeypatch):
+    """Other errors are met by every rank alike and said by rank 0; a reward function can fail on the
+    rollouts of one rank only, which must not exit silently."""
+    from pipeline import cli
+
+    def fails():
+        raise RewardError("reward function 'f' returned 'x' at index 3")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        cli.run(fails)
+    assert e.value.code == "error (process 1): reward function 'f' returned 'x' at index 3"
+
+
 # ---- the reward server ----
 
 def free_port() -> int:

@@ -78,6 +78,8 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
     metrics = json.loads((runs_with_sft / "demo" / "eval" / "metrics.json").read_text())
     assert {"aspect_score", "gold_score"} <= set(metrics["ppo"]["sampled"])
     assert set(metrics["ppo"]["win_rate_vs_sft"]) == {"aspect", "gold"}
+    rows = read_jsonl(runs_with_sft / "demo" / "eval" / "samples.jsonl")  # a function's floats, exactly
+    assert rows and all(r["gold_score"] == gold(r["prompt"], r["response"]) for r in rows)
     report = (runs_with_sft / "demo" / "eval" / "report.md").read_text()
     assert "aspect_score" in report and "win rate vs sft (aspect)" in report
 

@@ -24,10 +24,12 @@ GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose reward
 
 
 def _groups(rewards: torch.Tensor, valid: torch.Tensor, k: int):
-    """(B,) rewards -> (B/k, k) rewards with invalid ones zeroed, the validity as float, the count and
-    the mean of each group over its valid members."""
-    v = valid.reshape(-1, k).float()
-    r = torch.where(v.bool(), rewards.reshape(-1, k), torch.zeros_like(v))
+    """(B,) rewards -> (B/k, k) rewards with invalid ones zeroed, the validity, the count and the mean
+    of each group over its valid members, in float64: a group of equal float32 rewards then has a mean
+    equal to each of them, so it centres to exactly 0 (in float32, 3 x -2.998 / 3 is off by 1e-7, which
+    GRPO's division by a std of ~0 would blow up to an advantage of 0.2)."""
+    v = valid.reshape(-1, k).double()
+    r = torch.where(v.bool(), rewards.reshape(-1, k).double(), torch.zeros_like(v))
     n = v.sum(1, keepdim=True)
     return r, v, n, r.sum(1, keepdim=True) / n.clamp(min=1)
 
@@ -46,7 +48,7 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, k: int, estimat
         adv = centred * n / (n - 1).clamp(min=1)
     else:
         raise ValueError(f"unknown group estimator '{estimator}'")
-    return adv.reshape(-1)
+    return adv.reshape(-1).to(rewards.dtype)
 
 
 def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,7 +60,7 @@ def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> t
 def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """r_i minus its group's mean (REINFORCE++-baseline's first step); invalid rewards become 0."""
     r, v, _, mean = _groups(rewards, valid, k)
-    return ((r - mean) * v).reshape(-1)
+    return ((r - mean) * v).reshape(-1).to(rewards.dtype)
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -115,6 +115,8 @@ class Experience:
     """(B,) each reward source's own score (a reward model's as it was trained), NaN where none."""
     judge_scores: dict[str, torch.Tensor]
     """(B,) each judge's score, NaN where none: watched, never optimised."""
+    rm_scores: torch.Tensor | None
+    """(B,) the score of this run's reward model (`{model: rm}`), if it is a source."""
     raw_scores: torch.Tensor
     """(B,) the weighted sum of the sources' scores (0 where no source gave one)."""
     valid: torch.Tensor
@@ -123,6 +125,8 @@ class Experience:
     """(B,) the reward optimised: the weighted sum with the RM normalised if asked, minus the
     missing-stop penalty."""
     kl: torch.Tensor | None = None
+    rewarded: torch.Tensor | None = None
+    """(B, R) the mask on the completions some source rewarded."""
     kl_coef: float = 0.0
     zero_variance_groups: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
@@ -157,14 +161,16 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
     sources = rewards.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
     judged = judges.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
     raw_scores, valid = rewards.total(sources)
+    rm = rewards.rm_label
     if cfg.normalize_scores:  # the RM stage's reward model, by the statistics it measured on reference responses
-        scores, _ = rewards.total({**sources, "rm": (sources["rm"] - score_norm[0]) / score_norm[1]})
+        scores, _ = rewards.total({**sources, rm: (sources[rm] - score_norm[0]) / score_norm[1]})
     else:
         scores = raw_scores.clone()
     scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_stop_penalty)
     return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask, ref_logp=ref_logp * mask,
                       old_values=torch.cat(old_values) * mask if old_values else None, entropy=torch.cat(entropy),
-                      source_scores=sources, judge_scores=judged, raw_scores=raw_scores, valid=valid, scores=scores)
+                      source_scores=sources, judge_scores=judged, rm_scores=sources[rm] if rm else None,
+                      raw_scores=raw_scores, valid=valid, scores=scores)
 
 
 def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experience:
@@ -180,12 +186,13 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experienc
     exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
     exp.kl_coef = kl_coef
     beta = kl_coef if cfg.kl_in == "reward" else 0.0
-    rewarded = exp.mask * exp.valid.unsqueeze(1).to(exp.mask.dtype)
+    # a completion no source rewarded: advantage 0, no part in any statistic, no value target
+    exp.rewarded = rewarded = exp.mask * exp.valid.unsqueeze(1).to(exp.mask.dtype)
     k, estimator = cfg.samples_per_prompt, cfg.advantage_estimator
     if estimator == "gae":
         exp.rewards = token_rewards(exp.scores, exp.kl, exp.mask, beta)
         if cfg.whiten_rewards:
-            exp.rewards = masked_whiten(exp.rewards, exp.mask, shift_mean=False)
+            exp.rewards = masked_whiten(exp.rewards, rewarded, shift_mean=False)
         advantages, exp.returns = gae(exp.old_values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
         exp.advantages = masked_whiten(advantages, rewarded)
     elif estimator in ("grpo", "dr_grpo", "rloo"):
@@ -232,8 +239,8 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                                                 cfg.loss_aggregation, cfg.max_new_tokens)
                 losses = {"pg_loss": pg_loss}
                 if values is not None:
-                    vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx], mask,
-                                                   cfg.cliprange_value)
+                    vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx],
+                                                   exp.rewarded[idx], cfg.cliprange_value)
                     losses.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
                     loss = pg_loss + cfg.vf_coef * vf_loss
                 else:
@@ -285,8 +292,8 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
         "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean(),
         "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(), "objective/scores": exp.scores.mean(),
     }
-    if "rm" in exp.source_scores:
-        local["objective/rm_score_raw"] = exp.source_scores["rm"].mean()
+    if exp.rm_scores is not None:
+        local["objective/rm_score_raw"] = exp.rm_scores.mean()
     local.update({
         "objective/missing_stop_penalty": cfg.missing_stop_penalty * (~exp.rollout.has_stop).float().mean(),
         "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["pg_clipfrac"],
@@ -309,7 +316,7 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     scored = {f"rewards/{k}": v for k, v in exp.source_scores.items()}
     scored.update({f"judges/{k}": v for k, v in exp.judge_scores.items()})
     if scored:
-        sums = accelerator.reduce(torch.stack([torch.stack([v.nansum(), (~v.isnan()).sum().float()])
+        sums = accelerator.reduce(torch.stack([torch.stack([v.double().nansum(), (~v.isnan()).sum().double()])
                                                for v in scored.values()]), reduction="sum")
         metrics.update({k: s / n if n > 0 else None for k, (s, n) in zip(scored, sums.tolist())})
     metrics["first_minibatch"] = stats["first"]

@@ -9,7 +9,8 @@ GET  /health ->  {"model": ..., "status": "ok"}
 
 Prompts are strings or message lists, completions strings (or message lists), one per prompt: each pair
 is scored exactly as `RewardScorer` scores it locally (the RM stage's own rendering), in batches of
-`--batch-size`. A malformed request gets a 4xx with its reason and the server stays up. The RL stage
+`--batch-size`, one request at a time (a client's `timeout_s` includes its wait behind others). A
+malformed request gets a 4xx with its reason and the server stays up. The RL stage
 reads it with `ppo.rewards: [{url: "http://127.0.0.1:8000/score"}]` (pipeline/rl/rewards.py).
 Bound to 127.0.0.1 unless a host is given: the server has no authentication.
 """
@@ -71,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     known, rest = parser.parse_known_args(argv)
     recipe, _ = cli.parse("recipe (for the default reward model)", rest)
     path = known.model or plans.reward_model(recipe)
-    if known.model is None:
-        artifacts.require(path, "rm")
+    if known.model is None and not recipe.ppo.reward_model:
+        artifacts.require(path, "rm")  # this run's RM stage: "run `make rm` first" if it is missing
     else:
-        artifacts.check_model_source(path, "RM")
+        artifacts.check_model_source(path, "RM" if known.model else "ppo.reward_model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_reward_model(path, models.resolve_dtype(known.dtype))
     scorer = RewardScorer(model.to(device), tokenizer, device, batch_size=known.batch_size)

@@ -23,6 +23,7 @@ from any source gets advantage 0 (`Rewards.total`).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import importlib
 import importlib.util
 import inspect
@@ -46,7 +47,10 @@ BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5 + 1 + 2 s before givin
 
 
 class RewardError(UserError):
-    """A reward source that failed, or returned something that is not one reward per completion."""
+    """A reward source that failed, or returned something that is not one reward per completion. It
+    may happen on one process only, so every process that meets one says so (pipeline.cli)."""
+
+    on_one_rank = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +71,18 @@ def load_function(spec: str) -> Callable:
             importable_from_cwd()
             mod = importlib.import_module(module)
     except ImportError as e:
-        raise RewardError(f"reward function '{spec}': cannot import '{module}' ({e})") from None
+        raise RewardError(f"reward function '{spec}': cannot import '{module}' ({one_line(e)})") from None
+    except Exception as e:  # a syntax error, or a module that fails while importing
+        raise RewardError(f"reward function '{spec}': importing '{module}' raised {type(e).__name__}: "
+                          f"{one_line(e)}") from None
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise RewardError(f"reward function '{spec}': '{module}' has no function '{name}'")
     return fn
+
+
+def one_line(e) -> str:
+    return " ".join(str(e).split())
 
 
 def check_rewards(values, n: int, who: str) -> list[float]:
@@ -100,7 +111,10 @@ class FunctionReward:
 
     def __init__(self, spec: RewardSource):
         self.spec, self.fn = spec, load_function(spec.function)
-        params = inspect.signature(self.fn).parameters
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # a callable without a signature: give it everything
+            params = {"kwargs": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.names = set(params)
 
@@ -119,7 +133,7 @@ class FunctionReward:
         except RewardError:
             raise
         except Exception as e:
-            raise RewardError(f"{who} raised {type(e).__name__}: {e}") from e
+            raise RewardError(f"{who} raised {type(e).__name__}: {one_line(e)}") from e
         return check_rewards(values, len(texts), who)
 
 
@@ -145,16 +159,16 @@ class RemoteReward:
                     answer = json.loads(response.read())
                 break
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read().decode(errors='replace')[:200]}"
+                last = f"HTTP {e.code}: {one_line(e.read().decode(errors='replace'))[:200]}"
                 if e.code < 500:  # the request is wrong: asking again changes nothing
                     raise RewardError(f"reward server {self.url} refused the request ({last})") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = str(getattr(e, "reason", e))
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                last = one_line(getattr(e, "reason", e))
             except json.JSONDecodeError:
                 raise RewardError(f"reward server {self.url} answered with something that is not JSON") from None
         else:
-            raise RewardError(f"reward server {self.url} failed {RETRIES} times (last: {last}): is it running? "
-                              f"(`make serve-rm`)")
+            hint = "see the server's log" if last.startswith("HTTP") else "is it running? (`make serve-rm`)"
+            raise RewardError(f"reward server {self.url} failed {RETRIES} times (last: {last}): {hint}")
         if not isinstance(answer, dict) or "rewards" not in answer:
             raise RewardError(f"reward server {self.url} answered without a 'rewards' list")
         return check_rewards(answer["rewards"], len(texts), f"reward server {self.url}")
@@ -197,10 +211,12 @@ def load_sources(specs: list[RewardSource], model_path: Callable[[str], str], dt
 
 
 class Rewards:
-    """Named sources with weights; scores a batch with each, and combines them."""
+    """Named sources with weights; scores a batch with each, and combines them. `rm_label` names the
+    source that reads this run's reward model (`{model: rm}`), if any: its score is the one the RM
+    stage's reference statistics normalise and the one logged as `rm_score_raw`."""
 
-    def __init__(self, sources: dict[str, tuple], device):
-        self.sources, self.device = sources, device
+    def __init__(self, sources: dict[str, tuple], device, rm_label: str | None = None):
+        self.sources, self.device, self.rm_label = sources, device, rm_label
 
     def __bool__(self) -> bool:
         return bool(self.sources)
@@ -218,14 +234,15 @@ class Rewards:
         out = {}
         for name, (source, _) in self.sources.items():
             values = source(prompts, texts, ids, columns or {})
+            # a function's floats stay float64 (reported as returned); the reward is summed in float32
             out[name] = (values if isinstance(values, torch.Tensor)
-                         else torch.tensor(values, dtype=torch.float32)).to(self.device)
+                         else torch.tensor(values, dtype=torch.float64)).to(self.device)
         return out
 
     def total(self, scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted sum over sources (a source's missing reward counts 0) and whether each completion
         got a reward from any source."""
-        weighted = [self.sources[name][1] * s for name, s in scores.items()]
+        weighted = [self.sources[name][1] * s.float() for name, s in scores.items()]
         if len(weighted) == 1:  # one source: its scores times its weight, bit for bit
             total, valid = weighted[0], ~torch.isnan(weighted[0])
             return torch.where(valid, total, torch.zeros_like(total)), valid

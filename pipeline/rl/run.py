@@ -48,9 +48,10 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
         reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
     else:
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
-    load = lambda specs: Rewards(load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
-                                              lambda m: engine.prepare_frozen(m, acc)), acc.device)
-    rewards, judges = load(cfg.rewards), load(cfg.judges)
+    load = lambda specs: load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
+                                      lambda m: engine.prepare_frozen(m, acc))
+    rewards = Rewards(load(cfg.rewards), acc.device, rm_label=next((s.label for s in cfg.rewards if s.model == "rm"), None))
+    judges = Rewards(load(cfg.judges), acc.device)
     value_model = None
     if cfg.critic == "reward":
         reward_model = rewards.models()[0]
@@ -195,8 +196,8 @@ class PPORun:
                 value = lambda x: None if x != x else x  # noqa: E731  (NaN: no reward)
                 for i, (prompt, response) in enumerate(zip(exp.rollout.prompts[:4], exp.rollout.texts)):
                     row = {"iteration": iteration, "prompt": prompt, "response": response, "score": exp.scores[i].item()}
-                    if "rm" in exp.source_scores:
-                        row["rm_score_raw"] = exp.source_scores["rm"][i].item()
+                    if exp.rm_scores is not None:
+                        row["rm_score_raw"] = exp.rm_scores[i].item()
                     row["rewards"] = {k: value(v[i].item()) for k, v in exp.source_scores.items()}
                     row["judges"] = {k: value(v[i].item()) for k, v in exp.judge_scores.items()}
                     append_jsonl(self.out / "samples.jsonl", row)
