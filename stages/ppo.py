@@ -85,7 +85,7 @@ def main(argv=None):
                             rewards, judges, cfg, score_norm, cfg.forward_batch)
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value)
-            stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop.requested)
+            stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)
 
         metrics = iteration_metrics(exp, stats, kl_ctl.value, cfg, acc)  # averaged over processes
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)

@@ -159,3 +159,21 @@ def test_a_stage_error_through_make_is_its_one_line(tmp_path, base_model):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
     assert "error: 'ppo.temperature': 0.0 is out of range: it must be > 0" in result.stderr
+
+
+def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):
+    """The value loss is NaN on process 1 only: both processes agree on the check before backward and
+    stop within seconds with one line naming the metric and the iteration (without the agreement,
+    process 0 waits in backward's gradient all-reduce for the process-group timeout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "tests/nan_on_rank.py", "1", "stages/ppo.py", *ppo_args(runs_with_rm)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    elapsed = time.time() - started
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert lines[-1] == "error: ppo: loss/value is not finite at iteration 1, epoch 1 (on process 1): stopping. " \
+                        "Lower ppo.learning_rate, or check the rewards.", lines[-3:]
+    assert elapsed < 120 and read_manifest(runs_with_rm / "demo" / "ppo") is None

@@ -132,7 +132,7 @@ def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
 def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
     real = pipeline.rl.ppo.value_loss
     monkeypatch.setattr(pipeline.rl.ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
-    with pytest.raises(FloatingPointError, match=r"loss/value is nan at iteration 1, epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"loss/value is not finite at iteration 1, epoch 1 \(on process 0\)"):
         ppo.main(ppo_args(runs_with_rm))
     assert read_manifest(runs_with_rm / "demo" / "ppo") is None
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from peft import PeftModel
 
 from pipeline import engine
-from pipeline.config import PPOStage
+from pipeline.config import PPOStage, UserError
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_of, entropy_of,
@@ -208,19 +208,39 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experienc
     return exp
 
 
-class NonFiniteLoss(FloatingPointError):
-    """A loss went NaN or infinite: the run stops rather than train on garbage."""
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A loss went NaN or infinite: the run stops rather than train on garbage (one line, every process)."""
+
+
+LOSS_LABELS = {"pg_loss": "loss/policy", "vf_loss": "loss/value", "kl_loss": "loss/kl"}
+
+
+def agree(losses: dict[str, torch.Tensor], stop_flag: bool, accelerator) -> tuple[dict[str, int], bool]:
+    """Every process's verdict before backward: for each loss, the lowest process on which it is not
+    finite (absent: finite everywhere), and whether any process was asked to stop. One all-reduce and
+    one host sync per micro-batch for both: a NaN on one process stops all of them at once (alone, it
+    would leave the others waiting in backward's gradient all-reduce until the process-group timeout)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = next(iter(losses.values())).device
+    verdict = torch.stack([torch.where(torch.isfinite(losses[name].detach()), world, rank).to(device, torch.float32)
+                           if name in losses else torch.tensor(float(world), device=device)
+                           for name in LOSS_LABELS] + [torch.tensor(0.0 if stop_flag else 1.0, device=device)])
+    if world > 1:
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
+    *bad, go_on = verdict.tolist()
+    return {name: int(r) for name, r in zip(LOSS_LABELS, bad) if r < world}, go_on == 0.0
 
 
 def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str,
-           stop=lambda: False) -> dict:
+           stop=None) -> dict:
     """`ppo_epochs` passes of the clipped policy loss (plus the value loss with a critic, the KL term
     with `kl_in: loss`) over shuffled minibatches.
 
     Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
-    approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop()` (a collective,
-    see checkpoints.StopRequest) is asked after every optimiser step, so a stop request is answered within
-    one minibatch, well inside the ~30 s a launcher gives between SIGTERM and SIGKILL."""
+    approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop` (a
+    checkpoints.StopRequest) is read with the loss check of every micro-batch (`agree`, all processes
+    together) and answered after that optimiser step, so within one minibatch, well inside the ~30 s a
+    launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss")}
@@ -250,11 +270,10 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                                         cfg.max_new_tokens)
                     losses["kl_loss"] = kl_loss
                     loss = loss + exp.kl_coef * kl_loss
-                for name in ("pg_loss", "vf_loss", "kl_loss"):
-                    if name in losses and not torch.isfinite(losses[name]):
-                        label = {"pg_loss": "loss/policy", "vf_loss": "loss/value", "kl_loss": "loss/kl"}[name]
-                        raise NonFiniteLoss(f"ppo: {label} is {losses[name].item()} at {where}, epoch {epoch + 1}; "
-                                            f"stopping.")
+                bad, stop_requested = agree(losses, stop is not None and stop.flag, accelerator)
+                for name, process in bad.items():
+                    raise NonFiniteLoss(f"ppo: {LOSS_LABELS[name]} is not finite at {where}, epoch {epoch + 1} (on "
+                                        f"process {process}): stopping. Lower ppo.learning_rate, or check the rewards.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     engine.clip_gradients(accelerator, model, cfg.max_grad_norm)
@@ -268,7 +287,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
             if first is None:
                 first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
                          "clipfrac": pg_stats["clipfrac"].item()}
-            if accelerator.sync_gradients and stop():
+            if accelerator.sync_gradients and stop_requested:
                 interrupted = True
                 break
         if interrupted:
