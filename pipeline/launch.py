@@ -12,10 +12,16 @@
    launcher's group.
 2. A stage that fails has already said why (one line, or its traceback): its exit code is passed
    on without the launcher's own traceback (CalledProcessError / ChildFailedError) below it.
+3. The stage follows its launcher. Killed outright (kill -9, a closed tmux pane, a scheduler ending
+   the job's first process), this process could not pass anything on, and the group of its own would
+   train on, orphaned, holding the run's lock after `make` has returned. The group's leader asks the
+   kernel for a signal when this process dies (Linux: PR_SET_PDEATHSIG) and then stops the stage as
+   on Ctrl-C: SIGTERM to its group, a checkpoint, exit; the same `make` then resumes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -31,6 +37,21 @@ STOP_TIMEOUT_S = 600  # several processes: how long the ranks may take to save a
 def _exit_code(code: int) -> int:
     """A process's code as a shell reports it: 128 + N for death by signal N."""
     return 128 - code if code < 0 else code
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+PARENT_DEATH = signal.SIGUSR1  # a signal of its own: the forwarded ones also reach the group's leader
+
+
+def _follow_parent(parent: int) -> None:
+    """When `parent` (the launcher make started) dies, SIGTERM this process group: the stage saves a
+    checkpoint and exits as on Ctrl-C (with several processes, torch elastic passes it to the ranks)."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere a killed launcher still orphans its stage
+    signal.signal(PARENT_DEATH, lambda *_: os.killpg(os.getpgrp(), signal.SIGTERM))
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, PARENT_DEATH)
+    if os.getppid() != parent:  # it died before the request was in place
+        os.killpg(os.getpgrp(), signal.SIGTERM)
 
 
 def _launch(argv: list[str]) -> int:
@@ -78,8 +99,10 @@ def _wait_for_group(pgid: int, deadline: float) -> None:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--in-group"]:
-        return _launch(argv[1:])
-    child = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "--in-group", *argv], start_new_session=True)
+        _follow_parent(int(argv[1]))
+        return _launch(argv[2:])
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "--in-group", str(os.getpid()), *argv],
+                             start_new_session=True)
     received = []
 
     def forward(sig, _frame):

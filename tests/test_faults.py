@@ -5,6 +5,7 @@ through `make` (its one line, no launcher traceback)."""
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import os
 import shutil
@@ -177,3 +178,44 @@ def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):
     assert lines[-1] == "error: ppo: loss/value is not finite at iteration 1, epoch 1 (on process 1): stopping. " \
                         "Lower ppo.learning_rate, or check the rewards.", lines[-3:]
     assert elapsed < 120 and read_manifest(runs_with_rm / "demo" / "ppo") is None
+
+
+def stage_processes(marker: str) -> list[int]:
+    """Live processes whose command line names `marker` (zombies and this test excluded)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z" and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_launcher_does_not_leave_its_stage_running(processes, runs_with_rm, capsys):
+    """SIGKILL to the launcher make started (nothing can be passed on): its stage stops as on Ctrl-C,
+    saving a checkpoint and leaving no process behind, and the same command resumes from it."""
+    args = ppo_args(runs_with_rm, "ppo.save_every=100", "ppo.total_episodes=640")
+    partial = runs_with_rm / "demo" / "ppo.partial"
+    launch = LAUNCH if processes == 1 else [*LAUNCH[:3], "--multi_gpu", "--num_processes", "2", *LAUNCH[5:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.Popen([*launch, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while stage_processes(str(runs_with_rm)):
+        assert time.time() < deadline, f"still running after the launcher was killed: {stage_processes(str(runs_with_rm))}"
+        time.sleep(0.2)
+    saved = json.loads((partial / "checkpoint" / "ppo_state.json").read_text())["iteration"]
+    assert 1 <= saved < 20  # saved on the stop, not by save_every=100
+    ppo.main(args)
+    assert f"resuming from the checkpoint at iteration {saved}/20" in capsys.readouterr().out
+    assert [h["iteration"] for h in read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl")] == list(range(1, 21))
