@@ -1,5 +1,10 @@
 """A user's first mistakes with models: each ends the stage with one line naming what to change,
-exit code 1, no traceback (RLHF_DEBUG=1 shows it), and nothing written."""
+exit code 1, no traceback (RLHF_DEBUG=1 shows it), and nothing written.
+
+The stage runs in this process through `cli.run`, the wrapper the script's `__main__` uses (a
+process start costs seconds of imports; test_make and test_faults check the one line at the
+terminal); the hub-id case runs as a process, as HF_HUB_OFFLINE is read when huggingface_hub is
+imported."""
 
 from __future__ import annotations
 
@@ -8,21 +13,29 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
+from pipeline import cli
+from pipeline.config import ConfigError
+from stages import sft
 from tests import families
 from tests.conftest import REPO, sft_args
 
 
-def run_sft(tmp_path, model, debug: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"RLHF_DEBUG": "1"} if debug else {})}
-    return subprocess.run([sys.executable, "stages/sft.py", *sft_args(tmp_path / "runs", model)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run_sft(tmp_path, model) -> str:
+    """The stage as its script runs it: the error line it exits with (SystemExit's message)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: sft.main(sft_args(tmp_path / "runs", model)))
+    return e.value.code
 
 
-def one_line_error(run: subprocess.CompletedProcess, tmp_path) -> str:
-    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+def one_line_error(line, tmp_path) -> str:
+    if isinstance(line, subprocess.CompletedProcess):  # a process: its last line on stderr
+        assert line.returncode == 1 and "Traceback" not in line.stderr, line.stderr[-2000:]
+        line = line.stderr.strip().splitlines()[-1]
+    assert isinstance(line, str) and "\n" not in line, line
     assert not (tmp_path / "runs" / "demo" / "sft").exists() and not (tmp_path / "runs" / "demo" / "sft.partial").exists()
-    return run.stderr.strip().splitlines()[-1]
+    return line
 
 
 def test_a_model_path_that_does_not_exist(tmp_path):
@@ -39,7 +52,9 @@ def test_a_directory_that_is_not_a_model(tmp_path):
 
 
 def test_a_hub_id_that_cannot_be_loaded(tmp_path):
-    line = one_line_error(run_sft(tmp_path, "no-such-org/no-such-model"), tmp_path)
+    run = subprocess.run([sys.executable, "stages/sft.py", *sft_args(tmp_path / "runs", "no-such-org/no-such-model")],
+                         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    line = one_line_error(run, tmp_path)
     assert line.startswith("error: no tokenizer could be loaded from 'no-such-org/no-such-model' (")
 
 
@@ -56,6 +71,7 @@ def test_a_tokenizer_that_does_not_belong_to_the_model(tmp_path, base_model):
                     f"tokenizer does not belong to this model (use the model's own tokenizer)")
 
 
-def test_rlhf_debug_shows_the_traceback(tmp_path):
-    run = run_sft(tmp_path, tmp_path / "no-such-model", debug=True)
-    assert run.returncode == 1 and "Traceback" in run.stderr and "ConfigError" in run.stderr
+def test_rlhf_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_DEBUG", "1")
+    with pytest.raises(ConfigError, match="does not exist"):  # raised as it is: Python prints its traceback
+        cli.run(lambda: sft.main(sft_args(tmp_path / "runs", tmp_path / "no-such-model")))
