@@ -38,7 +38,7 @@ def prompts_with_aspects(path):
             f.write(json.dumps({**row, "aspect": asked_aspect(row["prompt"])}) + "\n")
 
 
-def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_model(runs_with_sft, tmp_path,
+def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_model(runs_with_sft, tmp_path, base_model,
                                                                                       monkeypatch):
     """No RM stage exists: PPO (gae, value model from SFT) optimises a function that reads the dataset's
     `aspect` column; the judge is watched. The function's rewards are exp.scores' raw values; editing its
@@ -51,7 +51,7 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
     monkeypatch.setattr(stages.ppo, "with_advantages", lambda exp, *a: seen.append(exp) or real(exp, *a))
     args = ppo_args(runs_with_sft, f"ppo.prompts={tmp_path / 'prompts.jsonl'}",
                     f"ppo.rewards=[{{function: '{reward_file}:aspect_reward', name: aspect, weight: 2.0}}]",
-                    "ppo.learning_rate=1e-3", "ppo.missing_stop_penalty=0")
+                    "ppo.learning_rate=1e-3", "ppo.missing_stop_penalty=0", f"sft.model={base_model}")
     ppo.main(args)
 
     out = runs_with_sft / "demo" / "ppo"
@@ -85,11 +85,11 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
 
 
 @pytest.mark.parametrize("overrides", [[], ["ppo.advantage_estimator=rloo"]], ids=["grpo", "rloo"])
-def test_critic_free_estimators_raise_the_held_out_gold_score(sft_run, tmp_path, overrides):
+def test_critic_free_estimators_raise_the_held_out_gold_score(sft_run, base_model, tmp_path, overrides):
     """demo-grpo.yaml as shipped (GRPO, k = 4, KL in the loss) and with RLOO: on held-out prompts the
     gold judge's score rises by 0.8 or more over SFT at a KL of at most 8 nats; no value model, no RM."""
     shutil.copytree(sft_run / "demo" / "sft", tmp_path / "demo-grpo" / "sft")
-    args = ["--recipe", GRPO_RECIPE, f"runs_dir={tmp_path}", *overrides]
+    args = ["--recipe", GRPO_RECIPE, f"runs_dir={tmp_path}", f"sft.model={base_model}", *overrides]
     ppo.main(args)
     evaluate.main(args)
     run = tmp_path / "demo-grpo"
