@@ -7,8 +7,10 @@ FSDP2. The stages never ask which; they call these functions, which do the right
     accelerator(...)            the process group with an explicit timeout, the recipe's precision
     configure(...)              DeepSpeed's own batch sizes and gradient clipping (no dataloader tells it)
     prepare_frozen(model, ...)  a frozen reference / reward model placed or sharded like the policy
-    for_generation(model, ...)  the policy gathered once per rollout, not once per token
+    for_generation(model, ...)  the policy alone gathered, once per rollout, not once per token
     single_process_loading()    loading on rank 0 alone (adapter merges), also under ZeRO-3
+    full_state_dict(...)        the trained model in full for the artifact, float32 also under DeepSpeed
+    save_trainer_model(...)     the same for a Trainer (its checkpoints stay sharded)
 
 SFT and RM run inside their Trainers, which do the same through accelerate.
 """
@@ -113,30 +115,47 @@ def prepare_frozen(model: torch.nn.Module, acc: Accelerator) -> torch.nn.Module:
 
 @contextmanager
 def for_generation(model, acc: Accelerator):
-    """The unwrapped model, with sharded parameters gathered for the whole generation.
+    """The unwrapped PolicyAndValue with its policy's parameters whole for the whole generation.
 
-    ZeRO-3: trl's `unwrap_model_for_generation` gathers every parameter once and removes
-    DeepSpeed's hooks. FSDP2 is not covered by it (each layer would all-gather its shard again for
-    every new token), so the FSDP modules are unsharded here once and resharded after."""
-    if name(acc) != "fsdp2":
-        from trl.models.utils import unwrap_model_for_generation
-        with unwrap_model_for_generation(model, acc) as unwrapped:
-            yield unwrapped
-        return
-    from torch.distributed.fsdp import FSDPModule
-    # FSDP2 names as root the first sharded module to run forward; generation runs the policy, a
-    # submodule, so the real root is initialised first (torch has no public call for this).
-    model._get_fsdp_state()._lazy_init()
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
-        m.set_reshard_after_forward(False)
-    try:
-        yield acc.unwrap_model(model)
-    finally:
+    A rollout runs the policy alone, so only the policy is gathered, once per rollout rather than
+    once per token, and the value network stays sharded (a 7B value model would otherwise be gathered
+    on every rank too). Nothing collective runs inside, so each rank decodes as many steps as its own
+    batch needs (no `synced_gpus`).
+
+    ZeRO-3: the policy's parameters are gathered and DeepSpeed's fetch hooks removed meanwhile (trl's
+    `unwrap_model_for_generation` does the same for every parameter of the engine's module, the value
+    network's too: its hook helpers are used here). FSDP2, which trl does not cover: the policy's
+    FSDP modules are unsharded once and kept so; the root's own group (the embeddings and heads of
+    both networks, outside any decoder layer) is unsharded with them, the value network's decoder
+    layers are not."""
+    unwrapped = acc.unwrap_model(model)
+    kind = name(acc)
+    if kind == "deepspeed-zero3":
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+        with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+            remove_hooks(model)
+            try:
+                yield unwrapped
+            finally:
+                add_hooks(model)
+    elif kind == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+        # FSDP2 names as root the first sharded module to run forward; generation runs the policy, a
+        # submodule, so the real root is initialised first (torch has no public call for this).
+        model._get_fsdp_state()._lazy_init()
+        sharded = [model, *(m for m in unwrapped.policy.modules() if isinstance(m, FSDPModule))]
         for m in sharded:
-            m.set_reshard_after_forward(True)
-            m.reshard()
+            m.unshard()
+            m.set_reshard_after_forward(False)
+        try:
+            yield unwrapped
+        finally:
+            for m in sharded:
+                m.set_reshard_after_forward(True)
+                m.reshard()
+    else:
+        yield unwrapped
 
 
 @contextmanager
@@ -154,9 +173,57 @@ def single_process_loading():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def generate_kwargs(acc: Accelerator) -> dict:
-    """Sharded engines: every rank runs the same number of decoding steps (a rank that stopped early
-    would leave the others waiting in the next collective)."""
-    return {"synced_gpus": True} if is_sharded(acc) and acc.num_processes > 1 else {}
+def full_state_dict(acc: Accelerator, model) -> dict:
+    """The trained model's whole state dict on the main process, its trained weights in float32
+    (empty on the other processes; every process takes part).
+
+    `accelerator.get_state_dict` gathers what the engine holds, and DeepSpeed with bf16 / fp16 holds the
+    module in that dtype, its float32 master weights in the optimizer: saved from the module, the
+    small updates of an RLHF run would be rounded away. Under DeepSpeed the trained weights are taken
+    from the masters instead (deepspeed's `safe_get_full_fp32_param`, a collective over ZeRO-2's or
+    ZeRO-3's partitions); a frozen weight has no master and is saved as stored."""
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return acc.get_state_dict(model)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    module = acc.unwrap_model(model)
+    gathered, state = {}, {}
+    for name, p in module.named_parameters(remove_duplicate=False):  # (tied weights: both names)
+        if id(p) not in gathered:
+            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if value is None:
+                with deepspeed.zero.GatheredParameters([p]):  # (a no-op below ZeRO-3)
+                    value = p.detach().clone()
+            gathered[id(p)] = value.cpu() if acc.is_main_process else None
+        if acc.is_main_process:
+            state[name] = gathered[id(p)]
+    if acc.is_main_process:  # buffers: never partitioned
+        state.update({k: v.clone() for k, v in module.state_dict().items() if k not in state})
+    return state
 
 
+def save_trainer_model(trainer, path) -> None:
+    """`trainer.save_model` as one full, `from_pretrained`-loadable model in float32 (every rank takes
+    part).
+
+    FSDP2 checkpoints are sharded (accelerate_configs/fsdp2.yaml: each rank writes its own shard of the
+    weights and AdamW state, and resume reads them back), and with a sharded state-dict type the
+    Trainer's `save_model` writes no model at all: the final one is gathered in full instead. Under
+    DeepSpeed `save_model` would save the engine's bf16 copy: the float32 masters are saved instead
+    (`full_state_dict`)."""
+    acc = trainer.accelerator
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        state = full_state_dict(acc, trainer.model_wrapped)
+        if acc.is_main_process:
+            acc.unwrap_model(trainer.model).save_pretrained(path, state_dict=state)
+        acc.wait_for_everyone()
+        return
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if plugin is None or "SHARDED" not in str(plugin.state_dict_type):
+        trainer.save_model(path)
+        return
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        trainer.save_model(path)
+    finally:
+        plugin.set_state_dict_type("SHARDED_STATE_DICT")

@@ -78,6 +78,21 @@ def load_kwargs(finetune: str, dtype_name: str) -> dict:
     return kwargs
 
 
+def load_trained(model_cls, path, finetune: str, dtype_name: str, **kwargs) -> PreTrainedModel:
+    """`from_pretrained` of a model a stage will train with `finetune` (load_kwargs)."""
+    model = model_cls.from_pretrained(path, **load_kwargs(finetune, dtype_name), **kwargs)
+    if finetune == "qlora-4bit" and not torch.cuda.is_available():
+        # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit layer at its first eval-mode forward, in
+        # place and for good, for a bf16 kernel that rounds the scales to bf16 and has no backward (torch
+        # warns "an autograd kernel was not registered"): after PPO's first rollout or the Trainer's
+        # first evaluation, training would backprop through it wrongly. Kept on the exact path instead.
+        import bitsandbytes as bnb
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def numel(p: torch.Tensor) -> int:
     """A parameter's full size, also when ZeRO-3 leaves an empty local shard."""
     return getattr(p, "ds_numel", p.numel())
@@ -286,16 +301,45 @@ def load_reference(path, dtype: torch.dtype) -> PreTrainedModel:
     return model
 
 
-def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, **kwargs) -> PreTrainedModel:
-    """Base weights + trained adapter, merged into a plain float32 model.
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """A bitsandbytes-quantized model as the plain float32 model it computes with, on the host.
 
-    Merged into an unquantized float32 copy of the base: QLoRA artifacts then load with a plain
-    `from_pretrained` and lose nothing to re-quantization, and the small LoRA deltas do not round
-    away as they would if added to bf16 weights. Runs on the main process alone, on the host, also
+    Each 4-bit / 8-bit linear layer becomes an `nn.Linear` holding its dequantized weight (the NF4 codes
+    times their scales, LLM.int8's rows times theirs), converted one layer at a time so that no whole
+    float32 copy is ever on the GPU; the layers that were never quantized keep their loaded values.
+    transformers' `model.dequantize()` does the same, but builds every float32 layer on the GPU."""
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None))
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device="cpu", dtype=torch.float32)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            model.set_submodule(name, linear)
+    model.hf_quantizer.remove_quantization_config(model)  # the artifact is a plain model
+    return model.to("cpu", torch.float32)
+
+
+def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: str, dtype_name: str,
+                  **kwargs) -> PreTrainedModel:
+    """Base weights + trained adapter, merged into a plain float32 model on the host.
+
+    LoRA: merged into a float32 copy of the base, so the small LoRA deltas do not round away as they
+    would if added to bf16 weights. QLoRA: the adapter was trained against the quantized base, so it
+    is merged into that base dequantized (`dequantized`), not into the original weights: the artifact
+    then computes what the trained policy computed (the quantization error is part of what the adapter
+    learned around), and loads with a plain `from_pretrained`. Runs on the main process alone, also
     under ZeRO-3 (see engine.single_process_loading).
     """
     from pipeline.engine import single_process_loading
     with single_process_loading():
-        model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
+        if finetune.startswith("qlora"):  # quantized exactly as in training (the same call, deterministic)
+            model = dequantized(load_trained(model_cls, base, finetune, dtype_name, **kwargs))
+        else:
+            model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
         align_special_tokens(model, tokenizer)
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

@@ -77,8 +77,7 @@ def main(argv=None):
             indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
             batch = [prompts[i] for i in indices]
             with engine.for_generation(model, acc) as unwrapped, acc.autocast():
-                rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device,
-                                   **engine.generate_kwargs(acc))
+                rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device)
         with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
             with acc.autocast():
                 exp = score(rollout, {k: [v[i] for i in indices] for k, v in columns.items()}, model, reference,

@@ -74,13 +74,14 @@ def main(argv=None):
     # before the Trainer seeds, and the same recipe should give the same reward model.
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(model_source, reward=True)
-    model = AutoModelForSequenceClassification.from_pretrained(model_source, num_labels=1, **models.load_kwargs(rm.finetune, rm.dtype))
-    models.align_special_tokens(model, tokenizer)
     dtype = models.resolve_dtype(rm.dtype)
     resume = checkpoints.resume_point(out, "rm", state.is_main_process)  # an interrupted run goes on
+    # before the model: under ZeRO-3 each rank then loads its shard only (see stages/sft.py)
     training_args = trl_args(
         RewardConfig, rm.trainer, "rm.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
         **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
+    model = models.load_trained(AutoModelForSequenceClassification, model_source, rm.finetune, rm.dtype, num_labels=1)
+    models.align_special_tokens(model, tokenizer)
     # An encoder reads "[CLS] prompt [SEP] response [SEP]": rendered here, as the scorer will read it
     # (RewardTrainer would append an EOS or apply a chat template, which an encoder does not have).
     train_rows, eval_rows = train_ds, eval_ds
@@ -92,6 +93,10 @@ def main(argv=None):
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
                             processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
+    # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
+    # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`
+    if rm.finetune.startswith("qlora"):
+        models.upcast_trainable(trainer.model)
     # trl drops pairs longer than max_length while preparing the data: count them
     dropped["too_long"] = len(train_ds) - len(trainer.train_dataset)
     if eval_ds is not None:
@@ -105,16 +110,13 @@ def main(argv=None):
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----
-    if rm.finetune == "full":
-        trainer.save_model(str(out))
-    else:
-        trainer.save_model(str(out / "adapter"))
+    engine.save_trainer_model(trainer, str(out if rm.finetune == "full" else out / "adapter"))
     if state.is_main_process:
         # The report reads the artifact as PPO will, on this process alone: the merged adapter, or the
         # saved full model (under ZeRO-3 / FSDP2 the trained model is sharded over all ranks).
         if rm.finetune != "full":
             final = models.merge_adapter(AutoModelForSequenceClassification, model_source, out / "adapter",
-                                         tokenizer, num_labels=1)
+                                         tokenizer, rm.finetune, rm.dtype, num_labels=1)
             final.save_pretrained(out)
         else:
             with engine.single_process_loading():

@@ -18,7 +18,7 @@ import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, checkpoints, cli, data, models
+from pipeline import artifacts, checkpoints, cli, data, engine, models
 from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
 from pipeline.metrics import JsonlLogger
@@ -55,20 +55,27 @@ def main(argv=None):
     # ---- model ----
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(sft.model)
-    model = AutoModelForCausalLM.from_pretrained(sft.model, **models.load_kwargs(sft.finetune, sft.dtype))
-    models.align_special_tokens(model, tokenizer)
     dtype = models.resolve_dtype(sft.dtype)
     resume = checkpoints.resume_point(out, "sft", state.is_main_process)  # an interrupted run goes on
+    # The training arguments before the model: under ZeRO-3 they register the DeepSpeed config with
+    # transformers, and `from_pretrained` then loads each rank's shard only (zero.Init), not the whole
+    # model on every rank.
     training_args = trl_args(
         SFTConfig, sft.trainer, "sft.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
         **models.trainer_precision(dtype), **end_of_turn(tokenizer, train_ds, sft.trainer),
         eval_strategy="epoch" if eval_ds is not None else "no",
         # the loss before training, on the engine-prepared model (a resumed run has it in its history)
         eval_on_start=eval_ds is not None and resume is None)
+    model = models.load_trained(AutoModelForCausalLM, sft.model, sft.finetune, sft.dtype)
+    models.align_special_tokens(model, tokenizer)
     stop = checkpoints.StopOnSignal(state.device)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
+    # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
+    # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`
+    if sft.finetune.startswith("qlora"):
+        models.upcast_trainable(trainer.model)
 
     # ---- train ----
     # (a resumed run's checkpoints are on the disk already)
@@ -81,17 +88,15 @@ def main(argv=None):
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----
-    if sft.finetune == "full":
-        trainer.save_model(str(out))
-    else:
-        trainer.save_model(str(out / "adapter"))
+    engine.save_trainer_model(trainer, str(out if sft.finetune == "full" else out / "adapter"))
     metrics = {"format": fmt, "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
     if state.is_main_process:
         checkpoints.discard(out)
         if sft.finetune != "full":
-            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer)
+            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer,
+                                          sft.finetune, sft.dtype)
             merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))

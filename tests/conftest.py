@@ -181,13 +181,17 @@ def assert_scored_by(samples: list[dict], reward_model, key: str) -> None:
         assert torch.isfinite(torch.tensor(row[key]))
 
 
-def launch(n: int, script: str, *args: str, engine: str | None = None) -> subprocess.CompletedProcess:
+def launch(n: int, script: str, *args: str, engine: str | None = None, probe: tuple[str, ...] = (),
+           expect: int = 0) -> subprocess.CompletedProcess:
     """`accelerate launch` with n gloo processes; `engine` switches accelerate to FSDP2 / DeepSpeed
-    through tests/engines.py (test-only: accelerate never picks them on CPU by itself)."""
+    through tests/engines.py (test-only: accelerate never picks them on CPU by itself); `probe`: the
+    options of tests/probe.py (planted faults, reports). A run expected to exit with its own code
+    (130: stopped with a checkpoint) goes through pipeline.launch, as make's does, which returns it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    target = ["tests/engines.py", engine, script] if engine else [script]
-    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+    target = [*(["tests/engines.py", engine] if engine else []), *(["tests/probe.py", *probe] if probe else []), script]
+    launcher = "accelerate.commands.launch" if expect == 0 else "pipeline.launch"
+    run = subprocess.run([sys.executable, "-m", launcher, "--multi_gpu", "--num_processes", str(n),
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target, *args],
                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.returncode == expect, run.stdout[-2000:] + run.stderr[-3000:]
     return run

@@ -37,7 +37,7 @@ def switch(acc: accelerate.Accelerator, engine: str) -> None:
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=os.environ.get("FSDP_WRAP", "LlamaDecoderLayer").split(","),
-            state_dict_type="FULL_STATE_DICT", reshard_after_forward=True)
+            state_dict_type="SHARDED_STATE_DICT", reshard_after_forward=True)
         _set_type(DistributedType.FSDP)
         return
     plugin = DeepSpeedPlugin(zero_stage=int(engine[-1]), gradient_accumulation_steps=acc.gradient_accumulation_steps,
@@ -65,7 +65,7 @@ def main() -> None:
     # engine plugin from these; the switch above then makes the state use it on CPU.
     if engine == "fsdp2":
         os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"})
+                           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"})
     else:
         os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": engine[-1],
                            "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"})

@@ -15,18 +15,36 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.config import ConfigError
 from stages import ppo, sft
-from tests.conftest import DEMO_RECIPE, launch, ppo_args, read_jsonl, rm_args, sft_args
+from tests.conftest import DEMO_RECIPE, RM_RUN, launch, ppo_args, read_jsonl, rm_args, sft_args
 
 # 2 iterations of 2 x 16 rollouts; a checkpoint at iteration 2 (save_state under the engine)
 ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
 
 
-def ppo_under(engine: str | None, rm_run, runs, *extra: str):
+def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | None = None):
+    """PPO launched under `engine`; with `stop_after`, stopped (as by Ctrl-C) once that iteration is done,
+    which saves a checkpoint (its files are returned), and then resumed to the end by the same command.
+    tests/probe.py reports
+    what each rank loaded and held during generation (runs/report)."""
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / "demo" / stage, runs / "demo" / stage)
-    launch(2, "stages/ppo.py", *ppo_args(runs, *ARGS, *extra), engine=engine)
+    args = ppo_args(runs, *ARGS, *extra)
+    if stop_after is not None:
+        launch(2, "stages/ppo.py", *args, engine=engine, expect=130,
+               probe=("--stop-after", str(stop_after), "--report", str(runs / "report")))
+        checkpoint = sorted(str(p.relative_to(runs / "demo" / "ppo.partial" / "checkpoint"))
+                            for p in (runs / "demo" / "ppo.partial" / "checkpoint").rglob("*") if p.is_file())
+        resumed = launch(2, "stages/ppo.py", *args, engine=engine)
+        assert f"resuming from the checkpoint at iteration {stop_after}/2" in resumed.stdout
+    else:
+        launch(2, "stages/ppo.py", *args, engine=engine)
+        checkpoint = None
     out = runs / "demo" / "ppo"
-    return out, read_jsonl(out / "metrics.jsonl"), json.loads((out / "manifest.json").read_text())["metrics"]
+    return out, read_jsonl(out / "metrics.jsonl"), json.loads((out / "manifest.json").read_text())["metrics"], checkpoint
+
+
+def report(runs, rank: int, event: str) -> list[dict]:
+    return [r for r in read_jsonl(runs / "report" / f"rank{rank}.jsonl") if r["event"] == event]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +54,13 @@ def ddp(rm_run, tmp_path_factory):
 
 @pytest.mark.parametrize("engine, name", [("fsdp2", "fsdp2"), ("zero2", "deepspeed-zero2"), ("zero3", "deepspeed-zero3")])
 def test_ppo_under_each_engine_matches_ddp(engine, name, ddp, rm_run, tmp_path):
-    out, history, manifest = ppo_under(engine, rm_run, tmp_path)
-    ddp_out, ddp_history, ddp_manifest = ddp
+    """The sharded engines are also stopped after iteration 1 and resumed from their checkpoint (FSDP2's
+    is sharded: each rank wrote its own part); the resumed run logs what DDP's uninterrupted run logs.
+    While the policy generates, its parameters are whole and the value network's decoder layers stay
+    sharded."""
+    sharded = engine in ("fsdp2", "zero3")
+    out, history, manifest, checkpoint = ppo_under(engine, rm_run, tmp_path, stop_after=1 if sharded else None)
+    ddp_out, ddp_history, ddp_manifest, _ = ddp
     assert manifest["engine"] == name and ddp_manifest["engine"] == "ddp"
     assert manifest["parameters"] == ddp_manifest["parameters"]  # full sizes, also from ZeRO-3's empty shards
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr"):
@@ -49,14 +72,21 @@ def test_ppo_under_each_engine_matches_ddp(engine, name, ddp, rm_run, tmp_path):
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-4)
     sft = AutoModelForCausalLM.from_pretrained(out.parent / "sft").state_dict()
     assert any(not torch.equal(mine[k], sft[k]) for k in mine)  # and they did train
+    if sharded:
+        if engine == "fsdp2":  # one shard per rank, no full copy on one host
+            assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(checkpoint), \
+                checkpoint
+        for rank in (0, 1):
+            (generation,) = report(tmp_path, rank, "generate")
+            assert generation["policy_whole"] and not all(generation["value_whole"]), generation
 
 
 def test_lora_ppo_under_zero3_matches_ddp(rm_run, tmp_path):
     """LoRA under ZeRO-3: the sharded policy with its adapter off is the reference; every iteration
     and the merged artifact equal a DDP LoRA run's."""
     lora = ("ppo.finetune=lora", "ppo.learning_rate=1e-2")
-    out, history, manifest = ppo_under("zero3", rm_run, tmp_path / "zero3", *lora)
-    ddp_out, ddp_history, _ = ppo_under(None, rm_run, tmp_path / "ddp", *lora)
+    out, history, manifest, _ = ppo_under("zero3", rm_run, tmp_path / "zero3", *lora)
+    ddp_out, ddp_history, _, _ = ppo_under(None, rm_run, tmp_path / "ddp", *lora)
     assert manifest["engine"] == "deepspeed-zero3"
     assert history[-1]["objective/kl"] > 1e-4  # the adapter trained
     for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
@@ -115,10 +145,18 @@ QUICK_RM = ["rm.dataset.limit=512", "rm.eval_dataset.limit=64", "rm.trainer.num_
             "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16"]
 
 
-def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str) -> tuple[dict, dict, dict]:
-    """SFT, RM and eval (of base and SFT) launched under one engine."""
-    launch(2, "stages/sft.py", *sft_args(runs, base_model, *QUICK_SFT, *sft_extra), engine=engine)
-    launch(2, "stages/rm.py", *rm_args(runs, *QUICK_RM), engine=engine)
+def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str, stop_after: int | None = None):
+    """SFT, RM and eval (of base and SFT) launched under one engine; with `stop_after`, SFT and RM are
+    each stopped at that step (a checkpoint) and resumed."""
+    stages = (("sft", sft_args(runs, base_model, *QUICK_SFT, *sft_extra)), ("rm", rm_args(runs, *QUICK_RM)))
+    for stage, args in stages:
+        if stop_after is not None:
+            launch(2, f"stages/{stage}.py", *args, engine=engine, expect=130,
+                   probe=("--stop-after", str(stop_after), "--report", str(runs / "report")))
+            resumed = launch(2, f"stages/{stage}.py", *args, engine=engine)
+            assert f"{stage}: resuming from the checkpoint at step {stop_after}" in resumed.stdout
+        else:
+            launch(2, f"stages/{stage}.py", *args, engine=engine)
     launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={runs}", f"sft.model={base_model}",
            "eval.prompts.limit=16", "eval.max_new_tokens=8", engine=engine)
     return (*(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")),
@@ -134,11 +172,15 @@ def sft_rm_ddp(base_model, tmp_path_factory):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_model, tmp_path):
     """The Trainers shard, evaluate (before training too), save consolidated weights; the RM's
-    held-out report and reference statistics read the saved artifact on rank 0; eval runs on rank 0."""
+    held-out report and reference statistics read the saved artifact on rank 0; eval runs on rank 0.
+    Under the sharded engines SFT and RM are stopped at step 4 and resumed from their (sharded)
+    checkpoints, and ZeRO-3 loads each model partitioned over the ranks."""
+    sharded = engine in ("fsdp2", "zero3")
     ddp_runs, (ddp_sft, ddp_rm, ddp_eval) = sft_rm_ddp
-    sft_metrics, rm_metrics, evaluation = sft_rm_under(engine, tmp_path, base_model)
+    sft_metrics, rm_metrics, evaluation = sft_rm_under(engine, tmp_path, base_model, stop_after=4 if sharded else None)
     assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3)
-    for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
+    # (the Trainer's train_loss averages the steps its own process ran: a resumed run's covers 5..16)
+    for key in ("eval_loss_before", "eval_loss_after", *(() if sharded else ("train_loss",))):
         assert sft_metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
     assert sft_metrics["eval_loss_after"] < sft_metrics["eval_loss_before"]
     assert rm_metrics["heldout"]["accuracy"] == pytest.approx(ddp_rm["heldout"]["accuracy"], abs=1e-6)
@@ -147,6 +189,35 @@ def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_mo
         mine, theirs = (cls.from_pretrained(r / "demo" / stage).state_dict() for r in (tmp_path, ddp_runs))
         for k in mine:
             torch.testing.assert_close(mine[k], theirs[k], rtol=1e-3, atol=1e-4)
+    if engine == "zero3":  # the trained model of each stage, on each rank: its shard only
+        for rank in (0, 1):
+            loads = report(tmp_path, rank, "load")
+            assert [(r["cls"], r["partitioned"]) for r in loads] == [
+                ("LlamaForCausalLM", True), ("LlamaForSequenceClassification", True)], loads
+
+
+def float32_weights(path) -> dict[str, torch.Tensor]:
+    """An artifact's tensors as saved, each checked to be float32 on disk."""
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+    return weights
+
+
+def test_artifacts_under_deepspeed_in_bf16_are_the_float32_master_weights(ddp, sft_rm_ddp, rm_run, base_model, tmp_path):
+    """DeepSpeed in bf16 holds the module in bf16 and float32 masters in its optimizer: the artifacts
+    (PPO under ZeRO-3, SFT through the Trainer under ZeRO-2) are the masters, in float32 with the bits
+    bf16 has not, and DDP's float32 weights up to the bf16 arithmetic of the run."""
+    out = ppo_under("zero3", rm_run, tmp_path / "ppo", "ppo.dtype=bfloat16")[0]
+    launch(2, "stages/sft.py", *sft_args(tmp_path / "sft", base_model, *QUICK_SFT, "sft.dtype=bfloat16"), engine="zero2")
+    for path, ddp_path in ((out, ddp[0]), (tmp_path / "sft" / "demo" / "sft", sft_rm_ddp[0] / "demo" / "sft")):
+        mine, theirs = float32_weights(path), float32_weights(ddp_path)
+        assert mine.keys() == theirs.keys()
+        assert all((w != w.to(torch.bfloat16).float()).any() for w in mine.values())
+        worst = max(((mine[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in mine)
+        print(f"{path.name}: largest difference from DDP's float32 artifact {worst:.2e} of the tensor's scale")
+        assert worst < 5e-2  # (bf16 arithmetic samples other rollouts: PPO 2.2e-2 seen)
 
 
 def test_lora_sft_under_zero3_matches_ddp(base_model, tmp_path):
@@ -163,6 +234,49 @@ def test_lora_sft_under_zero3_matches_ddp(base_model, tmp_path):
         torch.testing.assert_close(merged[k], ddp_merged[k], rtol=1e-3, atol=1e-4)
     for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
         assert metrics[key] == pytest.approx(ddp_metrics[key], rel=1e-3), key
+
+
+def make_on_two_nodes(target: str, overrides: list[str]) -> None:
+    """`make <target>` as two nodes of one process each, both on this machine, as a user runs it on two:
+    the same command with NODE_RANK 0 and 1 and the shipped multi-node config (gloo on CPUs)."""
+    import os
+    import socket
+    import subprocess
+
+    from tests.conftest import REPO
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    nodes = [subprocess.Popen(["make", "-s", target, "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NPROC=2",
+                               "NNODES=2", f"NODE_RANK={rank}", "MAIN_ADDR=127.0.0.1", f"MAIN_PORT={port}",
+                               f"ARGS={' '.join(overrides)}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+        assert "--num_machines 2" in output  # (make prints the launch line)
+
+
+def test_two_nodes_give_the_two_process_runs_results(ddp, sft_rm_ddp, rm_run, base_model, tmp_path):
+    """SFT and PPO through `make` on two nodes (one process each) equal the 2-process DDP runs."""
+    from tests.conftest import PPO_RUN, SFT_RUN, base_overrides, sft_overrides
+    make_on_two_nodes("sft", [*base_overrides(base_model), *sft_overrides(tmp_path / "sft", base_model, *QUICK_SFT)])
+    ddp_runs, (ddp_sft, _, _) = sft_rm_ddp
+    metrics = json.loads((tmp_path / "sft" / "demo" / "sft" / "manifest.json").read_text())["metrics"]
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
+        assert metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
+
+    runs = tmp_path / "ppo"  # the session's SFT and RM, with the overrides that built them: only PPO runs
+    for stage in ("sft", "rm"):
+        shutil.copytree(rm_run / "demo" / stage, runs / "demo" / stage)
+    make_on_two_nodes("ppo", [*base_overrides(base_model), *sft_overrides(runs, base_model, *SFT_RUN), *RM_RUN,
+                              *PPO_RUN, *ARGS])
+    history = read_jsonl(runs / "demo" / "ppo" / "metrics.jsonl")
+    ddp_history = ddp[1]
+    assert json.loads((runs / "demo" / "ppo" / "manifest.json").read_text())["metrics"]["processes"] == 2
+    for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+        assert [h[key] for h in history] == pytest.approx([h[key] for h in ddp_history], rel=1e-3, abs=1e-5), key
 
 
 def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():

@@ -170,7 +170,7 @@ def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):
     started = time.time()
     run = subprocess.run([sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "tests/nan_on_rank.py", "1", "stages/ppo.py", *ppo_args(runs_with_rm)],
+                          "tests/probe.py", "--nan-on-rank", "1", "stages/ppo.py", *ppo_args(runs_with_rm)],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     elapsed = time.time() - started
     lines = run.stderr.strip().splitlines()

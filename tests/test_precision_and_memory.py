@@ -71,7 +71,8 @@ def ppo_models(runs_dir, *overrides):
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
     model, reference, rewards, _ = load_models(recipe.ppo, run / "sft", lambda m: str(run / "rm"), tokenizer,
                                                Accelerator(cpu=DEVICE == "cpu"))
-    return recipe, tokenizer, (model, reference, rewards)
+    # (the trained model is placed by accelerate's prepare in the stage; the frozen ones are placed already)
+    return recipe, tokenizer, (model.to(DEVICE), reference, rewards)
 
 
 def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
@@ -163,7 +164,8 @@ def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_mode
 # ---- 5. memory ----
 
 def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
-    recipe, tokenizer, (model, reference, rewards) = ppo_models(rm_run)
+    # float32 (on a GPU too): bf16 GEMMs of other batch shapes round differently, and this is about slicing
+    recipe, tokenizer, (model, reference, rewards) = ppo_models(rm_run, "ppo.dtype=float32")
     cfg = recipe.ppo
     config = sampling_config(cfg.temperature, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)

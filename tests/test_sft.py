@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.artifacts import MissingArtifact, read_manifest, require
@@ -11,6 +12,13 @@ from pipeline.config import ConfigError
 from pipeline.data import DataError
 from stages import sft
 from tests.conftest import REPO, quantized_layers, read_jsonl, sft_args
+
+
+@torch.no_grad()
+def token_logprobs(model, enc) -> torch.Tensor:
+    logits = model(**enc).logits[:, :-1].float()
+    targets = enc["input_ids"][:, 1:]
+    return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0] * enc["attention_mask"][:, 1:]
 
 
 def generate(path, text="how was the music of star quest ?"):
@@ -49,6 +57,15 @@ def test_sft_trains_and_the_artifact_loads_and_generates(tmp_path, base_model, f
     assert (out / "adapter" / "adapter_config.json").is_file() == (finetune != "full")
     tokens, tokenizer = generate(out)
     assert len(tokens) > 0 and tokenizer.pad_token_id != tokenizer.eos_token_id
+    # the artifact is the policy that was trained: under QLoRA the adapter is merged into the dequantized
+    # base it trained against (merged into the original weights, it differs by the quantization error)
+    ids = tokenizer(["how was the music of star quest ? it was loud and long .", "tell me about the city ."],
+                    return_tensors="pt", padding=True)
+    gap = (token_logprobs(model, ids) - token_logprobs(trained.eval(), ids)).abs().max().item()
+    print(f"{finetune}: artifact vs trained policy, max |log-prob difference| {gap:.2e}")
+    # (LLM.int8 picks outlier columns per batch, so the 8-bit policy itself depends on the batch it is in;
+    # 4-bit is the discriminating case: 2e-3 when merged into the original weights)
+    assert gap < {"qlora-8bit": 1e-2}.get(finetune, 1e-4)
 
 
 def test_sft_teaches_the_model_to_stop(tmp_path, base_model):

@@ -90,14 +90,13 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
-def generate(model, tokenizer, prompts: list, config: GenerationConfig, device, **generate_kwargs) -> Rollout:
+def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) -> Rollout:
     """One batched generation with KV cache; everything after the first stop token becomes padding.
-    Prompts are padded on the left (they end where generation starts). `generate_kwargs`: the
-    engine's (pipeline.engine.generate_kwargs)."""
+    Prompts are padded on the left (they end where generation starts)."""
     enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, p) for p in prompts]}, padding_side="left",
                         return_tensors="pt").to(device)
     with plain_sampling(model, config):
-        sequences = model.generate(**enc, generation_config=config, **generate_kwargs)
+        sequences = model.generate(**enc, generation_config=config)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
     return Rollout(prompts=list(prompts), query_responses=torch.cat([enc["input_ids"], responses], 1),

@@ -42,7 +42,7 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
     LoRA run never trains a whole second network. The critic-free estimators train the policy alone.
     """
     dtype = models.resolve_dtype(cfg.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(sft_dir, **models.load_kwargs(cfg.finetune, cfg.dtype))
+    policy = models.load_trained(AutoModelForCausalLM, sft_dir, cfg.finetune, cfg.dtype)
     reference = None
     if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
         reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
@@ -60,8 +60,8 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
                               "set ppo.value_model=sft or ppo.value_model=head")
     if cfg.critic in ("reward", "sft"):
         source = reward_model.path if cfg.critic == "reward" else sft_dir
-        value_model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, **models.load_kwargs(cfg.finetune, cfg.dtype))
+        value_model = models.load_trained(AutoModelForSequenceClassification, source, cfg.finetune, cfg.dtype,
+                                          num_labels=1)
         value_model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.finetune != "full":
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
@@ -208,7 +208,7 @@ class PPORun:
         Under ZeRO-3 / FSDP2 the weights are consolidated first, with every rank taking part."""
         cfg, acc, out = recipe.ppo, self.acc, self.out
         with self.timed("saving"):
-            state = acc.get_state_dict(self.model)  # consolidated on rank 0; every rank takes part
+            state = engine.full_state_dict(acc, self.model)  # on rank 0, float32; every rank takes part
             if acc.is_main_process:
                 unwrapped = acc.unwrap_model(self.model)
                 part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
@@ -217,8 +217,8 @@ class PPORun:
                     policy.save_pretrained(out, state_dict=part("policy."))
                 else:
                     policy.save_pretrained(out / "adapter", state_dict=part("policy."))
-                    models.merge_adapter(AutoModelForCausalLM, str(sft_dir), out / "adapter",
-                                         tokenizer).save_pretrained(out)
+                    models.merge_adapter(AutoModelForCausalLM, str(sft_dir), out / "adapter", tokenizer,
+                                         cfg.finetune, cfg.dtype).save_pretrained(out)
                 tokenizer.save_pretrained(out)
                 if unwrapped.value_model is not None:
                     unwrapped.value_model.save_pretrained(out / "value_model", state_dict=part("value_model."))

@@ -80,3 +80,31 @@ def test_ppo_variants_on_gpu(variant, rm_run, tmp_path, forwards_on_gpu, linear_
     bits = quantized_layers(loaded_models[0])
     assert bits == {"4bit": 14 if "4bit" in variant[0] else 0, "8bit": 14 if "8bit" in variant[0] else 0}
     print(variant, {k: history[-1][k] for k in ("objective/scores", "objective/kl", "episodes_per_s", "peak_memory_mb")})
+    if "ppo.finetune=qlora-4bit" in variant:
+        new, old = qlora_artifact_gaps(loaded_models[0], tmp_path / "demo")
+        print(f"qlora-4bit artifact vs the trained policy, mean |log-prob difference|: merged into the dequantized "
+              f"base {new:.2e}, into the original weights {old:.2e}")
+        assert new < old
+
+
+def qlora_artifact_gaps(trained, run) -> tuple[float, float]:
+    """How far the QLoRA artifact's log-probs are from the policy PPO trained (its NF4 base on the GPU
+    with the adapter), both under bf16 autocast: the artifact as saved (merged into the dequantized
+    base) and the adapter merged into the original float32 weights instead."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(run / "ppo")
+    enc = tokenizer(["how was the music of star quest ? it was loud and long .", "tell me about the city ."],
+                    return_tensors="pt", padding=True).to("cuda")
+
+    @torch.no_grad()
+    def logprobs(model):
+        with torch.autocast("cuda", torch.bfloat16):
+            logits = model(**enc).logits[:, :-1].float()
+        return logits.log_softmax(-1).gather(-1, enc["input_ids"][:, 1:, None])[..., 0][enc["attention_mask"][:, 1:] > 0]
+
+    reference = logprobs(trained.eval())
+    artifact = AutoModelForCausalLM.from_pretrained(run / "ppo").cuda()
+    original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "sft", dtype=torch.float32),
+                                         run / "ppo" / "adapter").merge_and_unload().cuda()
+    return tuple((logprobs(m) - reference).abs().mean().item() for m in (artifact, original))

@@ -1,0 +1,93 @@
+"""Test-only: run a stage script with faults planted or its engine-side state reported, in each process.
+
+    accelerate launch ... tests/probe.py [--nan-on-rank R] [--stop-after N] [--report DIR] stages/ppo.py ARGS
+    accelerate launch ... tests/engines.py zero3 tests/probe.py --report DIR stages/sft.py ARGS
+
+--nan-on-rank R   the value loss is NaN on process R only, from its first optimiser step (a fault the
+                  other processes do not see)
+--stop-after N    every process asks its stage to stop (as Ctrl-C does) once PPO iteration N / Trainer
+                  step N is done: the stage saves a checkpoint there and exits 130
+--report DIR      DIR/rank<R>.jsonl gets a line for each model `from_pretrained` loads (is it partitioned
+                  over the processes: ZeRO-3's zero.Init) and for each PPO rollout (which of the policy's and
+                  the value network's parameters are whole while the policy generates)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--nan-on-rank")
+parser.add_argument("--stop-after", type=int)
+parser.add_argument("--report", type=Path)
+args, rest = parser.parse_known_args()
+rank = os.environ.get("RANK", "0")
+
+
+def report(**row) -> None:
+    args.report.mkdir(parents=True, exist_ok=True)
+    with open(args.report / f"rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def whole(p: torch.Tensor) -> bool:
+    """The parameter's full values are on this process: not an empty ZeRO-3 shard, not an FSDP2
+    DTensor shard."""
+    from torch.distributed.tensor import DTensor
+    return not isinstance(p, DTensor) and p.numel() == getattr(p, "ds_numel", p.numel())
+
+
+if args.nan_on_rank == rank:
+    import pipeline.rl.ppo
+    real_value_loss = pipeline.rl.ppo.value_loss
+    pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
+
+if args.stop_after is not None:
+    from pipeline.checkpoints import StopOnSignal
+    from pipeline.rl.run import PPORun
+    real_log, real_step_end = PPORun.log, StopOnSignal.on_step_end
+
+    def log(self, iteration, *a, **kw):
+        real_log(self, iteration, *a, **kw)
+        if iteration == args.stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, targs, state, control, **kw):
+        if state.global_step == args.stop_after:
+            self.request.flag = True
+        return real_step_end(self, targs, state, control, **kw)
+    PPORun.log, StopOnSignal.on_step_end = log, on_step_end
+
+if args.report is not None:
+    from transformers import modeling_utils
+
+    import pipeline.engine
+    real_load = modeling_utils.PreTrainedModel.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **kw):
+        model = real_load(cls, *a, **kw)
+        report(event="load", cls=cls.__name__, partitioned=not all(whole(p) for p in model.parameters()))
+        return model
+    modeling_utils.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    real_for_generation = pipeline.engine.for_generation
+
+    @contextmanager
+    def for_generation(model, acc):
+        with real_for_generation(model, acc) as unwrapped:
+            value = unwrapped.value_model
+            report(event="generate", policy_whole=all(whole(p) for p in unwrapped.policy.parameters()),
+                   value_whole=None if value is None else [whole(p) for p in value.parameters()])
+            yield unwrapped
+    pipeline.engine.for_generation = for_generation
+
+sys.argv = rest
+runpy.run_path(rest[0], run_name="__main__")
