@@ -140,9 +140,9 @@ def test_a_batch_that_does_not_split_is_refused_when_the_recipe_is_read(runs_wit
 
 # SFT and RM through their Trainers under each engine: a short run of each
 QUICK_SFT = ["sft.dataset.limit=256", "sft.eval_dataset.limit=32", "sft.trainer.num_train_epochs=1",
-             "sft.trainer.per_device_train_batch_size=8"]
+             "sft.trainer.per_device_train_batch_size=8", "sft.trainer.logging_steps=2"]
 QUICK_RM = ["rm.dataset.limit=512", "rm.eval_dataset.limit=64", "rm.trainer.num_train_epochs=1",
-            "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16"]
+            "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16", "rm.trainer.logging_steps=2"]
 
 
 def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str, stop_after: int | None = None):
@@ -157,10 +157,12 @@ def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str, stop_aft
             assert f"{stage}: resuming from the checkpoint at step {stop_after}" in resumed.stdout
         else:
             launch(2, f"stages/{stage}.py", *args, engine=engine)
-    launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={runs}", f"sft.model={base_model}",
-           "eval.prompts.limit=16", "eval.max_new_tokens=8", engine=engine)
+    if engine in (None, "zero3"):  # eval runs on rank 0 alone: once under DDP, once under ZeRO-3 (its loading)
+        launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={runs}", f"sft.model={base_model}",
+               "eval.prompts.limit=16", "eval.max_new_tokens=8", engine=engine)
+    evaluation = runs / "demo" / "eval" / "metrics.json"
     return (*(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")),
-            json.loads((runs / "demo" / "eval" / "metrics.json").read_text()))
+            json.loads(evaluation.read_text()) if evaluation.exists() else None)
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +174,15 @@ def sft_rm_ddp(base_model, tmp_path_factory):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_model, tmp_path):
     """The Trainers shard, evaluate (before training too), save consolidated weights; the RM's
-    held-out report and reference statistics read the saved artifact on rank 0; eval runs on rank 0.
+    held-out report and reference statistics read the saved artifact on rank 0; eval runs on rank 0
+    (under ZeRO-3).
     Under the sharded engines SFT and RM are stopped at step 4 and resumed from their (sharded)
     checkpoints, and ZeRO-3 loads each model partitioned over the ranks."""
     sharded = engine in ("fsdp2", "zero3")
     ddp_runs, (ddp_sft, ddp_rm, ddp_eval) = sft_rm_ddp
     sft_metrics, rm_metrics, evaluation = sft_rm_under(engine, tmp_path, base_model, stop_after=4 if sharded else None)
-    assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3)
+    if evaluation is not None:
+        assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3)
     # (the Trainer's train_loss averages the steps its own process ran: a resumed run's covers 5..16)
     for key in ("eval_loss_before", "eval_loss_after", *(() if sharded else ("train_loss",))):
         assert sft_metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
@@ -218,6 +222,29 @@ def test_artifacts_under_deepspeed_in_bf16_are_the_float32_master_weights(ddp, s
         worst = max(((mine[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in mine)
         print(f"{path.name}: largest difference from DDP's float32 artifact {worst:.2e} of the tensor's scale")
         assert worst < 5e-2  # (bf16 arithmetic samples other rollouts: PPO 2.2e-2 seen)
+
+
+def test_sft_and_rm_on_two_processes_match_one_with_the_same_global_batch(sft_rm_ddp, base_model, tmp_path):
+    """The same learning rate at every step, losses and accuracy within the noise of another sample
+    order (each rank sees a different half of every batch); eval ran on 2 processes (rank 0 evaluates,
+    the others wait well inside the process-group timeout)."""
+    from stages import rm
+    two, (two_sft, two_rm, evaluation) = sft_rm_ddp
+    sft.main(sft_args(tmp_path, base_model, *QUICK_SFT, "sft.trainer.per_device_train_batch_size=16"))
+    rm.main(rm_args(tmp_path, *QUICK_RM, "rm.trainer.per_device_train_batch_size=32"))
+    for stage in ("sft", "rm"):
+        log1, log2 = ([h for h in read_jsonl(r / "demo" / stage / "metrics.jsonl") if "learning_rate" in h]
+                      for r in (tmp_path, two))
+        assert [h["step"] for h in log1] == [h["step"] for h in log2] and len(log1) > 2, stage
+        assert [h["learning_rate"] for h in log1] == pytest.approx([h["learning_rate"] for h in log2]), stage
+    one_sft, one_rm = (json.loads((tmp_path / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm"))
+    assert one_sft["train_loss"] == pytest.approx(two_sft["train_loss"], rel=0.1)
+    assert two_sft["eval_loss_after"] < 0.8 * two_sft["eval_loss_before"]
+    assert one_sft["eval_loss_after"] == pytest.approx(two_sft["eval_loss_after"], rel=0.1)
+    assert one_rm["train_loss"] == pytest.approx(two_rm["train_loss"], rel=0.1)
+    # (that the RM learns is test_rm's: this short run barely moves it, on 1 process as on 2)
+    assert abs(one_rm["heldout"]["accuracy"] - two_rm["heldout"]["accuracy"]) < 0.1
+    assert set(evaluation) == {"settings", "peak_memory_mb", "base", "sft"}
 
 
 def test_lora_sft_under_zero3_matches_ddp(base_model, tmp_path):
@@ -296,37 +323,3 @@ def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():
     ds_config["gradient_clipping"] = 1.0
     with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe needs 0.5"):
         engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
-
-
-def test_sigterm_to_a_two_process_run_saves_within_the_iteration_and_resumes(rm_run, tmp_path):
-    """make's launcher forwards SIGTERM to every rank; the ranks agree at the next minibatch, save a
-    checkpoint and exit 130; `make ppo` again finishes the run with each iteration logged once."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import REPO
-    for stage in ("sft", "rm"):
-        shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
-    args = ppo_args(tmp_path, "ppo.total_episodes=320", "ppo.batch_size=16", "ppo.mini_batch_size=4", "ppo.save_every=100")
-    command = [sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", "2",  # as make launches
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "stages/ppo.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "demo" / "ppo.partial" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.1)
-    sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert "checkpoint saved at iteration" in output, output[-3000:]
-    assert proc.returncode == 130, output[-3000:]  # interrupted, with the checkpoint written: make's exit code
-    saved = json.loads((tmp_path / "demo" / "ppo.partial" / "checkpoint" / "ppo_state.json").read_text())
-    assert 2 <= saved["iteration"] < 10  # not the save_every=100 schedule: saved because of the signal
-    print(f"SIGTERM -> exit in {time.time() - sent:.1f}s, checkpoint at iteration {saved['iteration']}")
-    launch(2, "stages/ppo.py", *args)
-    history = read_jsonl(tmp_path / "demo" / "ppo" / "metrics.jsonl")
-    assert [h["iteration"] for h in history] == list(range(1, 11))

@@ -153,3 +153,15 @@ def test_k_samples_per_prompt_stay_together_and_n_processes_take_one_process_bat
     # k = 1 is the schedule of every earlier run: one prompt after another of a seeded permutation
     plain = Schedule(load_recipe(DEMO_RECIPE, ["ppo.batch_size=4", "ppo.mini_batch_size=4"]).ppo, 1, 10, seed=0)
     assert plain.prompt_indices(0, 0) == torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4].tolist()
+
+
+def test_the_prompt_order_is_drawn_once_per_epoch(monkeypatch):
+    """Not once per prompt: an iteration of 64 prompts from a set of 100 spans two epochs at most."""
+    cfg = load_recipe(DEMO_RECIPE, ["ppo.batch_size=64", "ppo.mini_batch_size=8"]).ppo
+    expected = [Schedule(cfg, 1, 100, seed=3).prompt_indices(i, 0) for i in range(4)]
+    draws = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a) or real(*a, **k))
+    schedule = Schedule(cfg, 1, 100, seed=3)
+    assert [schedule.prompt_indices(i, 0) for i in range(4)] == expected  # iterations 0-3: epochs 0, 0-1, 1, 1-2
+    assert len(draws) == 3

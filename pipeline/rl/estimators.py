@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.rl.ppo_math import masked_whiten, token_rewards
+from pipeline.rl.ppo_math import discounted_returns, masked_whiten, token_rewards  # noqa: F401 (re-exported)
 
 GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
 
@@ -61,18 +61,6 @@ def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> t
     """r_i minus its group's mean (REINFORCE++-baseline's first step); invalid rewards become 0."""
     r, v, _, mean = _groups(rewards, valid, k)
     return ((r - mean) * v).reshape(-1).to(rewards.dtype)
-
-
-def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{s >= t} gamma^(s - t) r_s over the token axis, without a Python loop over tokens:
-    a reversed cumulative sum for gamma = 1, else one (T, T) matrix product."""
-    if gamma == 1.0:
-        return rewards.flip(1).cumsum(1).flip(1)
-    t = torch.arange(rewards.shape[1], device=rewards.device)
-    lag = t[:, None] - t[None, :]  # s - t at [s, t]
-    weights = torch.where(lag >= 0, torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device) ** lag.clamp(min=0),
-                          torch.zeros((), dtype=rewards.dtype, device=rewards.device))
-    return rewards @ weights
 
 
 def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,

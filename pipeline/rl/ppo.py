@@ -22,7 +22,7 @@ from pipeline import engine
 from pipeline.config import PPOStage, UserError
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
-from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_of, entropy_of,
+from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_and_entropy, logprobs_of,
                                   masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
 from pipeline.rl.rewards import Rewards
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
@@ -148,8 +148,9 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
     for i in range(0, len(rollout), forward_batch_size):
         s = slice(i, i + forward_batch_size)
         logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
-        old_logp.append(logprobs_of(logits, rollout.responses[s], cfg.temperature))
-        entropy.append(entropy_of(logits, cfg.temperature))
+        logp, ent = logprobs_and_entropy(logits, rollout.responses[s], cfg.temperature)
+        old_logp.append(logp)
+        entropy.append(ent)
         if values is not None:
             old_values.append(values.float())
         del logits

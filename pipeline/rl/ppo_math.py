@@ -7,7 +7,7 @@ including the stop token) and 0 on padding; every reduction ignores padded posit
 from __future__ import annotations
 
 import torch
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax, selective_log_softmax_and_entropy
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -32,24 +32,39 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return whitened * mask
 
 
+def _row_by_row(logits: torch.Tensor) -> bool:
+    """bf16 / fp16 logits off a GPU (CPU autocast): trl's non-fused path would take their log-softmax
+    in that dtype, so they are upcast to float32 one sequence at a time instead (one (T, V) float32
+    copy at a time). On a GPU trl's fused Triton kernel reads them as they are and computes in
+    float32; float32 logits need no copy: both go through trl in one call per micro-batch."""
+    return not logits.is_cuda and logits.dtype not in (torch.float32, torch.float64)
+
+
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under the sampling distribution: logits are divided by the temperature first,
     or the log-probs belong to a different distribution than the one the tokens were drawn from.
-    logits (B, T, V), tokens (B, T) -> (B, T), float32.
-
-    trl's `selective_log_softmax` gathers without a (B, T, V) log-softmax copy. It is called one
-    sequence at a time (as a batch of one: it loops over its first dimension) on a float32 view, so
-    at most one (T, V) float32 copy exists at a time, and bf16 logits still get float32 log-probs
-    (trl's own bf16 path computes them in bf16).
-    """
-    return torch.cat([selective_log_softmax(row[None].float(), tok[None], temperature)
-                      for row, tok in zip(logits, tokens)])
+    logits (B, T, V), tokens (B, T) -> (B, T), float32, through trl's `selective_log_softmax` (a
+    gather minus a logsumexp: no (B, T, V) log-softmax copy)."""
+    if _row_by_row(logits):
+        return torch.cat([selective_log_softmax(row[None].float(), tok[None], temperature)
+                          for row, tok in zip(logits, tokens)])
+    return selective_log_softmax(logits, tokens, temperature)
 
 
 def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T), in float32, one
-    sequence at a time through trl's chunked `entropy_from_logits`."""
-    return torch.stack([entropy_from_logits(row.float() / temperature) for row in logits])
+    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T), in float32,
+    through trl's chunked `entropy_from_logits`."""
+    if _row_by_row(logits):
+        return torch.stack([entropy_from_logits(row.float() / temperature) for row in logits])
+    return entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """`logprobs_of` and `entropy_of` together, in one pass over the logits where trl fuses them (its
+    Triton kernel on a GPU); no gradient (the rollout's old log-probs and entropy)."""
+    if _row_by_row(logits):
+        return logprobs_of(logits, tokens, temperature), entropy_of(logits, temperature)
+    return selective_log_softmax_and_entropy(logits, tokens, entropy_requires_grad=False, temperature=temperature)
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -76,21 +91,30 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards * mask
 
 
+def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the token axis, without a Python loop over tokens:
+    a reversed cumulative sum for gamma = 1, else one (T, T) matrix product."""
+    if gamma == 1.0:
+        return rewards.flip(1).cumsum(1).flip(1)
+    t = torch.arange(rewards.shape[1], device=rewards.device)
+    lag = t[:, None] - t[None, :]  # s - t at [s, t]
+    weights = torch.where(lag >= 0, torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device) ** lag.clamp(min=0),
+                          torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    return rewards @ weights
+
+
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over response tokens (Schulman et al. 2016).
 
     delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1};
     values after the last real token count as 0. Returns (advantages, returns = A + V).
+    The recursion unrolled, A_t = sum_{s >= t} (gamma lam)^(s - t) delta_s over the response's own
+    tokens (the mask is 1 up to the stop token, then 0): one discounted sum, no loop over tokens.
     """
     values = values * mask
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)
-    next_adv = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        advantages[:, t] = next_adv
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = (rewards + gamma * next_values - values) * mask
+    advantages = discounted_returns(deltas, gamma * lam) * mask
     return advantages, (advantages + values) * mask
 
 

@@ -4,6 +4,7 @@ logging and the final artifact. The iteration's phases themselves are in pipelin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -91,9 +92,13 @@ class Schedule:
         out = []
         for j in range(iteration * b * self.world + rank * b, iteration * b * self.world + (rank + 1) * b):
             epoch, i = divmod(j, self.n_prompts)
-            perm = torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch))
-            out += [int(perm[i])] * k
+            out += [self.order(epoch)[i]] * k
         return out
+
+    @functools.lru_cache(maxsize=2)  # an iteration's prompts span at most two epochs
+    def order(self, epoch: int) -> list[int]:
+        """The prompts' order in one pass over them: drawn once per epoch, from the seed alone."""
+        return torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
 
 def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
