@@ -181,14 +181,18 @@ def full_state_dict(acc: Accelerator, model) -> dict:
     module in that dtype, its float32 master weights in the optimizer: saved from the module, the
     small updates of an RLHF run would be rounded away. Under DeepSpeed the trained weights are taken
     from the masters instead (deepspeed's `safe_get_full_fp32_param`, a collective over ZeRO-2's or
-    ZeRO-3's partitions); a frozen weight has no master and is saved as stored."""
+    ZeRO-3's partitions); a frozen weight has no master and is saved as stored, except under LoRA,
+    where only the adapters are saved and the frozen base is left out (as the Trainer does)."""
     if acc.distributed_type != DistributedType.DEEPSPEED:
         return acc.get_state_dict(model)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     module = acc.unwrap_model(model)
+    adapters = any(hasattr(m, "peft_config") for m in module.modules())
     gathered, state = {}, {}
     for name, p in module.named_parameters(remove_duplicate=False):  # (tied weights: both names)
+        if adapters and not p.requires_grad:
+            continue
         if id(p) not in gathered:
             value = safe_get_full_fp32_param(p) if p.requires_grad else None
             if value is None:
@@ -200,6 +204,16 @@ def full_state_dict(acc: Accelerator, model) -> dict:
     if acc.is_main_process:  # buffers: never partitioned
         state.update({k: v.clone() for k, v in module.state_dict().items() if k not in state})
     return state
+
+
+def mark_float32(path) -> None:
+    """A saved full model's config says float32. `save_pretrained` writes the dtype of the module it is
+    called on, and under DeepSpeed in bf16 that is the engine's bf16 copy, whatever the state dict
+    holds: `from_pretrained` (dtype "auto") would then load the float32 masters as bf16."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    config.dtype = "float32"
+    config.save_pretrained(path)
 
 
 def save_trainer_model(trainer, path) -> None:
@@ -215,7 +229,10 @@ def save_trainer_model(trainer, path) -> None:
     if acc.distributed_type == DistributedType.DEEPSPEED:
         state = full_state_dict(acc, trainer.model_wrapped)
         if acc.is_main_process:
-            acc.unwrap_model(trainer.model).save_pretrained(path, state_dict=state)
+            unwrapped = acc.unwrap_model(trainer.model)
+            unwrapped.save_pretrained(path, state_dict=state)
+            if not hasattr(unwrapped, "peft_config"):  # (an adapter's own config names no dtype)
+                mark_float32(path)
         acc.wait_for_everyone()
         return
     plugin = getattr(acc.state, "fsdp_plugin", None)

@@ -302,12 +302,13 @@ def load_reference(path, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def dequantized(model: PreTrainedModel) -> PreTrainedModel:
-    """A bitsandbytes-quantized model as the plain float32 model it computes with, on the host.
+    """A bitsandbytes-quantized model as the plain float32 model it computes with, returned on the host.
 
     Each 4-bit / 8-bit linear layer becomes an `nn.Linear` holding its dequantized weight (the NF4 codes
-    times their scales, LLM.int8's rows times theirs), converted one layer at a time so that no whole
-    float32 copy is ever on the GPU; the layers that were never quantized keep their loaded values.
-    transformers' `model.dequantize()` does the same, but builds every float32 layer on the GPU."""
+    times their scales, LLM.int8's rows times theirs), moved to the host one layer at a time, so no
+    float32 copy of the model is ever on the GPU (the quantized one is, where bitsandbytes loads it);
+    the layers that were never quantized keep their loaded values. transformers' `model.dequantize()`
+    does the same, but builds every float32 layer on the GPU."""
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
     for name, module in list(model.named_modules()):

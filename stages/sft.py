@@ -93,11 +93,11 @@ def main(argv=None):
                "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
     if state.is_main_process:
-        checkpoints.discard(out)
         if sft.finetune != "full":
             merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer,
                                           sft.finetune, sft.dtype)
             merged.save_pretrained(out)
+        checkpoints.discard(out)  # only once the artifact is complete (a failed merge keeps them)
         tokenizer.save_pretrained(out)
         (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)

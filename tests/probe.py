@@ -9,7 +9,8 @@
                   step N is done: the stage saves a checkpoint there and exits 130
 --report DIR      DIR/rank<R>.jsonl gets a line for each model `from_pretrained` loads (is it partitioned
                   over the processes: ZeRO-3's zero.Init) and for each PPO rollout (which of the policy's and
-                  the value network's parameters are whole while the policy generates)
+                  the value network's parameters are whole while the policy generates, and whether decoding
+                  was asked to be synced over the processes)
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ if args.report is not None:
                    value_whole=None if value is None else [whole(p) for p in value.parameters()])
             yield unwrapped
     pipeline.engine.for_generation = for_generation
+    from transformers.generation.utils import GenerationMixin
+    real_generate = GenerationMixin.generate
+
+    def generate(self, *a, **kw):  # what decoding was asked for: synced (every rank as long as the slowest)?
+        report(event="decode", synced_gpus=kw.get("synced_gpus"))
+        return real_generate(self, *a, **kw)
+    GenerationMixin.generate = generate
 
 sys.argv = rest
 runpy.run_path(rest[0], run_name="__main__")

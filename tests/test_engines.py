@@ -79,6 +79,8 @@ def test_ppo_under_each_engine_matches_ddp(engine, name, ddp, rm_run, tmp_path):
         for rank in (0, 1):
             (generation,) = report(tmp_path, rank, "generate")
             assert generation["policy_whole"] and not all(generation["value_whole"]), generation
+            # (left to itself, transformers decodes in sync under ZeRO-3 / FSDP2: an all-reduce per token)
+            assert [d["synced_gpus"] for d in report(tmp_path, rank, "decode")] == [False]
 
 
 def test_lora_ppo_under_zero3_matches_ddp(rm_run, tmp_path):
@@ -201,8 +203,10 @@ def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_mo
 
 
 def float32_weights(path) -> dict[str, torch.Tensor]:
-    """An artifact's tensors as saved, each checked to be float32 on disk."""
+    """An artifact's tensors as saved, each checked to be float32 on disk, and its config saying so
+    (`from_pretrained` loads in the config's dtype)."""
     from safetensors import safe_open
+    assert json.loads((path / "config.json").read_text())["dtype"] == "float32"
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()}
     assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}

@@ -89,9 +89,6 @@ class PolicyAndValue(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logits, values[:, -response_len - 1:-1]
 
-    # trl's unwrap_model_for_generation switches gradient checkpointing off around generation. It is
-    # only active in train mode, and rollouts are generated in eval mode: nothing to switch.
-    is_gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward; only active in train mode (see `disable_dropout`)."""

@@ -96,7 +96,10 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) 
     enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, p) for p in prompts]}, padding_side="left",
                         return_tensors="pt").to(device)
     with plain_sampling(model, config):
-        sequences = model.generate(**enc, generation_config=config)
+        # synced_gpus=False: transformers turns synced decoding on by itself under ZeRO-3 / FSDP2 (every
+        # rank stepping until the slowest is done, an all-reduce per token); the weights are whole here
+        # (engine.for_generation) and eval generates on one rank alone, so no collective runs inside
+        sequences = model.generate(**enc, generation_config=config, synced_gpus=False)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
     return Rollout(prompts=list(prompts), query_responses=torch.cat([enc["input_ids"], responses], 1),

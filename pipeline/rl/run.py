@@ -95,7 +95,8 @@ class Schedule:
             out += [self.order(epoch)[i]] * k
         return out
 
-    @functools.lru_cache(maxsize=2)  # an iteration's prompts span at most two epochs
+    @functools.lru_cache(maxsize=2)  # an iteration's prompts span two epochs at most, unless there are fewer
+                                     # prompts than one iteration takes (then it is drawn again: same order)
     def order(self, epoch: int) -> list[int]:
         """The prompts' order in one pass over them: drawn once per epoch, from the seed alone."""
         return torch.randperm(self.n_prompts, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
@@ -220,6 +221,7 @@ class PPORun:
                 policy = unwrapped.policy
                 if cfg.finetune == "full":
                     policy.save_pretrained(out, state_dict=part("policy."))
+                    engine.mark_float32(out)  # (under DeepSpeed in bf16 the module it is saved from is bf16)
                 else:
                     policy.save_pretrained(out / "adapter", state_dict=part("policy."))
                     models.merge_adapter(AutoModelForCausalLM, str(sft_dir), out / "adapter", tokenizer,
@@ -227,6 +229,8 @@ class PPORun:
                 tokenizer.save_pretrained(out)
                 if unwrapped.value_model is not None:
                     unwrapped.value_model.save_pretrained(out / "value_model", state_dict=part("value_model."))
+                    if cfg.finetune == "full":
+                        engine.mark_float32(out / "value_model")
                 elif unwrapped.value_head is not None:
                     torch.save(part("value_head."), out / "value_head.pt")
                 (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
