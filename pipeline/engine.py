@@ -201,8 +201,9 @@ def full_state_dict(acc: Accelerator, model) -> dict:
             gathered[id(p)] = value.cpu() if acc.is_main_process else None
         if acc.is_main_process:
             state[name] = gathered[id(p)]
-    if acc.is_main_process:  # buffers: never partitioned
-        state.update({k: v.clone() for k, v in module.state_dict().items() if k not in state})
+    if acc.is_main_process:  # buffers (the persistent ones, which state_dict holds): never partitioned
+        buffers = {name for name, _ in module.named_buffers()}
+        state.update({k: v.clone() for k, v in module.state_dict().items() if k in buffers})
     return state
 
 

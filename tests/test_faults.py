@@ -130,20 +130,27 @@ def test_an_unwritable_run_directory_fails_before_anything_loads(tmp_path):
         ppo.main(["--recipe", "stages/recipes/demo.yaml", f"runs_dir={blocker}/runs"])
 
 
+def ppo_past_its_first_iteration(runs, processes: int, *extra: str, **popen):
+    """PPO started as make starts it (1 or 2 processes, the launcher leading its own process group),
+    returned once its first iteration is logged, with its work directory."""
+    partial = runs / "demo" / "ppo.partial"
+    launch = LAUNCH if processes == 1 else [*LAUNCH[:3], "--multi_gpu", "--num_processes", "2", *LAUNCH[5:]]
+    proc = subprocess.Popen([*launch, "stages/ppo.py", *ppo_args(runs, "ppo.save_every=100", *extra)], cwd=REPO,
+                            start_new_session=True, **popen)
+    deadline = time.time() + 300
+    while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    return proc, partial
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_ctrl_c_at_the_terminal_returns_only_after_the_stage_has_saved(processes, runs_with_rm):
     """SIGINT to the whole foreground process group, as the terminal sends it: the launcher make uses
     exits after the stage's checkpoint is written and its processes have exited (the lock is free),
     with the stage's exit code (torch elastic, with 2 processes, neither re-signals nor kills them)."""
-    args = ppo_args(runs_with_rm, "ppo.save_every=100")
-    partial = runs_with_rm / "demo" / "ppo.partial"
-    launch = LAUNCH if processes == 1 else [*LAUNCH[:3], "--multi_gpu", "--num_processes", "2", *LAUNCH[5:]]
-    proc = subprocess.Popen([*launch, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
+    proc, partial = ppo_past_its_first_iteration(runs_with_rm, processes, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.STDOUT, text=True)
     os.killpg(proc.pid, signal.SIGINT)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, output[-3000:]
@@ -199,15 +206,9 @@ def test_a_killed_launcher_does_not_leave_its_stage_running(processes, runs_with
     """SIGKILL to the launcher make started (nothing can be passed on): its stage stops as on Ctrl-C,
     saving a checkpoint and leaving no process behind, and the same command resumes from it."""
     args = ppo_args(runs_with_rm, "ppo.save_every=100", "ppo.total_episodes=640")
-    partial = runs_with_rm / "demo" / "ppo.partial"
-    launch = LAUNCH if processes == 1 else [*LAUNCH[:3], "--multi_gpu", "--num_processes", "2", *LAUNCH[5:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.Popen([*launch, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    deadline = time.time() + 300
-    while not ((partial / "metrics.jsonl").is_file() and (partial / "metrics.jsonl").read_text()):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
+    proc, partial = ppo_past_its_first_iteration(runs_with_rm, processes, "ppo.total_episodes=640",
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     proc.kill()
     proc.wait()
     deadline = time.time() + 120

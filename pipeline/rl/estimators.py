@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.rl.ppo_math import discounted_returns, masked_whiten, token_rewards  # noqa: F401 (re-exported)
+from pipeline.rl.ppo_math import discounted_returns, masked_whiten, token_rewards
 
 GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
 
