@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -50,8 +51,18 @@ def run(main: Callable[[], object]) -> None:
                  f"free some space and run the same command again (finished artifacts are intact; checkpoints "
                  f"are kept)")
     finally:
+        _exit_on_its_own()
         artifacts.release_locks()
         _end_process_group()
+
+
+def _exit_on_its_own() -> None:
+    """A rank torch elastic started ignores SIGTERM once its stage has ended: as soon as one rank has
+    exited with an error (or after Ctrl-C, 130), elastic SIGTERMs the others, and a rank still in its
+    interpreter's shutdown (where Python's own handlers are gone) would die of it: the launcher would
+    report a kill, not the error the rank had said, or the checkpoint it had saved."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _disk_full(e: BaseException | None) -> bool:

@@ -1,10 +1,14 @@
 """Test-only: run a stage script with faults planted or its engine-side state reported, in each process.
 
-    accelerate launch ... tests/probe.py [--nan-on-rank R] [--stop-after N] [--report DIR] stages/ppo.py ARGS
+    accelerate launch ... tests/probe.py [--nan-on-rank R] [--slow-exit-on-rank R] [--stop-after N] [--report DIR]
+        stages/ppo.py ARGS
     accelerate launch ... tests/engines.py zero3 tests/probe.py --report DIR stages/sft.py ARGS
 
 --nan-on-rank R   the value loss is NaN on process R only, from its first optimiser step (a fault the
                   other processes do not see)
+--slow-exit-on-rank R
+                  process R takes 3 s more to exit, late in the interpreter's shutdown, after its stage
+                  has returned or failed (as torch's teardown can on a busy machine)
 --stop-after N    every process asks its stage to stop (as Ctrl-C does) once PPO iteration N / Trainer
                   step N is done: the stage saves a checkpoint there and exits 130
 --report DIR      DIR/rank<R>.jsonl gets a line for each model `from_pretrained` loads (is it partitioned
@@ -21,6 +25,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,6 +33,7 @@ import torch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--nan-on-rank")
+parser.add_argument("--slow-exit-on-rank")
 parser.add_argument("--stop-after", type=int)
 parser.add_argument("--report", type=Path)
 args, rest = parser.parse_known_args()
@@ -51,6 +57,20 @@ if args.nan_on_rank == rank:
     import pipeline.rl.ppo
     real_value_loss = pipeline.rl.ppo.value_loss
     pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
+
+
+
+class SlowExit:
+    """Destroyed when the interpreter clears this module, late in its shutdown: after atexit and after
+    Python's signal handlers are gone (a signal then has its default effect), where torch's and gloo's
+    teardown can take seconds on a busy machine."""
+
+    def __del__(self, sleep=time.sleep):
+        sleep(3)
+
+
+if args.slow_exit_on_rank == rank:
+    slow_exit = SlowExit()
 
 if args.stop_after is not None:
     from pipeline.checkpoints import StopOnSignal
