@@ -1,5 +1,6 @@
-"""Resuming the Trainer stages (SFT, RM) after a crash, a kill or Ctrl-C; the stop request on Ctrl-C
-that every training loop (the Trainer's, PPO's) shares.
+"""The Trainer stages' (SFT, RM) own pieces: resuming after a crash, a kill or Ctrl-C, the Trainer's
+side of `dist.StopRequest` (PPO's loop asks it directly), and their metrics.jsonl. Apart from the
+rest, because importing transformers' Trainer callbacks imports peft and bitsandbytes.
 
 The Trainer checkpoints into `<work dir>/checkpoints/` (only the latest is kept). The work directory
 is stamped with the stage's fingerprint, so running the same stage again with the same recipe finds
@@ -11,14 +12,13 @@ checkpoints are removed before the artifact is committed: only the final model g
 from __future__ import annotations
 
 import shutil
-import signal
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from pipeline.artifacts import MAKE_TARGET
-from pipeline.metrics import cut_jsonl
+from pipeline.dist import StopRequest
+from pipeline.metrics import append_jsonl, cut_jsonl
 
 DIR = "checkpoints"
 
@@ -42,30 +42,6 @@ def resume_point(out: Path, stage: str, is_main_process: bool) -> str | None:
     if last and is_main_process:
         print(f"{stage}: resuming from the checkpoint at step {step}")
     return str(last) if last else None
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the training loop asks at the end of each step (PPO: minibatch)
-    whether any rank got one, all ranks together, so that all of them save and stop at the same point."""
-
-    def __init__(self, device):
-        self.device, self.flag = device, False
-        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def _set(self, *_):
-        self.flag = True
-
-    def restore(self):
-        """After training: a stop request has no checkpoint to take any more (see cli.run)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self) -> bool:
-        """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
-        flag = torch.tensor(float(self.flag), device=self.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag)
-        return flag.item() > 0
 
 
 class StopOnSignal(TrainerCallback):
@@ -99,3 +75,14 @@ def train(trainer, resume: str | None, stop: StopOnSignal, stage: str):
 def discard(out: Path) -> None:
     """The finished stage's checkpoints: not part of the artifact."""
     shutil.rmtree(out / DIR, ignore_errors=True)
+
+
+class JsonlLogger(TrainerCallback):
+    """Every Trainer log (losses, learning rate, eval metrics) also goes to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -81,3 +82,27 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     if out is None:
         artifacts.release_locks()
     return recipe, state, plan, out
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the training loop asks at the end of each step (PPO: minibatch)
+    whether any rank got one, all ranks together, so that all of them save and stop at the same point."""
+
+    def __init__(self, device):
+        self.device, self.flag = device, False
+        self.previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _set(self, *_):
+        self.flag = True
+
+    def restore(self):
+        """After training: a stop request has no checkpoint to take any more (see cli.run)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """True on every rank when any rank was asked to stop (a collective: all ranks must call it)."""
+        flag = torch.tensor(float(self.flag), device=self.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)
+        return flag.item() > 0

@@ -100,6 +100,15 @@ def clip_gradients(acc: Accelerator, model, max_norm: float) -> None:
         acc.clip_grad_norm_(model.parameters(), max_norm)
 
 
+def unwrap(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module under the engine's wrapper (DDP's, DeepSpeed's; FSDP2 shards in place and has none).
+    accelerate's `unwrap_model` imports deepspeed whenever it is installed, to recognise its engine
+    (~3 s and ~300 MB in each process): only a DeepSpeed run goes through it."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return acc.unwrap_model(model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def prepare_frozen(model: torch.nn.Module, acc: Accelerator) -> torch.nn.Module:
     """A frozen model (reference, reward) for the engine: sharded like the policy under ZeRO-3 and
     FSDP2 (trl's prepare_deepspeed / prepare_fsdp), else on the process's device."""
@@ -128,7 +137,7 @@ def for_generation(model, acc: Accelerator):
     FSDP modules are unsharded once and kept so; the root's own group (the embeddings and heads of
     both networks, outside any decoder layer) is unsharded with them, the value network's decoder
     layers are not."""
-    unwrapped = acc.unwrap_model(model)
+    unwrapped = unwrap(acc, model)
     kind = name(acc)
     if kind == "deepspeed-zero3":
         import deepspeed
@@ -183,11 +192,13 @@ def full_state_dict(acc: Accelerator, model) -> dict:
     from the masters instead (deepspeed's `safe_get_full_fp32_param`, a collective over ZeRO-2's or
     ZeRO-3's partitions); a frozen weight has no master and is saved as stored, except under LoRA,
     where only the adapters are saved and the frozen base is left out (as the Trainer does)."""
-    if acc.distributed_type != DistributedType.DEEPSPEED:
+    if acc.distributed_type == DistributedType.FSDP:
         return acc.get_state_dict(model)
+    if acc.distributed_type != DistributedType.DEEPSPEED:  # (accelerate's get_state_dict: the same, via unwrap_model)
+        return unwrap(acc, model).state_dict()
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    module = acc.unwrap_model(model)
+    module = unwrap(acc, model)
     adapters = any(hasattr(m, "peft_config") for m in module.modules())
     gathered, state = {}, {}
     for name, p in module.named_parameters(remove_duplicate=False):  # (tied weights: both names)
@@ -230,7 +241,7 @@ def save_trainer_model(trainer, path) -> None:
     if acc.distributed_type == DistributedType.DEEPSPEED:
         state = full_state_dict(acc, trainer.model_wrapped)
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(trainer.model)
+            unwrapped = unwrap(acc, trainer.model)
             unwrapped.save_pretrained(path, state_dict=state)
             if not hasattr(unwrapped, "peft_config"):  # (an adapter's own config names no dtype)
                 mark_float32(path)

@@ -7,7 +7,6 @@ import resource
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 
 def peak_memory_mb() -> float:
@@ -33,14 +32,3 @@ def cut_jsonl(path: Path, key: str, last: float, drop: str | None = None) -> Non
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-class JsonlLogger(TrainerCallback):
-    """Every Trainer log (losses, learning rate, eval metrics) also goes to metrics.jsonl."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})

@@ -11,14 +11,18 @@ linear layers so, to compute exactly as the float32 policy does under autocast (
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
 from pipeline.config import ConfigError, LoraSettings
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # Tokenizer entries past the embedding rows that are tolerated (see `align_special_tokens`)
 TOKENIZER_SLACK = 8
@@ -55,8 +59,16 @@ def quantization_config(finetune: str, dtype: torch.dtype) -> BitsAndBytesConfig
 def lora_config(finetune: str, lora: LoraSettings, task_type: str) -> LoraConfig | None:
     if finetune == "full":
         return None
+    from peft import LoraConfig  # peft imports bitsandbytes: only runs with adapters pay for them (~2 s, ~55 MB)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type=task_type)
+
+
+def is_peft(model) -> bool:
+    """A peft-wrapped model (LoRA), asked without importing peft: a model can only be one once peft is
+    imported, which full fine-tuning never does."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def load_kwargs(finetune: str, dtype_name: str) -> dict:
@@ -155,8 +167,14 @@ def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     if SENTINEL not in text:
         return None
     after = tokenizer(text.split(SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = special_ids(tokenizer)
     return next((tokenizer.convert_ids_to_tokens(i) for i in after if i in special), None)
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every special token's id: the named ones and any added token marked special (the ones
+    `decode(..., skip_special_tokens=True)` drops)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None,
@@ -343,4 +361,5 @@ def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: 
         else:
             model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
         align_special_tokens(model, tokenizer)
+        from peft import PeftModel
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

@@ -107,6 +107,37 @@ def reward_input_ids(tokenizer, prompt, response) -> list[int]:
     return tokenizer((prompt or "") + response)["input_ids"]
 
 
+def turn_closing(tokenizer) -> list[int] | None:
+    """What the chat template writes after an assistant turn's content (ChatML: `<|im_end|>` and a
+    newline), if it renders a conversation with a last assistant turn as exactly: the generation
+    prompt's ids (what the policy was conditioned on), the content's own ids, then this closing. A
+    reward model with the policy's tokenizer then reads a rollout's ids with the closing appended,
+    which is `reward_input_ids` of its decoded text without decoding and rendering it again. Checked
+    on two probe turns, one that begins and ends in whitespace; None (render from text) for a template
+    that changes the content (Llama-3's trims it), closes differently by content, or cannot render; a
+    multi-turn prompt with a system turn is probed too, where the template takes one."""
+    user = [{"role": "user", "content": "Name a colour."}]
+    history = [{"role": "system", "content": "Be brief."}, *user, {"role": "assistant", "content": "Red."},
+               {"role": "user", "content": "Another?"}]
+    closings = []
+    for prompt, content, optional in ((user, "Blue.", False), (user, " Deep  blue,\nlike the sea. ", False),
+                                      (history, "Green.", True)):
+        try:
+            prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=True,
+                                                 return_dict=True)["input_ids"]
+        except Exception:  # no template, or one that refuses the probe (Gemma's: no system turn)
+            if optional:
+                continue
+            return None
+        body = list(prefix) + tokenizer.encode(content, add_special_tokens=False)
+        if list(full[:len(body)]) != body:
+            return None
+        closings.append(list(full[len(body):]))
+    return closings[0] if all(c == closings[0] for c in closings) else None
+
+
 def encoder_pairs(dataset, tokenizer):
     """A preference dataset as `chosen_ids` / `rejected_ids` for an encoder, which RewardTrainer then
     takes as they are (it would otherwise append an EOS or apply a chat template)."""
@@ -148,10 +179,13 @@ class RewardScorer:
             bound_encoder_length(tokenizer, getattr(model, "config", None) or model.module.config)
         self.device = device if device is not None else next(model.parameters()).device
 
-    @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
     def __call__(self, prompts: list, responses: list) -> torch.Tensor:
         """Scalar reward of each pair, as a float32 tensor on the scorer's device."""
-        ids = [reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        return self.score_ids([reward_input_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses)])
+
+    @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
+    def score_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        """Scalar reward of each rendered input (`reward_input_ids`), float32 on the scorer's device."""
         scores = []
         for i in range(0, len(ids), self.batch_size):
             # Decoders: left padding. transformers' classifiers pool at the last token that is not the

@@ -21,19 +21,15 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from transformers import AutoModelForCausalLM
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from pipeline import artifacts, cli, data, models, plans, report  # noqa: E402
-from pipeline.dist import open_stage  # noqa: E402
-from pipeline.metrics import peak_memory_mb  # noqa: E402
-from pipeline.rl.rewards import Rewards, load_sources  # noqa: E402
-from pipeline.rl.rollout import generate, response_logprobs, sampling_config  # noqa: E402
-from pipeline.scoring import load_callable  # noqa: E402
+from pipeline import artifacts, cli, data, models, plans, report
+from pipeline.dist import open_stage
+from pipeline.metrics import peak_memory_mb
+from pipeline.rl.rewards import Rewards, load_sources
+from pipeline.rl.rollout import generate, response_logprobs, sampling_config
+from pipeline.scoring import load_callable
 
 
 def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device):
@@ -176,6 +172,9 @@ def main(argv=None):
 
 
 def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str]:
+    import matplotlib  # here, not at the top: the stage's other processes and imports never draw
+    matplotlib.use("Agg")  # files, no display
+    import matplotlib.pyplot as plt
     plots = []
     ppo_metrics = run / "ppo" / "metrics.jsonl"
     if ppo_metrics.exists():

@@ -27,13 +27,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from pipeline import artifacts, cli, data, engine, models, plans
-from pipeline.dist import open_stage
+from pipeline.dist import StopRequest, open_stage
 from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
-from pipeline.checkpoints import StopRequest
 from pipeline.rl.run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
                              optimizer_and_schedule, same_tokenizer)
-from pipeline.rl.rollout import generate, sampling_config
+from pipeline.rl.rollout import PromptIds, generate, sampling_config
 
 
 def main(argv=None):
@@ -51,13 +50,14 @@ def main(argv=None):
     prompts, columns = data.load_prompts(cfg.prompts)  # the other columns go to reward functions
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
     tokenizer, stop_ids = models.policy_tokenizer(sft_dir, cfg.stop_token)
+    prompt_ids = PromptIds(tokenizer, prompts)  # each rendered and tokenized once
     model, reference, rewards, judges = load_models(cfg, sft_dir, lambda m: plans.model_path(recipe, m), tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, schedule.optimizer_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    reference = reference if reference is not None else acc.unwrap_model(model).policy  # LoRA: adapter disabled
+    reference = reference if reference is not None else engine.unwrap(acc, model).policy  # LoRA: adapter disabled
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     reference_stats = plan.upstream["rm"]["metrics"]["reference"] if "rm" in plan.upstream else None
     score_norm = (reference_stats["mean"], reference_stats["std"]) if reference_stats else None
@@ -77,7 +77,7 @@ def main(argv=None):
             indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
             batch = [prompts[i] for i in indices]
             with engine.for_generation(model, acc) as unwrapped, acc.autocast():
-                rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device)
+                rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device, prompt_ids(indices))
         with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
             with acc.autocast():
                 exp = score(rollout, {k: [v[i] for i in indices] for k, v in columns.items()}, model, reference,

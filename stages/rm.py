@@ -26,7 +26,6 @@ from trl.data_utils import extract_prompt
 from pipeline import artifacts, checkpoints, cli, data, engine, models, plans, scoring
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
-from pipeline.metrics import JsonlLogger
 from pipeline.scoring import RewardScorer, load_callable
 
 
@@ -91,7 +90,7 @@ def main(argv=None):
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
     stop = checkpoints.StopOnSignal(state.device)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
-                            processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
+                            processing_class=tokenizer, callbacks=[checkpoints.JsonlLogger(out / "metrics.jsonl"), stop],
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
     # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
     # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`

@@ -21,7 +21,6 @@ from trl import SFTConfig, SFTTrainer
 from pipeline import artifacts, checkpoints, cli, data, engine, models
 from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
-from pipeline.metrics import JsonlLogger
 
 ACCEPTED = ["language_modeling", "prompt_completion"]
 
@@ -70,7 +69,7 @@ def main(argv=None):
     models.align_special_tokens(model, tokenizer)
     stop = checkpoints.StopOnSignal(state.device)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[JsonlLogger(out / "metrics.jsonl"), stop],
+                         processing_class=tokenizer, callbacks=[checkpoints.JsonlLogger(out / "metrics.jsonl"), stop],
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
     # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
     # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`

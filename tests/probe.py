@@ -12,14 +12,16 @@
 --stop-after N    every process asks its stage to stop (as Ctrl-C does) once PPO iteration N / Trainer
                   step N is done: the stage saves a checkpoint there and exits 130
 --report DIR      DIR/rank<R>.jsonl gets a line for each model `from_pretrained` loads (is it partitioned
-                  over the processes: ZeRO-3's zero.Init) and for each PPO rollout (which of the policy's and
+                  over the processes: ZeRO-3's zero.Init), for each PPO rollout (which of the policy's and
                   the value network's parameters are whole while the policy generates, and whether decoding
-                  was asked to be synced over the processes)
+                  was asked to be synced over the processes), and one at exit naming which of the
+                  libraries only some runs need (peft, bitsandbytes, deepspeed, matplotlib) were imported
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import runpy
@@ -90,6 +92,9 @@ if args.stop_after is not None:
 
 if args.report is not None:
     from transformers import modeling_utils
+
+    OPTIONAL = ("peft", "bitsandbytes", "deepspeed", "matplotlib")
+    atexit.register(lambda: report(event="exit", imported=[m for m in OPTIONAL if m in sys.modules]))
 
     import pipeline.engine
     real_load = modeling_utils.PreTrainedModel.from_pretrained.__func__

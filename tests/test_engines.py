@@ -24,8 +24,7 @@ ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "
 def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | None = None):
     """PPO launched under `engine`; with `stop_after`, stopped (as by Ctrl-C) once that iteration is done,
     which saves a checkpoint (its files are returned), and then resumed to the end by the same command.
-    tests/probe.py reports
-    what each rank loaded and held during generation (runs/report)."""
+    tests/probe.py reports what each rank loaded, held during generation and imported (runs/report)."""
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / "demo" / stage, runs / "demo" / stage)
     args = ppo_args(runs, *ARGS, *extra)
@@ -37,7 +36,7 @@ def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | N
         resumed = launch(2, "stages/ppo.py", *args, engine=engine)
         assert f"resuming from the checkpoint at iteration {stop_after}/2" in resumed.stdout
     else:
-        launch(2, "stages/ppo.py", *args, engine=engine)
+        launch(2, "stages/ppo.py", *args, engine=engine, probe=("--report", str(runs / "report")))
         checkpoint = None
     out = runs / "demo" / "ppo"
     return out, read_jsonl(out / "metrics.jsonl"), json.loads((out / "manifest.json").read_text())["metrics"], checkpoint
@@ -50,6 +49,15 @@ def report(runs, rank: int, event: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def ddp(rm_run, tmp_path_factory):
     return ppo_under(None, rm_run, tmp_path_factory.mktemp("ddp"))
+
+
+def test_full_fine_tuning_imports_what_only_other_runs_need_on_no_rank(ddp):
+    """peft and bitsandbytes (LoRA, QLoRA), deepspeed, matplotlib (eval's plots): about 2 s and 60 MB
+    of start-up in every process of a run that does not use them. (The main process imports deepspeed
+    to save the artifact: transformers' save_pretrained unwraps through accelerate, which imports it.)"""
+    runs = ddp[0].parents[1]
+    (exit_0,), (exit_1,) = report(runs, 0, "exit"), report(runs, 1, "exit")
+    assert set(exit_0["imported"]) <= {"deepspeed"} and exit_1["imported"] == []
 
 
 @pytest.mark.parametrize("engine, name", [("fsdp2", "fsdp2"), ("zero2", "deepspeed-zero2"), ("zero3", "deepspeed-zero3")])

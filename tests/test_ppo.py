@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import pipeline.rl.ppo
 from pipeline.artifacts import MissingArtifact, read_manifest, require
 from pipeline.config import ConfigError
+from pipeline.rl.run import lr_schedule
 from stages import base, ppo, rm
 from tests.conftest import (DEMO_RECIPE, REPO, assert_learned, assert_scored_by, control_run, launch, ppo_args, quantized_layers, read_jsonl,
                             rm_args)
@@ -167,6 +168,22 @@ def test_interrupted_run_resumes_to_the_same_number_of_steps(runs_with_rm):
     assert resumed.returncode == 0, output[-3000:]
     assert "resuming from the checkpoint at iteration" in output
     check_run(runs_with_rm, iterations=10)
+
+
+@pytest.mark.parametrize("name", ["linear", "constant"])
+def test_the_learning_rate_schedules_are_transformers(name):
+    """Written with torch's LambdaLR (transformers.optimization would import peft and bitsandbytes):
+    the learning rate at every optimiser step is what transformers' get_scheduler gives."""
+    from transformers import get_scheduler
+    ours, theirs = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3) for _ in range(2)]
+    schedules = lr_schedule(name, ours, 7), get_scheduler(name, theirs, num_warmup_steps=0, num_training_steps=7)
+    rates = [], []
+    for _ in range(9):
+        for optimizer, schedule, seen in zip((ours, theirs), schedules, rates):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+    assert rates[0] == rates[1] and rates[0][0] == 0.3 and (rates[0][-1] == 0.0) == (name == "linear")
 
 
 def test_two_processes_follow_the_single_process_schedule(runs_with_rm, tmp_path):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl.ppo_math import (KLController, entropy_of, explained_variance, gae, kl_per_token,
+from pipeline.rl.ppo_math import (KLController, explained_variance, gae, kl_per_token,
                                logprobs_and_entropy, logprobs_of, masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
                                value_loss)
 
@@ -27,23 +27,30 @@ def test_logprobs_divide_by_temperature():
     assert logprobs_of(logits, tokens, 1.0).item() == pytest.approx(math.log(0.75))
     # at T=0.5 the logits double: p = 9 / (1 + 9)
     assert logprobs_of(logits, tokens, 0.5).item() == pytest.approx(math.log(0.9))
-    assert entropy_of(logits, 1.0).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    assert logprobs_and_entropy(logits, tokens, 0.5)[0].item() == pytest.approx(math.log(0.9))
+    entropy = logprobs_and_entropy(logits, tokens, 1.0)[1].item()
+    assert entropy == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_log_probs_and_entropy_of_a_micro_batch_are_each_sequences_own(dtype):
     """One call per micro-batch gives each sequence what it gets alone, in float32 (bf16 logits on a
-    CPU are upcast a row at a time: trl's non-fused path would take a bf16 log-softmax)."""
+    CPU in float32 arithmetic: a bf16 log-softmax would be off by ~1e-2), and the update's gradient."""
     torch.manual_seed(0)
     logits, tokens = (torch.randn(5, 7, 50) * 4).to(dtype), torch.randint(0, 50, (5, 7))
     logp, entropy = logprobs_and_entropy(logits, tokens, 0.7)
     assert logp.dtype == entropy.dtype == torch.float32
-    assert torch.equal(logp, logprobs_of(logits, tokens, 0.7)) and torch.equal(entropy, entropy_of(logits, 0.7))
+    assert torch.equal(logp, logprobs_of(logits, tokens, 0.7))  # the rollout's and the update's: ratio exactly 1
     exact = (logits.double() / 0.7).log_softmax(-1)
     torch.testing.assert_close(logp.double(), exact.gather(-1, tokens[..., None])[..., 0], rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy.double(), -(exact.exp() * exact).sum(-1), rtol=0, atol=1e-5)
+    batch = logprobs_of(logits, tokens, 0.7)
     for i in range(5):  # a sequence alone
-        torch.testing.assert_close(logprobs_of(logits[i:i + 1], tokens[i:i + 1], 0.7), logp[i:i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(logprobs_of(logits[i:i + 1], tokens[i:i + 1], 0.7), batch[i:i + 1], rtol=0, atol=1e-6)
+    leaf, exact_leaf = logits.float().requires_grad_(), logits.double().requires_grad_()
+    grad, = torch.autograd.grad(logprobs_of(leaf, tokens, 0.7).sum(), leaf)
+    exact_grad, = torch.autograd.grad((exact_leaf / 0.7).log_softmax(-1).gather(-1, tokens[..., None]).sum(), exact_leaf)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=1e-5)
 
 
 def test_kl_estimators():

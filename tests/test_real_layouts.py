@@ -121,6 +121,20 @@ PAD = {"qwen25-base": "<|endoftext|>", "qwen25-instruct": "<|endoftext|>", "llam
        "gemma": "<pad>", "gpt2": "<|endoftext|>"}
 
 
+def test_each_prompt_is_rendered_and_tokenized_once_per_run(monkeypatch):
+    """PPO draws a prompt once per epoch (a group estimator k times in a row): its ids are computed the
+    first time and kept, equal to `prompt_ids`."""
+    import pipeline.rl.rollout as rollout
+    tok = layouts.tokenizer("llama3-instruct")
+    prompts = [CONVERSATION["prompt"], [{"role": "user", "content": "review last train ."}], PLAIN["prompt"]]
+    calls = []
+    monkeypatch.setattr(rollout, "prompt_ids", lambda t, p: calls.append(p) or prompt_ids(t, p))
+    cache = rollout.PromptIds(tok, prompts)
+    for indices in ([0, 0, 2, 2], [1, 2, 0], [2, 1, 1]):
+        assert cache(indices) == [prompt_ids(tok, prompts[i]) for i in indices]
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_no_layout_gets_a_new_token(layout, saved):
     tokenizer = models.load_tokenizer(str(saved[layout]))
@@ -166,6 +180,62 @@ def test_pad_equal_to_the_stop_token_changes_no_rollout_score_or_advantage(saved
     for x, y in zip(gae(values, rewards, a.response_mask.float(), 1.0, 0.95),
                     gae(values, rewards, b.response_mask.float(), 1.0, 0.95)):
         assert torch.equal(x, y)
+
+
+TRIMMING_LLAMA3 = layouts.LLAMA3.replace("m['content']", "(m['content'] | trim)")  # the hub template trims
+
+
+class CapturingScorer(RewardScorer):
+    """A reward scorer that records the ids it is given instead of running a model."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def score_ids(self, ids):
+        self.seen += ids
+        return torch.zeros(len(ids))
+
+
+@pytest.mark.parametrize("layout", [*layouts.TURN_END, "llama3-hub-template"])
+def test_a_reward_model_with_the_policys_tokenizer_reads_the_rollouts_ids_as_rendered(layout, monkeypatch):
+    """The reward input is built from the rollout's ids (prompt ids, the response up to its stop, the
+    template's closing) and is the rendering of its decoded text, token for token: for responses that
+    stop, that run out of tokens, that have whitespace at the ends, after a system turn, and under a
+    template that trims the content (rendered from text); a response with a special token inside
+    (decoding drops it) or whose text tokenizes otherwise (sampled in pieces) is rendered."""
+    import pipeline.rl.rewards as rewards_module
+    import pipeline.scoring as scoring_module
+    tok = layouts.tokenizer("llama3-instruct" if layout == "llama3-hub-template" else layout)
+    if layout == "llama3-hub-template":
+        tok.chat_template = TRIMMING_LLAMA3
+    stop = tok.convert_tokens_to_ids(layouts.TURN_END.get(layout, "<|eot_id|>"))
+    inner = tok.all_special_ids[-1] if tok.all_special_ids[-1] != stop else tok.all_special_ids[0]
+    prompts = [[{"role": "user", "content": "review the film star quest ."}],
+               [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "how was the music ?"}],
+               [{"role": "user", "content": "review last train ."}],
+               [{"role": "user", "content": "review iron garden ."}],
+               [{"role": "user", "content": "how was the music ?"}]]
+    bodies = [tok.encode(t, add_special_tokens=False) for t in
+              ("the music was really wonderful .", " short,\n and sweet \n", "it ran out of", "a twist")]
+    in_pieces = tok.convert_tokens_to_ids(list("wonderful"))  # a word sampled a byte at a time
+    assert in_pieces != tok.encode("wonderful", add_special_tokens=False)
+    rows = [bodies[0] + [stop], bodies[1] + [stop], bodies[2], bodies[3] + [inner] + bodies[3] + [stop],
+            in_pieces + [stop]]
+    width, pad = max(map(len, rows)), tok.pad_token_id if tok.pad_token_id is not None else stop
+    responses = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    texts = tok.batch_decode(responses, skip_special_tokens=True)
+    rendered = [reward_input_ids(tok, p, t) for p, t in zip(prompts, texts)]
+
+    calls = []
+    for module in (rewards_module, scoring_module):  # rendered from text: by the reward model, or by its scorer
+        monkeypatch.setattr(module, "reward_input_ids", lambda *a: calls.append(a) or reward_input_ids(*a))
+    reward = rewards_module.ModelReward(CapturingScorer(tok), "rm")
+    reward.reads_policy_ids(tok)
+    reward(prompts, texts, None, {}, ([prompt_ids(tok, p) for p in prompts], responses, mask))
+    assert reward.scorer.seen == rendered
+    # else only the row with a special token inside and the one sampled in pieces are rendered from text
+    assert len(calls) == (5 if layout == "llama3-hub-template" else 2)
 
 
 def test_a_reward_model_reads_the_eos_its_texts_end_with(saved, tmp_path):

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from peft import PeftModel
-
 from pipeline import engine
 from pipeline.config import PPOStage, UserError
+from pipeline.models import is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_and_entropy, logprobs_of,
@@ -31,7 +30,7 @@ from pipeline.scoring import position_ids
 
 def hf_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (LoRA layers are injected into it in place)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if is_peft(model) else model
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -151,13 +150,15 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
         if values is not None:
             old_values.append(values.float())
         del logits
-    if isinstance(reference, PeftModel):  # LoRA: with its adapter disabled the policy is the SFT model
+    if is_peft(reference):  # LoRA: with its adapter disabled the policy is the SFT model
         with reference.disable_adapter():
             ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
     else:
         ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    sources = rewards.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
-    judged = judges.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns)
+    sources = rewards.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns,
+                            rollout.prompt_ids)
+    judged = judges.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns,
+                          rollout.prompt_ids)
     raw_scores, valid = rewards.total(sources)
     rm = rewards.rm_label
     if cfg.normalize_scores:  # the RM stage's reward model, by the statistics it measured on reference responses
@@ -236,7 +237,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
 
     Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
     approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop` (a
-    checkpoints.StopRequest) is read with the loss check of every micro-batch (`agree`, all processes
+    dist.StopRequest) is read with the loss check of every micro-batch (`agree`, all processes
     together) and answered after that optimiser step, so within one minibatch, well inside the ~30 s a
     launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]

@@ -7,7 +7,15 @@ including the stop token) and 0 on padding; every reduction ignores padded posit
 from __future__ import annotations
 
 import torch
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax, selective_log_softmax_and_entropy
+
+# trl's fused log-prob + entropy kernel, which the wrappers in trl.trainer.utils (selective_log_softmax,
+# selective_log_softmax_and_entropy) call on a GPU. Imported from trl.kernels, not through those
+# wrappers: trl.trainer.utils imports peft and with it bitsandbytes (~2 s and ~55 MB in every process,
+# every rank), which a full fine-tuning run never needs. Their CPU paths are two lines each, below.
+try:
+    from trl.kernels import selective_log_softmax_and_entropy as _fused_kernel
+except ImportError:  # no Triton (a CPU-only torch)
+    _fused_kernel = None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -32,39 +40,39 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return whitened * mask
 
 
-def _row_by_row(logits: torch.Tensor) -> bool:
-    """bf16 / fp16 logits off a GPU (CPU autocast): trl's non-fused path would take their log-softmax
-    in that dtype, so they are upcast to float32 one sequence at a time instead (one (T, V) float32
-    copy at a time). On a GPU trl's fused Triton kernel reads them as they are and computes in
-    float32; float32 logits need no copy: both go through trl in one call per micro-batch."""
-    return not logits.is_cuda and logits.dtype not in (torch.float32, torch.float64)
+def _fused(logits: torch.Tensor) -> bool:
+    """trl's Triton kernel applies: logits on a GPU (it reads bf16 as is and computes in float32)."""
+    return _fused_kernel is not None and logits.device.type in ("cuda", "xpu") and logits.stride(-1) == 1
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Off a GPU: the micro-batch's logits in float32 (a bf16 log-softmax, under CPU autocast, would
+    round the small log-probs away), at the sampling temperature."""
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under the sampling distribution: logits are divided by the temperature first,
     or the log-probs belong to a different distribution than the one the tokens were drawn from.
-    logits (B, T, V), tokens (B, T) -> (B, T), float32, through trl's `selective_log_softmax` (a
-    gather minus a logsumexp: no (B, T, V) log-softmax copy)."""
-    if _row_by_row(logits):
-        return torch.cat([selective_log_softmax(row[None].float(), tok[None], temperature)
-                          for row, tok in zip(logits, tokens)])
-    return selective_log_softmax(logits, tokens, temperature)
+    logits (B, T, V), tokens (B, T) -> (B, T), float32, one call per micro-batch. Differentiable: the
+    update's path. Off a GPU a gather minus a logsumexp of the scaled float32 logits (which autograd
+    keeps for backward: one (B, T, V) copy per micro-batch; the GPU kernel keeps none)."""
+    if _fused(logits):
+        return _fused_kernel(logits, tokens, temperature=temperature)[0]
+    scaled = _scaled(logits, temperature)
+    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
 
 
-def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of the sampling distribution at each position: (B, T, V) -> (B, T), in float32,
-    through trl's chunked `entropy_from_logits`."""
-    if _row_by_row(logits):
-        return torch.stack([entropy_from_logits(row.float() / temperature) for row in logits])
-    return entropy_from_logits(logits / temperature if temperature != 1.0 else logits)
-
-
+@torch.no_grad()
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
-    """`logprobs_of` and `entropy_of` together, in one pass over the logits where trl fuses them (its
-    Triton kernel on a GPU); no gradient (the rollout's old log-probs and entropy)."""
-    if _row_by_row(logits):
-        return logprobs_of(logits, tokens, temperature), entropy_of(logits, temperature)
-    return selective_log_softmax_and_entropy(logits, tokens, entropy_requires_grad=False, temperature=temperature)
+    """`logprobs_of` and the entropy of the sampling distribution at each position ((B, T), float32)
+    in one pass over the logits, without gradient (the rollout's old log-probs and entropy)."""
+    if _fused(logits):
+        return _fused_kernel(logits, tokens, temperature=temperature)
+    scaled = _scaled(logits, temperature)
+    logp = scaled - scaled.logsumexp(-1, keepdim=True)  # the arithmetic of `logprobs_of`: ratio 1 before an update
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

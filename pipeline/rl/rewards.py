@@ -40,7 +40,8 @@ import torch
 
 from pipeline.config import RewardSource, UserError, importable_from_cwd
 from pipeline.data import is_conversational
-from pipeline.scoring import RewardScorer, load_reward_model
+from pipeline.models import special_ids
+from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids, turn_closing
 
 RETRIES = 4  # attempts per request to a reward server
 BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5 + 1 + 2 s before giving up
@@ -179,13 +180,41 @@ class RemoteReward:
 # ---------------------------------------------------------------------------------------------
 
 class ModelReward:
-    """A frozen sequence classifier, read through `RewardScorer` (the RM stage's own rendering)."""
+    """A frozen sequence classifier, read through `RewardScorer` (the RM stage's own rendering).
+
+    A reward model with the policy's tokenizer and a template that renders turns as prompt ids +
+    content ids + a fixed closing (`scoring.turn_closing`, found by `reads_policy_ids`) reads a
+    conversational rollout's own ids: the prompt's, the response's up to its stop token, the closing;
+    token for token the rendering of its decoded text, without rendering the template and tokenizing
+    prompt and response again. A response whose text does not tokenize back to its ids (a word sampled
+    in pieces, bytes that are no UTF-8) or with a special token inside (which decoding drops) is
+    rendered from its text, as the reward model was trained; so are plain-text prompts and every
+    response for a reward model with its own tokenizer."""
 
     def __init__(self, scorer: RewardScorer, path: str):
-        self.scorer, self.path = scorer, path
+        self.scorer, self.path, self.closing = scorer, path, None
 
-    def __call__(self, prompts, texts, completion_ids, columns) -> torch.Tensor:
-        return self.scorer(prompts, texts)
+    def reads_policy_ids(self, tokenizer) -> None:
+        """The policy's tokenizer is this reward model's (same vocabulary and template)."""
+        self.closing = turn_closing(tokenizer)
+        self.special = torch.tensor(sorted(special_ids(tokenizer)))
+
+    def __call__(self, prompts, texts, completion_ids, columns, policy_ids=None) -> torch.Tensor:
+        if policy_ids is None or self.closing is None or not prompts or not is_conversational(prompts[0]):
+            return self.scorer(prompts, texts)
+        prompt_ids, responses, mask = policy_ids
+        responses, mask = responses.cpu(), mask.cpu().bool()
+        special = torch.isin(responses, self.special) & mask
+        lengths = mask.sum(1)
+        stop = special[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] & (lengths > 0)
+        plain = special.sum(1) == stop.long()  # no special token before the stop: decoding drops nothing else
+        bodies = [row[:n].tolist() for row, n in zip(responses, (lengths - stop.long()).tolist())]
+        # the text tokenizes back to the sampled ids (a policy may sample a word in pieces, or bytes that
+        # are no UTF-8, which the text's rendering tokenizes otherwise): one batched call, no template
+        again = self.scorer.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ids = [p + body + self.closing if ok and body == same else reward_input_ids(self.scorer.tokenizer, prompt, text)
+               for p, body, ok, same, prompt, text in zip(prompt_ids, bodies, plain.tolist(), again, prompts, texts)]
+        return self.scorer.score_ids(ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,15 +254,21 @@ class Rewards:
         return [s for s, _ in self.sources.values() if isinstance(s, ModelReward)]
 
     def score(self, prompts: list, texts: list[str], responses: torch.Tensor | None = None,
-              response_mask: torch.Tensor | None = None, columns: dict | None = None) -> dict[str, torch.Tensor]:
+              response_mask: torch.Tensor | None = None, columns: dict | None = None,
+              prompt_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
         """{name: (B,) float32 on the device, NaN where the source gave no reward}. `responses` and
-        their mask give the functions' `completion_ids` (the response up to and including its stop)."""
+        their mask give the functions' `completion_ids` (the response up to and including its stop);
+        with `prompt_ids` too, a reward model that reads the policy's ids reads them (ModelReward)."""
         ids = None
         if any(isinstance(s, FunctionReward) for s, _ in self.sources.values()) and responses is not None:
             ids = [row[: int(n)].tolist() for row, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
         out = {}
+        policy_ids = (prompt_ids, responses, response_mask) if prompt_ids is not None and responses is not None else None
         for name, (source, _) in self.sources.items():
-            values = source(prompts, texts, ids, columns or {})
+            if isinstance(source, ModelReward):
+                values = source(prompts, texts, ids, columns or {}, policy_ids)
+            else:
+                values = source(prompts, texts, ids, columns or {})
             # a function's floats stay float64 (reported as returned); the reward is summed in float32
             out[name] = (values if isinstance(values, torch.Tensor)
                          else torch.tensor(values, dtype=torch.float64)).to(self.device)

@@ -9,6 +9,7 @@ config as the model's own (`plain_sampling`).
 
 from __future__ import annotations
 
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ class Rollout:
 
     prompts: list
     """The prompts as given (strings or message lists)."""
+    prompt_ids: list[list[int]]
+    """Each prompt's ids, as the policy read them (`prompt_ids`), unpadded."""
     query_responses: torch.Tensor
     """(B, P + R) left-padded prompt tokens, then the response tokens (pad after the stop token)."""
     attention_mask: torch.Tensor
@@ -89,12 +92,29 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     return ids
 
 
+class PromptIds:
+    """`prompt_ids` of a prompt set, each rendered and tokenized the first time the prompt is drawn and
+    kept for the run (a run draws each prompt once per epoch, a group estimator k times in a row), in
+    4 bytes a token (a list of Python ints would take ~36: 700 MB for 100k prompts of 200 tokens)."""
+
+    def __init__(self, tokenizer, prompts: list):
+        self.tokenizer, self.prompts, self.ids = tokenizer, prompts, {}
+
+    def __call__(self, indices: list[int]) -> list[list[int]]:
+        for i in indices:
+            if i not in self.ids:
+                self.ids[i] = array("i", prompt_ids(self.tokenizer, self.prompts[i]))
+        return [self.ids[i].tolist() for i in indices]
+
+
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
-def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) -> Rollout:
+def generate(model, tokenizer, prompts: list, config: GenerationConfig, device,
+             ids: list[list[int]] | None = None) -> Rollout:
     """One batched generation with KV cache; everything after the first stop token becomes padding.
-    Prompts are padded on the left (they end where generation starts)."""
-    enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, p) for p in prompts]}, padding_side="left",
-                        return_tensors="pt").to(device)
+    Prompts are padded on the left (they end where generation starts). `ids`: the prompts' ids, if
+    already known (`PromptIds`)."""
+    ids = ids if ids is not None else [prompt_ids(tokenizer, p) for p in prompts]
+    enc = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to(device)
     with plain_sampling(model, config):
         # synced_gpus=False: transformers turns synced decoding on by itself under ZeRO-3 / FSDP2 (every
         # rank stepping until the slowest is done, an all-reduce per token); the weights are whole here
@@ -102,7 +122,7 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, device) 
         sequences = model.generate(**enc, generation_config=config, synced_gpus=False)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
-    return Rollout(prompts=list(prompts), query_responses=torch.cat([enc["input_ids"], responses], 1),
+    return Rollout(prompts=list(prompts), prompt_ids=ids, query_responses=torch.cat([enc["input_ids"], responses], 1),
                    attention_mask=torch.cat([enc["attention_mask"], mask], 1), responses=responses,
                    response_mask=mask, has_stop=has_stop,
                    texts=tokenizer.batch_decode(responses, skip_special_tokens=True))

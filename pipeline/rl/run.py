@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
@@ -48,11 +47,15 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
     if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
         reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
     else:
+        from peft import get_peft_model  # (imports bitsandbytes: only runs with adapters pay for it)
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
     load = lambda specs: load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
                                       lambda m: engine.prepare_frozen(m, acc))
     rewards = Rewards(load(cfg.rewards), acc.device, rm_label=next((s.label for s in cfg.rewards if s.model == "rm"), None))
     judges = Rewards(load(cfg.judges), acc.device)
+    for reward_model in rewards.models() + judges.models():  # one with the policy's tokenizer reads its ids
+        if same_tokenizer(tokenizer, reward_model.scorer.tokenizer) and not models.is_encoder(tokenizer):
+            reward_model.reads_policy_ids(tokenizer)
     value_model = None
     if cfg.critic == "reward":
         reward_model = rewards.models()[0]
@@ -65,6 +68,7 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
                                           num_labels=1)
         value_model.config.pad_token_id = tokenizer.pad_token_id
         if cfg.finetune != "full":
+            from peft import get_peft_model
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
     model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
     models.upcast_trainable(model)
@@ -112,8 +116,17 @@ def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
     here, it is the same schedule with 1 and N processes."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   eps=1e-5, fused=True)
-    scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=0, num_training_steps=optimizer_steps)
-    return optimizer, scheduler
+    return optimizer, lr_schedule(cfg.lr_schedule, optimizer, optimizer_steps)
+
+
+def lr_schedule(name: str, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate over the run's optimiser steps as transformers' `get_scheduler` gives it
+    without warm-up: linear to 0 at the last step, or constant. Not imported from there:
+    transformers.optimization imports the Trainer's utilities, and they import peft and bitsandbytes
+    (~2 s, ~55 MB in each process), which a full fine-tuning run never needs."""
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (steps - step) / max(1, steps)))
 
 
 def disk_need(model, cfg: PPOStage) -> int:
@@ -216,7 +229,7 @@ class PPORun:
         with self.timed("saving"):
             state = engine.full_state_dict(acc, self.model)  # on rank 0, float32; every rank takes part
             if acc.is_main_process:
-                unwrapped = acc.unwrap_model(self.model)
+                unwrapped = engine.unwrap(acc, self.model)
                 part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
                 policy = unwrapped.policy
                 if cfg.finetune == "full":

@@ -108,3 +108,25 @@ def qlora_artifact_gaps(trained, run) -> tuple[float, float]:
     original = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "sft", dtype=torch.float32),
                                          run / "ppo" / "adapter").merge_and_unload().cuda()
     return tuple((logprobs(m) - reference).abs().mean().item() for m in (artifact, original))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_log_probs_and_entropy_go_through_trls_fused_kernel_on_the_gpu(dtype):
+    """On a GPU the rollout's and the update's log-probs (and the rollout's entropy) come from trl's
+    Triton kernel, imported from trl.kernels (not through trl.trainer.utils, which imports peft): it
+    reads bf16 logits as they are and computes in float32, and its gradient is the log-softmax's."""
+    from pipeline.rl import ppo_math
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 9, 300, device="cuda") * 4).to(dtype)[:, 1:]  # sliced, as response logits are
+    tokens = torch.randint(0, 300, (6, 8), device="cuda")
+    assert ppo_math._fused(logits)
+    exact = (logits.double() / 0.7).log_softmax(-1)
+    logp, entropy = ppo_math.logprobs_and_entropy(logits, tokens, 0.7)
+    assert logp.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logp.double(), exact.gather(-1, tokens[..., None])[..., 0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), -(exact.exp() * exact).sum(-1), rtol=0, atol=1e-4)
+    leaf = logits.detach().float().requires_grad_()
+    grad, = torch.autograd.grad(ppo_math.logprobs_of(leaf, tokens, 0.7).sum(), leaf)
+    exact_leaf = logits.detach().double().requires_grad_()
+    exact_grad, = torch.autograd.grad((exact_leaf / 0.7).log_softmax(-1).gather(-1, tokens[..., None]).sum(), exact_leaf)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=1e-4)
