@@ -101,12 +101,15 @@ def clip_gradients(acc: Accelerator, model, max_norm: float) -> None:
 
 
 def unwrap(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module under the engine's wrapper (DDP's, DeepSpeed's; FSDP2 shards in place and has none).
+    """The module under the engine's wrapper (DDP's, DeepSpeed's; FSDP2 shards in place and has none)
+    and under torch.compile's (accelerate compiles where its config names a dynamo backend).
     accelerate's `unwrap_model` imports deepspeed whenever it is installed, to recognise its engine
     (~3 s and ~300 MB in each process): only a DeepSpeed run goes through it."""
     if acc.distributed_type == DistributedType.DEEPSPEED:
         return acc.unwrap_model(model)
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper (accelerate's dynamo_backend), outermost
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
 
 
 def prepare_frozen(model: torch.nn.Module, acc: Accelerator) -> torch.nn.Module:

@@ -111,8 +111,9 @@ def turn_closing(tokenizer) -> list[int] | None:
     """What the chat template writes after an assistant turn's content (ChatML: `<|im_end|>` and a
     newline), if it renders a conversation with a last assistant turn as exactly: the generation
     prompt's ids (what the policy was conditioned on), the content's own ids, then this closing. A
-    reward model with the policy's tokenizer then reads a rollout's ids with the closing appended,
-    which is `reward_input_ids` of its decoded text without decoding and rendering it again. Checked
+    reward model with the policy's tokenizer then reads a rollout's ids with the closing appended:
+    `reward_input_ids` of its decoded text, for each response whose text tokenizes to its own ids in
+    that place (`ModelReward` checks each), without rendering it again. Checked
     on two probe turns, one that begins and ends in whitespace; None (render from text) for a template
     that changes the content (Llama-3's trims it), closes differently by content, or cannot render; a
     multi-turn prompt with a system turn is probed too, where the template takes one."""

@@ -7,7 +7,7 @@ ByteLevel BPE (like GPT-2, Llama 3, Qwen) trained in a second on the demo corpus
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from stages.base import corpus
@@ -19,11 +19,21 @@ LLAMA = ("{{ bos_token }}{%- for m in messages -%}{{ '[' + m['role'] + '] ' + m[
          "{%- endfor -%}{%- if add_generation_prompt -%}{{ '[assistant] ' }}{%- endif -%}")
 
 
-def byte_level_tokenizer(specials: list[str], vocab_size: int = 400) -> Tokenizer:
+def byte_level_tokenizer(specials: list[str], vocab_size: int = 400, split: str | None = None) -> Tokenizer:
+    """GPT-2's pre-tokenizer, or `split` (a family's own regex, as Qwen's and Llama 3's tokenizer.json
+    have it) before a byte-level step; trained on chat-shaped text too, so that under `split` blank
+    lines ("\\n\\n") are one token, as in those families."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     texts = list(corpus(CORPUS)) + ["\n[user] [assistant] user\nassistant\n"] * 10
+    if split is not None:
+        texts += ["user\n\nreview the film .\n\nassistant\n\n"] * 100
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok

@@ -38,6 +38,12 @@ GEMMA = ("{{ bos_token }}{%- for m in messages -%}"
          "+ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}"
          "{%- endif -%}")
 
+# the pre-tokenizers' split patterns in the hub tokenizer.json files: whitespace runs that end in a
+# newline are one piece, so a reply that begins with "\n" joins the generation prompt's "\n"
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|vision_pad|>",
                  "<|fim_pad|>", "<|repo_name|>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
@@ -65,12 +71,12 @@ def tokenizer(layout: str) -> PreTrainedTokenizerFast:
     """The layout's tokenizer (see the module's table)."""
     common = dict(clean_up_tokenization_spaces=False)
     if layout.startswith("qwen25"):
-        tok = byte_level_tokenizer(QWEN_SPECIALS)
+        tok = byte_level_tokenizer(QWEN_SPECIALS, split=QWEN_SPLIT)
         eos = "<|endoftext|>" if layout == "qwen25-base" else "<|im_end|>"
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>",
                                        additional_special_tokens=QWEN_SPECIALS[1:], chat_template=CHATML, **common)
     if layout.startswith("llama3"):
-        tok = byte_level_tokenizer(LLAMA3_SPECIALS)
+        tok = byte_level_tokenizer(LLAMA3_SPECIALS, split=LLAMA3_SPLIT)
         _prepend_bos(tok, "<|begin_of_text|>")
         eos = "<|end_of_text|>" if layout == "llama3-base" else "<|eot_id|>"
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token=eos,

@@ -335,3 +335,15 @@ def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():
     ds_config["gradient_clipping"] = 1.0
     with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe needs 0.5"):
         engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
+
+
+def test_unwrap_reaches_the_module_under_torch_compile():
+    """accelerate compiles the prepared model where its config names a dynamo backend; the artifact,
+    the reference's adapter switch and generation need the module underneath."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline import engine
+    module = torch.nn.Linear(2, 2)
+    assert engine.unwrap(SimpleNamespace(distributed_type=DistributedType.NO), torch.compile(module)) is module

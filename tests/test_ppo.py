@@ -47,6 +47,7 @@ def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm, tmp_path):
     assert_learned(history, control_run(runs_with_rm, tmp_path / "control", "ppo.total_episodes=320"), margin=0.4)
     assert 0 < history[-1]["objective/kl"] < 10
     assert (runs_with_rm / "demo" / "ppo" / "value_model" / "config.json").is_file()
+    assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "shared"
 
 
 def test_the_raw_score_and_the_missing_stop_penalty_are_logged_apart(runs_with_rm):

@@ -1,9 +1,11 @@
 """PPO math against hand-computed numbers and plain-loop references."""
 
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.rl.ppo_math import (KLController, explained_variance, gae, kl_per_token,
                                logprobs_and_entropy, logprobs_of, masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
@@ -51,6 +53,34 @@ def test_log_probs_and_entropy_of_a_micro_batch_are_each_sequences_own(dtype):
     grad, = torch.autograd.grad(logprobs_of(leaf, tokens, 0.7).sum(), leaf)
     exact_grad, = torch.autograd.grad((exact_leaf / 0.7).log_softmax(-1).gather(-1, tokens[..., None]).sum(), exact_leaf)
     torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=1e-5)
+
+
+class LiveLogits(TorchDispatchMode):
+    """Counts the float32 tensors of the logits' shape alive at once (besides the logits themselves)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.shape, self.own, self.live, self.peak = logits.shape, logits.untyped_storage().data_ptr(), {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.shape == self.shape and t.dtype == torch.float32:
+                self.live[t.untyped_storage().data_ptr()] = weakref.ref(t)
+        self.live = {k: r for k, r in self.live.items() if r() is not None and k != self.own}
+        self.peak = max(self.peak, len(self.live))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rollouts_log_probs_hold_at_most_two_copies_of_the_logits(dtype):
+    """Off a GPU the rollout's log-probs and entropy work on the micro-batch's float32 logits: the
+    scaled log-softmax and the probabilities, in place, never four (B, T, V) tensors at once."""
+    logits, tokens = torch.randn(3, 4, 50).to(dtype), torch.randint(0, 50, (3, 4))
+    expected = logprobs_of(logits, tokens, 0.7)
+    with LiveLogits(logits) as live:
+        logp, _ = logprobs_and_entropy(logits, tokens, 0.7)
+    assert live.peak <= 2 and torch.equal(logp, expected)
 
 
 def test_kl_estimators():

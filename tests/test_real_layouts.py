@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from safetensors import safe_open
+from tokenizers import pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
                           GPT2ForSequenceClassification)
 from trl import SFTConfig, SFTTrainer
@@ -183,6 +184,7 @@ def test_pad_equal_to_the_stop_token_changes_no_rollout_score_or_advantage(saved
 
 
 TRIMMING_LLAMA3 = layouts.LLAMA3.replace("m['content']", "(m['content'] | trim)")  # the hub template trims
+TEXT_CLOSING = layouts.CHATML.replace("'<|im_end|>'", "'\\n<|im_end|>'")  # a turn closed by text, then a token
 
 
 class CapturingScorer(RewardScorer):
@@ -196,31 +198,34 @@ class CapturingScorer(RewardScorer):
         return torch.zeros(len(ids))
 
 
-@pytest.mark.parametrize("layout", [*layouts.TURN_END, "llama3-hub-template"])
+@pytest.mark.parametrize("layout", [*layouts.TURN_END, "llama3-hub-template", "qwen25-text-closing"])
 def test_a_reward_model_with_the_policys_tokenizer_reads_the_rollouts_ids_as_rendered(layout, monkeypatch):
     """The reward input is built from the rollout's ids (prompt ids, the response up to its stop, the
     template's closing) and is the rendering of its decoded text, token for token: for responses that
-    stop, that run out of tokens, that have whitespace at the ends, after a system turn, and under a
-    template that trims the content (rendered from text); a response with a special token inside
-    (decoding drops it) or whose text tokenizes otherwise (sampled in pieces) is rendered."""
+    stop, that run out of tokens, that have whitespace at the ends, that are empty or only whitespace,
+    after a system turn, and under a template that trims the content (rendered from text); a response
+    with a special token inside (decoding drops it), whose text tokenizes otherwise (sampled in pieces)
+    or whose leading newlines join the generation prompt's (Qwen's pre-tokenizer) is rendered."""
     import pipeline.rl.rewards as rewards_module
     import pipeline.scoring as scoring_module
-    tok = layouts.tokenizer("llama3-instruct" if layout == "llama3-hub-template" else layout)
-    if layout == "llama3-hub-template":
-        tok.chat_template = TRIMMING_LLAMA3
-    stop = tok.convert_tokens_to_ids(layouts.TURN_END.get(layout, "<|eot_id|>"))
+    base = {"llama3-hub-template": "llama3-instruct", "qwen25-text-closing": "qwen25-instruct"}.get(layout, layout)
+    tok = layouts.tokenizer(base)
+    tok.chat_template = {"llama3-hub-template": TRIMMING_LLAMA3, "qwen25-text-closing": TEXT_CLOSING}.get(
+        layout, tok.chat_template)
+    stop = tok.convert_tokens_to_ids(layouts.TURN_END[base])
     inner = tok.all_special_ids[-1] if tok.all_special_ids[-1] != stop else tok.all_special_ids[0]
     prompts = [[{"role": "user", "content": "review the film star quest ."}],
                [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "how was the music ?"}],
                [{"role": "user", "content": "review last train ."}],
                [{"role": "user", "content": "review iron garden ."}],
-               [{"role": "user", "content": "how was the music ?"}]]
+               [{"role": "user", "content": "how was the music ?"}]] * 2
     bodies = [tok.encode(t, add_special_tokens=False) for t in
-              ("the music was really wonderful .", " short,\n and sweet \n", "it ran out of", "a twist")]
+              ("the music was really wonderful .", " short,\n and sweet \n", "it ran out of", "a twist",
+               "\n\nthe end .", "\n")]
     in_pieces = tok.convert_tokens_to_ids(list("wonderful"))  # a word sampled a byte at a time
     assert in_pieces != tok.encode("wonderful", add_special_tokens=False)
     rows = [bodies[0] + [stop], bodies[1] + [stop], bodies[2], bodies[3] + [inner] + bodies[3] + [stop],
-            in_pieces + [stop]]
+            in_pieces + [stop], bodies[4] + [stop], bodies[5] + [stop], [stop], bodies[0] + [stop], bodies[2]]
     width, pad = max(map(len, rows)), tok.pad_token_id if tok.pad_token_id is not None else stop
     responses = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -231,11 +236,32 @@ def test_a_reward_model_with_the_policys_tokenizer_reads_the_rollouts_ids_as_ren
     for module in (rewards_module, scoring_module):  # rendered from text: by the reward model, or by its scorer
         monkeypatch.setattr(module, "reward_input_ids", lambda *a: calls.append(a) or reward_input_ids(*a))
     reward = rewards_module.ModelReward(CapturingScorer(tok), "rm")
-    reward.reads_policy_ids(tok)
+    reward.reads_policy_ids()
     reward(prompts, texts, None, {}, ([prompt_ids(tok, p) for p in prompts], responses, mask))
     assert reward.scorer.seen == rendered
-    # else only the row with a special token inside and the one sampled in pieces are rendered from text
-    assert len(calls) == (5 if layout == "llama3-hub-template" else 2)
+    # else only the row with a special token inside, the one sampled in pieces and the empty one are
+    # rendered from text; under Qwen's pre-tokenizer also the two whose newlines join the generation
+    # prompt's "\n", and with a closing that begins with "\n" the one that ends in a newline
+    expected = {"llama3-hub-template": len(rows), "qwen25-base": 5, "qwen25-instruct": 5, "qwen25-text-closing": 6}
+    assert len(calls) == expected.get(layout, 3)
+
+
+def test_a_reward_model_reads_the_policys_ids_only_where_it_renders_as_the_policy():
+    """Same vocabulary and template are not enough: a template that writes the EOS renders another
+    EOS, and another pre-tokenizer splits the same text otherwise. A different pad token changes no
+    rendering."""
+    from pipeline.rl.run import same_tokenizer
+    assert same_tokenizer(families.bos_tokenizer(), families.bos_tokenizer())
+    other_eos = families.bos_tokenizer()  # its template ends each turn with eos_token
+    other_eos.eos_token = "<pad>"
+    assert not same_tokenizer(families.bos_tokenizer(), other_eos)
+    qwen, spare_pad = layouts.tokenizer("qwen25-base"), layouts.tokenizer("qwen25-base")
+    spare_pad.pad_token = "<|fim_pad|>"
+    assert same_tokenizer(qwen, spare_pad)
+    gpt2_split = layouts.tokenizer("qwen25-base")
+    gpt2_split.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert gpt2_split.get_vocab() == qwen.get_vocab() and gpt2_split.chat_template == qwen.chat_template
+    assert not same_tokenizer(qwen, gpt2_split)
 
 
 def test_a_reward_model_reads_the_eos_its_texts_end_with(saved, tmp_path):

@@ -71,8 +71,12 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     if _fused(logits):
         return _fused_kernel(logits, tokens, temperature=temperature)
     scaled = _scaled(logits, temperature)
-    logp = scaled - scaled.logsumexp(-1, keepdim=True)  # the arithmetic of `logprobs_of`: ratio 1 before an update
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    # the arithmetic of `logprobs_of` (ratio 1 before an update), in place where the tensor is ours: at
+    # most two (B, T, V) float32 tensors besides the logits
+    lse = scaled.logsumexp(-1, keepdim=True)
+    logp = scaled.sub_(lse) if scaled is not logits else scaled - lse
+    p = logp.exp()
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), p.mul_(logp).sum(-1).neg_()
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

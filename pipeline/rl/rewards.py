@@ -186,34 +186,68 @@ class ModelReward:
     content ids + a fixed closing (`scoring.turn_closing`, found by `reads_policy_ids`) reads a
     conversational rollout's own ids: the prompt's, the response's up to its stop token, the closing;
     token for token the rendering of its decoded text, without rendering the template and tokenizing
-    prompt and response again. A response whose text does not tokenize back to its ids (a word sampled
-    in pieces, bytes that are no UTF-8) or with a special token inside (which decoding drops) is
-    rendered from its text, as the reward model was trained; so are plain-text prompts and every
-    response for a reward model with its own tokenizer."""
+    prompt and response again. A response whose text does not tokenize back to its ids at its place
+    in the rendering (a word sampled in pieces, bytes that are no UTF-8, a leading newline that Qwen's
+    and Llama 3's pre-tokenizers join with the generation prompt's) or with a special token inside
+    (which decoding drops) is rendered from its text, as the reward model was trained; so are
+    plain-text prompts and every response for a reward model with its own tokenizer."""
 
     def __init__(self, scorer: RewardScorer, path: str):
         self.scorer, self.path, self.closing = scorer, path, None
 
-    def reads_policy_ids(self, tokenizer) -> None:
-        """The policy's tokenizer is this reward model's (same vocabulary and template)."""
+    def reads_policy_ids(self) -> None:
+        """The policy's tokenizer is this reward model's (`run.same_tokenizer`): find the closing."""
+        tokenizer = self.scorer.tokenizer
         self.closing = turn_closing(tokenizer)
-        self.special = torch.tensor(sorted(special_ids(tokenizer)))
+        # the tokenizer splits text at its added tokens; a response holding one (special or not: a
+        # template may act on a non-special `</think>`) or any special token is rendered from its text
+        self.split_at = set(tokenizer.added_tokens_decoder)
+        self.inner = torch.tensor(sorted(self.split_at | special_ids(tokenizer)))
+        if self.closing is not None:  # the closing's text before the first token it splits at (ChatML's: none)
+            n = next((i for i, t in enumerate(self.closing) if t in self.split_at), len(self.closing))
+            self.closing_head = (self.closing[:n], self._text(self.closing[:n]))
+        self.prompt_tails = {}
+
+    def _text(self, ids: list[int]) -> str:
+        return self.scorer.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _prompt_tail(self, ids: list[int]) -> tuple[list[int], str]:
+        """The prompt's ids after the last token the tokenizer splits at (ChatML's `assistant\\n`), and
+        their text."""
+        n = len(ids)
+        while n and ids[n - 1] not in self.split_at:
+            n -= 1
+        tail = tuple(ids[n:])
+        if len(tail) > 32:  # a template without added tokens in its generation prompt: the prompt's own text
+            return list(tail), self._text(list(tail))
+        if tail not in self.prompt_tails:  # a template's generation prompt: one tail for every prompt
+            self.prompt_tails[tail] = (list(tail), self._text(list(tail)))
+        return self.prompt_tails[tail]
 
     def __call__(self, prompts, texts, completion_ids, columns, policy_ids=None) -> torch.Tensor:
         if policy_ids is None or self.closing is None or not prompts or not is_conversational(prompts[0]):
             return self.scorer(prompts, texts)
         prompt_ids, responses, mask = policy_ids
         responses, mask = responses.cpu(), mask.cpu().bool()
-        special = torch.isin(responses, self.special) & mask
+        inner = torch.isin(responses, self.inner) & mask
         lengths = mask.sum(1)
-        stop = special[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] & (lengths > 0)
-        plain = special.sum(1) == stop.long()  # no special token before the stop: decoding drops nothing else
+        stop = inner[torch.arange(len(lengths)), (lengths - 1).clamp(min=0)] & (lengths > 0)
+        plain = inner.sum(1) == stop.long()  # no such token before the stop: decoding drops nothing else
         bodies = [row[:n].tolist() for row, n in zip(responses, (lengths - stop.long()).tolist())]
-        # the text tokenizes back to the sampled ids (a policy may sample a word in pieces, or bytes that
-        # are no UTF-8, which the text's rendering tokenizes otherwise): one batched call, no template
-        again = self.scorer.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        ids = [p + body + self.closing if ok and body == same else reward_input_ids(self.scorer.tokenizer, prompt, text)
-               for p, body, ok, same, prompt, text in zip(prompt_ids, bodies, plain.tolist(), again, prompts, texts)]
+        # Added tokens split a rendering into texts tokenized apart; the response is tokenized with the
+        # prompt's ids after the last of them and the closing's before the first. The response's
+        # text must give its own ids there: a policy may sample a word in pieces or bytes that are no
+        # UTF-8, and pre-tokenizers join whitespace across the seam (Qwen's "\n" + "\n" -> "\n\n").
+        # One batched tokenizer call over these short texts, no template.
+        tails = [self._prompt_tail(p) for p in prompt_ids]
+        head_ids, head_text = self.closing_head
+        again = self.scorer.tokenizer([t + text + head_text for (_, t), text in zip(tails, texts)],
+                                      add_special_tokens=False)["input_ids"]
+        # (an empty response too: a template may leave an empty turn out)
+        ids = [p + body + self.closing if ok and body and same == tail + body + head_ids
+               else reward_input_ids(self.scorer.tokenizer, prompt, text)
+               for p, (tail, _), body, ok, same, prompt, text in
+               zip(prompt_ids, tails, bodies, plain.tolist(), again, prompts, texts)]
         return self.scorer.score_ids(ids)
 
 

@@ -28,7 +28,21 @@ RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same globa
 
 
 def same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+    """Two tokenizers render a conversation to the same ids: the same vocabulary and merges, normalizer,
+    pre-tokenizer and added tokens, the same chat template, and the same special tokens where the template
+    writes them (a reward model may pad with another token, or name another EOS its template ignores)."""
+    def rendering(t):
+        template = t.chat_template or ""
+        if isinstance(template, dict):  # named templates ("default", "tool_use")
+            template = json.dumps(template, sort_keys=True)
+        named = {k: v for k, v in t.special_tokens_map.items() if k in template}
+        if not t.is_fast:
+            return t.get_vocab(), template, named
+        backend = json.loads(t.backend_tokenizer.to_str())
+        for key in ("padding", "truncation", "post_processor"):  # none of them touches a rendering
+            backend.pop(key, None)
+        return backend, template, named
+    return rendering(a) == rendering(b)
 
 
 def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
@@ -54,12 +68,12 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
     rewards = Rewards(load(cfg.rewards), acc.device, rm_label=next((s.label for s in cfg.rewards if s.model == "rm"), None))
     judges = Rewards(load(cfg.judges), acc.device)
     for reward_model in rewards.models() + judges.models():  # one with the policy's tokenizer reads its ids
-        if same_tokenizer(tokenizer, reward_model.scorer.tokenizer) and not models.is_encoder(tokenizer):
-            reward_model.reads_policy_ids(tokenizer)
+        if same_tokenizer(tokenizer, reward_model.scorer.tokenizer):
+            reward_model.reads_policy_ids()
     value_model = None
     if cfg.critic == "reward":
         reward_model = rewards.models()[0]
-        if not same_tokenizer(tokenizer, reward_model.scorer.tokenizer):
+        if tokenizer.get_vocab() != reward_model.scorer.tokenizer.get_vocab():  # it reads the policy's ids
             raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
                               "set ppo.value_model=sft or ppo.value_model=head")
     if cfg.critic in ("reward", "sft"):
