@@ -188,9 +188,10 @@ class ModelReward:
     token for token the rendering of its decoded text, without rendering the template and tokenizing
     prompt and response again. A response whose text does not tokenize back to its ids at its place
     in the rendering (a word sampled in pieces, bytes that are no UTF-8, a leading newline that Qwen's
-    and Llama 3's pre-tokenizers join with the generation prompt's) or with a special token inside
-    (which decoding drops) is rendered from its text, as the reward model was trained; so are
-    plain-text prompts and every response for a reward model with its own tokenizer."""
+    and Llama 3's pre-tokenizers join with the generation prompt's), an empty one, or one with an
+    added or special token inside (decoding may drop it, a template may act on it) is rendered from
+    its text, as the reward model was trained; so are plain-text prompts and every response for a
+    reward model with its own tokenizer."""
 
     def __init__(self, scorer: RewardScorer, path: str):
         self.scorer, self.path, self.closing = scorer, path, None
@@ -243,7 +244,7 @@ class ModelReward:
         head_ids, head_text = self.closing_head
         again = self.scorer.tokenizer([t + text + head_text for (_, t), text in zip(tails, texts)],
                                       add_special_tokens=False)["input_ids"]
-        # (an empty response too: a template may leave an empty turn out)
+        # (an empty response is rendered too: a template may leave an empty turn out)
         ids = [p + body + self.closing if ok and body and same == tail + body + head_ids
                else reward_input_ids(self.scorer.tokenizer, prompt, text)
                for p, (tail, _), body, ok, same, prompt, text in
