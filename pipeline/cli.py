@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import os
 import signal
@@ -26,7 +27,24 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
 
 def run(main: Callable[[], object]) -> None:
     """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`, and
-    exit code 1; with RLHF_DEBUG=1 in the environment the traceback is shown as well."""
+    exit code 1; with RLHF_DEBUG=1 in the environment the traceback is shown as well.
+
+    A rank torch elastic started (several processes) whose stage succeeded (every rank has passed
+    its last barrier, nothing collective is in flight) then leaves at once, after the atexit handlers,
+    without the interpreter's teardown: there gloo's and other libraries' C++ objects are destroyed in
+    no set order, and a thread still joinable can abort the rank ("terminate called without an active
+    exception", SIGABRT, seen once in CI): the launcher would report a finished run failed. A stage
+    that stopped (an error, a checkpoint on request) exits the ordinary way: another rank may still
+    be on its way out of a collective."""
+    _run(main)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        atexit._run_exitfuncs()  # what the interpreter runs first at exit (logging's flush, finalizers)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _run(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
@@ -58,9 +76,10 @@ def run(main: Callable[[], object]) -> None:
 
 def _exit_on_its_own() -> None:
     """A rank torch elastic started ignores SIGTERM once its stage has ended: as soon as one rank has
-    exited with an error (or after Ctrl-C, 130), elastic SIGTERMs the others, and a rank still in its
-    interpreter's shutdown (where Python's own handlers are gone) would die of it: the launcher would
-    report a kill, not the error the rank had said, or the checkpoint it had saved. (A Python handler
+    exited with an error (or after Ctrl-C, 130), elastic SIGTERMs the others, and a rank still leaving
+    (saying its error, flushing, or in the interpreter's shutdown after an unexpected exception, where
+    Python's own handlers are gone) would die of it: the launcher would report a kill, not the error
+    the rank had said, or the checkpoint it had saved. (A Python handler
     cannot do better: finalisation resets it to the default, which is the kill. A rank that hung in its
     shutdown is still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
     if "TORCHELASTIC_RUN_ID" in os.environ:

@@ -1,6 +1,6 @@
 """Test-only: run a stage script with faults planted or its engine-side state reported, in each process.
 
-    accelerate launch ... tests/probe.py [--nan-on-rank R] [--slow-exit-on-rank R] [--stop-after N] [--report DIR]
+    accelerate launch ... tests/probe.py [--nan-on-rank R] [--slow-exit-on-rank R] [--abort-at-exit-on-rank R] [--stop-after N] [--report DIR]
         stages/ppo.py ARGS
     accelerate launch ... tests/engines.py zero3 tests/probe.py --report DIR stages/sft.py ARGS
 
@@ -9,6 +9,8 @@
 --slow-exit-on-rank R
                   process R takes 3 s more to exit, late in the interpreter's shutdown, after its stage
                   has returned or failed (as torch's teardown can on a busy machine)
+--abort-at-exit-on-rank R
+                  process R aborts (SIGABRT) in the interpreter's shutdown, after its stage has succeeded
 --stop-after N    every process asks its stage to stop (as Ctrl-C does) once PPO iteration N / Trainer
                   step N is done: the stage saves a checkpoint there and exits 130
 --report DIR      DIR/rank<R>.jsonl gets a line for each model `from_pretrained` loads (is it partitioned
@@ -36,6 +38,7 @@ import torch
 parser = argparse.ArgumentParser()
 parser.add_argument("--nan-on-rank")
 parser.add_argument("--slow-exit-on-rank")
+parser.add_argument("--abort-at-exit-on-rank")
 parser.add_argument("--stop-after", type=int)
 parser.add_argument("--report", type=Path)
 args, rest = parser.parse_known_args()
@@ -73,6 +76,18 @@ class SlowExit:
 
 if args.slow_exit_on_rank == rank:
     slow_exit = SlowExit()
+
+
+class AbortAtExit:
+    """Aborts the process when the interpreter clears this module, as a C++ object destroyed in the
+    teardown can (gloo: "terminate called without an active exception")."""
+
+    def __del__(self, abort=os.abort):
+        abort()
+
+
+if args.abort_at_exit_on_rank == rank:
+    abort_at_exit = AbortAtExit()
 
 if args.stop_after is not None:
     from pipeline.checkpoints import StopOnSignal

@@ -35,8 +35,9 @@ def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | N
                             for p in (runs / "demo" / "ppo.partial" / "checkpoint").rglob("*") if p.is_file())
         resumed = launch(2, "stages/ppo.py", *args, engine=engine)
         assert f"resuming from the checkpoint at iteration {stop_after}/2" in resumed.stdout
-    else:
-        launch(2, "stages/ppo.py", *args, engine=engine, probe=("--report", str(runs / "report")))
+    else:  # a rank whose interpreter teardown would abort leaves before it (pipeline.cli.run)
+        launch(2, "stages/ppo.py", *args, engine=engine,
+               probe=("--report", str(runs / "report"), "--abort-at-exit-on-rank", "1"))
         checkpoint = None
     out = runs / "demo" / "ppo"
     return out, read_jsonl(out / "metrics.jsonl"), json.loads((out / "manifest.json").read_text())["metrics"], checkpoint
