@@ -79,9 +79,9 @@ def _exit_on_its_own() -> None:
     exited with an error (or after Ctrl-C, 130), elastic SIGTERMs the others, and a rank still leaving
     (saying its error, flushing, or in the interpreter's shutdown after an unexpected exception, where
     Python's own handlers are gone) would die of it: the launcher would report a kill, not the error
-    the rank had said, or the checkpoint it had saved. (A Python handler
-    cannot do better: finalisation resets it to the default, which is the kill. A rank that hung in its
-    shutdown is still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
+    the rank had said, or the checkpoint it had saved. (A Python handler cannot do better:
+    finalisation resets it to the default, which is the kill. A rank that hung in its shutdown is
+    still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

@@ -30,8 +30,7 @@ from pipeline import artifacts, cli, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
 from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
-from pipeline.rl.run import (RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models,
-                             optimizer_and_schedule, same_tokenizer)
+from pipeline.rl.run import RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models, optimizer_and_schedule
 from pipeline.rl.rollout import PromptIds, generate, sampling_config
 
 
@@ -107,7 +106,7 @@ def main(argv=None):
     reward_models = rewards.models()
     run.save_artifact(recipe, plan, tokenizer, sft_dir, {
         "engine": engine.name(acc), "advantage_estimator": cfg.advantage_estimator,
-        **({"reward_model_tokenizer": "shared" if same_tokenizer(tokenizer, reward_models[0].scorer.tokenizer)
+        **({"reward_model_tokenizer": "shared" if reward_models[0].policy_tokenizer
             else "own"} if reward_models else {})})
     acc.end_training()  # also tears down the process group: nothing collective after this
 

@@ -24,15 +24,14 @@ def byte_level_tokenizer(specials: list[str], vocab_size: int = 400, split: str 
     have it) before a byte-level step; trained on chat-shaped text too, so that under `split` blank
     lines ("\\n\\n") are one token, as in those families."""
     tok = Tokenizer(models.BPE())
+    tok.decoder = decoders.ByteLevel()
+    texts = list(corpus(CORPUS)) + ["\n[user] [assistant] user\nassistant\n"] * 10
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    texts = list(corpus(CORPUS)) + ["\n[user] [assistant] user\nassistant\n"] * 10
-    if split is not None:
         texts += ["user\n\nreview the film .\n\nassistant\n\n"] * 100
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))

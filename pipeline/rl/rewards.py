@@ -194,11 +194,11 @@ class ModelReward:
     reward model with its own tokenizer."""
 
     def __init__(self, scorer: RewardScorer, path: str):
-        self.scorer, self.path, self.closing = scorer, path, None
+        self.scorer, self.path, self.closing, self.policy_tokenizer = scorer, path, None, False
 
     def reads_policy_ids(self) -> None:
         """The policy's tokenizer is this reward model's (`run.same_tokenizer`): find the closing."""
-        tokenizer = self.scorer.tokenizer
+        tokenizer, self.policy_tokenizer = self.scorer.tokenizer, True
         self.closing = turn_closing(tokenizer)
         # the tokenizer splits text at its added tokens; a response holding one (special or not: a
         # template may act on a non-special `</think>`) or any special token is rendered from its text
