@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import sys
+import traceback
 from typing import Callable
 
 from pipeline import artifacts
@@ -29,19 +30,40 @@ def run(main: Callable[[], object]) -> None:
     """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`, and
     exit code 1; with RLHF_DEBUG=1 in the environment the traceback is shown as well.
 
-    A rank torch elastic started (several processes) whose stage succeeded (every rank has passed
-    its last barrier, nothing collective is in flight) then leaves at once, after the atexit handlers,
-    without the interpreter's teardown: there gloo's and other libraries' C++ objects are destroyed in
-    no set order, and a thread still joinable can abort the rank ("terminate called without an active
-    exception", SIGABRT, seen once in CI): the launcher would report a finished run failed. A stage
-    that stopped (an error, a checkpoint on request) exits the ordinary way: another rank may still
-    be on its way out of a collective."""
-    _run(main)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        atexit._run_exitfuncs()  # what the interpreter runs first at exit (logging's flush, finalizers)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    A process of a multi-process run leaves at its stage's end, however it ends (done, an error,
+    stopped on request), with the stage's exit code, after the atexit handlers but without the
+    interpreter's teardown, and never tears the process group down. Freeing a gloo process group
+    joins its worker threads with the GIL held, and a worker that has not yet let go of the last
+    collective's tensor needs the GIL to do so: a deadlock (seen on a busy machine after a NaN: the
+    rank hung until torch elastic SIGKILLed it). And in the teardown gloo's and other libraries' C++
+    objects are destroyed in no set order ("terminate called without an active exception" aborted a
+    finished rank). Either way the launcher would report a kill, not what the stage said. By then
+    every rank has passed its stage's last collective or stopped taking part: the group has nothing
+    left to do."""
+    try:
+        _run(main)
+    except SystemExit as e:
+        _leave_if_multi_process(e.code)
+        raise
+    except BaseException:
+        if _multi_process():
+            traceback.print_exc()
+            _leave_if_multi_process(1)
+        raise
+    _leave_if_multi_process(0)
+
+
+def _leave_if_multi_process(code: int | str | None) -> None:
+    """`sys.exit(code)` in effect, without the interpreter's teardown, in a process of a multi-process
+    run (see `run`); otherwise nothing: the caller exits the ordinary way."""
+    if not _multi_process():
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit (logging's flush, finalizers)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if isinstance(code, str) else code or 0)
 
 
 def _run(main: Callable[[], object]) -> None:
@@ -71,19 +93,24 @@ def _run(main: Callable[[], object]) -> None:
     finally:
         _exit_on_its_own()
         artifacts.release_locks()
-        _end_process_group()
 
 
 def _exit_on_its_own() -> None:
     """A rank torch elastic started ignores SIGTERM once its stage has ended: as soon as one rank has
     exited with an error (or after Ctrl-C, 130), elastic SIGTERMs the others, and a rank still leaving
-    (saying its error, flushing, or in the interpreter's shutdown after an unexpected exception, where
-    Python's own handlers are gone) would die of it: the launcher would report a kill, not the error
-    the rank had said, or the checkpoint it had saved. (A Python handler cannot do better:
-    finalisation resets it to the default, which is the kill. A rank that hung in its shutdown is
-    still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
+    (saying its error, running the atexit handlers, flushing) would die of it: the launcher would
+    report a kill, not the error the rank had said, or the checkpoint it had saved. (A rank that hung
+    on its way out is still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _multi_process() -> bool:
+    """A process of a multi-process run: its launcher said so, or a process group is up. (torch is
+    only looked up, never imported, here: make's checks stay light.)"""
+    torch = sys.modules.get("torch")
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def _disk_full(e: BaseException | None) -> bool:
@@ -96,12 +123,3 @@ def _disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _end_process_group() -> None:
-    """Tear the process group down before the interpreter exits: left to exit-time destructors,
-    gloo's threads can abort a rank ("terminate called without an active exception") after the
-    stage has finished. torch is only looked up, never imported, here (make's checks stay light)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -74,8 +74,6 @@ def _launch(argv: list[str]) -> int:
             return 130
         if not hasattr(e, "get_first_failure"):  # ChildFailedError names each failed rank
             raise
-        if not hasattr(e, "get_first_failure"):
-            raise
         codes = {rank: _exit_code(failure.exitcode) for rank, failure in sorted(e.failures.items())}
         for rank, code in codes.items():
             if code not in (1, 130):  # 1: a reported error, 130: stopped on request; else a crash or a kill

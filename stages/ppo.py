@@ -99,7 +99,7 @@ def main(argv=None):
         if interrupted:
             acc.print(f"ppo: interrupted; checkpoint saved at iteration {iteration + 1}/{schedule.iterations}. "
                       f"Run `make ppo` again (same recipe) to resume.")
-            acc.end_training()
+            run.end_trackers()
             raise SystemExit(130)
 
     stop.restore()
@@ -108,7 +108,7 @@ def main(argv=None):
         "engine": engine.name(acc), "advantage_estimator": cfg.advantage_estimator,
         **({"reward_model_tokenizer": "shared" if reward_models[0].policy_tokenizer
             else "own"} if reward_models else {})})
-    acc.end_training()  # also tears down the process group: nothing collective after this
+    run.end_trackers()
 
 
 if __name__ == "__main__":

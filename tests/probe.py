@@ -1,14 +1,21 @@
 """Test-only: run a stage script with faults planted or its engine-side state reported, in each process.
 
-    accelerate launch ... tests/probe.py [--nan-on-rank R] [--slow-exit-on-rank R] [--abort-at-exit-on-rank R] [--stop-after N] [--report DIR]
+    accelerate launch ... tests/probe.py [--nan-on-rank R] [--slow-exit-on-rank R] [--busy-gloo-at-exit-on-rank R]
+        [--abort-at-exit-on-rank R] [--stop-after N] [--report DIR]
         stages/ppo.py ARGS
     accelerate launch ... tests/engines.py zero3 tests/probe.py --report DIR stages/sft.py ARGS
 
 --nan-on-rank R   the value loss is NaN on process R only, from its first optimiser step (a fault the
                   other processes do not see)
 --slow-exit-on-rank R
-                  process R takes 3 s more to exit, late in the interpreter's shutdown, after its stage
-                  has returned or failed (as torch's teardown can on a busy machine)
+                  process R takes 3 s more to exit, in its atexit handlers, after its stage has returned
+                  or failed (as flushing and libraries' exit hooks can on a busy machine)
+--busy-gloo-at-exit-on-rank R
+                  when process R's stage has failed (its locks are released), an all-reduce the other
+                  processes never join is left in gloo's worker thread, which holds its tensor until the
+                  others have exited: a worker that has not yet let go of the last collective's tensor
+                  when the process group is torn down, as on a busy machine (tearing it down joins that
+                  thread with the GIL held, and the thread needs the GIL to let go: a deadlock)
 --abort-at-exit-on-rank R
                   process R aborts (SIGABRT) in the interpreter's shutdown, after its stage has succeeded
 --stop-after N    every process asks its stage to stop (as Ctrl-C does) once PPO iteration N / Trainer
@@ -18,6 +25,7 @@
                   the value network's parameters are whole while the policy generates, and whether decoding
                   was asked to be synced over the processes), and one at exit naming which of the
                   libraries only some runs need (peft, bitsandbytes, deepspeed, matplotlib) were imported
+                  and whether the process group is still up
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import torch
 parser = argparse.ArgumentParser()
 parser.add_argument("--nan-on-rank")
 parser.add_argument("--slow-exit-on-rank")
+parser.add_argument("--busy-gloo-at-exit-on-rank")
 parser.add_argument("--abort-at-exit-on-rank")
 parser.add_argument("--stop-after", type=int)
 parser.add_argument("--report", type=Path)
@@ -63,19 +72,18 @@ if args.nan_on_rank == rank:
     real_value_loss = pipeline.rl.ppo.value_loss
     pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
 
-
-
-class SlowExit:
-    """Destroyed when the interpreter clears this module, late in its shutdown: after atexit and after
-    Python's signal handlers are gone (a signal then has its default effect), where torch's and gloo's
-    teardown can take seconds on a busy machine."""
-
-    def __del__(self, sleep=time.sleep):
-        sleep(3)
-
-
 if args.slow_exit_on_rank == rank:
-    slow_exit = SlowExit()
+    atexit.register(time.sleep, 3)  # before the stage's own handlers: run after them (last in, first out)
+
+
+if args.busy_gloo_at_exit_on_rank == rank:
+    import pipeline.artifacts
+    real_release_locks = pipeline.artifacts.release_locks
+
+    def release_locks():
+        real_release_locks()
+        torch.distributed.all_reduce(torch.ones(1), async_op=True)  # neither the work nor the tensor is kept here
+    pipeline.artifacts.release_locks = release_locks
 
 
 class AbortAtExit:
@@ -109,7 +117,8 @@ if args.report is not None:
     from transformers import modeling_utils
 
     OPTIONAL = ("peft", "bitsandbytes", "deepspeed", "matplotlib")
-    atexit.register(lambda: report(event="exit", imported=[m for m in OPTIONAL if m in sys.modules]))
+    atexit.register(lambda: report(event="exit", imported=[m for m in OPTIONAL if m in sys.modules],
+                                   process_group_up=torch.distributed.is_initialized()))
 
     import pipeline.engine
     real_load = modeling_utils.PreTrainedModel.from_pretrained.__func__

@@ -174,12 +174,15 @@ def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):
     stop within seconds with one line naming the metric and the iteration (without the agreement,
     process 0 waits in backward's gradient all-reduce for the process-group timeout). Process 0, which
     says the line, is the slower to exit: torch elastic SIGTERMs it as soon as process 1 has exited,
-    and that must not turn its error into a kill."""
+    and that must not turn its error into a kill. Process 1 leaves while gloo's worker thread still
+    holds a collective's tensor (as it can for a moment on a busy machine): tearing the process group
+    down would deadlock it until elastic SIGKILLs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     started = time.time()
     run = subprocess.run([sys.executable, "-m", "pipeline.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "tests/probe.py", "--nan-on-rank", "1", "--slow-exit-on-rank", "0", "stages/ppo.py", *ppo_args(runs_with_rm)],
+                          "tests/probe.py", "--nan-on-rank", "1", "--slow-exit-on-rank", "0",
+                          "--busy-gloo-at-exit-on-rank", "1", "stages/ppo.py", *ppo_args(runs_with_rm)],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     elapsed = time.time() - started
     lines = run.stderr.strip().splitlines()

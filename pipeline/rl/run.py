@@ -215,6 +215,13 @@ class PPORun:
                 shutil.rmtree(old, ignore_errors=True)
             self.acc.wait_for_everyone()
 
+    def end_trackers(self) -> None:
+        """accelerate's trackers finish (their last writes flushed). Not `acc.end_training()`, which
+        also tears the process group down: freeing it later, with the models that hold it, can hang
+        a rank (see pipeline.cli.run)."""
+        for tracker in self.acc.trackers:
+            tracker.finish()
+
     def log(self, iteration: int, metrics: dict, episodes: int, exp, sample: bool) -> None:
         """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples with
         the score optimised, each source's and judge's own (and the reward model's, as `rm_score_raw`)."""
