@@ -37,9 +37,9 @@ def run(main: Callable[[], object]) -> None:
     collective's tensor needs the GIL to do so: a deadlock (seen on a busy machine after a NaN: the
     rank hung until torch elastic SIGKILLed it). And in the teardown gloo's and other libraries' C++
     objects are destroyed in no set order ("terminate called without an active exception" aborted a
-    finished rank). Either way the launcher would report a kill, not what the stage said. By then
-    every rank has passed its stage's last collective or stopped taking part: the group has nothing
-    left to do."""
+    finished rank). Either way the launcher would report a kill, not what the stage said. (A rank
+    leaving on an error of its own, with the others still in a collective, ends that collective for
+    them, as it did before: they fail on the closed connection, and the launcher stops them.)"""
     try:
         _run(main)
     except SystemExit as e:
@@ -47,7 +47,7 @@ def run(main: Callable[[], object]) -> None:
         raise
     except BaseException:
         if _multi_process():
-            traceback.print_exc()
+            _say(traceback.print_exc)
             _leave_if_multi_process(1)
         raise
     _leave_if_multi_process(0)
@@ -59,11 +59,22 @@ def _leave_if_multi_process(code: int | str | None) -> None:
     if not _multi_process():
         return
     if isinstance(code, str):
-        print(code, file=sys.stderr)
-    atexit._run_exitfuncs()  # what the interpreter runs first at exit (logging's flush, finalizers)
-    sys.stdout.flush()
-    sys.stderr.flush()
+        _say(lambda: print(code, file=sys.stderr))
+    # the atexit handlers (logging's flush, finalizers; skipped: the joining of non-daemon threads,
+    # which no stage starts)
+    atexit._run_exitfuncs()
+    _say(sys.stdout.flush)
+    _say(sys.stderr.flush)
     os._exit(1 if isinstance(code, str) else code or 0)
+
+
+def _say(write: Callable[[], object]) -> None:
+    """A write to the terminal that may fail (a closed terminal: EIO, EPIPE) without keeping the
+    process from leaving with its code."""
+    try:
+        write()
+    except OSError:
+        pass
 
 
 def _run(main: Callable[[], object]) -> None:

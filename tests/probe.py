@@ -9,7 +9,8 @@
                   other processes do not see)
 --slow-exit-on-rank R
                   process R takes 3 s more to exit, in its atexit handlers, after its stage has returned
-                  or failed (as flushing and libraries' exit hooks can on a busy machine)
+                  or failed (as flushing and libraries' exit hooks can on a busy machine), with SIGTERM's
+                  default action (a kill) unless the process ignores it
 --busy-gloo-at-exit-on-rank R
                   when process R's stage has failed (its locks are released), an all-reduce the other
                   processes never join is left in gloo's worker thread, which holds its tensor until the
@@ -72,8 +73,16 @@ if args.nan_on_rank == rank:
     real_value_loss = pipeline.rl.ppo.value_loss
     pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
 
+def slow_exit():
+    """Sleeps with SIGTERM's default action (a kill), as a process whose stage restored its own
+    handler on the way out has it, unless the process ignores SIGTERM."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(3)
+
+
 if args.slow_exit_on_rank == rank:
-    atexit.register(time.sleep, 3)  # before the stage's own handlers: run after them (last in, first out)
+    atexit.register(slow_exit)  # before the stage's own handlers: run after them (last in, first out)
 
 
 if args.busy_gloo_at_exit_on_rank == rank:
