@@ -73,6 +73,7 @@ if args.nan_on_rank == rank:
     real_value_loss = pipeline.rl.ppo.value_loss
     pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
 
+
 def slow_exit():
     """Sleeps with SIGTERM's default action (a kill), as a process whose stage restored its own
     handler on the way out has it, unless the process ignores SIGTERM."""
