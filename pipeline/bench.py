@@ -67,4 +67,4 @@ def _device() -> dict:
 
 
 if __name__ == "__main__":
-    cli.run(lambda: main(sys.argv[1:]))
+    cli.run_and_exit(lambda: main(sys.argv[1:]))

@@ -278,6 +278,11 @@ class PPOStage:
     None: the optimiser's micro-batch. Lower it to bound activation memory on large models."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (policy and value model): less memory, ~30% slower."""
+    remove_padding: bool = True
+    """The policy, value and reference forwards (scoring and update) read the real tokens only, not the
+    batch's padding: the same outputs to float rounding, the padding's share of the compute saved
+    (pipeline/rl/unpadded.py). Applies to models with SDPA attention (transformers' default); others,
+    and reward models, run padded."""
     ppo_epochs: int = ranged(4, ">= 1")
     """Passes over each rollout batch, re-shuffled every pass."""
     learning_rate: float = ranged(1.0e-5, "> 0")

@@ -53,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(lambda: main(sys.argv[1:]))
+    cli.run_and_exit(lambda: main(sys.argv[1:]))

@@ -247,4 +247,4 @@ def write_report(out, metrics, texts, prompts, settings, plots, n_samples):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run_and_exit(main)

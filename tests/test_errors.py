@@ -1,7 +1,7 @@
 """A user's first mistakes with models: each ends the stage with one line naming what to change,
 exit code 1, no traceback (RLHF_DEBUG=1 shows it), and nothing written.
 
-The stage runs in this process through `cli.run`, the wrapper the script's `__main__` uses (a
+The stage runs in this process through `cli.run`, which the script's `__main__` calls (a
 process start costs seconds of imports; test_make and test_faults check the one line at the
 terminal); the hub-id case runs as a process, as HF_HUB_OFFLINE is read when huggingface_hub is
 imported."""

@@ -169,6 +169,37 @@ def test_a_stage_error_through_make_is_its_one_line(tmp_path, base_model):
     assert "error: 'ppo.temperature': 0.0 is out of range: it must be > 0" in result.stderr
 
 
+EXITING_STAGE = """
+import atexit, sys, threading, time
+from pipeline import cli
+
+class Teardown:  # freed only by the interpreter's teardown
+    def __del__(self):
+        print("teardown", flush=True)
+
+kept = Teardown()
+
+def main():
+    atexit.register(lambda: print("atexit handler"))
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+    print("unflushed output", end="")
+    sys.exit(EXIT)
+
+cli.run_and_exit(main)
+"""
+
+
+@pytest.mark.parametrize("exit_with, code, said", [("None", 0, ""), ("130", 130, ""), ("'error: x'", 1, "error: x\n")])
+def test_a_stage_process_ends_with_its_code_and_output_but_without_the_teardown(exit_with, code, said):
+    """A stage script's process ends without the interpreter's teardown (0.7 s of the demo's PPO
+    stage), after what a normal exit does that anyone sees: threads waited for, atexit handlers,
+    output flushed, the exit code and its message."""
+    script = EXITING_STAGE.replace("EXIT", exit_with)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (code, said)
+    assert result.stdout.split("\n") == ["unflushed outputthread finished", "atexit handler", ""]
+
+
 def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):
     """The value loss is NaN on process 1 only: both processes agree on the check before backward and
     stop within seconds with one line naming the metric and the iteration (without the agreement,

@@ -24,7 +24,9 @@ from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinf
 from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_and_entropy, logprobs_of,
                                   masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
 from pipeline.rl.rewards import Rewards
+from pipeline.rl import unpadded
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
+from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
 
 
@@ -45,12 +47,17 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def token_values(model, input_ids, attention_mask) -> torch.Tensor:
-    """A sequence-classification model's score head applied at every position: (B, L)."""
+def response_values(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
+    """A sequence-classification model's score head applied at the positions that predict the
+    response tokens (where the policy's logits are read): (B, R)."""
     model = hf_model(model)
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                      use_cache=False).last_hidden_state
+    if layout is not None:
+        hidden = backbone(**layout.inputs(), use_cache=False).last_hidden_state[0, layout.predictors]
+        layout.check(model)
+    else:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False).last_hidden_state[:, -response_len - 1:-1]
     return model.score(hidden).squeeze(-1)
 
 
@@ -66,6 +73,7 @@ class PolicyAndValue(nn.Module):
         hidden = policy.config.get_text_config().hidden_size
         # float32 like every trained weight (autocast supplies the compute dtype)
         self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_head else None
+        self.unpadded = False  # see remove_padding
 
     @property
     def has_critic(self) -> bool:
@@ -73,21 +81,30 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_len: int):
         """Logits for the response tokens only (B, R, V), and per-token values (B, R) (None without a
-        value function)."""
-        if not self.has_critic:
-            return response_logits(self.policy, input_ids, attention_mask, response_len), None
+        value function). Unpadded (pipeline/rl/unpadded.py) where the models allow it."""
+        layout = Layout(input_ids, attention_mask, response_len) if self.unpadded else None
         if self.value_head is None:
-            logits = response_logits(self.policy, input_ids, attention_mask, response_len)
-            values = token_values(self.value_model, input_ids, attention_mask)
+            logits = response_logits(self.policy, input_ids, attention_mask, response_len, layout)
+            values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
+                      if self.value_model is not None else None)
+            return logits, values
+        keep = layout.predictors.flatten() if layout is not None else response_len + 1
+        inputs = layout.inputs() if layout is not None else dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        out = self.policy(**inputs, use_cache=False, logits_to_keep=keep, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        if layout is not None:
+            layout.check(self.policy)
+            logits, hidden = out.logits.view(*layout.predictors.shape, -1), hidden[0, layout.predictors]
         else:
-            out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask), use_cache=False,
-                              logits_to_keep=response_len + 1, output_hidden_states=True)
-            logits = out.logits[:, :-1]
-            hidden = out.hidden_states[-1]
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return logits, values[:, -response_len - 1:-1]
+            logits, hidden = out.logits[:, :-1], hidden[:, -response_len - 1:-1]
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
+    def remove_padding(self) -> bool:
+        """Run the forwards unpadded if every model allows it (`unpadded.enable`); whether they do."""
+        models = [hf_model(m) for m in (self.policy, self.value_model) if m is not None]
+        self.unpadded = all(unpadded.supports(m) for m in models) and all(unpadded.enable(m) for m in models)
+        return self.unpadded
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward; only active in train mode (see `disable_dropout`)."""

@@ -17,7 +17,9 @@ import torch
 from transformers import GenerationConfig
 
 from pipeline import data
+from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import logprobs_of, truncate_after_stop
+from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
 
 
@@ -128,9 +130,14 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, device,
                    texts=tokenizer.batch_decode(responses, skip_special_tokens=True))
 
 
-def response_logits(model, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+def response_logits(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
     """Logits that predict the response tokens (B, R, V): position t predicts token t + 1, and
-    `logits_to_keep` skips the lm_head over the prompt."""
+    `logits_to_keep` skips the lm_head over the prompt. With `layout`, the forward reads the real
+    tokens only (pipeline/rl/unpadded.py; the model's attention must be `unpadded.enable`d)."""
+    if layout is not None:
+        out = model(**layout.inputs(), use_cache=False, logits_to_keep=layout.predictors.flatten())
+        layout.check(model)
+        return out.logits.view(*layout.predictors.shape, -1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 use_cache=False, logits_to_keep=response_len + 1)
     return out.logits[:, :-1]
@@ -138,10 +145,13 @@ def response_logits(model, input_ids, attention_mask, response_len: int) -> torc
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int) -> torch.Tensor:
-    """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R)."""
+    """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R);
+    unpadded where the model's attention allows it (`unpadded.enabled`)."""
     R, out = rollout.responses.shape[1], []
     for i in range(0, len(rollout), batch_size):
         s = slice(i, i + batch_size)
-        logits = response_logits(model, rollout.query_responses[s], rollout.attention_mask[s], R)
+        ids, mask = rollout.query_responses[s], rollout.attention_mask[s]
+        layout = Layout(ids, mask, R) if unpadded.enabled(model) else None
+        logits = response_logits(model, ids, mask, R, layout)
         out.append(logprobs_of(logits, rollout.responses[s], temperature))
     return torch.cat(out) * rollout.response_mask

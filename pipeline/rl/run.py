@@ -21,6 +21,7 @@ from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout
+from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import Rewards, load_sources
 
@@ -59,7 +60,7 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
     policy = models.load_trained(AutoModelForCausalLM, sft_dir, cfg.finetune, cfg.dtype)
     reference = None
     if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
-        reference = engine.prepare_frozen(models.load_reference(sft_dir, dtype), acc)
+        reference = models.load_reference(sft_dir, dtype)
     else:
         from peft import get_peft_model  # (imports bitsandbytes: only runs with adapters pay for it)
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
@@ -85,6 +86,10 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
             from peft import get_peft_model
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
     model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
+    if cfg.remove_padding and model.remove_padding() and reference is not None:
+        unpadded.enable(reference)  # the policy's architecture: it can
+    if reference is not None:
+        reference = engine.prepare_frozen(reference, acc)
     models.upcast_trainable(model)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
@@ -247,7 +252,7 @@ class PPORun:
         """The policy (adapters merged) with its tokenizer, the value model, the recipe and the manifest.
         Under ZeRO-3 / FSDP2 the weights are consolidated first, with every rank taking part."""
         cfg, acc, out = recipe.ppo, self.acc, self.out
-        with self.timed("saving"):
+        with self.timed("saving"), engine.saving(acc):
             state = engine.full_state_dict(acc, self.model)  # on rank 0, float32; every rank takes part
             if acc.is_main_process:
                 unwrapped = engine.unwrap(acc, self.model)
