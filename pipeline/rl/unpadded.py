@@ -69,6 +69,7 @@ class Layout:
     def check(self, model) -> None:
         """Every layer of the model attended with the layout: a layer that did not (a forward that does
         not pass its keyword arguments on) would have attended across sequences."""
+        model = getattr(model, "module", model)  # a frozen reference's DeepSpeed engine
         layers = model.config.get_text_config().num_hidden_layers
         if self.attention_calls != layers:
             raise RuntimeError(f"{type(model).__name__}: {self.attention_calls} of its {layers} layers attended "
