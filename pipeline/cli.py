@@ -28,44 +28,24 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
     return load_recipe(args.recipe, args.overrides), args
 
 
-def run(main: Callable[[], object]) -> None:
-    """Run a stage's `main`: a mistake the user must fix ends it with one line, `error: ...`, and
-    exit code 1; with RLHF_DEBUG=1 in the environment the traceback is shown as well.
-
-    A process of a multi-process run leaves at its stage's end, however it ends (done, an error,
-    stopped on request), with the stage's exit code, after the atexit handlers but without the
-    interpreter's teardown, and never tears the process group down. Freeing a gloo process group
-    joins its worker threads with the GIL held, and a worker that has not yet let go of the last
-    collective's tensor needs the GIL to do so: a deadlock (seen on a busy machine after a NaN: the
-    rank hung until torch elastic SIGKILLed it). And in the teardown gloo's and other libraries' C++
-    objects are destroyed in no set order ("terminate called without an active exception" aborted a
-    finished rank). Either way the launcher would report a kill, not what the stage said. (A rank
-    leaving on an error of its own, with the others still in a collective, ends that collective for
-    them, as it did before: they fail on the closed connection, and the launcher stops them.)
-    A single process returns (or raises SystemExit) to its caller: see `run_and_exit` for scripts."""
-    try:
-        _run(main)
-    except SystemExit as e:
-        if _multi_process():
-            _leave(e.code)
-        raise
-    except BaseException:
-        if _multi_process():
-            _say(traceback.print_exc)
-            _leave(1)
-        raise
-    if _multi_process():
-        _leave(0)
-
-
 def run_and_exit(main: Callable[[], object]) -> NoReturn:
     """A stage script's entry point (`if __name__ == "__main__"`): `run`, then the process ends with
-    the stage's exit code the way a multi-process rank does (`_leave`): without the interpreter's
-    teardown, which frees every module, tensor and object one by one and then runs the C++ libraries'
-    static destructors. Everything the stage writes is closed or flushed by then (its own files, the
-    trackers it ends, logging's atexit flush), so the teardown does no work anyone sees; it cost 0.7 s
-    of the demo's PPO stage, and as much in every stage and every process a test starts. An unexpected
-    exception prints its traceback and exits 1, as Python would."""
+    the stage's exit code however the stage ended (done, an error, stopped on request), after the
+    atexit handlers but without the interpreter's teardown (`_leave`), and never tears a process group
+    down.
+
+    In a multi-process run: freeing a gloo process group joins its worker threads with the GIL held,
+    and a worker that has not yet let go of the last collective's tensor needs the GIL to do so: a
+    deadlock (seen on a busy machine after a NaN: the rank hung until torch elastic SIGKILLed it). And
+    in the teardown gloo's and other libraries' C++ objects are destroyed in no set order ("terminate
+    called without an active exception" aborted a finished rank). Either way the launcher would report
+    a kill, not what the stage said. (A rank leaving on an error of its own, with the others still in a
+    collective, ends that collective for them: they fail on the closed connection, and the launcher
+    stops them.) In any process: the teardown frees every module, tensor and object one by one, and
+    everything the stage writes is closed or flushed before it (its own files, the trackers it ends,
+    logging's atexit flush), so it does no work anyone sees; it cost 0.7 s of the demo's PPO stage, and
+    as much in every stage and every process a test starts. An unexpected exception prints its
+    traceback and exits 1, as Python would."""
     try:
         run(main)
     except SystemExit as e:
@@ -102,7 +82,10 @@ def _say(write: Callable[[], object]) -> None:
         pass
 
 
-def _run(main: Callable[[], object]) -> None:
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's `main` in this process: a mistake the user must fix ends it with one line,
+    `error: ...`, and exit code 1 (SystemExit); with RLHF_DEBUG=1 in the environment the traceback is
+    shown as well. Scripts call it through `run_and_exit`."""
     try:
         main()
     except UserError as e:
@@ -139,14 +122,6 @@ def _exit_on_its_own() -> None:
     on its way out is still ended: elastic SIGKILLs what is left 30 s after its SIGTERM.)"""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _multi_process() -> bool:
-    """A process of a multi-process run: its launcher said so, or a process group is up. (torch is
-    only looked up, never imported, here: make's checks stay light.)"""
-    torch = sys.modules.get("torch")
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-        torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def _disk_full(e: BaseException | None) -> bool:

@@ -35,7 +35,7 @@ def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | N
                             for p in (runs / "demo" / "ppo.partial" / "checkpoint").rglob("*") if p.is_file())
         resumed = launch(2, "stages/ppo.py", *args, engine=engine)
         assert f"resuming from the checkpoint at iteration {stop_after}/2" in resumed.stdout
-    else:  # a rank whose interpreter teardown would abort leaves without it (pipeline.cli.run)
+    else:  # a rank whose interpreter teardown would abort leaves without it (pipeline.cli.run_and_exit)
         launch(2, "stages/ppo.py", *args, engine=engine,
                probe=("--report", str(runs / "report"), "--abort-at-exit-on-rank", "1"))
         checkpoint = None
@@ -65,7 +65,7 @@ def test_full_fine_tuning_imports_what_only_other_runs_need_on_no_rank(ddp):
 def test_a_finished_rank_leaves_with_its_process_group_up(ddp):
     """The stage leaves the process group to the process's exit (accelerate's end_training would tear
     it down): freed later, with the models that hold it, it joins gloo's workers with the GIL held,
-    which can hang a rank (pipeline.cli.run). Rank 1 also aborts in the interpreter's teardown
+    which can hang a rank (pipeline.cli.run_and_exit). Rank 1 also aborts in the interpreter's teardown
     (tests/probe.py), which a finished rank never reaches: the run succeeded all the same."""
     runs = ddp[0].parents[1]
     assert [r["process_group_up"] for rank in (0, 1) for r in report(runs, rank, "exit")] == [True, True]
@@ -127,7 +127,7 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
         "check_shared(state, base / 'shared')\n"  # the same directory on every rank: fine
         "try:\n    check_shared(state, base / f'node{state.process_index}')\n"
         "except ConfigError as e:\n    (base / f'rank{state.process_index}.txt').write_text(str(e))\n"
-        "import os\nos._exit(0)\n")  # leave as pipeline.cli.run does, without the process group's teardown
+        "import os\nos._exit(0)\n")  # leave as pipeline.cli.run_and_exit does, without the process group's teardown
     launch(2, str(script), str(tmp_path))
     for rank in (0, 1):  # both ranks stop, with the same message
         message = (tmp_path / f"rank{rank}.txt").read_text()

@@ -75,7 +75,7 @@ def test_unpadded_forward_and_backward_equal_the_padded_ones_on_the_real_tokens_
     for remove_padding in (False, True):
         model = PolicyAndValue(policy, value)
         disable_dropout(model)  # as the stage does (GPT-2's configs have dropout)
-        assert model.remove_padding() if remove_padding else not model.unpadded
+        assert unpadded.enable(policy, value) if remove_padding else not unpadded.enabled(policy)
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -129,8 +129,8 @@ def test_models_that_cannot_run_unpadded_run_padded():
     assert not unpadded.supports(AutoModelForCausalLM.from_config(windowed, attn_implementation="sdpa"))
     assert unpadded.supports(AutoModelForCausalLM.from_config(CONFIGS["mistral"](), attn_implementation="sdpa"))
     # a value model that cannot makes the policy run padded too (one layout per forward)
-    model = PolicyAndValue(decoder, value_model("llama", attn_implementation="eager"))
-    assert not model.remove_padding() and not unpadded.enabled(decoder)
+    assert not unpadded.enable(decoder, value_model("llama", attn_implementation="eager"))
+    assert not unpadded.enabled(decoder)
 
 
 def test_a_model_whose_attention_never_saw_the_layout_is_an_error_not_a_wrong_result():

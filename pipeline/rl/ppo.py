@@ -53,8 +53,7 @@ def response_values(model, input_ids, attention_mask, response_len: int, layout:
     model = hf_model(model)
     backbone = getattr(model, model.base_model_prefix)
     if layout is not None:
-        hidden = backbone(**layout.inputs(), use_cache=False).last_hidden_state[0, layout.predictors]
-        layout.check(model)
+        hidden = layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
     else:
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                           use_cache=False).last_hidden_state[:, -response_len - 1:-1]
@@ -73,7 +72,6 @@ class PolicyAndValue(nn.Module):
         hidden = policy.config.get_text_config().hidden_size
         # float32 like every trained weight (autocast supplies the compute dtype)
         self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_head else None
-        self.unpadded = False  # see remove_padding
 
     @property
     def has_critic(self) -> bool:
@@ -81,30 +79,23 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_len: int):
         """Logits for the response tokens only (B, R, V), and per-token values (B, R) (None without a
-        value function). Unpadded (pipeline/rl/unpadded.py) where the models allow it."""
-        layout = Layout(input_ids, attention_mask, response_len) if self.unpadded else None
+        value function). Unpadded (pipeline/rl/unpadded.py) where the models were enabled for it."""
+        layout = Layout(input_ids, attention_mask, response_len) if unpadded.enabled(self.policy) else None
         if self.value_head is None:
             logits = response_logits(self.policy, input_ids, attention_mask, response_len, layout)
             values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
                       if self.value_model is not None else None)
             return logits, values
-        keep = layout.predictors.flatten() if layout is not None else response_len + 1
-        inputs = layout.inputs() if layout is not None else dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-        out = self.policy(**inputs, use_cache=False, logits_to_keep=keep, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
         if layout is not None:
-            layout.check(self.policy)
-            logits, hidden = out.logits.view(*layout.predictors.shape, -1), hidden[0, layout.predictors]
+            out = layout.forward(self.policy, use_cache=False, logits_to_keep=layout.predictors.flatten(),
+                                 output_hidden_states=True)
+            logits, hidden = out.logits.view(*layout.predictors.shape, -1), out.hidden_states[-1][0, layout.predictors]
         else:
-            logits, hidden = out.logits[:, :-1], hidden[:, -response_len - 1:-1]
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False,
+                              logits_to_keep=response_len + 1, output_hidden_states=True)
+            logits, hidden = out.logits[:, :-1], out.hidden_states[-1][:, -response_len - 1:-1]
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-
-    def remove_padding(self) -> bool:
-        """Run the forwards unpadded if every model allows it (`unpadded.enable`); whether they do."""
-        models = [hf_model(m) for m in (self.policy, self.value_model) if m is not None]
-        self.unpadded = all(unpadded.supports(m) for m in models) and all(unpadded.enable(m) for m in models)
-        return self.unpadded
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward; only active in train mode (see `disable_dropout`)."""

@@ -135,8 +135,7 @@ def response_logits(model, input_ids, attention_mask, response_len: int, layout:
     `logits_to_keep` skips the lm_head over the prompt. With `layout`, the forward reads the real
     tokens only (pipeline/rl/unpadded.py; the model's attention must be `unpadded.enable`d)."""
     if layout is not None:
-        out = model(**layout.inputs(), use_cache=False, logits_to_keep=layout.predictors.flatten())
-        layout.check(model)
+        out = layout.forward(model, use_cache=False, logits_to_keep=layout.predictors.flatten())
         return out.logits.view(*layout.predictors.shape, -1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 use_cache=False, logits_to_keep=response_len + 1)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, to_dict
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import Rewards, load_sources
@@ -85,9 +85,9 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
         if cfg.finetune != "full":
             from peft import get_peft_model
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
+    if cfg.remove_padding:  # all of them or none (a forward's layout serves the policy and value model)
+        unpadded.enable(*(hf_model(m) for m in (policy, value_model, reference) if m is not None))
     model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
-    if cfg.remove_padding and model.remove_padding() and reference is not None:
-        unpadded.enable(reference)  # the policy's architecture: it can
     if reference is not None:
         reference = engine.prepare_frozen(reference, acc)
     models.upcast_trainable(model)
@@ -223,7 +223,7 @@ class PPORun:
     def end_trackers(self) -> None:
         """accelerate's trackers finish (their last writes flushed). Not `acc.end_training()`, which
         also tears the process group down: freeing it later, with the models that hold it, can hang
-        a rank (see pipeline.cli.run)."""
+        a rank (see pipeline.cli.run_and_exit)."""
         for tracker in self.acc.trackers:
             tracker.finish()
 

@@ -57,23 +57,21 @@ class Layout:
         starts = lengths.cumsum(0) - lengths
         index = (starts.unsqueeze(1) + position).clamp(min=0)  # right padding: the last real token's
         self.predictors = index[:, -response_len - 1:-1]
-        self.attention_calls = 0
+        self.attention_calls = 0  # by `attention`, during `forward`
 
-    def inputs(self) -> dict:
-        """The model's keyword arguments for the unpadded forward (no attention mask: `unpadded` says
-        where each sequence is). Called right before each model's forward (see `check`)."""
+    def forward(self, model, **kwargs):
+        """`model`'s forward on the real tokens (no attention mask: `unpadded` says where each sequence
+        is), checked: every layer must have attended with the layout. A layer that did not (a forward
+        that does not pass its keyword arguments on) would have attended across sequences."""
         self.attention_calls = 0
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": None,
-                "unpadded": self}
-
-    def check(self, model) -> None:
-        """Every layer of the model attended with the layout: a layer that did not (a forward that does
-        not pass its keyword arguments on) would have attended across sequences."""
-        model = getattr(model, "module", model)  # a frozen reference's DeepSpeed engine
-        layers = model.config.get_text_config().num_hidden_layers
+        out = model(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None, unpadded=self,
+                    **kwargs)
+        config = getattr(model, "module", model).config  # (through a frozen model's DeepSpeed engine)
+        layers = config.get_text_config().num_hidden_layers
         if self.attention_calls != layers:
             raise RuntimeError(f"{type(model).__name__}: {self.attention_calls} of its {layers} layers attended "
                                f"unpadded, so it cannot run unpadded: set ppo.remove_padding=false")
+        return out
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """(1, H, N, D) per-token heads -> (B, H, width, D) one right-padded row per sequence."""
@@ -135,15 +133,16 @@ def supports(model) -> bool:
             and (not window or config.model_type in WINDOW_PASSED))
 
 
-def enable(model) -> bool:
-    """Switch `model` to `rlhf_sdpa` if it `supports` it; whether it did."""
-    if not supports(model):
+def enable(*models) -> bool:
+    """Switch every one of `models` (transformers models) to `rlhf_sdpa` if every one `supports` it
+    (the policy and value model share each forward's layout); whether they were."""
+    if not all(supports(m) for m in models):
         return False
-    model.set_attn_implementation(ATTENTION)
+    for m in models:
+        m.set_attn_implementation(ATTENTION)
     return True
 
 
 def enabled(model) -> bool:
     """Whether `model` (peft's or a frozen model's DeepSpeed engine around it, or none) runs unpadded."""
-    model = getattr(model, "module", model)
-    return model.config.get_text_config()._attn_implementation == ATTENTION
+    return getattr(model, "module", model).config.get_text_config()._attn_implementation == ATTENTION
