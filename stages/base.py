@@ -13,11 +13,16 @@ from __future__ import annotations
 import json
 import time
 
+from pipeline import cli
+
+if __name__ == "__main__":  # this stage's own process: before the libraries load
+    cli.defer_full_collections()
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline import cli, plans
+from pipeline import plans
 
 EOS, PAD, UNK = "<|end|>", "<|pad|>", "<|unk|>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]

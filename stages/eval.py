@@ -21,10 +21,15 @@ import math
 import time
 from pathlib import Path
 
+from pipeline import cli
+
+if __name__ == "__main__":  # this stage's own process: before the libraries load
+    cli.defer_full_collections()
+
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline import artifacts, cli, data, models, plans, report
+from pipeline import artifacts, data, models, plans, report
 from pipeline.dist import open_stage
 from pipeline.metrics import peak_memory_mb
 from pipeline.rl.rewards import Rewards, load_sources

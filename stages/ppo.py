@@ -23,10 +23,15 @@ from __future__ import annotations
 
 import time
 
+from pipeline import cli
+
+if __name__ == "__main__":  # this stage's own process: before the libraries load
+    cli.defer_full_collections()
+
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from pipeline import artifacts, cli, data, engine, models, plans
+from pipeline import artifacts, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
 from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
@@ -74,12 +79,12 @@ def main(argv=None):
     for iteration in bar:
         with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
             indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
-            batch = [prompts[i] for i in indices]
+            batch = data.take(prompts, indices)
             with engine.for_generation(model, acc) as unwrapped, acc.autocast():
                 rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device, prompt_ids(indices))
         with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
             with acc.autocast():
-                exp = score(rollout, {k: [v[i] for i in indices] for k, v in columns.items()}, model, reference,
+                exp = score(rollout, {k: data.take(v, indices) for k, v in columns.items()}, model, reference,
                             rewards, judges, cfg, score_norm, cfg.forward_batch)
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value)

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import time
 
+from pipeline import cli
+
+if __name__ == "__main__":  # this stage's own process: before the libraries load
+    cli.defer_full_collections()
+
 import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import extract_prompt
 
-from pipeline import artifacts, checkpoints, cli, data, engine, models, plans, scoring
+from pipeline import artifacts, checkpoints, data, engine, models, plans, scoring
 from pipeline.config import to_dict, trl_args
 from pipeline.dist import open_stage
 from pipeline.scoring import RewardScorer, load_callable

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import time
 
+from pipeline import cli
+
+if __name__ == "__main__":  # this stage's own process: before the libraries load
+    cli.defer_full_collections()
+
 import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, checkpoints, cli, data, engine, models
+from pipeline import artifacts, checkpoints, data, engine, models
 from pipeline.dist import open_stage
 from pipeline.config import to_dict, trl_args
 

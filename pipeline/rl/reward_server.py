@@ -21,11 +21,16 @@ import argparse
 import sys
 import threading
 
+from pipeline import cli
+
+if __name__ == "__main__":  # the server's process: before the libraries load
+    cli.defer_full_collections()
+
 import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from pipeline import artifacts, cli, models, plans
+from pipeline import artifacts, models, plans
 from pipeline.config import UserError
 from pipeline.scoring import RewardScorer, load_reward_model
 

@@ -99,13 +99,14 @@ class PromptIds:
     kept for the run (a run draws each prompt once per epoch, a group estimator k times in a row), in
     4 bytes a token (a list of Python ints would take ~36: 700 MB for 100k prompts of 200 tokens)."""
 
-    def __init__(self, tokenizer, prompts: list):
+    def __init__(self, tokenizer, prompts):
+        """`prompts`: `data.load_prompts`' column (or a list)."""
         self.tokenizer, self.prompts, self.ids = tokenizer, prompts, {}
 
     def __call__(self, indices: list[int]) -> list[list[int]]:
-        for i in indices:
-            if i not in self.ids:
-                self.ids[i] = array("i", prompt_ids(self.tokenizer, self.prompts[i]))
+        new = [i for i in dict.fromkeys(indices) if i not in self.ids]
+        for i, prompt in zip(new, data.take(self.prompts, new)):
+            self.ids[i] = array("i", prompt_ids(self.tokenizer, prompt))
         return [self.ids[i].tolist() for i in indices]
 
 

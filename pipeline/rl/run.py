@@ -295,8 +295,8 @@ class PPORun:
             "score_first": history[0]["objective/scores"], "iterations": len(history),
             "lr_middle": history[len(history) // 2]["lr"], "processes": self.acc.num_processes,
             "episodes_per_s_median": median("episodes_per_s"), "tokens_per_s_median": median("tokens_per_s"),
-            "time_split_s": {"startup": round(self.seconds["startup"], 1), "saving": round(self.seconds["saving"], 1),
-                             **{k: round(sum(h[f"time/{k}_s"] for h in history), 1)
+            "time_split_s": {"startup": round(self.seconds["startup"], 2), "saving": round(self.seconds["saving"], 2),
+                             **{k: round(sum(h[f"time/{k}_s"] for h in history), 2)
                                 for k in ("generate", "score", "optimise")}},
             "peak_memory_mb": round(max(h["peak_memory_mb"] for h in history), 1),
             "trainable_parameters": sum(models.numel(p) for p in unwrapped.parameters() if p.requires_grad),
