@@ -29,16 +29,21 @@ def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argp
     return load_recipe(args.recipe, args.overrides), args
 
 
-_GC_THRESHOLDS = gc.get_threshold()
+_deferred_from: tuple[int, ...] | None = None  # the collector's thresholds before `defer_full_collections`
 
 
 def defer_full_collections() -> None:
-    """A script's first call (`if __name__ == "__main__"`, before the libraries it imports): while
+    """The first call of a script that loads the ML libraries (under `if __name__ == "__main__"`). While
     torch, transformers and datasets load (~400k objects), CPython's full collections, each a scan of
-    every object loaded so far, took 0.3 s of every process's start; the young generations'
-    collections, which find the garbage of loading, go on. `run_and_exit` freezes what was loaded
-    (no later collection scans it: 0.1 s of a demo PPO run) and puts the thresholds back."""
-    gc.set_threshold(*_GC_THRESHOLDS[:2], 1 << 30)
+    every object loaded so far, took 0.3 s of every process's start. Here they wait (the third
+    threshold of the generational collector, CPython up to 3.13: a no-op where a collector ignores
+    it); the young generations' collections go on. `run_and_exit` then freezes what was loaded, so
+    that no later collection scans it (0.1 s of a demo PPO run), and puts the thresholds back. The
+    loading's garbage frozen with it is small: a full collection at that point finds 190 objects
+    (demo PPO stage; the collection would cost 0.13 s)."""
+    global _deferred_from
+    _deferred_from = gc.get_threshold()
+    gc.set_threshold(*_deferred_from[:2], 1 << 30)
 
 
 def run_and_exit(main: Callable[[], object]) -> NoReturn:
@@ -60,7 +65,8 @@ def run_and_exit(main: Callable[[], object]) -> NoReturn:
     as much in every stage and every process a test starts. An unexpected exception prints its
     traceback and exits 1, as Python would."""
     gc.freeze()  # what the script imported (see defer_full_collections)
-    gc.set_threshold(*_GC_THRESHOLDS)
+    if _deferred_from is not None:
+        gc.set_threshold(*_deferred_from)
     try:
         run(main)
     except SystemExit as e:

@@ -75,6 +75,7 @@ def load(spec: DatasetSpec) -> Dataset:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[spec.split]
+        ds = ds.with_format(None)  # a saved format (numpy, torch) would give arrays, not the rows as they are
     elif path.is_dir():  # a folder of data files
         ds = datasets.load_dataset(str(path), spec.name, split=spec.split)
     elif spec.path.startswith((".", "/")) or path.suffix.lower() in LOADERS:

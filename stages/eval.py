@@ -112,7 +112,7 @@ def main(argv=None):
 
     prompts, columns = data.load_prompts(cfg.prompts)
     device, dtype = state.device, models.resolve_dtype(recipe.ppo.dtype)
-    forward_batch = recipe.ppo.forward_batch  # KL forwards in PPO's micro-batches: bounded logits memory
+    forward_batch = recipe.ppo.forward_batch  # KL forwards as PPO scores: bounded logits memory
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     scores = scorers(recipe, dtype, device, cfg.batch_size)  # what PPO optimised, the judges, the gold judge

@@ -93,7 +93,8 @@ def runs_with_rm(tmp_path, rm_run) -> Path:
 
 # A short PPO run: 6 iterations of 32 rollouts.
 PPO_RUN = ["ppo.total_episodes=192", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.ppo_epochs=2",
-           "ppo.max_new_tokens=16", "ppo.save_every=2", "ppo.sample_every=2"]
+           "ppo.max_new_tokens=16", "ppo.save_every=2", "ppo.sample_every=2",
+           "ppo.forward_batch_size=8"]  # scoring in several forwards (the demo's 32 would be one), under every engine
 
 
 def ppo_args(runs_dir: Path, *extra: str) -> list[str]:

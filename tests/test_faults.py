@@ -202,8 +202,8 @@ def test_a_stage_process_ends_with_its_code_and_output_but_without_the_teardown(
 
 GC_WATCH = """
 import atexit, gc, runpy, sys
-full = []  # the full collections, and how many objects were frozen when each began
-gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and full.append(gc.get_freeze_count()))
+full = []
+gc.callbacks.append(lambda phase, info: phase == "start" and info["generation"] == 2 and full.append(1))
 before = gc.get_threshold()
 atexit.register(lambda: print(len(full), gc.get_freeze_count(), gc.get_threshold() == before))
 sys.argv = ["SCRIPT", "--help"]
@@ -215,13 +215,15 @@ runpy.run_path("SCRIPT", run_name="__main__")
                                     "pipeline/rl/reward_server.py"])
 def test_a_script_s_process_loads_its_libraries_without_full_collections(script):
     """While a script imports torch, transformers and datasets (~400k objects), no full collection
-    scans them (six did, 0.3 s of each process's start); then they are frozen, so none scans them later,
-    and the collector's thresholds are back to what they were."""
+    scans them (six did, 0.3 s of each process's start; CPython's generational collector, up to 3.13);
+    then they are frozen, so none scans them later, and the collector's thresholds are back."""
     result = subprocess.run([sys.executable, "-c", GC_WATCH.replace("SCRIPT", script)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     collections, frozen, thresholds_back = result.stdout.split()[-3:]
-    assert collections == "0" and int(frozen) > 100_000 and thresholds_back == "True", result.stdout[-500:]
+    assert int(frozen) > 100_000 and thresholds_back == "True", result.stdout[-500:]
+    if sys.version_info < (3, 14):  # 3.14's incremental collector has no full collections to defer
+        assert collections == "0", result.stdout[-500:]
 
 
 def test_a_nan_on_one_process_stops_every_process_at_once(runs_with_rm):

@@ -50,6 +50,16 @@ def test_ppo_full_raises_the_reward_with_bounded_kl(runs_with_rm, tmp_path):
     assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "shared"
 
 
+def test_the_stage_reads_its_prompts_a_batch_at_a_time(runs_with_rm, monkeypatch):
+    """Each iteration takes its prompts (and the ids of those drawn for the first time) from the
+    arrow-backed prompt column in one read each, never row by row (64 reads an iteration before)."""
+    from datasets.arrow_dataset import Column
+    reads, read = [], Column.__getitem__
+    monkeypatch.setattr(Column, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
+    ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=64"))
+    assert [len(key) for key in reads] == [32, 32, 32, 32]  # two iterations: prompts, new prompts' ids
+
+
 def test_the_raw_score_and_the_missing_stop_penalty_are_logged_apart(runs_with_rm):
     """Responses cut at 3 tokens rarely stop: the penalty shows, and optimised = raw - penalty."""
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=64", "ppo.max_new_tokens=3", "ppo.missing_stop_penalty=2.0"))
