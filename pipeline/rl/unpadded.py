@@ -77,7 +77,8 @@ class Layout:
         """(1, H, N, D) per-token heads -> (B, H, width, D) one right-padded row per sequence."""
         heads, _, dim = x.shape[1:]
         flat = x[0].transpose(0, 1)  # (N, H, D)
-        rows = flat.new_zeros(self.rows * self.width, heads, dim).index_copy(0, self.slots, flat)
+        # in place: `index_copy` would first copy the zeros into another buffer of the rows' size
+        rows = flat.new_zeros(self.rows * self.width, heads, dim).index_copy_(0, self.slots, flat)
         return rows.view(self.rows, self.width, heads, dim).transpose(1, 2)
 
     def tokens_of(self, out: torch.Tensor) -> torch.Tensor:
