@@ -25,7 +25,7 @@
                   over the processes: ZeRO-3's zero.Init), for each PPO rollout (which of the policy's and
                   the value network's parameters are whole while the policy generates, and whether decoding
                   was asked to be synced over the processes), and one at exit naming which of the
-                  libraries only some runs need (peft, bitsandbytes, deepspeed, matplotlib) were imported
+                  libraries only some runs need (peft, bitsandbytes, deepspeed, matplotlib, trl) were imported
                   and whether the process group is still up
 """
 
@@ -126,7 +126,7 @@ if args.stop_after is not None:
 if args.report is not None:
     from transformers import modeling_utils
 
-    OPTIONAL = ("peft", "bitsandbytes", "deepspeed", "matplotlib")
+    OPTIONAL = ("peft", "bitsandbytes", "deepspeed", "matplotlib", "trl")
     atexit.register(lambda: report(event="exit", imported=[m for m in OPTIONAL if m in sys.modules],
                                    process_group_up=torch.distributed.is_initialized()))
 

@@ -54,7 +54,8 @@ def ddp(rm_run, tmp_path_factory):
 
 def test_full_fine_tuning_imports_what_only_other_runs_need_on_no_rank(ddp):
     """peft and bitsandbytes (LoRA, QLoRA), deepspeed, matplotlib (eval's plots): about 2 s and 60 MB
-    of start-up in every process of a run that does not use them. Saving the artifact included:
+    of start-up in every process of a run that does not use them; trl (PPO needs its helpers for the
+    sharded engines and its Triton kernel on a GPU): 3.7 MB. Saving the artifact included:
     transformers' save_pretrained unwraps through accelerate, which imports deepspeed to recognise
     its engine (engine.saving skips that outside DeepSpeed runs)."""
     runs = ddp[0].parents[1]

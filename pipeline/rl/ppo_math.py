@@ -6,16 +6,24 @@ including the stop token) and 0 on padding; every reduction ignores padded posit
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-# trl's fused log-prob + entropy kernel, which the wrappers in trl.trainer.utils (selective_log_softmax,
-# selective_log_softmax_and_entropy) call on a GPU. Imported from trl.kernels, not through those
-# wrappers: trl.trainer.utils imports peft and with it bitsandbytes (~2 s and ~55 MB in every process,
-# every rank), which a full fine-tuning run never needs. Their CPU paths are two lines each, below.
-try:
-    from trl.kernels import selective_log_softmax_and_entropy as _fused_kernel
-except ImportError:  # no Triton (a CPU-only torch)
-    _fused_kernel = None
+
+@functools.cache
+def _fused_kernel():
+    """trl's fused log-prob + entropy kernel, which the wrappers in trl.trainer.utils (selective_log_softmax,
+    selective_log_softmax_and_entropy) call on a GPU; None without Triton (a CPU-only torch). Imported from
+    trl.kernels, not through those wrappers: trl.trainer.utils imports peft and with it bitsandbytes (~2 s
+    and ~55 MB in every process, every rank), which a full fine-tuning run never needs. Imported at the
+    first GPU logits: on a CPU the import loads trl only to fail (3.7 MB, 0.07 s). The wrappers' CPU
+    paths are two lines each, below."""
+    try:
+        from trl.kernels import selective_log_softmax_and_entropy
+    except ImportError:
+        return None
+    return selective_log_softmax_and_entropy
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -42,7 +50,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 def _fused(logits: torch.Tensor) -> bool:
     """trl's Triton kernel applies: logits on a GPU (it reads bf16 as is and computes in float32)."""
-    return _fused_kernel is not None and logits.device.type in ("cuda", "xpu") and logits.stride(-1) == 1
+    return logits.device.type in ("cuda", "xpu") and logits.stride(-1) == 1 and _fused_kernel() is not None
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +67,7 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
     update's path. Off a GPU a gather minus a logsumexp of the scaled float32 logits (which autograd
     keeps for backward: one (B, T, V) copy per micro-batch; the GPU kernel keeps none)."""
     if _fused(logits):
-        return _fused_kernel(logits, tokens, temperature=temperature)[0]
+        return _fused_kernel()(logits, tokens, temperature=temperature)[0]
     scaled = _scaled(logits, temperature)
     return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
 
@@ -69,7 +77,7 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     """`logprobs_of` and the entropy of the sampling distribution at each position ((B, T), float32)
     in one pass over the logits, without gradient (the rollout's old log-probs and entropy)."""
     if _fused(logits):
-        return _fused_kernel(logits, tokens, temperature=temperature)
+        return _fused_kernel()(logits, tokens, temperature=temperature)
     scaled = _scaled(logits, temperature)
     # the arithmetic of `logprobs_of` (ratio 1 before an update), in place where the tensor is ours: at
     # most two (B, T, V) float32 tensors besides the logits
