@@ -16,7 +16,7 @@ import time
 from pipeline import cli
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.defer_full_collections()
+    cli.before_libraries()
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline import cli
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.defer_full_collections()
+    cli.before_libraries()
 
 import torch
 from transformers import AutoModelForCausalLM

@@ -26,7 +26,7 @@ import time
 from pipeline import cli
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.defer_full_collections()
+    cli.before_libraries()
 
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm

@@ -24,7 +24,7 @@ import threading
 from pipeline import cli
 
 if __name__ == "__main__":  # the server's process: before the libraries load
-    cli.defer_full_collections()
+    cli.before_libraries()
 
 import torch
 from fastapi import FastAPI, HTTPException
