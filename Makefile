@@ -9,6 +9,7 @@
 #   make sft ARGS="sft.finetune=lora"    recipe overrides on the command line
 #   make ppo FORCE=1               re-run ppo even if up to date (then eval follows); upstream stages
 #                                  re-run only if out of date. `make demo FORCE=1` re-runs them all.
+#   make ppo RESUME=1              go on from an interrupted run's checkpoint under a changed recipe
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,12 +23,14 @@ MAIN_ADDR ?=
 MAIN_PORT ?= 29500
 ARGS ?=
 FORCE ?=
+RESUME ?=
 TORCH_VERSION := 2.13.0
 
-# FORCE applies to the stages named on the command line (all of them for `make demo`), not to the
-# upstream stages make visits on the way: `make ppo FORCE=1` must not retrain the SFT model.
-FORCED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS))
-stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(FORCED)),--force)) $(ARGS)
+# FORCE and RESUME apply to the stages named on the command line (all of them for `make demo`), not
+# to the upstream stages make visits on the way: `make ppo FORCE=1` must not retrain the SFT model.
+NAMED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS))
+stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(NAMED)),--force)) \
+	$(if $(RESUME),$(if $(filter $(1),$(NAMED)),--resume)) $(ARGS)
 # Without a config, accelerate launch sets OMP_NUM_THREADS=1 (one process) and torch then uses a
 # single core on a CPU machine: give each process its share of the cores instead.
 # Precision is not the launcher's: each stage passes the recipe's (`dtype`: float32 trained weights
@@ -65,7 +68,7 @@ help:
 	@echo "  rm         reward model from preference pairs -> data/runs/<run>/rm"
 	@echo "  ppo        PPO of the SFT policy on the RM    -> data/runs/<run>/ppo"
 	@echo "  eval       base / sft / ppo compared           -> data/runs/<run>/eval"
-	@echo "  serve-rm   a reward model over HTTP for ppo.rewards: [{url: ...}] (RM=path, HOST, PORT)"
+	@echo "  serve-rm   a reward model over HTTP for ppo.rewards: [{url: ...}] (RM, SERVE_HOST, SERVE_PORT, API_KEY_ENV)"
 	@echo "  bench      PPO throughput, time split, peak memory -> data/bench/"
 	@echo "  test       the test suite (CPU)"
 	@echo "  test-gpu   the GPU checks (a CUDA machine)"
@@ -73,12 +76,15 @@ help:
 	@echo "Variables:"
 	@echo "  RECIPE=path.yaml            the recipe (default $(RECIPE))"
 	@echo "  ARGS=\"k=v ...\"              recipe overrides, e.g. ARGS=\"ppo.finetune=lora ppo.kl_target=6\""
-	@echo "  FORCE=1                     re-run the named stages even if up to date"
+	@echo "  FORCE=1                     re-run the named stages even if up to date (checkpoints are moved aside)"
+	@echo "  RESUME=1                    go on from an interrupted run's checkpoint under a changed recipe"
 	@echo "  NPROC=N                     N processes (data parallel), or override a config's count"
 	@echo "  ACCELERATE_CONFIG=file      an accelerate config: accelerate_configs/{multi_gpu,zero2,zero3,zero3_offload,fsdp2,multi_node}.yaml"
 	@echo "  NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT   multi-node: the same target on every node"
 	@echo "  BENCH_EPISODES=N            the episode budget of make bench"
-	@echo "  RM=path HOST=addr PORT=n    make serve-rm: the model (default the run's RM), 127.0.0.1, 8000"
+	@echo "  RM, SERVE_HOST, SERVE_PORT, API_KEY_ENV"
+	@echo "                              make serve-rm: the model (default the run's RM), the address (127.0.0.1),"
+	@echo "                              the port (8000), the variable holding its API key (needed off loopback)"
 
 # The environment is rebuilt only when pyproject.toml changes. torch goes in first, pinned, so the
 # project's torch range is already satisfied and pip pulls no CUDA packages on a CPU machine.
@@ -119,11 +125,16 @@ demo: eval
 	@$(BIN)/python -m pipeline.report $(call stage_args,eval)
 
 # A reward model over HTTP (pipeline/rl/reward_server.py): the run's RM artifact, or RM=path/hub-id.
-# Bound to 127.0.0.1 unless HOST is given (the server has no authentication). RM is also make's
-# built-in `rm -f`: only a value given on the command line or in the environment names a model.
+# Bound to 127.0.0.1 unless SERVE_HOST is given; off loopback it needs an API key, read from the
+# environment variable API_KEY_ENV names (never from a command line). Not HOST or PORT: shells and
+# containers export those for their own use. RM is also make's built-in `rm -f`: only a value given
+# on the command line or in the environment names a model.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+API_KEY_ENV ?=
 serve-rm: setup
 	$(BIN)/python -m pipeline.rl.reward_server --recipe $(RECIPE) $(if $(filter-out default,$(origin RM)),--model $(RM)) \
-		--host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000) $(ARGS)
+		--host $(SERVE_HOST) --port $(SERVE_PORT) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(ARGS)
 
 # PPO throughput, time split and peak memory on the recipe, for a fixed budget (BENCH_EPISODES, default
 # the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone.

@@ -17,10 +17,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -41,9 +43,9 @@ _opened: list[Path] = []  # work directories this process began (see discard_unt
 
 def discard_untouched() -> None:
     """After a user error: remove the work directories this process began that hold nothing yet but
-    their fingerprint, so a mistake leaves nothing behind (a resumable partial run is kept)."""
+    their stamp, so a mistake leaves nothing behind (a resumable partial run is kept)."""
     for partial in _opened:
-        if partial.is_dir() and [p.name for p in partial.iterdir()] == ["fingerprint"]:
+        if partial.is_dir() and {p.name for p in partial.iterdir()} <= {STAMP, PLAN}:
             shutil.rmtree(partial)
 
 
@@ -224,6 +226,81 @@ def package_versions() -> dict:
     return versions
 
 
+STAMP, PLAN = "fingerprint", "plan.json"  # in a work directory: the fingerprint it is built for, and its plan
+# A checkpoint a resumed run goes on from (pipeline/rl/run.py's, the Trainer's), complete once this is written.
+CHECKPOINT_MARKERS = ("checkpoint*/ppo_state.json", "checkpoints/checkpoint-*/trainer_state.json")
+
+
+class RecipeChanged(UserError, RuntimeError):
+    """An interrupted run's checkpoints, and a recipe changed since in a way that alters the run."""
+
+
+@dataclass
+class Resume:
+    """How a stage that checkpoints treats the work directory an interrupted run of it left."""
+
+    safe: tuple[str, ...] = ()
+    """Keys of the plan record whose change cannot alter the run (`plans`): resumed across, saying which
+    changed. `*` matches any text; a key matches its whole subtree."""
+    changed: bool = False
+    """Resume across any change (`RESUME=1`, `--resume`)."""
+    force: bool = False
+    """Start over (`FORCE=1`): checkpoints are moved aside, never deleted."""
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """A nested recipe section as dotted keys: {'ppo.rewards[0].timeout_s': 5.0, ...}."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items()
+                for k, v in flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+    if isinstance(node, list) and node:
+        return {k: v for i, value in enumerate(node) for k, v in flatten(value, f"{prefix}[{i}]").items()}
+    return {prefix: node}
+
+
+UNSET = "unset"
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """The keys in which two plan records (`plans.Plan.record`) differ: recipe settings dotted, inputs
+    as 'inputs:<name>' (data files, a reward function's code, an upstream artifact's build)."""
+    a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
+    settings = [k for k in sorted(a.keys() | b.keys()) if a.get(k, UNSET) != b.get(k, UNSET)]
+    ins_a, ins_b = old.get("inputs", {}), new.get("inputs", {})
+    return settings + [f"inputs:{k}" for k in sorted(ins_a.keys() | ins_b.keys()) if ins_a.get(k) != ins_b.get(k)]
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return (re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), key) is not None
+            or key.startswith((pattern + ".", pattern + "[")))
+
+
+def describe_changes(keys: list[str], old: dict, new: dict, most: int = 6) -> str:
+    """The changed keys of `recipe_changes` in words, for a one-line message: "ppo.learning_rate
+    0.0003 -> 0.001, the code of ppo.rewards 'correct'"."""
+    a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
+    short = lambda v: repr(v) if v == UNSET or len(repr(v)) <= 40 else "(changed)"  # noqa: E731
+    said = []
+    for key in keys:
+        if not key.startswith("inputs:"):
+            said.append(f"{key} {short(a.get(key, UNSET))} -> {short(b.get(key, UNSET))}".replace("'unset'", UNSET))
+            continue
+        name = key[len("inputs:"):]
+        before, after = old.get("inputs", {}).get(name), new.get("inputs", {}).get(name)
+        if name.endswith("_manifest"):
+            said.append(f"the {name[:-len('_manifest')]} artifact (built again)")
+        elif ":" in name:  # a reward source or judge: 'ppo.rewards:<label>'
+            section, label = name.split(":", 1)
+            kind = "code" if "function" in (after or before or {}) else "model"
+            said.append(f"the {kind} of {section} '{label}'")
+        elif isinstance(before, dict) and isinstance(after, dict):  # {file: content hash}
+            said += [f"the data in {path}" for path in sorted(before.keys() | after.keys())
+                     if before.get(path) != after.get(path)]
+        else:
+            said.append(name)
+    return ", ".join(said[:most]) + (f" and {len(said) - most} more" if len(said) > most else "")
+
+
 class StageDir:
     """The output directory of one stage of one run."""
 
@@ -236,28 +313,64 @@ class StageDir:
         manifest = read_manifest(self.final)
         return manifest is not None and manifest.get("fingerprint") == fp
 
-    def begin(self, fp: str, keep_partial: bool = False) -> Path:
-        """Prepare the work directory. A partial run with the same fingerprint is kept if asked
-        (resume); anything else left over from an older attempt is removed."""
-        stamp = self.partial / "fingerprint"
-        same = stamp.is_file() and stamp.read_text().strip() == fp
-        if self.partial.exists() and not (keep_partial and same):
-            shutil.rmtree(self.partial)
+    def begin(self, fp: str, record: dict | None = None, resume: Resume | None = None) -> Path:
+        """Prepare the work directory, stamped with the fingerprint and the plan `record` it is built
+        for. Without `resume`, whatever an older attempt left is removed. With it, what an interrupted
+        run left is kept when it was built for the same fingerprint; and when it holds a checkpoint
+        (`CHECKPOINT_MARKERS`) it is never deleted: a recipe changed only in `resume.safe` keys (any,
+        with `resume.changed`) resumes, saying which keys changed; another change stops with one line
+        (RecipeChanged) naming them and the two ways on; `resume.force` moves it aside."""
+        if self.partial.exists() and not (resume is not None and self._resumable(fp, record, resume)):
+            if resume is not None and self.holds_checkpoint():
+                aside = self.partial.with_name(f"{self.stage}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+                while aside.exists():
+                    aside = aside.with_name(aside.name + "-")
+                os.replace(self.partial, aside)
+                print(f"{self.stage}: starting over; the interrupted run's checkpoints were moved to {aside} (delete "
+                      f"it when you no longer need them)")
+            else:
+                shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fp + "\n")
+        (self.partial / STAMP).write_text(fp + "\n")
+        if record is not None:
+            write_json_atomic(self.partial / PLAN, record)
         _opened.append(self.partial)
         return self.partial
 
-    def open(self, state, fp: str, force: bool, keep_partial: bool = False) -> Path | None:
-        """For every process of a stage: None if the artifact is up to date (nothing to do), else the
-        work directory, prepared by the main process before any process goes on."""
-        if not force and self.is_current(fp):  # forced: a corrupt manifest is not even read
-            state.print(f"{self.stage}: {self.final} is up to date (FORCE=1 to re-run)")
-            return None
-        if state.is_main_process:
-            self.begin(fp, keep_partial=keep_partial)
-        state.wait_for_everyone()
-        return self.partial
+    def holds_checkpoint(self) -> bool:
+        return any(any(self.partial.glob(marker)) for marker in CHECKPOINT_MARKERS)
+
+    def _resumable(self, fp: str, record: dict | None, resume: Resume) -> bool:
+        """Whether to go on from what an interrupted run left (see `begin`)."""
+        stamp = self.partial / STAMP
+        if resume.force:
+            return False
+        if stamp.is_file() and stamp.read_text().strip() == fp:
+            return True
+        if not self.holds_checkpoint():
+            return False  # nothing worth keeping: the logs of a run that never saved
+        try:
+            old = json.loads((self.partial / PLAN).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old is None or record is None:
+            said, altering = "which keys is unknown: its checkpoint predates recorded recipes", True
+        else:
+            keys = recipe_changes(old, record)
+            altering = [k for k in keys if not any(_matches(k, pattern) for pattern in resume.safe)]
+            said = describe_changes(keys, old, record)
+        target = MAKE_TARGET[self.stage]
+        if not altering:
+            print(f"{self.stage}: resuming across recipe changes that do not alter the run: {said}")
+        elif resume.changed:
+            print(f"{self.stage}: resuming under the changed recipe, as asked (RESUME=1): {said}")
+        else:
+            if old is not None:
+                said = describe_changes(altering, old, record)
+            raise RecipeChanged(f"{self.stage}: the recipe changed since the interrupted run's last checkpoint ({said}): "
+                                f"`{target} RESUME=1` (--resume) goes on from that checkpoint under the new recipe; "
+                                f"`{target} FORCE=1` starts over, moving the checkpoints aside")
+        return True
 
     def commit(self, fp: str, config: dict, inputs: dict, metrics: dict, started: float) -> dict:
         """Write the manifest last, then swap the finished directory into place."""
@@ -272,7 +385,8 @@ class StageDir:
             "versions": package_versions(),
             "metrics": metrics,
         }
-        (self.partial / "fingerprint").unlink(missing_ok=True)
+        for stamp in (STAMP, PLAN):
+            (self.partial / stamp).unlink(missing_ok=True)
         write_json_atomic(self.partial / MANIFEST, manifest)
         old = self.final.with_name(self.final.name + ".old")
         if old.exists():

@@ -77,6 +77,20 @@ def discard(out: Path) -> None:
     shutil.rmtree(out / DIR, ignore_errors=True)
 
 
+class RecipeCadence(TrainerCallback):
+    """A resumed Trainer takes its logging, evaluation and save intervals from the checkpoint's state
+    (it only warns that the arguments differ); the recipe's, which may have changed since
+    (plans.RESUMABLE_ACROSS), apply from the resumed step on."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
+
+
+def callbacks(out: Path, stop: StopOnSignal) -> list[TrainerCallback]:
+    """What the Trainer stages add to the Trainer: metrics.jsonl, the recipe's cadence, the stop request."""
+    return [JsonlLogger(out / "metrics.jsonl"), RecipeCadence(), stop]
+
+
 class JsonlLogger(TrainerCallback):
     """Every Trainer log (losses, learning rate, eval metrics) also goes to metrics.jsonl."""
 

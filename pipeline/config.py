@@ -13,8 +13,7 @@ import dataclasses
 import difflib
 import enum
 import importlib.util
-import os
-import sys
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +99,15 @@ class LoraSettings:
     """Which modules get adapters: "all-linear" or a list of module names."""
 
 
+# What a reward function is called with besides the prompt dataset's columns (trl's contract):
+# a `kwargs` entry of one of these names would be overwritten, so it is refused.
+FUNCTION_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra",
+                      "environments")
+FUNCTION_TIMEOUT_S = 300.0  # a reward function's call, by default
+SERVER_TIMEOUT_S = 180.0  # a reward server's request, its retries included, by default
+SERVER_STARTUP_WAIT_S = 600.0  # the first request's wait for a server still loading its model, by default
+
+
 @dataclass
 class RewardSource:
     """One term of the reward the RL stage optimises, or a judge it only watches: exactly one of
@@ -110,20 +118,32 @@ class RewardSource:
     a local directory or a hub id."""
     function: str | None = None
     """A Python function with trl's reward-function contract, as `package.module:name` or
-    `path/to/file.py:name`: called by keyword with prompts, completions, completion_ids and every
-    other column of the prompt dataset, plus `kwargs`; returns one float or None per completion."""
+    `path/to/file.py:name` (relative to the recipe's directory, then the working directory): called by
+    keyword with prompts, completions, completion_ids, every other column of the prompt dataset,
+    trainer_state, log_metric and log_extra, plus `kwargs`; returns one float, bool or None per
+    completion."""
     url: str | None = None
     """A reward server (`make serve-rm`, or any server of the same JSON contract): POST
     {prompts, completions} -> {rewards}."""
     weight: float = 1.0
     """The source's weight in the reward (the reward is the weighted sum of the sources)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for `function`."""
-    timeout_s: float = ranged(60.0, "> 0")
-    """Seconds a reward server may take for one request."""
+    """Extra keyword arguments for `function` (a name the function already receives is refused)."""
+    timeout_s: float | None = ranged(None, "> 0")
+    """A function: seconds one call may take (default 300). A server: the deadline of one request,
+    retries included (default 180). Then the run stops with one line, after saving its last iteration."""
+    startup_wait_s: float | None = ranged(None, ">= 0")
+    """A server: how long the run's first request waits for a server that does not accept connections
+    yet, e.g. one still loading its model (default 600)."""
+    api_key_env: str | None = None
+    """A server: the environment variable that holds its API key, sent as `Authorization: Bearer <key>`
+    (the key itself never goes into a recipe)."""
     name: str | None = None
     """Name in metrics and reports (`rewards/<name>`); default: `rm`, the function's name, the model's
     folder name or `remote`."""
+    base_dir: str | None = field(default=None, init=False, repr=False, compare=False, metadata={"internal": True})
+    """The recipe file's directory, where a relative `function` file is looked for first (set by
+    `load_recipe`; not a setting)."""
 
     def __post_init__(self):
         given = [k for k in ("model", "function", "url") if getattr(self, k)]
@@ -131,27 +151,28 @@ class RewardSource:
             raise ValueError(f"give exactly one of model, function, url (got {given or 'none'})")
         if self.kwargs and not self.function:
             raise ValueError("kwargs are passed to a reward function: give `function`, or drop `kwargs`")
-        reserved = {"prompts", "completions", "completion_ids"} & set(self.kwargs)
+        reserved = set(FUNCTION_ARGUMENTS) & set(self.kwargs)
         if reserved:
             raise ValueError(f"kwargs {sorted(reserved)}: the function receives these itself; rename them")
         if self.url and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url '{self.url}' must start with http:// or https://")
         if self.function and ":" not in self.function:
             raise ValueError(f"function '{self.function}' must be of the form package.module:name or file.py:name")
+        if self.model and self.timeout_s is not None:
+            raise ValueError("timeout_s is for functions and servers: remove it from the model source")
+        for key in ("startup_wait_s", "api_key_env"):
+            if getattr(self, key) is not None and not self.url:
+                raise ValueError(f"{key} is for reward servers (url): remove it")
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ValueError(f"api_key_env '{self.api_key_env}' must be the name of an environment variable that "
+                             f"holds the key (e.g. RM_API_KEY), not the key itself")
 
-    def function_file(self) -> Path | None:
-        """The file that defines `function` (its content is part of the RL stage's fingerprint, so
-        editing a reward function re-runs `make ppo`), found without importing that module (its parent
-        packages are imported); None if it cannot be found (the stage then says why, on import)."""
-        module = self.function.rpartition(":")[0]
-        if module.endswith(".py"):
-            return Path(module)
-        importable_from_cwd()
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            return None
-        return Path(found.origin) if found is not None and found.origin not in (None, "built-in", "frozen") else None
+    @property
+    def deadline_s(self) -> float:
+        """Seconds a function's call, or a server's request with its retries, may take."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return FUNCTION_TIMEOUT_S if self.function else SERVER_TIMEOUT_S
 
     @property
     def label(self) -> str:
@@ -162,13 +183,6 @@ class RewardSource:
         if self.url:
             return "remote"
         return "rm" if self.model == "rm" else Path(self.model.rstrip("/")).name
-
-
-def importable_from_cwd() -> None:
-    """Stages are launched as `stages/ppo.py`, whose folder, not the working directory, is on the
-    path: a user's `my_rewards.py` next to their recipe must still import."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
 
 
 Estimator = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
@@ -611,13 +625,16 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{arg}': '{k}' is not a section")
         node[keys[-1]] = value
-    return build(Recipe, data)
+    recipe = build(Recipe, data)
+    for source in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges:
+        source.base_dir = str(Path(path).resolve().parent) if path is not None else None
+    return recipe
 
 
 def to_dict(obj) -> Any:
     """Plain-data view of a config (for YAML/JSON and fingerprints)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

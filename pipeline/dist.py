@@ -53,24 +53,32 @@ def check_shared(state: PartialState, run_dir: Path) -> None:
                           f"runs_dir on a filesystem shared by every node")
 
 
-def lock(state: PartialState, run_dir: Path, stage: str) -> None:
-    """The main process takes the stage's lock (artifacts.lock_stage); if it is held, every rank stops."""
-    busy = [None]
+def on_main(state: PartialState, action, refusal: type[Exception]) -> None:
+    """`action()` on the main process only; if it raises `refusal`, every process raises it, with its line."""
+    said = [None]
     if state.is_main_process:
         try:
-            artifacts.lock_stage(run_dir, stage)
-        except artifacts.StageBusy as e:
-            busy[0] = str(e)
+            action()
+        except refusal as e:
+            said[0] = str(e)
     if state.num_processes > 1:
-        broadcast_object_list(busy)
-    if busy[0]:
-        raise artifacts.StageBusy(busy[0])
+        broadcast_object_list(said)
+    if said[0]:
+        raise refusal(said[0])
+
+
+def lock(state: PartialState, run_dir: Path, stage: str) -> None:
+    """The main process takes the stage's lock (artifacts.lock_stage); if it is held, every rank stops."""
+    on_main(state, lambda: artifacts.lock_stage(run_dir, stage), artifacts.StageBusy)
 
 
 def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False):
     """The start every stage shares: its recipe, the process state, its plan (what it builds from
     what, pipeline/plans.py) and its work directory, which is None when the artifact is up to date.
-    `resume` keeps an interrupted run's partial directory with the same fingerprint (not with --force)."""
+
+    `resume`: the stage checkpoints, and an interrupted run's work directory is resumed, moved aside
+    or refused as artifacts.StageDir.begin says (`--force`: moved aside; `--resume`: resumed across any
+    recipe change). The main process prepares it; a refusal stops every process with its line."""
     recipe, args = cli.parse(doc.splitlines()[0], argv)
     check_supported(launched(), quantized=str(getattr(getattr(recipe, name, None), "finetune", "")).startswith("qlora"))
     artifacts.check_writable(recipe.run_dir)
@@ -78,10 +86,14 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     check_shared(state, recipe.run_dir)
     lock(state, recipe.run_dir, name)
     plan = plans.PLANS[name](recipe)
-    out = plan.stage.open(state, plan.fingerprint, args.force, keep_partial=resume and not args.force)
-    if out is None:
+    if not args.force and plan.stage.is_current(plan.fingerprint):  # forced: a corrupt manifest is not even read
+        state.print(f"{name}: {plan.stage.final} is up to date (FORCE=1 to re-run)")
         artifacts.release_locks()
-    return recipe, state, plan, out
+        return recipe, state, plan, None
+    policy = artifacts.Resume(plan.safe, changed=args.resume, force=args.force) if resume else None
+    on_main(state, lambda: plan.stage.begin(plan.fingerprint, plan.record, policy), artifacts.RecipeChanged)
+    state.wait_for_everyone()
+    return recipe, state, plan, plan.stage.partial
 
 
 class StopRequest:

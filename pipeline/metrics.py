@@ -31,4 +31,15 @@ def cut_jsonl(path: Path, key: str, last: float, drop: str | None = None) -> Non
 
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, default=_plain) + "\n")
+
+
+def _plain(value):
+    """JSON for what users log (through reward functions' log_extra): numpy and torch values as numbers
+    or lists, anything else as its text."""
+    for method in ("item", "tolist"):
+        try:
+            return getattr(value, method)()
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts, cli
+from pipeline import artifacts, cli, user_code
 from pipeline.config import ConfigError, DatasetSpec, Recipe, RewardSource, to_dict
 
 
@@ -30,13 +30,37 @@ class Plan:
     """What it is built from (recorded in its manifest, upstream manifests in full)."""
     upstream: dict = field(default_factory=dict)
     """Manifests of the upstream artifacts it reads, by stage name."""
+    record: dict = field(default_factory=dict)
+    """What the fingerprint is computed from ({config, inputs}): kept in the work directory, so that a
+    run resumed under a changed recipe can name the keys that changed (artifacts.StageDir.begin)."""
+    safe: tuple[str, ...] = ()
+    """The keys of `record` whose change cannot alter the run (`RESUMABLE_ACROSS`)."""
+
+
+# Recipe keys whose change cannot alter what an interrupted run computed, nor what it goes on to compute
+# (beyond float rounding): how often it saves and logs, where it reports, the judges it only watches,
+# how long it waits for its rewards and with which key, how it spends memory. An interrupted run resumes
+# across them and says which changed (artifacts.StageDir.begin); any other change stops it with one line.
+TRAINER_SAFE = ("save_steps", "save_strategy", "save_total_limit", "logging_steps", "logging_strategy",
+                "logging_first_step", "report_to", "run_name", "eval_steps", "eval_strategy",
+                "per_device_eval_batch_size", "gradient_checkpointing", "activation_checkpointing",
+                "dataloader_num_workers")
+RESUMABLE_ACROSS = {
+    "sft": tuple(f"sft.trainer.{k}" for k in TRAINER_SAFE),
+    "rm": tuple(f"rm.trainer.{k}" for k in TRAINER_SAFE),
+    "ppo": ("ppo.save_every", "ppo.sample_every", "ppo.report_to", "ppo.judges", "inputs:ppo.judges:*",
+            "ppo.rewards[*].timeout_s", "ppo.rewards[*].startup_wait_s", "ppo.rewards[*].api_key_env",
+            "ppo.forward_batch_size", "ppo.gradient_checkpointing", "ppo.remove_padding"),
+}
 
 
 def _plan(run_dir: Path, name: str, config: dict, inputs: dict, upstream: dict | None = None) -> Plan:
     upstream = upstream or {}
-    fp = artifacts.fingerprint(config, {**inputs, **{f"{k}_manifest": artifacts.build_id(m) for k, m in upstream.items()}})
+    fingerprinted = {**inputs, **{f"{k}_manifest": artifacts.build_id(m) for k, m in upstream.items()}}
+    fp = artifacts.fingerprint(config, fingerprinted)
     recorded = {**inputs, **{f"{k}_manifest": m for k, m in upstream.items()}}
-    return Plan(artifacts.StageDir(run_dir, name), fp, config, recorded, upstream)
+    return Plan(artifacts.StageDir(run_dir, name), fp, config, recorded, upstream,
+                record={"config": config, "inputs": fingerprinted}, safe=RESUMABLE_ACROSS.get(name, ()))
 
 
 def _datasets(*specs: DatasetSpec | None) -> dict:
@@ -131,7 +155,7 @@ def needs_rm(recipe: Recipe) -> bool:
 
 def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> dict:
     """What the sources' scores depend on besides the recipe: each reward model's content (or hub id),
-    each function's source file (editing it re-runs the stage); a server's URL is in the recipe."""
+    each function's code (pipeline/user_code.py); a server's URL is in the recipe."""
     inputs = {}
     for s in sources:
         if s.model:
@@ -139,10 +163,8 @@ def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> 
             if s.model != "rm":
                 artifacts.check_model_source(path, f"{section} '{s.label}' (model)")
             inputs[f"{section}:{s.label}"] = {"model": path, "fingerprint": artifacts.source_fingerprint(path)}
-        elif s.function:
-            file = s.function_file()
-            inputs[f"{section}:{s.label}"] = {
-                "function": s.function, "fingerprint": artifacts.source_fingerprint(str(file)) if file else None}
+        elif s.function:  # its file and the local modules it imports (editing a helper re-runs the stage)
+            inputs[f"{section}:{s.label}"] = user_code.fingerprint(s.function, s.base_dir, f"{section} '{s.label}'")
     return inputs
 
 

@@ -172,9 +172,13 @@ def load_reward_model(path, dtype: torch.dtype):
 class RewardScorer:
     """A frozen reward model and its tokenizer, scoring (prompt, response) pairs as it was trained."""
 
-    def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64):
+    def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64,
+                 max_length: int | None = None):
+        """`max_length`: a decoder reads at most the last this many tokens of a rendered pair (the end
+        of the response and the template's closing, where it reads the score; an encoder's pairs are
+        cut to its positions when rendered, `encoder_input_ids`)."""
         model.eval()  # not `model = model.eval()`: a DeepSpeed engine's eval() returns None
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
         self.encoder = is_encoder(tokenizer)
         if self.encoder:  # (a DeepSpeed engine keeps the config on its module)
             bound_encoder_length(tokenizer, getattr(model, "config", None) or model.module.config)
@@ -187,6 +191,8 @@ class RewardScorer:
     @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
     def score_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """Scalar reward of each rendered input (`reward_input_ids`), float32 on the scorer's device."""
+        if self.max_length is not None and not self.encoder:
+            ids = [x[-self.max_length:] if len(x) > self.max_length else x for x in ids]
         scores = []
         for i in range(0, len(ids), self.batch_size):
             # Decoders: left padding. transformers' classifiers pool at the last token that is not the

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 from pipeline import artifacts, data, models, plans, report
 from pipeline.dist import open_stage
 from pipeline.metrics import peak_memory_mb
-from pipeline.rl.rewards import Rewards, load_sources
+from pipeline.rl.rewards import Rewards, check_columns, load_sources
 from pipeline.rl.rollout import generate, response_logprobs, sampling_config
 from pipeline.scoring import load_callable
 
@@ -111,6 +111,7 @@ def main(argv=None):
     run, policies = recipe.run_dir, plans.eval_policies(recipe)
 
     prompts, columns = data.load_prompts(cfg.prompts)
+    check_columns({"eval (its rewards and judges)": plans.eval_sources(recipe)}, columns)
     device, dtype = state.device, models.resolve_dtype(recipe.ppo.dtype)
     forward_batch = recipe.ppo.forward_batch  # KL forwards as PPO scores: bounded logits memory
     if torch.cuda.is_available():
@@ -191,7 +192,7 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
         raw = "objective/reward_raw" if "objective/reward_raw" in history[0] else "objective/rm_score_raw"
         axes[0].plot(steps, [h[raw] for h in history], label="reward (raw)")
         axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (reward - beta KL)")
-        for key in [k for k in history[0] if k.startswith("judges/")]:
+        for key in [k for k in history[0] if k.startswith("judges/") and k.count("/") == 1]:  # (not what they log)
             axes[0].plot(steps, [h[key] for h in history], linestyle="--", label=f"judge: {key[len('judges/'):]}")
         axes[0].set(xlabel="RL iteration", ylabel="reward", title="Reward and judges over the RL stage")
         axes[0].legend()

@@ -35,6 +35,7 @@ from pipeline import artifacts, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
 from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
+from pipeline.rl.rewards import check_columns
 from pipeline.rl.run import RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models, optimizer_and_schedule
 from pipeline.rl.rollout import PromptIds, generate, sampling_config
 
@@ -52,6 +53,7 @@ def main(argv=None):
 
     # ---- data, models, optimiser ----
     prompts, columns = data.load_prompts(cfg.prompts)  # the other columns go to reward functions
+    check_columns({"ppo.rewards": cfg.rewards, "ppo.judges": cfg.judges}, columns)
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
     tokenizer, stop_ids = models.policy_tokenizer(sft_dir, cfg.stop_token)
     prompt_ids = PromptIds(tokenizer, prompts)  # each rendered and tokenized once
@@ -77,15 +79,16 @@ def main(argv=None):
     bar = tqdm(range(start, schedule.iterations), initial=start, total=schedule.iterations,
                disable=not acc.is_main_process, desc="ppo")
     for iteration in bar:
-        with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
-            indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
-            batch = data.take(prompts, indices)
-            with engine.for_generation(model, acc) as unwrapped, acc.autocast():
-                rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device, prompt_ids(indices))
-        with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
-            with acc.autocast():
-                exp = score(rollout, {k: data.take(v, indices) for k, v in columns.items()}, model, reference,
-                            rewards, judges, cfg, score_norm, cfg.forward_batch)
+        with run.saved_on_failure(iteration, schedule.iterations):  # a reward that fails loses no iteration
+            with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
+                indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
+                batch = data.take(prompts, indices)
+                with engine.for_generation(model, acc) as unwrapped, acc.autocast():
+                    rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device, prompt_ids(indices))
+            with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
+                with acc.autocast():
+                    exp = score(rollout, {k: data.take(v, indices) for k, v in columns.items()}, model, reference,
+                                rewards, judges, cfg, score_norm, cfg.forward_batch, schedule.trainer_state(iteration, acc))
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value)
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)

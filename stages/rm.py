@@ -95,7 +95,7 @@ def main(argv=None):
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
     stop = checkpoints.StopOnSignal(state.device)
     trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
-                            processing_class=tokenizer, callbacks=[checkpoints.JsonlLogger(out / "metrics.jsonl"), stop],
+                            processing_class=tokenizer, callbacks=checkpoints.callbacks(out, stop),
                             peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
     # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
     # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`

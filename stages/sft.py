@@ -74,7 +74,7 @@ def main(argv=None):
     models.align_special_tokens(model, tokenizer)
     stop = checkpoints.StopOnSignal(state.device)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[checkpoints.JsonlLogger(out / "metrics.jsonl"), stop],
+                         processing_class=tokenizer, callbacks=checkpoints.callbacks(out, stop),
                          peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
     # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
     # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`

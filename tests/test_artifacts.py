@@ -23,11 +23,57 @@ def test_commit_swaps_in_a_complete_directory_and_keeps_the_old_one_until_then(t
     assert (stage.final / "weights").read_text() == "half-written" and stage.is_current("fp2")
 
 
-def test_stale_partial_is_cleared_unless_resuming_the_same_run(tmp_path):
+def record(**ppo) -> dict:
+    return {"config": {"ppo": {"learning_rate": 1e-5, "save_every": 8, "rewards": [{"function": "f.py:f",
+                                                                                     "timeout_s": None}], **ppo}},
+            "inputs": {"ppo.rewards:f": {"function": "f.py:f", "fingerprint": "a"}}}
+
+
+SAFE = ("ppo.save_every", "ppo.rewards[*].timeout_s")
+
+
+def checkpointed(stage, fp, plan) -> None:
+    """A work directory as an interrupted PPO run leaves it: stamped, with a complete checkpoint."""
+    (stage.begin(fp, plan, artifacts.Resume(SAFE)) / "checkpoint").mkdir()
+    (stage.partial / "checkpoint" / "ppo_state.json").write_text('{"iteration": 2}')
+
+
+def test_an_interrupted_run_is_kept_across_changes_that_cannot_alter_it_and_never_deleted(tmp_path, capsys):
     stage = artifacts.StageDir(tmp_path, "ppo")
-    (stage.begin("fp") / "checkpoint").write_text("step 3")
-    assert (stage.begin("fp", keep_partial=True) / "checkpoint").exists()
-    assert not (stage.begin("other", keep_partial=True) / "checkpoint").exists()
+    (stage.begin("fp") / "metrics.jsonl").write_text("{}")  # logs of a run that never saved: nothing to keep
+    assert not (stage.begin("other", record(), artifacts.Resume(SAFE)) / "metrics.jsonl").exists()
+    checkpointed(stage, "fp", record())
+    assert stage.holds_checkpoint()
+    stage.begin("fp", record(), artifacts.Resume(SAFE))  # the same recipe: resumed
+    assert stage.holds_checkpoint()
+
+    # save cadence and a timeout: resumed, with the changed keys named; the new recipe is recorded
+    changed = record(save_every=100, rewards=[{"function": "f.py:f", "timeout_s": 5.0}])
+    stage.begin("fp2", changed, artifacts.Resume(SAFE))
+    assert stage.holds_checkpoint()
+    assert capsys.readouterr().out.strip() == ("ppo: resuming across recipe changes that do not alter the run: "
+                                               "ppo.rewards[0].timeout_s None -> 5.0, ppo.save_every 8 -> 100")
+    assert json.loads((stage.partial / "plan.json").read_text()) == changed
+
+    # a learning rate and the reward function's code: refused in one line naming them, nothing touched
+    altered = record(save_every=100, learning_rate=1e-3, rewards=[{"function": "f.py:f", "timeout_s": 5.0}])
+    altered["inputs"]["ppo.rewards:f"]["fingerprint"] = "b"
+    with pytest.raises(artifacts.RecipeChanged) as e:
+        stage.begin("fp3", altered, artifacts.Resume(SAFE))
+    assert str(e.value) == ("ppo: the recipe changed since the interrupted run's last checkpoint (ppo.learning_rate "
+                            "1e-05 -> 0.001, the code of ppo.rewards 'f'): `make ppo RESUME=1` (--resume) goes on from "
+                            "that checkpoint under the new recipe; `make ppo FORCE=1` starts over, moving the "
+                            "checkpoints aside")
+    assert stage.holds_checkpoint() and (stage.partial / "fingerprint").read_text().strip() == "fp2"
+
+    stage.begin("fp3", altered, artifacts.Resume(SAFE, changed=True))  # RESUME=1
+    assert stage.holds_checkpoint() and "as asked (RESUME=1): ppo.learning_rate" in capsys.readouterr().out
+
+    stage.begin("fp3", altered, artifacts.Resume(SAFE, force=True))  # FORCE=1: moved aside, not deleted
+    aside = [d for d in tmp_path.iterdir() if d.name.startswith("ppo.set-aside-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoint" / "ppo_state.json").is_file()
+    assert f"checkpoints were moved to {aside[0]}" in capsys.readouterr().out
+    assert not stage.holds_checkpoint() and stage.partial.is_dir()
 
 
 def test_missing_or_incomplete_upstream_says_which_target_to_run(tmp_path):

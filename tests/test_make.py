@@ -87,8 +87,18 @@ def test_make_help_names_every_target_and_variable():
         if head:
             named |= set(head.group(1).split(", "))
     for word in ("demo", "setup", "sft", "rm", "ppo", "eval", "bench", "test", "test-gpu", "clean", "RECIPE", "ARGS",
-                 "FORCE", "NPROC", "ACCELERATE_CONFIG", "NNODES", "NODE_RANK", "MAIN_ADDR", "BENCH_EPISODES"):
+                 "FORCE", "RESUME", "NPROC", "ACCELERATE_CONFIG", "NNODES", "NODE_RANK", "MAIN_ADDR", "BENCH_EPISODES",
+                 "RM", "SERVE_HOST", "SERVE_PORT", "API_KEY_ENV"):
         assert word in named, word
+
+
+def test_force_and_resume_reach_the_stages_named_only():
+    """`make ppo RESUME=1 FORCE=1` hands --resume / --force to PPO, not to the SFT make visits first."""
+    lines = dry_run("ppo", "RESUME=1").stdout.splitlines()
+    assert all("--resume" in line for line in lines if "stages/ppo.py" in line)
+    assert not any("--resume" in line for line in lines if "stages/sft.py" in line)
+    lines = dry_run("serve-rm", "SERVE_HOST=0.0.0.0", "API_KEY_ENV=RM_KEY").stdout
+    assert "--host 0.0.0.0 --port 8000 --api-key-env RM_KEY" in lines
 
 
 def test_launch_takes_the_config_files_process_count_and_node_place():

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import stages.ppo
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import RecipeChanged, read_manifest
 from tests.conftest import REPO, ppo_args, read_jsonl, rm_args, sft_args
 
 # what differs between two runs of the same recipe on the same machine: wall-clock time and memory
@@ -184,18 +184,24 @@ def test_ctrl_c_during_sft_saves_a_checkpoint_and_the_rerun_resumes_there(tmp_pa
     check_trainer_artifact("sft", tmp_path / "demo" / "sft")
 
 
-def test_a_changed_recipe_discards_the_checkpoints_of_the_old_one(runs_with_sft, capsys):
-    """They belong to another fingerprint: the new run starts at step 0."""
+def test_a_changed_recipe_never_costs_a_trainer_stage_its_checkpoints(runs_with_sft, capsys):
+    """A killed RM run's checkpoints survive a re-run with another learning rate (refused in one line:
+    RESUME=1 or FORCE=1), and a re-run that changes only how often it logs resumes from them."""
     from stages import rm
     partial = runs_with_sft / "demo" / "rm.partial"
     args = trainer_run("rm", runs_with_sft, None, "rm.trainer.save_steps=10")
     kill_when(start("rm", args), lambda: complete_checkpoints(partial))
+    saved = complete_checkpoints(partial)[-1]
+    with pytest.raises(RecipeChanged, match=r"^rm: the recipe changed since the interrupted run's last checkpoint "
+                                            r"\(rm.trainer.learning_rate 0.001 -> 0.0001\): `make rm RESUME=1`"):
+        rm.main([*args, "rm.trainer.learning_rate=1e-4"])
+    assert complete_checkpoints(partial)[-1] == saved
     capsys.readouterr()
-    rm.main([*args, "rm.trainer.learning_rate=1e-4"])
-    assert "resuming" not in capsys.readouterr().out
-    assert read_manifest(runs_with_sft / "demo" / "rm") is not None and not partial.exists()
-    logged = [h for h in read_jsonl(runs_with_sft / "demo" / "rm" / "metrics.jsonl") if "learning_rate" in h]
-    assert logged[0]["step"] == 2  # from the start: nothing of the old run's steps
-    # the new schedule: 10 warmup steps to 1e-4 (the old recipe's peak was 1e-3)
-    assert logged[0]["learning_rate"] == pytest.approx(1e-4 * 1 / 10)  # the rate step 2 ran with
-    assert max(h["learning_rate"] for h in logged) == pytest.approx(1e-4, rel=0.05)
+    rm.main([*args, "rm.trainer.logging_steps=4"])
+    out = capsys.readouterr().out
+    assert "rm: resuming across recipe changes that do not alter the run: rm.trainer.logging_steps 2 -> 4" in out
+    assert f"rm: resuming from the checkpoint at step {saved}" in out
+    check_trainer_artifact("rm", runs_with_sft / "demo" / "rm")
+    steps = [h["step"] for h in read_jsonl(runs_with_sft / "demo" / "rm" / "metrics.jsonl") if "loss" in h]
+    assert [s for s in steps if s <= saved] == list(range(2, saved + 1, 2))  # the old run's, every 2 steps
+    assert all(s % 4 == 0 for s in steps if s > saved)  # the resumed run's, every 4

@@ -12,10 +12,11 @@ module runs it on models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from accelerate.utils import gather_object
 from pipeline import engine
 from pipeline.config import PPOStage, UserError
 from pipeline.models import is_peft
@@ -23,7 +24,7 @@ from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinf
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_and_entropy, logprobs_of,
                                   masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
-from pipeline.rl.rewards import Rewards
+from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl import unpadded
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
 from pipeline.rl.unpadded import Layout
@@ -128,6 +129,10 @@ class Experience:
     scores: torch.Tensor
     """(B,) the reward optimised: the weighted sum with the RM normalised if asked, minus the
     missing-stop penalty."""
+    logged_metrics: dict[str, list[float]] = field(default_factory=dict)
+    """'<rewards|judges>/<source>/<name>' -> what reward functions logged with `log_metric`."""
+    extra_columns: dict[str, list] = field(default_factory=dict)
+    """column -> one value per rollout, logged by reward functions with `log_extra` (for samples.jsonl)."""
     kl: torch.Tensor | None = None
     rewarded: torch.Tensor | None = None
     """(B, R) the mask on the completions some source rewarded."""
@@ -140,10 +145,11 @@ class Experience:
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, judges: Rewards, cfg: PPOStage,
-          score_norm: tuple[float, float], forward_batch_size: int) -> Experience:
+          score_norm: tuple[float, float], forward_batch_size: int, state: TrainerState | None = None) -> Experience:
     """Old log-probs and values, reference log-probs, each forward in micro-batches of
     `forward_batch_size` rollouts (activation memory stays bounded); every reward source's and judge's
-    scores (`columns`: the prompt dataset's other columns, one value per rollout).
+    scores (`columns`: the prompt dataset's other columns, one value per rollout; `state`: the run's
+    progress, for reward functions), and what the reward functions logged.
 
     `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
     whose disabled adapter makes it the reference (LoRA)."""
@@ -163,10 +169,14 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
             ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
     else:
         ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    sources = rewards.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns,
-                            rollout.prompt_ids)
-    judged = judges.score(rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns,
-                          rollout.prompt_ids)
+    batch = (rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns, rollout.prompt_ids)
+    try:
+        sources, failure = rewards.score(*batch, state=state), None
+    except RewardError as e:  # the judges score all the same: every process runs the same forwards
+        failure = e
+    judged = judges.score(*batch, state=state)
+    if failure is not None:
+        raise failure
     raw_scores, valid = rewards.total(sources)
     rm = rewards.rm_label
     if cfg.normalize_scores:  # the RM stage's reward model, by the statistics it measured on reference responses
@@ -174,10 +184,13 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
     else:
         scores = raw_scores.clone()
     scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_stop_penalty)
+    logs = (rewards.take_log(), judges.take_log())
     return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask, ref_logp=ref_logp * mask,
                       old_values=torch.cat(old_values) * mask if old_values else None, entropy=torch.cat(entropy),
                       source_scores=sources, judge_scores=judged, rm_scores=sources[rm] if rm else None,
-                      raw_scores=raw_scores, valid=valid, scores=scores)
+                      raw_scores=raw_scores, valid=valid, scores=scores,
+                      logged_metrics={k: v for log in logs for k, v in log.metrics.items()},
+                      extra_columns={k: v for log in logs for k, v in log.extra.items()})
 
 
 def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experience:
@@ -345,5 +358,16 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
         sums = accelerator.reduce(torch.stack([torch.stack([v.double().nansum(), (~v.isnan()).sum().double()])
                                                for v in scored.values()]), reduction="sum")
         metrics.update({k: s / n if n > 0 else None for k, (s, n) in zip(scored, sums.tolist())})
+    # what reward functions logged (log_metric): the mean of every value logged, on every process together;
+    # a process may have logged names the others did not, so the names are gathered first (in one order)
+    names = exp.logged_metrics.keys()
+    if accelerator.num_processes > 1:
+        names = gather_object(list(names))
+    names = sorted(set(names))
+    if names:
+        values = [exp.logged_metrics.get(name, []) for name in names]
+        sums = accelerator.reduce(torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64,
+                                               device=exp.mask.device), reduction="sum")
+        metrics.update({name: s / n if n > 0 else None for name, (s, n) in zip(names, sums.tolist())})
     metrics["first_minibatch"] = stats["first"]
     return metrics

@@ -9,12 +9,15 @@
 - `FunctionReward`: trl's reward-function contract (`GRPOTrainer._calculate_rewards`), so functions
   written for trl work unchanged: called by keyword with `prompts`, `completions` (strings, or
   `[{"role": "assistant", "content": ...}]` when the prompts are conversations), `completion_ids`,
-  every other column of the prompt dataset (one value per completion), and the source's `kwargs`;
-  returns a float or None per completion. A function without `**kwargs` gets only the arguments it
-  names (a classic crash with trl: `def f(prompts, completions)` meeting `completion_ids`).
+  every other column of the prompt dataset (one value per completion), `trainer_state` (the run's
+  progress), `log_metric(name, value)`, `log_extra(column, values)`, and the source's `kwargs`;
+  returns a float, a bool or None (NaN too) per completion. A function without `**kwargs` gets only
+  the arguments it names (a classic crash with trl: `def f(prompts, completions)` meeting
+  `completion_ids`). Each call has a deadline (pipeline/user_code.py); async functions run
+  concurrently on one event loop.
 - `RemoteReward`: POST {"prompts", "completions"} to a server (`make serve-rm`, pipeline/rl/
-  reward_server.py) that answers {"rewards"}; bounded retries with backoff on connection errors,
-  timeouts and 5xx, then one line naming the URL and the last status. Never a silent 0.
+  reward_server.py) that answers {"rewards"}, within a deadline, retrying what servers do while
+  they restart or are busy; then one line naming the URL and the cause. Never a silent 0.
 
 A completion with no reward (None) from a source is left out of that source's mean; one with no reward
 from any source gets advantage 0 (`Rewards.total`).
@@ -22,72 +25,39 @@ from any source gets advantage 0 (`Rewards.total`).
 
 from __future__ import annotations
 
-import asyncio
+import email.utils
 import http.client
-import importlib
-import importlib.util
 import inspect
 import json
 import math
 import numbers
+import os
+import random
+import socket
+import ssl
+import sys
+import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+import urllib.parse
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from pipeline.config import RewardSource, UserError, importable_from_cwd
+from pipeline import user_code
+from pipeline.config import SERVER_STARTUP_WAIT_S, ConfigError, RewardSource
 from pipeline.data import is_conversational
 from pipeline.models import special_ids
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids, turn_closing
+from pipeline.user_code import RewardError, one_line
 
-RETRIES = 4  # attempts per request to a reward server
-BACKOFF_S = 0.5  # doubled after each failed attempt: 0.5 + 1 + 2 s before giving up
-
-
-class RewardError(UserError):
-    """A reward source that failed, or returned something that is not one reward per completion. It
-    may happen on one process only, so every process that meets one says so (pipeline.cli)."""
-
-    on_one_rank = True
-
-
-# ---------------------------------------------------------------------------------------------
-# Functions
-# ---------------------------------------------------------------------------------------------
-
-def load_function(spec: str) -> Callable:
-    """'package.module:name' or 'path/file.py:name' -> the function, or one line saying what is wrong."""
-    module, _, name = spec.rpartition(":")
-    try:
-        if module.endswith(".py"):
-            if not Path(module).is_file():
-                raise RewardError(f"reward function '{spec}': file '{module}' not found")
-            loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
-            mod = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(mod)
-        else:
-            importable_from_cwd()
-            mod = importlib.import_module(module)
-    except ImportError as e:
-        raise RewardError(f"reward function '{spec}': cannot import '{module}' ({one_line(e)})") from None
-    except Exception as e:  # a syntax error, or a module that fails while importing
-        raise RewardError(f"reward function '{spec}': importing '{module}' raised {type(e).__name__}: "
-                          f"{one_line(e)}") from None
-    fn = getattr(mod, name, None)
-    if not callable(fn):
-        raise RewardError(f"reward function '{spec}': '{module}' has no function '{name}'")
-    return fn
-
-
-def one_line(e) -> str:
-    return " ".join(str(e).split())
+BACKOFF_S = 0.5  # a reward server's first retry waits about this long; each next one twice as long
+BACKOFF_MAX_S = 8.0
 
 
 def check_rewards(values, n: int, who: str) -> list[float]:
-    """One float per completion (None -> NaN), or one line naming `who` and the first bad index."""
+    """One float per completion (None or NaN: no reward, NaN; a bool: 1.0 or 0.0, as trl turns them into
+    a tensor), or one line naming `who` and the first bad index."""
     if hasattr(values, "tolist"):  # a tensor or numpy array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
@@ -98,20 +68,82 @@ def check_rewards(values, n: int, who: str) -> list[float]:
                           f"None to give none)")
     out = []
     for i, v in enumerate(values):
+        if hasattr(v, "dtype") and hasattr(v, "item"):  # a numpy or torch scalar
+            v = v.item()
         if v is None:
             out.append(math.nan)
-        elif isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):  # numpy scalars are Real
-            raise RewardError(f"{who} returned {v!r} at index {i}: a reward is a finite number (None: no reward)")
-        else:
+        elif isinstance(v, numbers.Real) and not math.isinf(v):  # bool is an int: 1.0 / 0.0
             out.append(float(v))
+        else:
+            raise RewardError(f"{who} returned {v!r} at index {i}: a reward is a finite number, a bool, or None "
+                              f"(or NaN: no reward)")
     return out
+
+
+def check_columns(sections: dict[str, list[RewardSource]], columns) -> None:
+    """A function's `kwargs` entry named like a column of the prompt dataset would hide that column
+    from it: refused once the columns are known, before any model loads."""
+    for section, specs in sections.items():
+        for spec in specs:
+            clash = sorted(set(spec.kwargs) & set(columns))
+            if clash:
+                raise ConfigError(f"{section} '{spec.label}': kwargs {clash} are also columns of the prompt dataset, "
+                                  f"which the function receives under those names: rename the kwargs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainerState:
+    """The run's progress, as reward functions written for trl read it (`trainer_state`): the progress
+    fields of transformers' TrainerState. Our own class because importing transformers' loads the
+    Trainer's stack (peft, bitsandbytes: seconds) into a PPO process that needs none of it."""
+
+    global_step: int = 0
+    """Optimiser steps done."""
+    max_steps: int = 0
+    """Optimiser steps of the whole run."""
+    epoch: float = 0.0
+    """Passes over the prompt dataset done (fractional)."""
+    num_train_epochs: float = 0.0
+    """Passes over the prompt dataset the whole run makes."""
+    is_world_process_zero: bool = True
+    is_local_process_zero: bool = True
+
+
+@dataclass
+class FunctionLog:
+    """What reward functions logged in one batch through trl's `log_metric` and `log_extra`."""
+
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    """'<rewards|judges>/<source>/<name>' -> the values logged (their mean is the iteration's metric)."""
+    extra: dict[str, list] = field(default_factory=dict)
+    """column -> one value per completion, for samples.jsonl."""
+
+    def log_metric(self, prefix: str) -> Callable[[str, float], None]:
+        def log_metric(name: str, value: float) -> None:
+            self.metrics.setdefault(f"{prefix}/{name}", []).append(float(value))
+        return log_metric
+
+    def log_extra(self, n: int, who: str) -> Callable[[str, list], None]:
+        def log_extra(column: str, values: list) -> None:
+            values = list(values)
+            if len(values) != n:
+                raise RewardError(f"{who}: log_extra('{column}', ...) got {len(values)} values for {n} completions "
+                                  f"(one per completion)")
+            self.extra[column] = values
+        return log_extra
 
 
 class FunctionReward:
     """A Python reward function with trl's contract (see the module docstring)."""
 
     def __init__(self, spec: RewardSource):
-        self.spec, self.fn = spec, load_function(spec.function)
+        self.spec, self.who = spec, f"reward function '{spec.function}'"
+        self.fn = user_code.load(spec.function, spec.base_dir, self.who)
+        self.is_async = user_code.is_async(self.fn)
         try:
             params = inspect.signature(self.fn).parameters
         except (TypeError, ValueError):  # a callable without a signature: give it everything
@@ -119,60 +151,188 @@ class FunctionReward:
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.names = set(params)
 
-    def __call__(self, prompts, texts, completion_ids, columns) -> list[float]:
+    def start(self, prompts, texts, completion_ids, columns, state: TrainerState | None = None,
+              log: FunctionLog | None = None, prefix: str = "rewards") -> Callable[[], list[float]]:
+        """Call the function on a batch; what it returns gives its rewards. A sync function runs now; an
+        async one is started on the event loop and runs while the caller goes on."""
+        log = log if log is not None else FunctionLog()
         completions = ([[{"role": "assistant", "content": t}] for t in texts]
                        if prompts and is_conversational(prompts[0]) else list(texts))
         kwargs = {**columns, "prompts": list(prompts), "completions": completions, "completion_ids": completion_ids,
-                  **self.spec.kwargs}
+                  "trainer_state": state if state is not None else TrainerState(),
+                  "log_metric": log.log_metric(f"{prefix}/{self.spec.label}"),
+                  "log_extra": log.log_extra(len(texts), self.who), **self.spec.kwargs}
         if not self.takes_all:
             kwargs = {k: v for k, v in kwargs.items() if k in self.names}
-        who = f"reward function '{self.spec.function}'"
+        n, timeout = len(texts), self.spec.deadline_s
+        if not self.is_async:
+            values = self._guarded(user_code.call, self.fn, kwargs, timeout, self.who)
+            return lambda: check_rewards(values, n, self.who)
+        future = self._guarded(user_code.start, self.fn, kwargs)
+        deadline = time.monotonic() + timeout
+        return lambda: check_rewards(self._guarded(user_code.wait, future, deadline, timeout, self.who), n, self.who)
+
+    def __call__(self, prompts, texts, completion_ids, columns, **context) -> list[float]:
+        return self.start(prompts, texts, completion_ids, columns, **context)()
+
+    def _guarded(self, run, *args):
+        """`run(*args)`, with an exception of the user's code as one line naming the function."""
         try:
-            values = self.fn(**kwargs)
-            if inspect.isawaitable(values):
-                values = asyncio.run(values)
+            return run(*args)
         except RewardError:
             raise
         except Exception as e:
-            raise RewardError(f"{who} raised {type(e).__name__}: {one_line(e)}") from e
-        return check_rewards(values, len(texts), who)
+            raise RewardError(f"{self.who} raised {type(e).__name__}: {one_line(e)}") from e
 
 
 # ---------------------------------------------------------------------------------------------
 # Reward servers
 # ---------------------------------------------------------------------------------------------
 
+class _Expired(Exception):
+    """A request's deadline passed."""
+
+
 class RemoteReward:
-    """A reward server: POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}."""
+    """A reward server: POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]} (null: no
+    finite score).
+
+    Each request has a deadline (`timeout_s`, retries included) on the whole exchange: a watchdog
+    closes the connection when it passes, however slowly the server sends. Retried with exponential
+    backoff and jitter while the deadline allows: refused or dropped connections, 429 and 503 (after
+    their Retry-After), other 5xx. Until the server has answered once it may take `startup_wait_s` to
+    accept connections (still loading). Not retried: other 4xx, TLS failures, an unknown host, an
+    answer outside the contract. Each failure is one line naming the URL and the cause."""
 
     def __init__(self, spec: RewardSource):
-        self.url, self.timeout = spec.url, spec.timeout_s
+        self.url, self.who = spec.url, f"reward server {spec.url}"
+        parts = urllib.parse.urlsplit(spec.url)
+        self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.timeout = spec.deadline_s
+        self.startup_wait = spec.startup_wait_s if spec.startup_wait_s is not None else SERVER_STARTUP_WAIT_S
+        self.headers = {"Content-Type": "application/json"}
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env)
+            if not key:
+                raise RewardError(f"{self.who}: the environment variable {spec.api_key_env} (api_key_env) is not set: "
+                                  f"export it with the server's API key")
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.answered = False  # the server has answered once: no more waiting for it to start
+        self.jitter = random.Random()  # its own generator: the run's RNG states stay the run's
 
-    def __call__(self, prompts, texts, completion_ids, columns) -> list[float]:
+    def __call__(self, prompts, texts, completion_ids, columns, **context) -> list[float]:
         body = json.dumps({"prompts": list(prompts), "completions": list(texts)}).encode()
-        last = "no answer"
-        for attempt in range(RETRIES):
-            if attempt:
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        started = time.monotonic()
+        deadline, backoff, attempts = started + self.timeout, BACKOFF_S, 0
+        while True:
+            attempts += 1
+            retry_after, refused = None, False
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {one_line(e.read().decode(errors='replace'))[:200]}"
-                if e.code < 500:  # the request is wrong: asking again changes nothing
-                    raise RewardError(f"reward server {self.url} refused the request ({last})") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                last = one_line(getattr(e, "reason", e))
-            except json.JSONDecodeError:
-                raise RewardError(f"reward server {self.url} answered with something that is not JSON") from None
+                status, headers, payload = self._post(body, deadline)
+            except _Expired:
+                raise RewardError(f"{self.who}: no complete answer within timeout_s = {self.timeout:g} s "
+                                  f"({attempts} attempt{'s' * (attempts > 1)}): raise timeout_s, or give the server "
+                                  f"less to do") from None
+            except ssl.SSLError as e:
+                raise RewardError(f"{self.who}: TLS failed ({one_line(e.reason or e)}): check the URL's scheme "
+                                  f"(http or https) and the server's certificate") from None
+            except socket.gaierror as e:
+                raise RewardError(f"{self.who}: cannot resolve the host '{self.host}' ({one_line(e)}): check "
+                                  f"the URL") from None
+            except (OSError, http.client.HTTPException) as e:
+                refused = isinstance(e, ConnectionRefusedError)
+                cause = "connection refused" if refused else f"connection failed ({type(e).__name__}: {one_line(e)})"
+                if refused and not self.answered:  # a server still starting: wait for it, within its bound
+                    if deadline < started + self.startup_wait:
+                        print(f"{self.who} refuses connections: waiting up to startup_wait_s = {self.startup_wait:g} s "
+                              f"for it to start", file=sys.stderr, flush=True)
+                    deadline = max(deadline, started + self.startup_wait)
+            else:
+                if status == 200:
+                    self.answered = True
+                    return self._rewards(payload, len(texts))
+                detail = one_line(payload.decode(errors="replace"))[:200]
+                cause = f"HTTP {status}" + (f": {detail}" if detail else "")
+                if status in (401, 403):
+                    fix = ("the key in api_key_env was refused: check it" if "Authorization" in self.headers
+                           else "the server wants an API key: set api_key_env to the variable that holds it")
+                    raise RewardError(f"{self.who}: {cause}: {fix}")
+                if status != 429 and status < 500:  # the request is wrong: asking again changes nothing
+                    raise RewardError(f"{self.who} refused the request ({cause})")
+                retry_after = _retry_after(headers.get("Retry-After"))
+            wait = retry_after if retry_after is not None else backoff * self.jitter.uniform(0.5, 1.0)
+            if time.monotonic() + wait >= deadline:
+                waited = time.monotonic() - started
+                hint = ("is it running? (`make serve-rm`)" if refused else
+                        f"it asked to retry after {retry_after:g} s, past the deadline (timeout_s)"
+                        if retry_after is not None else "see the server's log")
+                raise RewardError(f"{self.who} failed {attempts} time{'s' * (attempts > 1)} in {waited:.0f} s (last: "
+                                  f"{cause}): {hint}")
+            time.sleep(wait)
+            backoff = min(2 * backoff, BACKOFF_MAX_S)
+
+    def _post(self, body: bytes, deadline: float):
+        """One POST: (status, headers, body), or _Expired when the deadline passes first."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Expired
+        if self.https:
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=remaining,
+                                                     context=ssl.create_default_context())
         else:
-            hint = "see the server's log" if last.startswith("HTTP") else "is it running? (`make serve-rm`)"
-            raise RewardError(f"reward server {self.url} failed {RETRIES} times (last: {last}): {hint}")
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=remaining)
+        expired = threading.Event()
+
+        def expire():  # a socket timeout bounds each read; this bounds them all together
+            expired.set()
+            if connection.sock is not None:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        watchdog = threading.Timer(remaining, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            connection.request("POST", self.path, body, self.headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set() or isinstance(e, TimeoutError):
+                raise _Expired from None
+            raise
+        finally:
+            watchdog.cancel()
+            connection.close()
+
+    def _rewards(self, payload: bytes, n: int) -> list[float]:
+        try:
+            answer = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RewardError(f"{self.who} answered with something that is not JSON") from None
         if not isinstance(answer, dict) or "rewards" not in answer:
-            raise RewardError(f"reward server {self.url} answered without a 'rewards' list")
-        return check_rewards(answer["rewards"], len(texts), f"reward server {self.url}")
+            raise RewardError(f"{self.who} answered without a 'rewards' list")
+        rewards = check_rewards(answer["rewards"], n, self.who)
+        missing = sum(math.isnan(r) for r in rewards)
+        if missing and answer.get("non_finite"):
+            print(f"warning: {self.who} had no finite score for {missing} of {n} completions (they get no reward "
+                  f"from it): see the server's log", file=sys.stderr, flush=True)
+        return rewards
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header: seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,10 +437,15 @@ def load_sources(specs: list[RewardSource], model_path: Callable[[str], str], dt
 class Rewards:
     """Named sources with weights; scores a batch with each, and combines them. `rm_label` names the
     source that reads this run's reward model (`{model: rm}`), if any: its score is the one the RM
-    stage's reference statistics normalise and the one logged as `rm_score_raw`."""
+    stage's reference statistics normalise and the one logged as `rm_score_raw`.
 
-    def __init__(self, sources: dict[str, tuple], device, rm_label: str | None = None):
-        self.sources, self.device, self.rm_label = sources, device, rm_label
+    `watched` sources are judges of a training run: one that fails (a function raising or timing out, a
+    server that cannot answer) gives NaN for the batch and a warning line, and training goes on."""
+
+    def __init__(self, sources: dict[str, tuple], device, rm_label: str | None = None, watched: bool = False):
+        self.sources, self.device, self.rm_label, self.watched = sources, device, rm_label, watched
+        self.kind = "judges" if watched else "rewards"
+        self.log = FunctionLog()  # what the functions logged (trl's log_metric / log_extra), until `take_log`
 
     def __bool__(self) -> bool:
         return bool(self.sources)
@@ -288,26 +453,59 @@ class Rewards:
     def models(self) -> list[ModelReward]:
         return [s for s, _ in self.sources.values() if isinstance(s, ModelReward)]
 
+    def has_functions(self) -> bool:
+        return any(isinstance(s, FunctionReward) for s, _ in self.sources.values())
+
     def score(self, prompts: list, texts: list[str], responses: torch.Tensor | None = None,
               response_mask: torch.Tensor | None = None, columns: dict | None = None,
-              prompt_ids: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+              prompt_ids: list[list[int]] | None = None, state: TrainerState | None = None) -> dict[str, torch.Tensor]:
         """{name: (B,) float32 on the device, NaN where the source gave no reward}. `responses` and
         their mask give the functions' `completion_ids` (the response up to and including its stop);
-        with `prompt_ids` too, a reward model that reads the policy's ids reads them (ModelReward)."""
-        ids = None
-        if any(isinstance(s, FunctionReward) for s, _ in self.sources.values()) and responses is not None:
+        with `prompt_ids` too, a reward model that reads the policy's ids reads them (ModelReward).
+        `state`: the run's progress, for functions that read `trainer_state`.
+
+        Async functions start first and run while the others score. Every source scores the batch even
+        after one has failed, so every process runs the same reward-model forwards (collectives under
+        sharded engines); then the first failure is raised (a watched source's: a warning)."""
+        ids, columns = None, columns or {}
+        if self.has_functions() and responses is not None:
             ids = [row[: int(n)].tolist() for row, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
-        out = {}
         policy_ids = (prompt_ids, responses, response_mask) if prompt_ids is not None and responses is not None else None
-        for name, (source, _) in self.sources.items():
-            if isinstance(source, ModelReward):
-                values = source(prompts, texts, ids, columns or {}, policy_ids)
+        results, failures = {}, []
+
+        def attempt(name, run):
+            try:
+                results[name] = run()
+            except RewardError as e:
+                failures.append(e)
+                results[name] = [math.nan] * len(texts)
+
+        order = sorted(self.sources, key=lambda name: not getattr(self.sources[name][0], "is_async", False))
+        for name in order:
+            source = self.sources[name][0]
+            if isinstance(source, FunctionReward):
+                attempt(name, lambda: source.start(prompts, texts, ids, columns, state, self.log, self.kind))
+            elif isinstance(source, ModelReward):
+                attempt(name, lambda: source(prompts, texts, ids, columns, policy_ids))
             else:
-                values = source(prompts, texts, ids, columns or {})
-            # a function's floats stay float64 (reported as returned); the reward is summed in float32
-            out[name] = (values if isinstance(values, torch.Tensor)
-                         else torch.tensor(values, dtype=torch.float64)).to(self.device)
-        return out
+                attempt(name, lambda: source(prompts, texts, ids, columns))
+        for name in order:
+            if callable(results[name]):  # a function's pending result
+                attempt(name, results[name])
+        for e in failures:
+            if not self.watched:
+                raise e
+            print(f"warning: {e} (a judge: its score is NaN for this batch; training goes on)", file=sys.stderr,
+                  flush=True)
+        # a function's floats stay float64 (reported as returned); the reward is summed in float32
+        return {name: (results[name] if isinstance(results[name], torch.Tensor)
+                       else torch.tensor(results[name], dtype=torch.float64)).to(self.device)
+                for name in self.sources}
+
+    def take_log(self) -> FunctionLog:
+        """What the functions logged since the last call."""
+        log, self.log = self.log, FunctionLog()
+        return log
 
     def total(self, scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted sum over sources (a source's missing reward counts 0) and whether each completion

@@ -7,23 +7,26 @@ from __future__ import annotations
 import functools
 import json
 import math
+import random
 import shutil
 import time
+import traceback
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline import engine, models
-from pipeline.config import ConfigError, PPOStage, to_dict
+from pipeline.config import ConfigError, PPOStage, UserError, to_dict
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
-from pipeline.rl.rewards import Rewards, load_sources
+from pipeline.rl.rewards import Rewards, TrainerState, load_sources
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
 
@@ -67,7 +70,7 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
     load = lambda specs: load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
                                       lambda m: engine.prepare_frozen(m, acc))
     rewards = Rewards(load(cfg.rewards), acc.device, rm_label=next((s.label for s in cfg.rewards if s.model == "rm"), None))
-    judges = Rewards(load(cfg.judges), acc.device)
+    judges = Rewards(load(cfg.judges), acc.device, watched=True)  # a judge that fails never stops training
     for reward_model in rewards.models() + judges.models():  # one with the policy's tokenizer reads its ids
         if same_tokenizer(tokenizer, reward_model.scorer.tokenizer):
             reward_model.reads_policy_ids()
@@ -104,6 +107,13 @@ class Schedule:
         self.cfg, self.world, self.n_prompts, self.seed = cfg, world, n_prompts, seed
         self.iterations = math.ceil(cfg.total_episodes / (cfg.batch_size * world))
         self.optimizer_steps = self.iterations * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+
+    def trainer_state(self, iteration: int, acc) -> TrainerState:
+        """The run's progress when `iteration` iterations are done, as reward functions read it."""
+        drawn = self.cfg.batch_size // self.cfg.samples_per_prompt * self.world  # prompts per iteration
+        return TrainerState(global_step=iteration * self.optimizer_steps // self.iterations, max_steps=self.optimizer_steps,
+                            epoch=iteration * drawn / self.n_prompts, num_train_epochs=self.iterations * drawn / self.n_prompts,
+                            is_world_process_zero=acc.is_main_process, is_local_process_zero=acc.is_local_main_process)
 
     def prompt_indices(self, iteration: int, rank: int) -> list[int]:
         """The prompts of one process in one iteration, each repeated `samples_per_prompt` times in a
@@ -161,6 +171,24 @@ def disk_need(model, cfg: PPOStage) -> int:
     return models.disk_need(checkpoint, artifact)
 
 
+class IterationFailed(UserError, RuntimeError):
+    """An iteration's generation or scoring failed on some process (after its last iteration was saved)."""
+
+
+def rng_states() -> dict:
+    """The generators accelerate's `save_state` saves, as they are now."""
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["random"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class PPORun:
     """The run's files in its work directory: checkpoint and resume, metrics and samples, the time
     split, and the final artifact."""
@@ -170,6 +198,7 @@ class PPORun:
         self.checkpoint = out / "checkpoint"
         self.seconds = defaultdict(float)  # startup, generate, score, optimise, saving: the whole run
         self.last = {}  # the same, for the latest iteration
+        self.saved_at = 0  # the iteration of the newest checkpoint (0: none)
         acc.register_for_checkpointing(scheduler)  # not prepared (see optimizer_and_schedule): saved all the same
 
     @contextmanager
@@ -194,7 +223,7 @@ class PPORun:
             newest = max(complete, key=lambda d: states[d]["iteration"])
             self.acc.load_state(str(newest))
             self.kl_ctl.load_state_dict(states[newest]["kl_controller"])
-            start = states[newest]["iteration"]
+            start = self.saved_at = states[newest]["iteration"]
             self.acc.print(f"ppo: resuming from the checkpoint at iteration {start}/{iterations}")
         if self.acc.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -219,6 +248,52 @@ class PPORun:
                 tmp.rename(self.checkpoint)
                 shutil.rmtree(old, ignore_errors=True)
             self.acc.wait_for_everyone()
+        self.saved_at = iteration
+
+    @contextmanager
+    def saved_on_failure(self, iteration: int, iterations: int):
+        """Around an iteration's generation and scoring (`iteration` counts the completed ones): when
+        they fail on any process, every process saves the last completed iteration, unless its
+        checkpoint exists, and stops with the cause in one line; running the stage again goes on from
+        there. Nothing has been updated since that iteration ended, so its state is whole; the RNG
+        states are put back as it left them, so the resumed run is the uninterrupted one. (A loss that
+        is not finite stops the update without a save: that state may be broken.)"""
+        rng = rng_states()
+        error = None
+        try:
+            yield
+        except Exception as e:  # a reward source, a tokenizer, memory: anything before the update
+            error = e
+        failed = self._failures(error)
+        if not failed:
+            return
+        if error is not None and not isinstance(error, UserError):
+            traceback.print_exception(error)  # a bug: its traceback, above the line every process says
+        rank, cause = failed[0]
+        where = f" on process {rank}" if self.acc.num_processes > 1 else ""
+        if iteration > self.saved_at:
+            set_rng_states(rng)
+            self.save_checkpoint(iteration)
+            then = f"saved a checkpoint at iteration {iteration}/{iterations}: fix the cause and run again to go on from it"
+        elif iteration:
+            then = f"its checkpoint at iteration {iteration}/{iterations} is kept: fix the cause and run again to go on"
+        else:
+            then = "no iteration had completed: nothing to save"
+        raise IterationFailed(f"ppo: iteration {iteration + 1} failed{where} ({cause}); {then}") from error
+
+    def _failures(self, error: Exception | None) -> list[tuple[int, str]]:
+        """[(process, cause)] of every process whose iteration failed, the same on every process (a
+        collective: every process calls it each iteration; a flag, then the causes only on a failure)."""
+        cause = None if error is None else str(error) if isinstance(error, UserError) else \
+            f"{type(error).__name__}: {' '.join(str(error).split())}"
+        if self.acc.num_processes == 1:
+            return [] if cause is None else [(0, cause)]
+        flag = torch.tensor([0.0 if cause is None else 1.0], device=self.acc.device)
+        if self.acc.reduce(flag, reduction="sum").item() == 0:
+            return []
+        causes = [None] * self.acc.num_processes
+        torch.distributed.all_gather_object(causes, cause)
+        return [(rank, c) for rank, c in enumerate(causes) if c is not None]
 
     def end_trackers(self) -> None:
         """accelerate's trackers finish (their last writes flushed). Not `acc.end_training()`, which
@@ -245,6 +320,8 @@ class PPORun:
                         row["rm_score_raw"] = exp.rm_scores[i].item()
                     row["rewards"] = {k: value(v[i].item()) for k, v in exp.source_scores.items()}
                     row["judges"] = {k: value(v[i].item()) for k, v in exp.judge_scores.items()}
+                    if exp.extra_columns:  # what reward functions logged with log_extra
+                        row["extra"] = {k: v[i] for k, v in exp.extra_columns.items()}
                     append_jsonl(self.out / "samples.jsonl", row)
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
 
