@@ -258,7 +258,7 @@ def flatten(node, prefix: str = "") -> dict:
     return {prefix: node}
 
 
-UNSET = "unset"
+UNSET = object()  # a key one of two recipes does not have
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:
@@ -271,7 +271,9 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 
 
 def _matches(key: str, pattern: str) -> bool:
-    return (re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), key) is not None
+    """`key` is `pattern` (where `*` stands for text without brackets: one list index, one label) or
+    lies under it."""
+    return (re.fullmatch(re.escape(pattern).replace(r"\*", r"[^\[\]]*"), key) is not None
             or key.startswith((pattern + ".", pattern + "[")))
 
 
@@ -279,11 +281,11 @@ def describe_changes(keys: list[str], old: dict, new: dict, most: int = 6) -> st
     """The changed keys of `recipe_changes` in words, for a one-line message: "ppo.learning_rate
     0.0003 -> 0.001, the code of ppo.rewards 'correct'"."""
     a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
-    short = lambda v: repr(v) if v == UNSET or len(repr(v)) <= 40 else "(changed)"  # noqa: E731
+    short = lambda v: "unset" if v is UNSET else repr(v) if len(repr(v)) <= 40 else "(changed)"  # noqa: E731
     said = []
     for key in keys:
         if not key.startswith("inputs:"):
-            said.append(f"{key} {short(a.get(key, UNSET))} -> {short(b.get(key, UNSET))}".replace("'unset'", UNSET))
+            said.append(f"{key} {short(a.get(key, UNSET))} -> {short(b.get(key, UNSET))}")
             continue
         name = key[len("inputs:"):]
         before, after = old.get("inputs", {}).get(name), new.get("inputs", {}).get(name)

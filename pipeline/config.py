@@ -175,6 +175,11 @@ class RewardSource:
         return FUNCTION_TIMEOUT_S if self.function else SERVER_TIMEOUT_S
 
     @property
+    def startup_wait(self) -> float:
+        """Seconds a server's first request waits for it to accept connections."""
+        return self.startup_wait_s if self.startup_wait_s is not None else SERVER_STARTUP_WAIT_S
+
+    @property
     def label(self) -> str:
         if self.name:
             return self.name
@@ -387,6 +392,12 @@ class PPOStage:
         if self.advantage_estimator != "gae":
             return None
         return self.value_model or ("reward" if any(s.model for s in self.rewards) else "sft")
+
+    @property
+    def scoring_deadline_s(self) -> float:
+        """The longest one process may spend in its reward functions and servers (and judges) on a
+        batch: each one's deadline, a server's first request its start-up wait as well."""
+        return sum(s.deadline_s + (s.startup_wait if s.url else 0.0) for s in self.rewards + self.judges if not s.model)
 
     @property
     def forward_batch(self) -> int:

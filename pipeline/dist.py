@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -12,11 +13,11 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from pipeline import artifacts, cli, plans
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, UserError
 from pipeline.engine import PROCESS_GROUP_TIMEOUT, check_supported, launched
 
 
-def process_state() -> PartialState:
+def process_state(timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> PartialState:
     """The accelerate process state, distributed over gloo when launched on CPUs.
 
     Without `cpu=True`, accelerate treats N CPU processes as N independent single-process runs
@@ -26,8 +27,8 @@ def process_state() -> PartialState:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-        return PartialState(cpu=True, timeout=PROCESS_GROUP_TIMEOUT)
-    return PartialState(timeout=PROCESS_GROUP_TIMEOUT)
+        return PartialState(cpu=True, timeout=timeout)
+    return PartialState(timeout=timeout)
 
 
 def check_shared(state: PartialState, run_dir: Path) -> None:
@@ -54,17 +55,24 @@ def check_shared(state: PartialState, run_dir: Path) -> None:
 
 
 def on_main(state: PartialState, action, refusal: type[Exception]) -> None:
-    """`action()` on the main process only; if it raises `refusal`, every process raises it, with its line."""
-    said = [None]
+    """`action()` on the main process only; if it raises `refusal`, every process raises it, with its
+    line; if it raises anything else, the main process raises that and the others stop too (none is
+    left waiting for the main process in a collective)."""
+    said, failure = [None], None  # said: (refused?, line)
     if state.is_main_process:
         try:
             action()
         except refusal as e:
-            said[0] = str(e)
+            said[0] = (True, str(e))
+        except Exception as e:
+            failure, said[0] = e, (False, f"the main process failed ({type(e).__name__}: {e})")
     if state.num_processes > 1:
         broadcast_object_list(said)
-    if said[0]:
-        raise refusal(said[0])
+    if failure is not None:
+        raise failure
+    if said[0] is not None:
+        refused, line = said[0]
+        raise (refusal if refused else UserError)(line)
 
 
 def lock(state: PartialState, run_dir: Path, stage: str) -> None:
@@ -80,9 +88,14 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
     or refused as artifacts.StageDir.begin says (`--force`: moved aside; `--resume`: resumed across any
     recipe change). The main process prepares it; a refusal stops every process with its line."""
     recipe, args = cli.parse(doc.splitlines()[0], argv)
+    if args.force and args.resume:
+        raise ConfigError("FORCE=1 starts over and RESUME=1 goes on from the last checkpoint: give one of them")
     check_supported(launched(), quantized=str(getattr(getattr(recipe, name, None), "finetune", "")).startswith("qlora"))
     artifacts.check_writable(recipe.run_dir)
-    state = process_state()
+    # a process scoring its batch may keep the others waiting in the next collective for as long as its
+    # reward functions and servers may take: the process group waits at least that long, and 10 minutes more
+    scoring = timedelta(seconds=recipe.ppo.scoring_deadline_s + 600) if name == "ppo" else timedelta(0)
+    state = process_state(max(PROCESS_GROUP_TIMEOUT, scoring))
     check_shared(state, recipe.run_dir)
     lock(state, recipe.run_dir, name)
     plan = plans.PLANS[name](recipe)

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import signal
 import sys
@@ -164,11 +165,13 @@ def _installed_file(module: str, base_dir: str | None) -> Path | None:
 
 
 def importable(base_dir: str | None) -> None:
-    """Local modules import from the recipe's directory and the working directory. Stages are launched
-    as `stages/ppo.py`, whose folder, not the working directory, is on the path."""
-    for d in map(str, search_dirs(base_dir)):
-        if d not in sys.path:
-            sys.path.append(d)
+    """Modules import from the recipe's directory and the working directory before the installed
+    packages, as `fingerprint` looks them up. (Stages are launched as `stages/ppo.py`, whose folder,
+    not the working directory, is on the path.)"""
+    for d in reversed([str(d) for d in search_dirs(base_dir)]):
+        if d in sys.path:
+            sys.path.remove(d)
+        sys.path.insert(0, d)
 
 
 def load(spec: str, base_dir: str | None, who: str) -> Callable:
@@ -225,9 +228,7 @@ def _import_file(path: Path):
 
 def is_async(fn: Callable) -> bool:
     """A coroutine function, a partial of one, or an object whose `__call__` is one."""
-    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
-        fn = fn.func
-    return asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 class _Expired(BaseException):
@@ -238,41 +239,41 @@ class _Expired(BaseException):
 def call(fn: Callable, kwargs: dict, timeout_s: float, who: str) -> Any:
     """`fn(**kwargs)` in this thread; a RewardError naming `who` if it takes longer than `timeout_s`.
 
-    The watchdog sends the main thread a signal at the deadline, whose handler raises: a sleep, a
-    socket read or any Python code stops there. A call stuck in C code that never returns to Python
+    The call's watchdog sends the main thread a signal at the deadline, whose handler raises: a sleep,
+    a socket read or any Python code stops there. A call stuck in C code that never returns to Python
     cannot be stopped that way: HARD_STOP_S later the process says why and ends. Outside the main
     thread (where no handler can be set) the call has no deadline."""
     if threading.current_thread() is not threading.main_thread():
         return fn(**kwargs)
-    active = [True]
+    active, fired, returned = [True], threading.Event(), threading.Event()
 
-    def expire(*_):
-        if active[0]:
+    def expire(*_):  # (a late signal of an earlier call's watchdog finds `fired` unset: ignored)
+        if fired.is_set() and active[0]:
             raise _Expired
 
-    def watchdog(stop: threading.Event):
-        if stop.wait(timeout_s):
+    def watchdog():
+        if returned.wait(timeout_s):
             return
+        fired.set()
         signal.pthread_kill(threading.main_thread().ident, INTERRUPT)
-        if not stop.wait(HARD_STOP_S):
+        if not returned.wait(HARD_STOP_S):
             print(f"error: {who} did not return within timeout_s = {timeout_s:g} s and cannot be interrupted "
                   f"(stuck outside Python): stopping the process", file=sys.stderr, flush=True)
             os._exit(1)
 
     previous = signal.signal(INTERRUPT, expire)
-    stop = threading.Event()
-    threading.Thread(target=watchdog, args=(stop,), daemon=True, name="reward-deadline").start()
+    threading.Thread(target=watchdog, daemon=True, name="reward-deadline").start()
     try:
         try:
             return fn(**kwargs)
         finally:
             active[0] = False
-            stop.set()
+            returned.set()
     except _Expired:
         raise RewardError(f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise "
                           f"its timeout_s") from None
     finally:
-        signal.signal(INTERRUPT, previous)
+        signal.signal(INTERRUPT, previous if previous is not None else signal.SIG_DFL)  # (None: set from C)
 
 
 _loop: asyncio.AbstractEventLoop | None = None

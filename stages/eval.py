@@ -131,6 +131,7 @@ def main(argv=None):
             scored = [scores.score(b.prompts, b.texts, b.responses, b.response_mask,
                                    {k: v[i * cfg.batch_size:(i + 1) * cfg.batch_size] for k, v in columns.items()})
                       for i, b in enumerate(batches)]
+            scores.take_log()  # (what reward functions log is the RL stage's metric, not eval's)
             by_name = {score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
                        for name in scores.sources}  # NaN: no score from that source
             lengths = torch.cat([b.response_mask.sum(1).float().cpu() for b in batches])

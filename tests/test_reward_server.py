@@ -258,9 +258,9 @@ def test_the_server_refuses_oversized_and_malformed_requests_without_echoing_the
                                                       "(--max-pairs): split the request")
         for body, expected in (
                 ({"prompts": [{"role": 5, "content": secret}], "completions": [secret]},
-                 "prompts[0] must be a string, a list of {role, content} messages, or null"),
+                 "prompts[0] must be a string, a non-empty list of {role, content} messages, or null"),
                 ({"prompts": [secret], "completions": [[{"content": secret}]]},
-                 "completions[0] must be a string or a list of {role, content} messages"),
+                 "completions[0] must be a string or a non-empty list of {role, content} messages"),
                 ({"prompts": [secret, secret], "completions": [secret]},
                  "2 prompts but 1 completions: give one prompt per completion")):
             status, answer, raw = post(url + "/score", body)
@@ -268,6 +268,8 @@ def test_the_server_refuses_oversized_and_malformed_requests_without_echoing_the
             assert b"SECRET" not in raw and len(raw) < 300
         status, answer, raw = post(url + "/score", b"{not json" + secret.encode())
         assert status == 400 and b"SECRET" not in raw
+        status, answer, raw = post(url + "/score", {"prompts": [[]], "completions": [secret]})  # no messages at all
+        assert status == 422 and b"SECRET" not in raw
         assert post(url + "/score", {"prompts": ["a"], "completions": ["b ."]})[0] == 200  # still up
 
 
@@ -342,10 +344,13 @@ def test_requests_in_flight_share_forwards_and_a_small_one_is_not_held_behind_a_
     large = batcher.submit([[100 + i] for i in range(8)])
     while not scorer.batches:  # the large request's first forward is running
         time.sleep(0.01)
+    gone = batcher.submit([[7], [8]])
     small = batcher.submit([[1], [2]])
+    assert gone.cancel()  # its client went away before any of its pairs was taken: never scored
     scorer.release.set()
     assert small.result(10) == [1.0, 2.0] and large.result(10) == [100.0 + i for i in range(8)]
     assert scorer.batches == [[100, 101, 102, 103], [104, 1, 105, 2], [106, 107]]
+    assert batcher.pairs == 0 and batcher.submit([[5]]).result(10) == [5.0]  # and the scoring thread goes on
 
 
 def test_binding_beyond_loopback_needs_a_key(reward_model, monkeypatch):

@@ -2,6 +2,7 @@
 None/NaN results, async functions on one loop, gathered), their failures in one line, deadlines,
 where their files are found and what their fingerprint covers; weights; judges that fail."""
 
+import random
 import sys
 import time
 
@@ -108,6 +109,17 @@ def swallows(completions, **kwargs):  # a function that catches everything still
 
 async def hangs_async(completions, **kwargs):
     await asyncio.sleep(600)
+
+def draws(completions, **kwargs):  # a judge that samples
+    import random
+    import torch
+    return [random.random() + torch.rand(1).item() for _ in completions]
+
+down = [0]
+
+def service_down(completions, **kwargs):
+    down[0] += 1
+    raise ConnectionError("judge service down")
 '''
 
 PROMPTS = ["2 + 2 ?", "3 + 3 ?", "4 + 4 ?"]
@@ -238,14 +250,21 @@ def test_a_hung_function_is_stopped_at_its_deadline(module, name):
     assert source(module, "two_names", timeout_s=1)(PROMPTS, TEXTS, IDS, {}) == [1.0, 1.0, 6.0]  # and then goes on
 
 
-def test_a_failing_judge_gives_nan_and_a_warning_while_a_failing_reward_stops(module, capsys):
-    judges = Rewards({"ok": (source(module, "two_names"), 1.0), "broken": (source(module, "fails"), 1.0)},
+def test_a_failing_judge_gives_nan_and_a_warning_rests_and_leaves_the_run_s_randomness_alone(module, capsys):
+    """A judge that fails scores NaN with a warning, and rests for 1, then 3 batches; judges leave the
+    random generators as they found them (the run samples the same rollouts with or without them); a
+    failing reward stops the batch."""
+    judges = Rewards({"draws": (source(module, "draws"), 1.0), "down": (source(module, "service_down"), 1.0)},
                      torch.device("cpu"), watched=True)
-    scores = judges.score(PROMPTS, TEXTS)
-    assert torch.isnan(scores["broken"]).all() and scores["ok"].tolist() == [1.0, 1.0, 6.0]
-    warning = capsys.readouterr().err.strip()
-    assert warning == (f"warning: reward function '{module}:fails' raised KeyError: 'solution' (a judge: its score "
-                       f"is NaN for this batch; training goes on)")
+    python, generator = random.getstate(), torch.get_rng_state()
+    for _ in range(4):
+        scores = judges.score(PROMPTS, TEXTS)
+        assert torch.isnan(scores["down"]).all() and not torch.isnan(scores["draws"]).any()
+    assert random.getstate() == python and torch.equal(torch.get_rng_state(), generator)
+    assert judges.sources["down"][0].fn.__globals__["down"] == [2]  # called in batches 1 and 3 only
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [f"warning: reward function '{module}:service_down' raised ConnectionError: judge service down "
+                        f"(a judge: its score is NaN for this batch and the next {n}; training goes on)" for n in (1, 3)]
     rewards = Rewards({"broken": (source(module, "fails"), 1.0), "ok": (source(module, "two_names"), 1.0)},
                       torch.device("cpu"))
     with pytest.raises(RewardError, match="raised KeyError"):
@@ -339,3 +358,13 @@ def test_a_reward_error_on_one_process_is_said_by_that_process(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run(fails)
     assert e.value.code == "error (process 1): reward function 'f' returned 'x' at index 3"
+
+
+def test_the_process_group_waits_as_long_as_a_batch_s_rewards_may_take():
+    """A process scoring its batch keeps the others waiting in the next collective: the RL stage's
+    process group waits for the sum of its functions' and servers' deadlines (a server's start-up
+    wait too), reward models aside."""
+    recipe = load_recipe(DEMO_RECIPE, ["ppo.rewards=[{model: rm}, {function: 'f.py:f', timeout_s: 20}, "
+                                       "{url: 'http://127.0.0.1:1/score', timeout_s: 30, startup_wait_s: 40}]",
+                                       "ppo.judges=[{function: 'g.py:g'}]"])
+    assert recipe.ppo.scoring_deadline_s == 20 + 30 + 40 + 300

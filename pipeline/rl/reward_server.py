@@ -18,10 +18,11 @@ RL stage reads it with `ppo.rewards: [{url: "http://127.0.0.1:8000/score"}]` (pi
   a rendered pair longer than the model's positions (or `--max-length`) keeps its last tokens, where
   a decoder reads its score (encoders: their own cut, `scoring.encoder_input_ids`). A malformed
   request gets 400 / 422 with its reason, which never quotes the input; no answer names a path.
-- Concurrency: bodies are read asynchronously and parsed and tokenized on worker threads, so
-  /health answers at once under any load; one scoring thread runs the forwards, each of up to
-  `--batch-size` pairs taken in turn from every request waiting (`Batcher`): requests that arrive
-  together share forwards, and a large one does not hold back the small ones behind it.
+- Concurrency: bodies are read asynchronously (PARSING_AT_ONCE in memory at once) and parsed and
+  tokenized on worker threads, so /health answers at once under any load; one scoring thread runs
+  the forwards, each of up to `--batch-size` pairs taken in turn from every request waiting
+  (`Batcher`): requests that arrive together share forwards, and a large one does not hold back the
+  small ones behind it. Past `max_waiting_pairs` waiting, 503 with Retry-After.
 - A score that is not finite is answered as null, with `non_finite` counting them: the client gives
   those completions no reward from this server, and says so; it is never a 500 that invites retries.
 """
@@ -47,6 +48,7 @@ from pipeline import cli
 if __name__ == "__main__":  # the server's process: before the libraries load
     cli.before_libraries()
 
+import jinja2
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -63,6 +65,8 @@ PARSING_AT_ONCE = 4  # requests parsed and tokenized at the same time (each may 
 class Limits:
     max_body_bytes: int = 32 << 20
     max_pairs: int = 4096
+    max_waiting_pairs: int = 65536
+    """Pairs rendered and waiting for the model, over every request: beyond, 503 with Retry-After."""
 
 
 class Rejected(Exception):
@@ -74,8 +78,8 @@ class Rejected(Exception):
 
 
 def _message_list(x) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                       and isinstance(m.get("content"), str) for m in x)
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                      and isinstance(m.get("content"), str) for m in x)
 
 
 def parse(body: bytes, limits: Limits) -> tuple[list, list]:
@@ -95,10 +99,11 @@ def parse(body: bytes, limits: Limits) -> tuple[list, list]:
                             f"(--max-pairs): split the request")
     for i, p in enumerate(prompts):
         if not (p is None or isinstance(p, str) or _message_list(p)):
-            raise Rejected(422, f"prompts[{i}] must be a string, a list of {{role, content}} messages, or null")
+            raise Rejected(422, f"prompts[{i}] must be a string, a non-empty list of {{role, content}} messages, or "
+                                f"null")
     for i, c in enumerate(completions):
         if not (isinstance(c, str) or _message_list(c)):
-            raise Rejected(422, f"completions[{i}] must be a string or a list of {{role, content}} messages")
+            raise Rejected(422, f"completions[{i}] must be a string or a non-empty list of {{role, content}} messages")
     return prompts, completions
 
 
@@ -113,11 +118,13 @@ class _Job:
 
 class Batcher:
     """One thread runs the reward model: each forward takes up to `batch_size` rendered pairs, one at a
-    time from each request waiting in turn."""
+    time from each request waiting in turn. A request whose client has gone (its future cancelled
+    before its first pair was taken) is dropped."""
 
     def __init__(self, scorer: RewardScorer, batch_size: int):
         self.scorer, self.batch_size = scorer, batch_size
         self.waiting: collections.deque[_Job] = collections.deque()
+        self.pairs = 0  # rendered pairs waiting, over every request
         self.ready = threading.Condition()
         threading.Thread(target=self._run, daemon=True, name="scoring").start()
 
@@ -129,6 +136,7 @@ class Batcher:
             return job.future
         with self.ready:
             self.waiting.append(job)
+            self.pairs += len(ids)
             self.ready.notify()
         return job.future
 
@@ -136,8 +144,12 @@ class Batcher:
         rows = []
         while self.waiting and len(rows) < self.batch_size:
             job = self.waiting.popleft()
+            if job.taken == 0 and not job.future.set_running_or_notify_cancel():  # cancelled: never scored
+                self.pairs -= len(job.ids)
+                continue
             rows.append((job, job.taken))
             job.taken += 1
+            self.pairs -= 1
             if job.taken < len(job.ids):
                 self.waiting.append(job)  # its next pair after one of every other request's
         return rows
@@ -148,14 +160,17 @@ class Batcher:
                 while not self.waiting:
                     self.ready.wait()
                 rows = self._take()
+            if not rows:
+                continue
             try:
                 scores = self.scorer.score_ids([job.ids[i] for job, i in rows]).tolist()
             except Exception as e:  # the model failed on these: every request with a pair among them fails
                 traceback.print_exc()
-                for job in {id(job): job for job, _ in rows}.values():
+                for job in dict.fromkeys(job for job, _ in rows):
                     with self.ready:
                         if job in self.waiting:
                             self.waiting.remove(job)
+                            self.pairs -= len(job.ids) - job.taken
                     if not job.future.done():
                         job.future.set_exception(e)
                 continue
@@ -173,16 +188,22 @@ def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, ap
     app = FastAPI(title="reward model", description=f"scores (prompt, completion) pairs with {name}", docs_url=None,
                   redoc_url=None, openapi_url=None)
     batcher = Batcher(scorer, batch_size)
-    parsing = asyncio.Semaphore(PARSING_AT_ONCE)
+    reading = asyncio.Semaphore(PARSING_AT_ONCE)  # bodies in memory at once, until rendered
+    rendering = threading.Lock()  # one tokenizer: its truncation settings are set per call (encoders)
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def rendered(body: bytes) -> list[list[int]]:
         prompts, completions = parse(body, limits)
-        try:
-            return [reward_input_ids(scorer.tokenizer, p, c) for p, c in zip(prompts, completions)]
-        except (UserError, ValueError, TypeError, KeyError) as e:  # a pair it cannot render (e.g. no template)
-            reason = " ".join(str(e).split())[:300]
-            raise Rejected(422, f"cannot score this request: {reason.replace(hide, name) if hide else reason}") from None
+        with rendering:
+            for i, (p, c) in enumerate(zip(prompts, completions)):
+                try:
+                    yield reward_input_ids(scorer.tokenizer, p, c)
+                except (UserError, jinja2.TemplateError) as e:  # e.g. no chat template, or one that refuses the roles
+                    reason = " ".join(str(e).split())[:200]
+                    raise Rejected(422, f"cannot render pair {i} with this reward model: "
+                                        f"{reason.replace(hide, name) if hide else reason}") from None
+                except Exception as e:  # its message might quote the input: only its kind
+                    raise Rejected(422, f"cannot render pair {i} with this reward model ({type(e).__name__})") from None
 
     @app.get("/health")
     async def health():
@@ -199,15 +220,18 @@ def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, ap
             if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
                 raise Rejected(413, f"the body is {int(declared)} bytes; this server takes at most "
                                     f"{limits.max_body_bytes} (--max-body-mb): split the request")
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limits.max_body_bytes:
-                    raise Rejected(413, f"the body is over {limits.max_body_bytes} bytes, the most this server "
-                                        f"takes (--max-body-mb): split the request")
-                chunks.append(chunk)
-            async with parsing:
-                ids = await run_in_threadpool(rendered, b"".join(chunks))
+            async with reading:
+                chunks, size = [], 0
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limits.max_body_bytes:
+                        raise Rejected(413, f"the body is over {limits.max_body_bytes} bytes, the most this server "
+                                            f"takes (--max-body-mb): split the request")
+                    chunks.append(chunk)
+                ids = await run_in_threadpool(lambda: list(rendered(b"".join(chunks))))
+            if batcher.pairs + len(ids) > limits.max_waiting_pairs:
+                return JSONResponse({"detail": f"{batcher.pairs} pairs are waiting to be scored: try again shortly"},
+                                    503, headers={"Retry-After": "1"})
             scores = await asyncio.wrap_future(batcher.submit(ids))
         except Rejected as e:
             return JSONResponse({"detail": e.reason}, e.status)

@@ -25,6 +25,7 @@ from any source gets advantage 0 (`Rewards.total`).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import inspect
@@ -42,10 +43,11 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pipeline import user_code
-from pipeline.config import SERVER_STARTUP_WAIT_S, ConfigError, RewardSource
+from pipeline.config import ConfigError, RewardSource
 from pipeline.data import is_conversational
 from pipeline.models import special_ids
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids, turn_closing
@@ -68,16 +70,27 @@ def check_rewards(values, n: int, who: str) -> list[float]:
                           f"None to give none)")
     out = []
     for i, v in enumerate(values):
-        if hasattr(v, "dtype") and hasattr(v, "item"):  # a numpy or torch scalar
-            v = v.item()
-        if v is None:
-            out.append(math.nan)
-        elif isinstance(v, numbers.Real) and not math.isinf(v):  # bool is an int: 1.0 / 0.0
-            out.append(float(v))
-        else:
-            raise RewardError(f"{who} returned {v!r} at index {i}: a reward is a finite number, a bool, or None "
-                              f"(or NaN: no reward)")
+        try:
+            if hasattr(v, "dtype") and hasattr(v, "item"):  # a numpy or torch scalar
+                v = v.item()
+            number = math.nan if v is None else float(v) if isinstance(v, numbers.Real) else None  # bool: 1.0 / 0.0
+        except (TypeError, ValueError, OverflowError):  # an array of several, an int past float's range
+            number = None
+        if number is None or math.isinf(number):
+            raise RewardError(f"{who} returned {one_line(repr(v))[:80]} at index {i}: a reward is a finite number, "
+                              f"a bool, or None (or NaN: no reward)")
+        out.append(number)
     return out
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Python's, numpy's and torch's (CPU and CUDA) generators as they were before the block."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
 
 
 def check_columns(sections: dict[str, list[RewardSource]], columns) -> None:
@@ -210,7 +223,7 @@ class RemoteReward:
         self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.timeout = spec.deadline_s
-        self.startup_wait = spec.startup_wait_s if spec.startup_wait_s is not None else SERVER_STARTUP_WAIT_S
+        self.startup_wait = spec.startup_wait
         self.headers = {"Content-Type": "application/json"}
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
@@ -224,16 +237,15 @@ class RemoteReward:
     def __call__(self, prompts, texts, completion_ids, columns, **context) -> list[float]:
         body = json.dumps({"prompts": list(prompts), "completions": list(texts)}).encode()
         started = time.monotonic()
-        deadline, backoff, attempts = started + self.timeout, BACKOFF_S, 0
+        deadline, backoff, attempts, limit = started + self.timeout, BACKOFF_S, 0, f"timeout_s = {self.timeout:g} s"
         while True:
             attempts += 1
             retry_after, refused = None, False
             try:
                 status, headers, payload = self._post(body, deadline)
             except _Expired:
-                raise RewardError(f"{self.who}: no complete answer within timeout_s = {self.timeout:g} s "
-                                  f"({attempts} attempt{'s' * (attempts > 1)}): raise timeout_s, or give the server "
-                                  f"less to do") from None
+                raise RewardError(f"{self.who}: no complete answer within {limit} ({attempts} "
+                                  f"attempt{'s' * (attempts > 1)}): raise timeout_s, or give the server less to do") from None
             except ssl.SSLError as e:
                 raise RewardError(f"{self.who}: TLS failed ({one_line(e.reason or e)}): check the URL's scheme "
                                   f"(http or https) and the server's certificate") from None
@@ -245,9 +257,10 @@ class RemoteReward:
                 cause = "connection refused" if refused else f"connection failed ({type(e).__name__}: {one_line(e)})"
                 if refused and not self.answered:  # a server still starting: wait for it, within its bound
                     if deadline < started + self.startup_wait:
-                        print(f"{self.who} refuses connections: waiting up to startup_wait_s = {self.startup_wait:g} s "
-                              f"for it to start", file=sys.stderr, flush=True)
-                    deadline = max(deadline, started + self.startup_wait)
+                        limit = f"startup_wait_s = {self.startup_wait:g} s"
+                        print(f"{self.who} refuses connections: waiting up to {limit} for it to start", file=sys.stderr,
+                              flush=True)
+                        deadline = started + self.startup_wait
             else:
                 if status == 200:
                     self.answered = True
@@ -286,9 +299,10 @@ class RemoteReward:
 
         def expire():  # a socket timeout bounds each read; this bounds them all together
             expired.set()
-            if connection.sock is not None:
+            sock = connection.sock
+            if sock is not None:
                 try:
-                    connection.sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
         watchdog = threading.Timer(remaining, expire)
@@ -439,13 +453,18 @@ class Rewards:
     source that reads this run's reward model (`{model: rm}`), if any: its score is the one the RM
     stage's reference statistics normalise and the one logged as `rm_score_raw`.
 
-    `watched` sources are judges of a training run: one that fails (a function raising or timing out, a
-    server that cannot answer) gives NaN for the batch and a warning line, and training goes on."""
+    `watched` sources are a training run's judges. They leave the run's random generators as they
+    found them (a judge added or removed changes nothing else in the run). One that fails (a function
+    raising or timing out, a server that cannot answer) gives NaN for the batch with a warning line,
+    and training goes on; after k failures in a row it rests for the next 2^k - 1 batches (at most 31),
+    so that a judge service that is down does not cost each iteration its deadline."""
 
     def __init__(self, sources: dict[str, tuple], device, rm_label: str | None = None, watched: bool = False):
         self.sources, self.device, self.rm_label, self.watched = sources, device, rm_label, watched
         self.kind = "judges" if watched else "rewards"
         self.log = FunctionLog()  # what the functions logged (trl's log_metric / log_extra), until `take_log`
+        self.failed_in_a_row = dict.fromkeys(sources, 0)
+        self.resting = dict.fromkeys(sources, 0)  # batches a failing judge still skips
 
     def __bool__(self) -> bool:
         return bool(self.sources)
@@ -467,7 +486,23 @@ class Rewards:
         Async functions start first and run while the others score. Every source scores the batch even
         after one has failed, so every process runs the same reward-model forwards (collectives under
         sharded engines); then the first failure is raised (a watched source's: a warning)."""
-        ids, columns = None, columns or {}
+        with _rng_untouched() if self.watched else contextlib.nullcontext():
+            results, failures = self._scored(prompts, texts, responses, response_mask, columns or {}, prompt_ids, state)
+        for name, e in failures:
+            if not self.watched:
+                raise e
+            self.failed_in_a_row[name] += 1
+            self.resting[name] = min(2 ** self.failed_in_a_row[name] - 1, 31)
+            print(f"warning: {e} (a judge: its score is NaN for this batch and the next {self.resting[name]}; "
+                  f"training goes on)", file=sys.stderr, flush=True)
+        # a function's floats stay float64 (reported as returned); the reward is summed in float32
+        return {name: (results[name] if isinstance(results[name], torch.Tensor)
+                       else torch.tensor(results[name], dtype=torch.float64)).to(self.device)
+                for name in self.sources}
+
+    def _scored(self, prompts, texts, responses, response_mask, columns, prompt_ids, state):
+        """({name: scores}, [(name, RewardError)]): every source's scores, NaN for one that failed."""
+        ids = None
         if self.has_functions() and responses is not None:
             ids = [row[: int(n)].tolist() for row, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
         policy_ids = (prompt_ids, responses, response_mask) if prompt_ids is not None and responses is not None else None
@@ -476,14 +511,18 @@ class Rewards:
         def attempt(name, run):
             try:
                 results[name] = run()
+                self.failed_in_a_row[name] = 0
             except RewardError as e:
-                failures.append(e)
+                failures.append((name, e))
                 results[name] = [math.nan] * len(texts)
 
         order = sorted(self.sources, key=lambda name: not getattr(self.sources[name][0], "is_async", False))
         for name in order:
             source = self.sources[name][0]
-            if isinstance(source, FunctionReward):
+            if self.resting[name]:  # a judge that failed lately
+                self.resting[name] -= 1
+                results[name] = [math.nan] * len(texts)
+            elif isinstance(source, FunctionReward):
                 attempt(name, lambda: source.start(prompts, texts, ids, columns, state, self.log, self.kind))
             elif isinstance(source, ModelReward):
                 attempt(name, lambda: source(prompts, texts, ids, columns, policy_ids))
@@ -492,15 +531,7 @@ class Rewards:
         for name in order:
             if callable(results[name]):  # a function's pending result
                 attempt(name, results[name])
-        for e in failures:
-            if not self.watched:
-                raise e
-            print(f"warning: {e} (a judge: its score is NaN for this batch; training goes on)", file=sys.stderr,
-                  flush=True)
-        # a function's floats stay float64 (reported as returned); the reward is summed in float32
-        return {name: (results[name] if isinstance(results[name], torch.Tensor)
-                       else torch.tensor(results[name], dtype=torch.float64)).to(self.device)
-                for name in self.sources}
+        return results, failures
 
     def take_log(self) -> FunctionLog:
         """What the functions logged since the last call."""

@@ -26,7 +26,7 @@ from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
-from pipeline.rl.rewards import Rewards, TrainerState, load_sources
+from pipeline.rl.rewards import RewardError, Rewards, TrainerState, load_sources
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
 
@@ -171,6 +171,9 @@ def disk_need(model, cfg: PPOStage) -> int:
     return models.disk_need(checkpoint, artifact)
 
 
+AFTER_EDITS = " (RESUME=1 if the fix changes the recipe or a reward's code)"
+
+
 class IterationFailed(UserError, RuntimeError):
     """An iteration's generation or scoring failed on some process (after its last iteration was saved)."""
 
@@ -253,16 +256,25 @@ class PPORun:
     @contextmanager
     def saved_on_failure(self, iteration: int, iterations: int):
         """Around an iteration's generation and scoring (`iteration` counts the completed ones): when
-        they fail on any process, every process saves the last completed iteration, unless its
-        checkpoint exists, and stops with the cause in one line; running the stage again goes on from
-        there. Nothing has been updated since that iteration ended, so its state is whole; the RNG
-        states are put back as it left them, so the resumed run is the uninterrupted one. (A loss that
-        is not finite stops the update without a save: that state may be broken.)"""
+        they fail, every process saves the last completed iteration, unless its checkpoint exists, and
+        stops with the cause in one line; running the stage again goes on from there. Nothing has been
+        updated since that iteration ended, so its state is whole; the RNG states are put back as it
+        left them, so the resumed run is the uninterrupted one. (A loss that is not finite stops the
+        update without a save: that state may be broken.)
+
+        One process: any failure. Several: a reward source's (RewardError), which every process meets
+        at the same point, once all its sources have scored (rewards.Rewards.score); anything else (out
+        of memory in a forward, which is a collective under sharded engines and DDP's buffer broadcast)
+        ends that process at once, as before, and the launcher stops the others."""
         rng = rng_states()
         error = None
         try:
             yield
-        except Exception as e:  # a reward source, a tokenizer, memory: anything before the update
+        except RewardError as e:
+            error = e
+        except Exception as e:  # a tokenizer, memory, a bug: anything before the update
+            if self.acc.num_processes > 1:
+                raise
             error = e
         failed = self._failures(error)
         if not failed:
@@ -274,9 +286,11 @@ class PPORun:
         if iteration > self.saved_at:
             set_rng_states(rng)
             self.save_checkpoint(iteration)
-            then = f"saved a checkpoint at iteration {iteration}/{iterations}: fix the cause and run again to go on from it"
+            then = (f"saved a checkpoint at iteration {iteration}/{iterations}: fix the cause and run again to go on "
+                    f"from it{AFTER_EDITS}")
         elif iteration:
-            then = f"its checkpoint at iteration {iteration}/{iterations} is kept: fix the cause and run again to go on"
+            then = (f"its checkpoint at iteration {iteration}/{iterations} is kept: fix the cause and run again to go on "
+                    f"from it{AFTER_EDITS}")
         else:
             then = "no iteration had completed: nothing to save"
         raise IterationFailed(f"ppo: iteration {iteration + 1} failed{where} ({cause}); {then}") from error
@@ -321,7 +335,8 @@ class PPORun:
                     row["rewards"] = {k: value(v[i].item()) for k, v in exp.source_scores.items()}
                     row["judges"] = {k: value(v[i].item()) for k, v in exp.judge_scores.items()}
                     if exp.extra_columns:  # what reward functions logged with log_extra
-                        row["extra"] = {k: v[i] for k, v in exp.extra_columns.items()}
+                        row["extra"] = {k: value(v[i]) if isinstance(v[i], float) else v[i]
+                                        for k, v in exp.extra_columns.items()}
                     append_jsonl(self.out / "samples.jsonl", row)
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
 
