@@ -276,10 +276,13 @@ class PPOStage:
     """Where the KL to the reference enters: reward (-kl_coef * KL per token, added to the reward; for
     the group estimators the sequence's KL is subtracted from its reward) or loss (kl_coef times the
     k3 estimate, in the loss, as GRPO does)."""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """How per-token policy losses become one: the mean over all tokens of the micro-batch; the mean
-    over sequences of each one's token mean (GRPO's, length-biased); or each sequence's token sum over
-    max_new_tokens, averaged (Dr. GRPO's)."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = None
+    """How per-token policy losses become one, over each optimiser step's whole mini-batch (every
+    micro-batch, every process): token_mean, the mean over its valid tokens (trl's default `dapo`,
+    verl's `token-mean`); seq_mean_token_mean, the mean over sequences of each one's token mean
+    (GRPO's paper, length-biased); seq_mean_token_sum_norm, each sequence's token sum over
+    max_new_tokens, averaged (Dr. GRPO's). Default: seq_mean_token_sum_norm for dr_grpo (which is
+    defined with it, as trl sets them together), token_mean for the others."""
     value_model: Literal["reward", "sft", "head"] | None = None
     """gae only. reward: separate network initialised from the (first) reward model; sft: from the
     SFT policy; head: a value head on the policy (cheapest: no fourth network). Default: reward when a
@@ -306,6 +309,9 @@ class PPOStage:
     """Passes over each rollout batch, re-shuffled every pass."""
     learning_rate: float = ranged(1.0e-5, "> 0")
     """AdamW learning rate (policy and value)."""
+    weight_decay: float = ranged(0.01, ">= 0")
+    """AdamW's decoupled weight decay on every trained weight (0.01, torch's default, which runs before
+    this key existed used; trl's and OpenRLHF's default is 0)."""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """Learning-rate schedule over the run."""
     max_grad_norm: float = ranged(1.0, "> 0")
@@ -392,6 +398,13 @@ class PPOStage:
         if self.advantage_estimator != "gae":
             return None
         return self.value_model or ("reward" if any(s.model for s in self.rewards) else "sft")
+
+    @property
+    def aggregation(self) -> str:
+        """`loss_aggregation`, or the estimator's own."""
+        if self.loss_aggregation is not None:
+            return self.loss_aggregation
+        return "seq_mean_token_sum_norm" if self.advantage_estimator == "dr_grpo" else "token_mean"
 
     @property
     def scoring_deadline_s(self) -> float:

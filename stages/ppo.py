@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
-from pipeline.rl.ppo import iteration_metrics, score, update, with_advantages
+from pipeline.rl.ppo import batch_sum, iteration_metrics, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import check_columns
 from pipeline.rl.run import RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models, optimizer_and_schedule
@@ -90,7 +90,7 @@ def main(argv=None):
                     exp = score(rollout, {k: data.take(v, indices) for k, v in columns.items()}, model, reference,
                                 rewards, judges, cfg, score_norm, cfg.forward_batch, schedule.trainer_state(iteration, acc))
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
-            exp = with_advantages(exp, cfg, kl_ctl.value)
+            exp = with_advantages(exp, cfg, kl_ctl.value, batch_sum(acc))  # whitened over every process's batch
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)
 
         metrics = iteration_metrics(exp, stats, kl_ctl.value, cfg, acc)  # averaged over processes

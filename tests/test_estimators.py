@@ -2,6 +2,7 @@
 settings that do not fit together, refused when the recipe is read; the schedule of k samples."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from pipeline.config import ConfigError, load_recipe
 from pipeline.rl.estimators import (baseline_subtracted, discounted_returns, group_advantages,
                                     reinforce_pp_advantages, zero_variance_share)
 from pipeline.rl.ppo_math import aggregate, kl_per_token, policy_loss
-from pipeline.rl.run import Schedule
+from pipeline.rl.ppo import with_advantages
+from pipeline.rl.run import Schedule, optimizer_and_schedule
 from tests.conftest import DEMO_RECIPE
 
 # two groups of k = 4: one with signal, one whose rewards are all equal
@@ -165,3 +167,32 @@ def test_the_prompt_order_is_drawn_once_per_epoch(monkeypatch):
     schedule = Schedule(cfg, 1, 100, seed=3)
     assert [schedule.prompt_indices(i, 0) for i in range(4)] == expected  # iterations 0-3: epochs 0, 0-1, 1, 1-2
     assert len(draws) == 3
+
+
+def test_dr_grpo_takes_its_own_aggregation_unless_one_is_given():
+    """Dr. GRPO is defined with the constant-length sum (trl sets both together); an explicit setting wins."""
+    dr = load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=dr_grpo", "ppo.samples_per_prompt=4"]).ppo
+    assert dr.aggregation == "seq_mean_token_sum_norm"
+    assert load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=dr_grpo", "ppo.samples_per_prompt=4",
+                              "ppo.loss_aggregation=token_mean"]).ppo.aggregation == "token_mean"
+    assert load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4"]).ppo.aggregation == "token_mean"
+
+
+def test_zero_variance_groups_are_measured_on_the_scores_not_the_kl_penalised_rewards():
+    """With the KL in the reward every response's reward differs a little; a group whose scores are
+    all equal still carries no signal from the reward, and is counted as such."""
+    cfg = load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2", "ppo.kl_in=reward"]).ppo
+    mask = torch.ones(4, 3)
+    logp = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.6, 0.3], [0.5, 0.5, 0.5], [0.1, 0.2, 0.3]]))
+    exp = SimpleNamespace(old_logp=logp, ref_logp=torch.log(torch.full((4, 3), 0.4)), mask=mask,
+                          valid=torch.ones(4, dtype=torch.bool), scores=torch.tensor([1.0, 1.0, 0.0, 2.0]))
+    exp = with_advantages(exp, cfg, kl_coef=0.1)
+    assert exp.zero_variance_groups.item() == 0.5  # the first group: equal scores, unequal KL
+
+
+def test_adamw_weight_decay_is_a_recipe_key():
+    model = torch.nn.Linear(2, 2)
+    for overrides, decay in (([], 0.01), (["ppo.weight_decay=0.0"], 0.0)):
+        cfg = load_recipe(DEMO_RECIPE, overrides).ppo
+        optimizer, _ = optimizer_and_schedule(model, cfg, 10)
+        assert optimizer.param_groups[0]["weight_decay"] == decay

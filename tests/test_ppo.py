@@ -89,8 +89,8 @@ def test_ppo_with_a_value_head_on_the_policy(runs_with_rm, monkeypatch):
     scores and the adaptive KL controller, each checked against its formula on what the run used."""
     seen = []  # each iteration's experience and the beta it was penalised with
 
-    def with_advantages(exp, cfg, beta):
-        seen.append((pipeline.rl.ppo.with_advantages(exp, cfg, beta), beta))
+    def with_advantages(exp, cfg, beta, reduce=None):
+        seen.append((pipeline.rl.ppo.with_advantages(exp, cfg, beta, reduce), beta))
         return seen[-1][0]
     monkeypatch.setattr(ppo, "with_advantages", with_advantages)
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=head", "ppo.learning_rate=1e-3", "ppo.kl_estimator=k3",

@@ -1,15 +1,18 @@
 """PPO math against hand-computed numbers and plain-loop references."""
 
 import math
+import subprocess
+import sys
 import weakref
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.rl.ppo_math import (KLController, explained_variance, gae, kl_per_token,
-                               logprobs_and_entropy, logprobs_of, masked_mean, masked_whiten, policy_loss, token_rewards, truncate_after_stop,
-                               value_loss)
+from pipeline.rl.ppo_math import (K3_MAX, KLController, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
+                                  logprobs_and_entropy, logprobs_of, loss_units, masked_mean, masked_whiten, policy_loss,
+                                  token_rewards, truncate_after_stop, value_loss)
+from tests.conftest import REPO
 
 
 def test_masked_mean_and_whiten_ignore_padding():
@@ -190,3 +193,100 @@ def test_truncate_after_stop():
     assert out.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert has_stop.tolist() == [True, False]
+
+
+# ---- the same numbers however the batch is split (batch-wide statistics, linear-memory returns) ----
+
+def halves_reduce(x: torch.Tensor, mask: torch.Tensor, half: int):
+    """What `reduce` (an all-reduce of sums) gives a process holding half `half` of (x, mask): its own
+    moments plus the other half's, as the other process computes them."""
+    other = slice(len(x) // 2, None) if half == 0 else slice(0, len(x) // 2)
+    theirs = []
+    masked_whiten(x[other], mask[other], reduce=lambda m: theirs.append(m) or m)
+    return lambda mine: mine + theirs[0]
+
+
+def test_whitening_spans_every_process_s_batch():
+    """REINFORCE++'s baseline is the batch mean: scores [1, 1, 0.9, 1 | 0, 0.1, 0, 0] whitened together
+    give the 0.9 response +0.78 (unbiased std); whitened by the process holding the first half alone
+    it got -1.50. Split over two processes with the moments summed, each half gets what the whole
+    batch gives."""
+    scores = torch.tensor([[1.0], [1.0], [0.9], [1.0], [0.0], [0.1], [0.0], [0.0]])
+    mask = torch.ones_like(scores)
+    whole = masked_whiten(scores, mask)
+    assert whole[2].item() == pytest.approx(0.4 / math.sqrt(1.82 / 7), abs=1e-5)  # +0.78
+    assert masked_whiten(scores[:4], mask[:4])[2].item() == pytest.approx(-1.5, abs=1e-3)  # one process's alone
+    split = torch.cat([masked_whiten(scores[:4], mask[:4], reduce=halves_reduce(scores, mask, 0)),
+                       masked_whiten(scores[4:], mask[4:], reduce=halves_reduce(scores, mask, 1))])
+    assert torch.allclose(split, whole, atol=1e-6)
+
+
+def test_a_mini_batch_s_token_mean_does_not_depend_on_how_it_is_cut():
+    """Lengths 10, 10 | 1, 1 in two micro-batches: a token's weight is 1/22 (the two short ones 9% of
+    the gradient), as in one micro-batch; a mean per micro-batch gave the short ones half of it."""
+    mask = torch.zeros(4, 10)
+    mask[0], mask[1], mask[2, 0], mask[3, 0] = 1, 1, 1, 1
+    per_token = torch.ones(4, 10, requires_grad=True)
+    # each micro-batch's loss over the mini-batch's count per micro-batch (22 / 2), then averaged over
+    # the 2 accumulation steps, as accelerator.backward does
+    share = loss_units(mask, "token_mean") / 2
+    loss = (aggregate(per_token[:2], mask[:2], normalizer=share) + aggregate(per_token[2:], mask[2:], normalizer=share)) / 2
+    loss.backward()
+    assert per_token.grad[2, 0].item() == pytest.approx(1 / 22) and per_token.grad[0, 0].item() == pytest.approx(1 / 22)
+    short = (per_token.grad[2:] * mask[2:]).sum() / (per_token.grad * mask).sum()
+    assert short.item() == pytest.approx(2 / 22)
+
+
+def python_gae(values, rewards, mask, gamma, lam):
+    advantages, last = torch.zeros_like(rewards), torch.zeros(rewards.shape[0])
+    values = values * mask
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(rewards.shape[0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages
+
+
+@pytest.mark.parametrize("length", [1, 7, 256, 600])
+def test_gae_matches_the_recursion_across_chunks(length):
+    """The discounted sums are computed in chunks of 256 tokens (linear memory): equal to the recursion
+    to 1e-5, within a chunk and across chunk boundaries."""
+    g = torch.Generator().manual_seed(length)
+    values, rewards = torch.randn(3, length, generator=g), torch.randn(3, length, generator=g) * 0.1
+    mask = torch.ones(3, length)
+    mask[1, length // 2 + 1:] = 0  # a shorter response
+    for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (0.9, 0.0)):
+        advantages, returns = gae(values, rewards, mask, gamma, lam)
+        expected = python_gae(values, rewards, mask, gamma, lam)
+        assert torch.allclose(advantages, expected, atol=1e-5), (gamma, lam)
+        assert torch.allclose(returns, (expected + values * mask) * mask, atol=1e-5)
+
+
+def test_gae_of_reasoning_length_responses_takes_memory_linear_in_their_length():
+    """GAE at 16k tokens: a (T, T) discount matrix took several GiB of temporaries; chunked, the
+    process grows by a few MB. Measured in a fresh process (its peak resident set)."""
+    code = ("import resource, torch\n"
+            "from pipeline.rl.ppo_math import gae\n"
+            "x = torch.randn(2, 16384)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "gae(x, x * 0.1, torch.ones_like(x), 1.0, 0.95)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    grew_mb = int(run.stdout.split()[-1])
+    assert grew_mb < 200, f"GAE at 16k tokens grew the process by {grew_mb} MB"
+
+
+def test_the_k3_term_is_bounded_where_the_policy_falls_far_below_the_reference():
+    """Unbounded, k3 = e^(ref - logp) - 1 - (ref - logp) and its gradient grow exponentially: at a
+    log-ratio of -30 the term is ~1e13. Clamped as verl clamps it (log-ratio to +-20, the term to 10),
+    and the clamped share is reported."""
+    logp = torch.tensor([[-30.0, -1.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[0.0, -1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    kl = kl_per_token(logp, ref, mask, "k3")
+    kl.sum().backward()
+    assert kl[0, 0].item() == K3_MAX and torch.isfinite(logp.grad).all() and logp.grad[0, 0].item() == 0.0
+    assert kl[0, 1].item() == 0.0 and kl[0, 2].item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
+    assert k3_clamped(logp.detach(), ref, mask).item() == pytest.approx(1 / 3)

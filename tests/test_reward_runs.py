@@ -182,6 +182,7 @@ def test_functions_written_for_trl_train_in_the_stage_and_a_failing_judge_does_n
     assert read_manifest(out) is not None  # the run finished
     history = read_jsonl(out / "metrics.jsonl")
     assert [h["rewards/keyword/global_step"] for h in history] == [0.0, 8.0, 16.0]
+    assert all(0 <= h["loss/kl_clamped"] <= 1 for h in history)  # (GRPO's KL in the loss: the clamped share)
     assert all(0 <= h["rewards/keyword/hit_share"] <= 1 for h in history)
     assert [h["judges/flaky_judge"] is None for h in history] == [False, True, True]  # failed, then rested
     err = capsys.readouterr().err

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.rl.ppo_math import discounted_returns, masked_whiten, token_rewards
+from pipeline.rl.ppo_math import Reduce, discounted_returns, masked_whiten, token_rewards
 
 GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
 
@@ -64,8 +64,11 @@ def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> t
 
 
 def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
-                            gamma: float) -> torch.Tensor:
+                            gamma: float, reduce: Reduce | None = None) -> torch.Tensor:
     """REINFORCE++: per-token rewards (-beta * KL, plus the score on the last token), returns-to-go,
-    whitened over every valid token of the batch (not per group: OpenRLHF #830). (B, T)."""
+    whitened over every valid token of the whole batch, on every process (`reduce`; not per group:
+    OpenRLHF #830). (B, T). The whitening shifts every token by the batch's mean, so after
+    `baseline_subtracted` a group whose rewards are all equal still gets -mean/std on its tokens (as
+    in OpenRLHF's reinforce_baseline and verl's reinforce_plus_plus_baseline)."""
     returns = discounted_returns(token_rewards(scores, kl, mask, beta), gamma)
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns, mask, reduce=reduce)

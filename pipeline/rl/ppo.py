@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 from accelerate.utils import gather_object
 from pipeline import engine
-from pipeline.config import PPOStage, UserError
+from pipeline.config import GROUP_ESTIMATORS, PPOStage, UserError
 from pipeline.models import is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
-from pipeline.rl.ppo_math import (aggregate, explained_variance, gae, kl_per_token, logprobs_and_entropy, logprobs_of,
-                                  masked_mean, masked_whiten, policy_loss, token_rewards, value_loss)
+from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
+                                  logprobs_and_entropy, logprobs_of, loss_units, masked_mean, masked_whiten, policy_loss,
+                                  token_rewards, value_loss)
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl import unpadded
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
@@ -193,7 +194,14 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
                       extra_columns={k: v for log in logs for k, v in log.extra.items()})
 
 
-def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experience:
+def batch_sum(accelerator) -> Reduce:
+    """Sums a tensor over every process (one all-reduce); the identity on one process."""
+    if accelerator.num_processes == 1:
+        return lambda t: t
+    return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float, reduce: Reduce | None = None) -> Experience:
     """Advantages (B, T) by `cfg.advantage_estimator`:
 
     gae: per-token rewards (-beta * KL, plus the score on the last token), GAE, whitened;
@@ -201,8 +209,10 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experienc
         beta times its KL, with the KL in the reward), on every token;
     reinforce_pp(_baseline): per-token rewards, returns-to-go, whitened over the batch.
 
-    With `kl_in: loss` beta is 0 here and `update` adds the KL term to the loss. Completions without
-    a reward from any source get advantage 0 and take no part in the statistics."""
+    Whitening is over the whole batch of every process (`reduce`: `batch_sum`); a group's statistics
+    are its own (its k samples are on one process). With `kl_in: loss` beta is 0 here and `update`
+    adds the KL term to the loss. Completions without a reward from any source get advantage 0 and
+    take no part in the statistics. `zero_variance_groups` is measured on the scores."""
     exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
     exp.kl_coef = kl_coef
     beta = kl_coef if cfg.kl_in == "reward" else 0.0
@@ -212,19 +222,20 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float) -> Experienc
     if estimator == "gae":
         exp.rewards = token_rewards(exp.scores, exp.kl, exp.mask, beta)
         if cfg.whiten_rewards:
-            exp.rewards = masked_whiten(exp.rewards, rewarded, shift_mean=False)
+            exp.rewards = masked_whiten(exp.rewards, rewarded, shift_mean=False, reduce=reduce)
         advantages, exp.returns = gae(exp.old_values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
-        exp.advantages = masked_whiten(advantages, rewarded)
-    elif estimator in ("grpo", "dr_grpo", "rloo"):
+        exp.advantages = masked_whiten(advantages, rewarded, reduce=reduce)
+        return exp
+    if estimator in GROUP_ESTIMATORS:
+        exp.zero_variance_groups = zero_variance_share(exp.scores, exp.valid, k)
+    if estimator in ("grpo", "dr_grpo", "rloo"):
         sequence_rewards = exp.scores - beta * exp.kl.sum(1)
-        exp.zero_variance_groups = zero_variance_share(sequence_rewards, exp.valid, k)
         exp.advantages = group_advantages(sequence_rewards, exp.valid, k, estimator).unsqueeze(1) * exp.mask
     else:  # reinforce_pp, reinforce_pp_baseline
         scores = exp.scores
         if estimator == "reinforce_pp_baseline":
-            exp.zero_variance_groups = zero_variance_share(scores, exp.valid, k)
             scores = baseline_subtracted(scores, exp.valid, k)
-        exp.advantages = reinforce_pp_advantages(scores, exp.kl, rewarded, beta, cfg.gamma)
+        exp.advantages = reinforce_pp_advantages(scores, exp.kl, rewarded, beta, cfg.gamma, reduce)
     return exp
 
 
@@ -251,10 +262,25 @@ def agree(losses: dict[str, torch.Tensor], stop_flag: bool, accelerator) -> tupl
     return {name: int(r) for name, r in zip(LOSS_LABELS, bad) if r < world}, go_on == 0.0
 
 
+def loss_normalizers(exp: Experience, order: torch.Tensor, cfg: PPOStage, accelerator) -> list[tuple[float, float]]:
+    """For each mini-batch of an epoch (in `order`): the divisors of its micro-batches' policy and value
+    losses, so that the gradient is the mini-batch's mean over every process's tokens (or sequences,
+    `loss_units`), however it is cut. Each micro-batch's loss is its sum over that count, times the
+    accumulation steps and the processes, which `accelerator.backward` (1 / steps) and the engine's
+    gradient averaging (1 / processes) divide out again. One all-reduce an epoch."""
+    minibatches = order.split(cfg.mini_batch_size)
+    counts = torch.stack([torch.stack([loss_units(exp.mask[i], cfg.aggregation), exp.rewarded[i].sum()])
+                          for i in minibatches]).double()
+    counts = batch_sum(accelerator)(counts) / (cfg.gradient_accumulation_steps * accelerator.num_processes)
+    return [(policy, value) for policy, value in counts.clamp(min=1e-8).tolist()]
+
+
 def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str,
            stop=None) -> dict:
     """`ppo_epochs` passes of the clipped policy loss (plus the value loss with a critic, the KL term
-    with `kl_in: loss`) over shuffled minibatches.
+    with `kl_in: loss`) over shuffled minibatches, each an optimiser step whose losses are normalised
+    by the whole mini-batch (`loss_normalizers`): the step does not depend on how it is cut into
+    micro-batches or spread over processes.
 
     Returns per-minibatch statistics, `first`, the health check of the very first minibatch (ratio 1,
     approx-KL 0, clip fraction 0: nothing has moved yet), and `interrupted`: `stop` (a
@@ -263,32 +289,37 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     launcher gives between SIGTERM and SIGKILL."""
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss")}
+    how = cfg.aggregation
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss",
+                             "kl_clamped")}
     first, interrupted = None, False
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=exp.mask.device)
+        normalizers = loss_normalizers(exp, order, cfg, accelerator)
         for start in range(0, B, micro):
             idx = order[start:start + micro]
+            policy_units, value_tokens = normalizers[start // cfg.mini_batch_size]
             with accelerator.accumulate(model):
                 logits, values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R)
                 logp = logprobs_of(logits, rollout.responses[idx], cfg.temperature)
                 del logits
                 mask = exp.mask[idx]
                 pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
-                                                cfg.loss_aggregation, cfg.max_new_tokens)
+                                                how, cfg.max_new_tokens, policy_units)
                 losses = {"pg_loss": pg_loss}
                 if values is not None:
                     vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx],
-                                                   exp.rewarded[idx], cfg.cliprange_value)
+                                                   exp.rewarded[idx], cfg.cliprange_value, value_tokens)
                     losses.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
                     loss = pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss
                 if cfg.kl_in == "loss":  # k3: the term and its gradient are 0 while the policy is the reference
-                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, cfg.loss_aggregation,
-                                        cfg.max_new_tokens)
+                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.max_new_tokens,
+                                        policy_units)
                     losses["kl_loss"] = kl_loss
+                    pg_stats["kl_clamped"] = k3_clamped(logp.detach(), exp.ref_logp[idx], mask)
                     loss = loss + exp.kl_coef * kl_loss
                 bad, stop_requested = agree(losses, stop is not None and stop.flag, accelerator)
                 for name, process in bad.items():
@@ -302,7 +333,8 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                     scheduler.step()  # not prepared by accelerate: once per optimiser step, whatever the world size
                 optimizer.zero_grad()
             for k, v in {**losses, "pg_clipfrac": pg_stats["clipfrac"], "approxkl": pg_stats["approxkl"],
-                         "ratio": pg_stats["ratio"]}.items():
+                         "ratio": pg_stats["ratio"], **({"kl_clamped": pg_stats["kl_clamped"]}
+                                                        if "kl_clamped" in pg_stats else {})}.items():
                 stats[k].append(v.detach())
             if first is None:
                 first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
@@ -346,6 +378,7 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
                   "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean()})
     if "kl_loss" in stats:
         local["loss/kl_avg"] = stats["kl_loss"]
+        local["loss/kl_clamped"] = stats["kl_clamped"]  # share of tokens whose k3 term was clamped
     if exp.zero_variance_groups is not None:
         local["objective/zero_variance_groups"] = exp.zero_variance_groups
     metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},

@@ -2,13 +2,26 @@
 
 Shapes: B = batch of sequences, T = response tokens. `mask` is 1 on real response tokens (up to and
 including the stop token) and 0 on padding; every reduction ignores padded positions.
+
+A run on N processes is the run on one process with N times the batch. So the statistics that define
+the algorithm are the whole batch's: whitening takes a `reduce` that sums its moments over the
+processes (one all-reduce of sum, sum of squares and count, in float64), and a loss is a sum over a
+micro-batch divided by a `normalizer` that the update derives from the whole mini-batch's count of
+tokens (or sequences) across its micro-batches and processes, so that no split of a mini-batch
+changes its gradient (ppo.update).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the processes (the identity on one)
+
+K3_LOG_RATIO_MAX = 20.0  # the k3 estimate's log-ratio and value are clamped (verl's low_var_kl bounds): its
+K3_MAX = 10.0            # gradient grows as exp(ref - logp) where the policy falls far below the reference
 
 
 @functools.cache
@@ -33,19 +46,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance over the valid positions."""
+    """Unbiased variance over the valid positions (of this tensor alone: a logged statistic)."""
     mean = masked_mean(x, mask)
     n = mask.sum()
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance over valid positions; `shift_mean=False` keeps the mean (rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None):
+    """Mean and unbiased variance over the valid positions of the whole batch, float64: `reduce` sums
+    the sum, sum of squares and count over the processes (one all-reduce)."""
+    x, mask = x.double(), mask.double()
+    moments = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
+    total, squares, n = (reduce(moments) if reduce is not None else moments).unbind()
+    mean = total / n.clamp(min=1)
+    return mean, ((squares - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+    """Normalise to unit variance over the batch's valid positions (on every process, `reduce`);
+    `shift_mean=False` keeps the mean (rewards)."""
+    mean, var = masked_moments(x, mask, reduce)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return (whitened * mask).to(x.dtype)
 
 
 def _fused(logits: torch.Tensor) -> bool:
@@ -91,16 +115,25 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     """Per-token estimate of KL(policy || reference) from samples of the policy.
 
     k1 = log p - log p_ref (unbiased, can be negative per token);
-    k3 = (r - 1) - log r with r = p_ref / p (unbiased, always >= 0, lower variance).
+    k3 = (r - 1) - log r with r = p_ref / p (unbiased, always >= 0, lower variance), its log-ratio
+         clamped to +-K3_LOG_RATIO_MAX and its value to K3_MAX (`k3_clamped` counts where).
     """
     log_ratio = logp - ref_logp
     if estimator == "k1":
         kl = log_ratio
     elif estimator == "k3":  # also the KL term of the loss (kl_in: loss): it and its gradient are 0 at p = p_ref
-        kl = torch.expm1(-log_ratio) + log_ratio
+        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX)
+        kl = (torch.expm1(-log_ratio) + log_ratio).clamp(max=K3_MAX)
     else:
         raise ValueError(f"unknown KL estimator '{estimator}' (use k1 or k3)")
     return kl * mask
+
+
+def k3_clamped(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of the valid tokens whose k3 estimate `kl_per_token` clamps."""
+    log_ratio = logp - ref_logp
+    clamped = (log_ratio.abs() > K3_LOG_RATIO_MAX) | (torch.expm1(-log_ratio) + log_ratio > K3_MAX)
+    return masked_mean(clamped.float(), mask)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -111,16 +144,27 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards * mask
 
 
-def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+def discounted_returns(rewards: torch.Tensor, gamma: float, chunk: int = 256) -> torch.Tensor:
     """G_t = sum_{s >= t} gamma^(s - t) r_s over the token axis, without a Python loop over tokens:
-    a reversed cumulative sum for gamma = 1, else one (T, T) matrix product."""
+    a reversed cumulative sum for gamma = 1; else, for each `chunk` of tokens from the last, one
+    (chunk, chunk) matrix product plus the next chunk's first return, discounted. Memory linear in T
+    (a (T, T) product would take 1.5 GiB of temporaries at 8k tokens); one product up to 256 tokens."""
     if gamma == 1.0:
         return rewards.flip(1).cumsum(1).flip(1)
-    t = torch.arange(rewards.shape[1], device=rewards.device)
+    T = rewards.shape[1]
+    n = min(T, chunk)
+    t = torch.arange(n, device=rewards.device)
     lag = t[:, None] - t[None, :]  # s - t at [s, t]
-    weights = torch.where(lag >= 0, torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device) ** lag.clamp(min=0),
-                          torch.zeros((), dtype=rewards.dtype, device=rewards.device))
-    return rewards @ weights
+    g = torch.tensor(gamma, dtype=rewards.dtype, device=rewards.device)
+    weights = torch.where(lag >= 0, g ** lag.clamp(min=0), torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    returns = torch.empty_like(rewards)
+    carry = torch.zeros_like(rewards[:, :1])  # G at the first token after the chunk
+    for start in reversed(range(0, T, n)):
+        end = min(start + n, T)
+        size = end - start
+        returns[:, start:end] = rewards[:, start:end] @ weights[:size, :size] + carry * g ** (size - t[:size])
+        carry = returns[:, start:start + 1]
+    return returns
 
 
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -138,31 +182,46 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", horizon: int = 1) -> torch.Tensor:
-    """One loss from per-token losses (B, T).
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
-    token_mean: the mean over every valid token (PPO's, and DAPO's); seq_mean_token_mean: each
-    sequence's token mean, then the mean over sequences (GRPO's: a token of a short response weighs
-    more); seq_mean_token_sum_norm: each sequence's token sum over a constant `horizon`
-    (max_new_tokens), then the mean (Dr. GRPO's: no length bias)."""
+
+def loss_units(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """What a batch's loss under `aggregate` is a mean over: its valid tokens (token_mean) or its
+    sequences (the others)."""
+    return mask.sum() if how == "token_mean" else torch.tensor(float(len(mask)), device=mask.device)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", horizon: int = 1,
+              normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """One loss from per-token losses (B, T): a sum over this batch divided by `normalizer`, the count
+    of `loss_units` the mean is over (default: this batch's own; the update passes the mini-batch's, so
+    the micro-batches' losses add up to the mini-batch's mean).
+
+    token_mean: the mean over every valid token (trl's default `dapo`, verl's `token-mean`);
+    seq_mean_token_mean: each sequence's token mean, then the mean over sequences (GRPO's: a token of a
+    short response weighs more); seq_mean_token_sum_norm: each sequence's token sum over a constant
+    `horizon` (max_new_tokens), then the mean over sequences (Dr. GRPO's: no length bias)."""
     if how == "token_mean":
-        return masked_mean(per_token, mask)
-    if how == "seq_mean_token_mean":
-        return masked_mean(per_token, mask, dim=1).mean()
-    if how == "seq_mean_token_sum_norm":
-        return ((per_token * mask).sum(1) / horizon).mean()
-    raise ValueError(f"unknown loss aggregation '{how}'")
+        total = (per_token * mask).sum()
+    elif how == "seq_mean_token_mean":
+        total = masked_mean(per_token, mask, dim=1).sum()
+    elif how == "seq_mean_token_sum_norm":
+        total = (per_token * mask).sum() / horizon
+    else:
+        raise ValueError(f"unknown loss aggregation '{how}'")
+    return total / (normalizer if normalizer is not None else loss_units(mask, how).clamp(min=1))
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, aggregation: str = "token_mean", horizon: int = 1) -> tuple[torch.Tensor, dict]:
+                clip: float, aggregation: str = "token_mean", horizon: int = 1,
+                normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) per token,
     aggregated (`aggregate`). `advantages` (B, T), or (B, 1) for one advantage per sequence."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation, horizon)
+    loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation, horizon, normalizer)
     stats = {"clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
              "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
              "ratio": masked_mean(ratio, mask)}
@@ -170,12 +229,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss: 0.5 * mean of max((v - R)^2, (clip(v, v_old +- eps) - R)^2)."""
+               clip: float, normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * the token mean (`aggregate`) of max((v - R)^2, (clip(v, v_old +- eps) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     vf_loss1 = (values - returns) ** 2
     vf_loss2 = (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf_loss1, vf_loss2), mask)
+    loss = 0.5 * aggregate(torch.max(vf_loss1, vf_loss2), mask, "token_mean", normalizer=normalizer)
     return loss, {"clipfrac": masked_mean((vf_loss2 > vf_loss1).float(), mask)}
 
 

@@ -144,7 +144,7 @@ def optimizer_and_schedule(model, cfg: PPOStage, optimizer_steps: int):
     processes the rate would reach zero after 1/N of the run. Stepped once per optimiser step
     here, it is the same schedule with 1 and N processes."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  eps=1e-5, fused=True)
+                                  eps=1e-5, weight_decay=cfg.weight_decay, fused=True)
     return optimizer, lr_schedule(cfg.lr_schedule, optimizer, optimizer_steps)
 
 
