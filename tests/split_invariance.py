@@ -2,7 +2,9 @@
 every advantage estimator, loss aggregation and place of the KL, however the batch is split: over
 the processes of the launch (each takes its share of the rows) and into ACCUMULATION micro-batches.
 Writes the parameters before and after each step to OUT/<estimator>-<aggregation>-<kl_in>.pt
-(process 0), for tests/test_split_invariance.py to compare across splits.
+(process 0), for tests/test_split_invariance.py to compare across splits; one process without
+accumulation adds the step that autograd gives for the whole batch's losses (`expected`), which pins
+the scale that every split shares.
 
     python tests/split_invariance.py OUT ACCUMULATION
     accelerate launch --multi_gpu --num_processes 2 ... tests/split_invariance.py OUT ACCUMULATION
@@ -13,6 +15,7 @@ step are the initial ones minus the gradient itself (AdamW's first step would sh
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 from pathlib import Path
@@ -24,10 +27,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pipeline import dist, engine
 from pipeline.config import GROUP_ESTIMATORS, PPOStage, RewardSource
 from pipeline.rl.ppo import Experience, PolicyAndValue, batch_sum, disable_dropout, update, with_advantages
-from pipeline.rl.ppo_math import AGGREGATIONS, logprobs_of
+from pipeline.rl.ppo_math import AGGREGATIONS, aggregate, kl_per_token, logprobs_of, policy_loss, value_loss
 from pipeline.rl.rollout import Rollout
 
-ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ESTIMATORS = ("gae", "gae+whiten_rewards", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 B, PROMPT, RESPONSE, K = 8, 3, 6, 2
 LENGTHS = [6, 1, 4, 2, 6, 3, 1, 5]  # very unequal: a token's weight must not depend on its neighbours
 SCORES = [1.0, 0.0, 0.9, 0.9, 0.0, 0.1, 1.0, 0.2]  # the third group's rewards are equal: no variance
@@ -46,13 +49,15 @@ def rows(rank: int, world: int) -> dict:
             "ref_shift": torch.randn(B, RESPONSE, generator=g)[share] * 0.3}
 
 
-def one_step(acc, estimator: str, aggregation: str, kl_in: str) -> dict:
+def one_step(acc, variant: str, aggregation: str, kl_in: str) -> dict:
     rank, world, A = acc.process_index, acc.num_processes, acc.gradient_accumulation_steps
     local = B // world
+    estimator, _, whiten = variant.partition("+")
     cfg = PPOStage(advantage_estimator=estimator, samples_per_prompt=K if estimator in GROUP_ESTIMATORS else 1,
                    loss_aggregation=aggregation, kl_in=kl_in, kl_coef=0.1, batch_size=local, mini_batch_size=local,
                    gradient_accumulation_steps=A, ppo_epochs=1, max_new_tokens=RESPONSE, max_grad_norm=1e9,
-                   value_model="head" if estimator == "gae" else None, rewards=[RewardSource(function="f.py:f")])
+                   value_model="head" if estimator == "gae" else None, whiten_rewards=bool(whiten),
+                   rewards=[RewardSource(function="f.py:f")])
     set_seed(0)  # the same initial model on every process and in every launch
     policy = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
@@ -77,8 +82,27 @@ def one_step(acc, estimator: str, aggregation: str, kl_in: str) -> dict:
                      source_scores={}, judge_scores={}, rm_scores=None, raw_scores=d["scores"], valid=d["valid"],
                      scores=d["scores"])
     exp = with_advantages(exp, cfg, 0.1, batch_sum(acc))
+    expected = autograd_step(model, exp, cfg) if world == 1 and A == 1 else None
     update(exp, model, optimizer, scheduler, acc, cfg, "the test step")
-    return {"before": before, "after": {k: v.detach().clone() for k, v in engine.unwrap(acc, model).state_dict().items()}}
+    after = {k: v.detach().clone() for k, v in engine.unwrap(acc, model).state_dict().items()}
+    return {"before": before, "after": after, **({"expected": expected} if expected is not None else {})}
+
+
+def autograd_step(model, exp: Experience, cfg: PPOStage) -> dict:
+    """The parameters after SGD (lr 1) on the whole batch's losses, each with its own normaliser."""
+    twin = copy.deepcopy(model)
+    rollout = exp.rollout
+    logits, values = twin(rollout.query_responses, rollout.attention_mask, RESPONSE)
+    logp = logprobs_of(logits, rollout.responses, cfg.temperature)
+    loss = policy_loss(logp, exp.old_logp, exp.advantages, exp.mask, cfg.cliprange, cfg.aggregation, RESPONSE)[0]
+    if values is not None:
+        loss = loss + cfg.vf_coef * value_loss(values.float(), exp.old_values, exp.returns, exp.rewarded,
+                                               cfg.cliprange_value)[0]
+    if cfg.kl_in == "loss":
+        loss = loss + exp.kl_coef * aggregate(kl_per_token(logp, exp.ref_logp, exp.mask, "k3"), exp.mask,
+                                              cfg.aggregation, RESPONSE)
+    loss.backward()
+    return {k: (p - p.grad if p.grad is not None else p).detach().clone() for k, p in twin.named_parameters()}
 
 
 def main(out: Path, accumulation: int) -> None:

@@ -196,3 +196,18 @@ def test_adamw_weight_decay_is_a_recipe_key():
         cfg = load_recipe(DEMO_RECIPE, overrides).ppo
         optimizer, _ = optimizer_and_schedule(model, cfg, 10)
         assert optimizer.param_groups[0]["weight_decay"] == decay
+
+
+def test_each_mini_batch_s_losses_are_normalised_by_its_count_over_micro_batches_and_processes():
+    """Lengths 5, 1, 2, 3 shuffled into mini-batches {3, 0} and {1, 2}, 2 micro-batches each, on 2
+    processes holding as many tokens: each micro-batch's loss sum is divided by the mini-batch's count
+    over both processes, over 2 x 2 (accelerate's 1 / accumulation and the processes' averaging)."""
+    from pipeline.rl.ppo import loss_normalizers
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 1, 2, 3])[:, None]).float()
+    rewarded = mask * torch.tensor([1.0, 1.0, 0.0, 1.0])[:, None]  # response 2 got no reward
+    exp = SimpleNamespace(mask=mask, rewarded=rewarded)
+    accelerator = SimpleNamespace(num_processes=2, reduce=lambda t, reduction: t * 2)  # the other process alike
+    order = torch.tensor([3, 0, 1, 2])
+    for aggregation, policy in (("token_mean", [(3 + 5) * 2 / 4, (1 + 2) * 2 / 4]), ("seq_mean_token_mean", [1.0, 1.0])):
+        cfg = SimpleNamespace(aggregation=aggregation, mini_batch_size=2, gradient_accumulation_steps=2)
+        assert loss_normalizers(exp, order, cfg, accelerator) == [(policy[0], (3 + 5) * 2 / 4), (policy[1], 1 * 2 / 4)]

@@ -23,8 +23,8 @@ from pipeline.models import is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
-                                  logprobs_and_entropy, logprobs_of, loss_units, masked_mean, masked_whiten, policy_loss,
-                                  token_rewards, value_loss)
+                                  logprobs_and_entropy, logprobs_of, masked_mean, masked_whiten, policy_loss, token_rewards,
+                                  value_loss)
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl import unpadded
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
@@ -268,9 +268,9 @@ def loss_normalizers(exp: Experience, order: torch.Tensor, cfg: PPOStage, accele
     `loss_units`), however it is cut. Each micro-batch's loss is its sum over that count, times the
     accumulation steps and the processes, which `accelerator.backward` (1 / steps) and the engine's
     gradient averaging (1 / processes) divide out again. One all-reduce an epoch."""
-    minibatches = order.split(cfg.mini_batch_size)
-    counts = torch.stack([torch.stack([loss_units(exp.mask[i], cfg.aggregation), exp.rewarded[i].sum()])
-                          for i in minibatches]).double()
+    units = exp.mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(exp.mask[:, 0])  # (`loss_units`)
+    per_sequence = torch.stack([units, exp.rewarded.sum(1)], 1).double()
+    counts = per_sequence[order].view(-1, cfg.mini_batch_size, 2).sum(1)  # (mini-batches, 2)
     counts = batch_sum(accelerator)(counts) / (cfg.gradient_accumulation_steps * accelerator.num_processes)
     return [(policy, value) for policy, value in counts.clamp(min=1e-8).tolist()]
 
@@ -372,8 +372,10 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     if exp.old_values is not None:
         local.update({"loss/value_avg": stats["vf_loss"], "val/clipfrac_avg": stats["vf_clipfrac"]})
     local["val/ratio"] = stats["ratio"]
-    if exp.old_values is not None:
-        local["val/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask)
+    if exp.old_values is not None:  # (the whole batch's: the same on every process)
+        local["val/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask, batch_sum(accelerator))
+    if cfg.kl_estimator == "k3":  # the KL in the reward, capped where the policy is far from the reference
+        local["objective/kl_clamped"] = k3_clamped(exp.old_logp, exp.ref_logp, mask)
     local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
                   "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean()})
     if "kl_loss" in stats:
