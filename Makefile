@@ -105,10 +105,12 @@ define run_stage
 endef
 
 base: setup
-	$(call run_stage,base,$(BIN)/python)
+	$(call run_stage,base,$(BIN)/python,$(if $(filter base,$(MAKECMDGOALS)),,--if-needed))
 
+# Visited on the way to rm / ppo / eval, the SFT stage runs only if the RL stage starts from it (a recipe
+# with ppo.model starts from that model); `make sft` itself always may.
 sft: base
-	$(call run_stage,sft,$(LAUNCH))
+	$(call run_stage,sft,$(LAUNCH),$(if $(filter sft,$(MAKECMDGOALS)),,--if-needed))
 
 # Visited on the way to ppo / eval, the RM stage runs only if the recipe's rewards or judges read it
 # (a recipe that optimises reward functions trains no reward model); `make rm` itself always may.

@@ -401,15 +401,18 @@ class StageDir:
         return manifest
 
 
-def check_model_source(source: str, key: str) -> None:
+def check_model_source(source: str, key: str, adapter: bool = False) -> None:
     """A model named in the recipe, checked before anything is loaded: a local path must be a saved
-    model directory; anything else is taken as a hub id (resolved when loaded, see `models.load_tokenizer`)."""
+    model directory (`adapter`: or a PEFT adapter's, with adapter_config.json); anything else is taken
+    as a hub id (resolved when loaded, see `models.load_tokenizer`)."""
     path = Path(source).expanduser()
     local = source.startswith(("/", ".", "~")) or path.exists()
     if not local:
         return
     if not path.exists():
         raise ConfigError(f"{key}: '{source}' does not exist: set {key} to a saved model directory or a hub model id")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ConfigError(f"{key}: '{source}' is not a saved model (a directory with config.json): set {key} to one, "
-                          f"or to a hub model id")
+    saved = path.is_dir() and ((path / "config.json").is_file() or adapter and (path / "adapter_config.json").is_file())
+    if not saved:
+        what = "a directory with config.json, or a PEFT adapter's with adapter_config.json" if adapter else \
+            "a directory with config.json"
+        raise ConfigError(f"{key}: '{source}' is not a saved model ({what}): set {key} to one, or to a hub model id")

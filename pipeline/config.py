@@ -243,12 +243,18 @@ class RMStage(TrainStage):
 
 @dataclass
 class PPOStage:
-    """`make ppo`: PPO of the SFT policy against the frozen reward model."""
+    """`make ppo`: the RL stage, from this run's SFT policy or any model, against its rewards."""
 
+    model: str | None = None
+    """Where the RL stage starts: a hub id, a model directory, or a PEFT adapter directory (its base and
+    the adapter). Unset: this run's SFT artifact. When set, no SFT runs for `make ppo` / `make eval`,
+    the reference is this model, and `make rm` starts from it unless `rm.model` says otherwise."""
     prompts: DatasetSpec | None = None
     """Prompt-only (or any format with a `prompt` column) dataset the policy answers."""
     finetune: Finetune = "full"
-    """full, lora or qlora-*: with adapters the reference is the policy with its adapter disabled."""
+    """full, lora or qlora-*: with adapters the reference is the policy with its adapter disabled. From
+    an adapter directory (`model`): full trains its base with the adapter merged in; lora / qlora-*
+    go on training that adapter (the reference is then the start, merged, apart)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings for the policy (finetune = lora / qlora-*)."""
     dtype: Dtype = "auto"
@@ -264,7 +270,15 @@ class PPOStage:
     reward servers). Default: this run's reward model."""
     judges: list[RewardSource] = field(default_factory=list)
     """Watched, never optimised: scored on every rollout (`judges/<name>` in metrics.jsonl) and by
-    eval, next to the optimised reward. A plain string is a function: `pkg.module:name`."""
+    eval, next to the optimised reward. A plain string is a function: `pkg.module:name`. The run flags
+    a judge that falls or stays flat while the reward keeps rising (`on_divergence`,
+    pipeline/rl/divergence.py) and keeps the policy the first judge scored best (`keep_best`)."""
+    on_divergence: Literal["warn", "stop"] = "warn"
+    """When a judge diverges from the reward: warn (one line, `alerts/<judge>` in metrics.jsonl, the
+    manifest's `alerts`), or stop (also: save a checkpoint and end the stage with the warning)."""
+    keep_best: bool = True
+    """With judges: keep the policy whose rollouts the first judge scored best, as ppo/best/ (eval
+    reports it as its own row). Each new best writes the policy (under LoRA its adapter)."""
     advantage_estimator: Estimator = "gae"
     """gae: PPO with a value model (or head); the rest are critic-free: grpo (group mean and std),
     dr_grpo (group mean), rloo (leave-one-out mean), reinforce_pp (token returns whitened over the
@@ -324,8 +338,21 @@ class PPOStage:
     """Token(s) that end a response, in PPO and eval. Default: where the assistant's turn ends as SFT
     trained it: the chat template's turn-end token, the tokenizer's EOS and the EOS ids the model's
     generation config lists (pipeline/models.py, `stop_token_ids`)."""
-    missing_stop_penalty: float = ranged(1.0, ">= 0")
-    """Subtracted from the score of a response that never emits the stop token."""
+    missing_stop_penalty: float | None = ranged(None, ">= 0")
+    """Subtracted from the score of a response that never emits the stop token. Default: 1.0 for PPO
+    (gae) against a reward model, which would otherwise reward rambling to the length limit; 0 for
+    critic-free estimators and reward functions, which judge the answer itself (trl, verl and DAPO
+    add no such penalty)."""
+    dynamic_sampling: bool = False
+    """Group estimators: groups whose scores are all equal (no gradient) are dropped and more prompts are
+    sampled until the batch is full of groups with signal (DAPO's dynamic sampling, verl's
+    filter_groups), at most `max_sampling_rounds` more generations an iteration (pipeline/rl/sampling.py)."""
+    max_sampling_rounds: int = ranged(3, ">= 0")
+    """Dynamic sampling's extra generations per iteration; a batch still short after them is completed
+    with groups without signal (logged as sampling/groups_without_signal)."""
+    mask_truncated: bool = False
+    """Responses cut by max_new_tokens (no stop token) carry no loss (trl's mask_truncated_completions);
+    they still count in their group's statistics."""
     kl_coef: float = ranged(0.05, ">= 0")
     """Initial KL coefficient beta."""
     kl_target: float | None = ranged(None, "> 0")
@@ -339,7 +366,10 @@ class PPOStage:
     lam: float = ranged(0.95, "in [0, 1]")
     """GAE lambda."""
     cliprange: float = ranged(0.2, "> 0")
-    """Policy ratio clip."""
+    """Policy ratio clip: the ratio is kept in [1 - cliprange, 1 + cliprange_high]."""
+    cliprange_high: float | None = ranged(None, "> 0")
+    """The upper side of the ratio clip (DAPO's clip-higher, trl's epsilon_high, e.g. 0.28): a larger one
+    lets unlikely tokens grow, against entropy collapse. Default: cliprange."""
     cliprange_value: float = ranged(0.2, "> 0")
     """Value clip around the rollout-time values."""
     vf_coef: float = ranged(0.1, ">= 0")
@@ -382,6 +412,9 @@ class PPOStage:
         if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} compares the k responses to a prompt: "
                              f"set samples_per_prompt to 2 or more")
+        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"dynamic_sampling keeps groups whose k scores differ: it is for the group estimators "
+                             f"{list(GROUP_ESTIMATORS)}, not {self.advantage_estimator}")
         if self.advantage_estimator != "gae":
             if self.value_model is not None:
                 raise ValueError(f"advantage_estimator {self.advantage_estimator} needs no value model: "
@@ -398,6 +431,13 @@ class PPOStage:
         if self.advantage_estimator != "gae":
             return None
         return self.value_model or ("reward" if any(s.model for s in self.rewards) else "sft")
+
+    @property
+    def stop_penalty(self) -> float:
+        """`missing_stop_penalty`, or its default for this estimator and these rewards."""
+        if self.missing_stop_penalty is not None:
+            return self.missing_stop_penalty
+        return 1.0 if self.advantage_estimator == "gae" and any(s.model for s in self.rewards) else 0.0
 
     @property
     def aggregation(self) -> str:

@@ -106,6 +106,12 @@ def gold_reward(prompts, completions, **kwargs) -> list[float]:
     return [score(p, c) for p, c in zip(prompts, completions)]
 
 
+def length_reward(completions, **kwargs) -> list[float]:
+    """A reward that is easy to game: it pays for every word (demo-gamed.yaml optimises it while the
+    gold judge watches, to show the RL stage's divergence alert and eval's verdict)."""
+    return [float(len((c[-1]["content"] if isinstance(c, list) else c).split())) for c in completions]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data generation
 # ---------------------------------------------------------------------------------------------

@@ -205,9 +205,13 @@ def id_list(ids) -> list[int]:
 def policy_tokenizer(path, stop_token: str | list[str] | None = None):
     """A policy's tokenizer, padding on the left (prompts end where generation starts), and the ids
     that end its responses (`stop_token_ids`), for PPO's rollouts and eval alike. The pad token may be
-    one of them: padding is marked by masks, never by id."""
-    tokenizer = load_tokenizer(str(path), padding_side="left")
-    return tokenizer, stop_token_ids(tokenizer, generation_config(path), stop_token)
+    one of them: padding is marked by masks, never by id. A PEFT adapter directory without tokenizer
+    files, or without a generation config, has its base's."""
+    base = adapter_base(path)
+    own = lambda name: base is None or (Path(str(path)) / name).is_file()  # noqa: E731
+    tokenizer = load_tokenizer(str(path) if own("tokenizer_config.json") else base, padding_side="left")
+    generation = generation_config(path if own("generation_config.json") else base)
+    return tokenizer, stop_token_ids(tokenizer, generation, stop_token)
 
 
 def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -341,6 +345,19 @@ def dequantized(model: PreTrainedModel) -> PreTrainedModel:
             model.set_submodule(name, linear)
     model.hf_quantizer.remove_quantization_config(model)  # the artifact is a plain model
     return model.to("cpu", torch.float32)
+
+
+def adapter_base(path) -> str | None:
+    """The base model of a local PEFT adapter directory (its adapter_config.json); None for anything else."""
+    config = Path(str(path)) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"the adapter in '{path}' names no base model (base_model_name_or_path in "
+                          f"adapter_config.json): set it")
+    return base
 
 
 def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: str, dtype_name: str,

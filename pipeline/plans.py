@@ -97,9 +97,19 @@ def rm_reference(recipe: Recipe) -> DatasetSpec | None:
     return recipe.rm.reference_dataset or recipe.sft.dataset
 
 
+def policy_start(recipe: Recipe) -> str:
+    """Where the RL stage starts: ppo.model if set, else this run's SFT artifact."""
+    return recipe.ppo.model or str(recipe.run_dir / "sft")
+
+
+def needs_sft(recipe: Recipe) -> bool:
+    """Whether the RL stage (and so eval, and the RM stage's default backbone) reads this run's SFT."""
+    return recipe.ppo.model is None
+
+
 def rm_model(recipe: Recipe) -> str:
-    """The model the reward model starts from: rm.model if set, else this run's SFT model."""
-    return recipe.rm.model or str(recipe.run_dir / "sft")
+    """The model the reward model starts from: rm.model if set, else where the RL stage starts."""
+    return recipe.rm.model or policy_start(recipe)
 
 
 def rm(recipe: Recipe) -> Plan:
@@ -108,7 +118,12 @@ def rm(recipe: Recipe) -> Plan:
         raise ConfigError("rm.dataset is not set: name a preference dataset file or hub dataset id")
     if r.model:
         artifacts.check_model_source(r.model, "rm.model")
-    upstream = {} if r.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
+    elif recipe.ppo.model:
+        artifacts.check_model_source(recipe.ppo.model, "ppo.model", adapter=True)
+        if (Path(recipe.ppo.model) / "adapter_config.json").is_file():
+            raise ConfigError(f"ppo.model '{recipe.ppo.model}' is a PEFT adapter, which the reward model cannot start "
+                              f"from: set rm.model (its base, or another model)")
+    upstream = {} if r.model or recipe.ppo.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
     # Artifacts are known by build id, not path, so a run directory can move without re-running.
     return _plan(recipe.run_dir, "rm", {"rm": to_dict(r), "seed": recipe.seed, "judge": recipe.judge},
                  {"model_fingerprint": artifacts.source_fingerprint(rm_model(recipe)),
@@ -125,11 +140,15 @@ def ppo(recipe: Recipe) -> Plan:
         raise ConfigError("ppo.normalize_scores uses the RM stage's reference statistics: it needs a reward "
                           "source {model: rm} from this run's RM stage (not ppo.reward_model): set "
                           "ppo.normalize_scores=false")
-    upstream = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}
+    if p.model:  # (no SFT artifact is read, whatever an earlier run of this name left)
+        artifacts.check_model_source(p.model, "ppo.model", adapter=True)
+        upstream, start = {}, {"model": p.model, "model_fingerprint": artifacts.source_fingerprint(p.model)}
+    else:
+        upstream, start = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}, {}
     if uses_rm_stage(recipe, p.rewards + p.judges):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
-                 {"prompts": _datasets(p.prompts), **reward_inputs(recipe, p.rewards, "ppo.rewards"),
+                 {"prompts": _datasets(p.prompts), **start, **reward_inputs(recipe, p.rewards, "ppo.rewards"),
                   **reward_inputs(recipe, p.judges, "ppo.judges")}, upstream)
 
 
@@ -168,12 +187,22 @@ def reward_inputs(recipe: Recipe, sources: list[RewardSource], section: str) -> 
     return inputs
 
 
+def start_label(recipe: Recipe) -> str:
+    """What eval calls the policy the RL stage started from: `sft`, or `start` (ppo.model)."""
+    return "start" if recipe.ppo.model else "sft"
+
+
 def eval_policies(recipe: Recipe) -> dict[str, str]:
-    """The policies to evaluate: the model SFT started from, SFT, and PPO once it exists."""
+    """The policies to evaluate, by name: the model SFT started from and SFT (or the RL stage's own
+    start, `ppo.model`), then the RL policy once it exists, and the policy at its judges' best
+    iteration if it kept one (ppo/best)."""
     run = recipe.run_dir
-    policies = {"base": recipe.sft.model, "sft": str(run / "sft")}
+    policies = ({"start": recipe.ppo.model} if recipe.ppo.model else
+                {"base": recipe.sft.model, "sft": str(run / "sft")})
     if artifacts.read_manifest(run / "ppo") is not None:
         policies["ppo"] = str(run / "ppo")
+        if (run / "ppo" / "best" / "config.json").is_file():
+            policies["best"] = str(run / "ppo" / "best")
     return policies
 
 
@@ -181,7 +210,8 @@ def eval(recipe: Recipe) -> Plan:
     e = recipe.eval
     if e.prompts is None:
         raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
-    upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name != "base"}
+    upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items()
+                if name in ("sft", "ppo")}
     sources = eval_sources(recipe)
     if uses_rm_stage(recipe, sources):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
@@ -190,8 +220,8 @@ def eval(recipe: Recipe) -> Plan:
                     "forward_batch": recipe.ppo.forward_batch}
     return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge,
                                           "ppo": ppo_settings, "sources": to_dict(sources)},
-                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(recipe.sft.model),
-                  **reward_inputs(recipe, sources, "eval")}, upstream)
+                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(
+                     recipe.ppo.model or recipe.sft.model), **reward_inputs(recipe, sources, "eval")}, upstream)
 
 
 def eval_sources(recipe: Recipe) -> list[RewardSource]:
@@ -211,14 +241,18 @@ PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}
 
 def main(argv: list[str]) -> int:
     """`python -m pipeline.plans STAGE [--if-needed] [--recipe R] [--force] [overrides]`: exit 0 and
-    say so if the stage's artifact is up to date (or, for rm with --if-needed, if nothing downstream
-    reads it), 1 if the stage has to run."""
+    say so if the stage's artifact is up to date (or, for sft and rm with --if-needed, if nothing
+    downstream reads it), 1 if the stage has to run."""
     name, rest = argv[0], [a for a in argv[1:] if a != "--if-needed"]
     try:
         recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
         if name == "rm" and "--if-needed" in argv and not needs_rm(recipe):
             print("rm: skipped, this recipe's rewards and judges read no reward model of this run (`make rm` "
                   "builds it anyway)")
+            return 0
+        if name in ("base", "sft") and "--if-needed" in argv and not needs_sft(recipe):
+            print(f"{name}: skipped, the RL stage starts from ppo.model ({recipe.ppo.model}) (`make {name}` builds it "
+                  f"anyway)")
             return 0
         plan = PLANS[name](recipe)
         current = plan is not None and not args.force and plan.stage.is_current(plan.fingerprint)

@@ -3,12 +3,13 @@
     make eval                     # the demo
     make eval RECIPE=my.yaml
 
-For each policy present (base, sft, ppo): responses to the held-out prompts, sampled at the
+For each policy present (base and sft, or `start` when the RL stage starts from `ppo.model`; ppo; best,
+the RL policy at its judges' best iteration): responses to the held-out prompts, sampled at the
 recorded temperature (top_k=0, top_p=1) and greedy; each score: every reward source the RL stage
 optimised (`rm_score` for the reward model, `<name>_score` for the others), every judge (ppo.judges,
-eval.judges) and the recipe's gold judge (`gold_score`); per-sequence KL from the SFT policy,
-response length, share ending with the stop token, distinct n-grams; win rates of PPO over SFT by
-each score, with 95% intervals. Writes
+eval.judges) and the recipe's gold judge (`gold_score`); per-sequence KL from the RL stage's start,
+response length, share ending with the stop token, distinct n-grams; win rates of the RL policies over
+their start by each score, with 95% intervals. Writes
 <runs_dir>/<run_name>/eval/: metrics.json, samples.jsonl (every sampled response with its scores),
 report.md and PNG plots.
 """
@@ -117,13 +118,15 @@ def main(argv=None):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     scores = scorers(recipe, dtype, device, cfg.batch_size)  # what PPO optimised, the judges, the gold judge
-    sft = load_policy(run / "sft", dtype, device, recipe.ppo.stop_token)  # the reference of every KL
-    sft_model = sft[0]
+    start = plans.start_label(recipe)  # the RL stage's start (sft, or ppo.model): the reference of every KL
+    reference = load_policy(policies[start], dtype, device, recipe.ppo.stop_token)
+    reference_model, kl_key = reference[0], f"kl_from_{start}"
 
     # ---- generate and score, per policy and decoding ----
     metrics, texts = {}, {}
     for name, path in policies.items():
-        model, tokenizer, stop_ids = sft if name == "sft" else load_policy(path, dtype, device, recipe.ppo.stop_token)
+        model, tokenizer, stop_ids = (reference if name == start else
+                                      load_policy(path, dtype, device, recipe.ppo.stop_token))
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device)
@@ -139,25 +142,31 @@ def main(argv=None):
                  "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
             if decoding == "sampled":
-                # KL(policy || sft) per sequence, estimated on the policy's own samples at the same temperature
-                if model is not sft_model:
+                # KL(policy || start) per sequence, estimated on the policy's own samples at the same temperature
+                if model is not reference_model:
                     kl = [(response_logprobs(model, b, temperature, forward_batch)
-                           - response_logprobs(sft_model, b, temperature, forward_batch)).sum(1).cpu()
+                           - response_logprobs(reference_model, b, temperature, forward_batch)).sum(1).cpu()
                           for b in batches]
-                    m["kl_from_sft"] = torch.cat(kl).mean().item()
+                    m[kl_key] = torch.cat(kl).mean().item()
                 else:
-                    m["kl_from_sft"] = 0.0
+                    m[kl_key] = 0.0
                 texts[name] = {"text": decoded, **by_name}
             metrics[name][decoding] = m
-        del model  # one policy resident at a time: released before the next one loads
-        release_memory()
-    if "ppo" in texts:  # by each score, on the prompts both policies got one for
-        pairs = {name: [(a, b) for a, b in zip(texts["ppo"][score_key(name)], texts["sft"][score_key(name)])
-                        if a is not None and b is not None] for name in report.score_order(scores.sources)}
-        metrics["ppo"]["win_rate_vs_sft"] = {name: win_rate(*zip(*p)) for name, p in pairs.items() if p}
+        if model is not reference_model:
+            del model  # one policy resident at a time (besides the reference): released before the next loads
+            release_memory()
+    for trained in ("ppo", "best"):  # by each score, on the prompts both policies got one for
+        if trained in texts:
+            pairs = {name: [(a, b) for a, b in zip(texts[trained][score_key(name)], texts[start][score_key(name)])
+                            if a is not None and b is not None] for name in report.score_order(scores.sources)}
+            metrics[trained][f"win_rate_vs_{start}"] = {name: win_rate(*zip(*p)) for name, p in pairs.items() if p}
     metrics_peak = peak_memory_mb()
     settings = {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
-                "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts)}
+                "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts),
+                # what the RL stage optimised (its first reward source) and what only watched it: the verdicts
+                "reward": recipe.ppo.rewards[0].label,
+                "judges": list(dict.fromkeys([j.label for j in recipe.ppo.judges + cfg.judges]
+                                             + (["gold"] if recipe.judge else [])))}
     artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, "peak_memory_mb": metrics_peak,
                                                          **metrics})
     with open(out / "samples.jsonl", "w") as f:  # every sampled response with its scores
@@ -168,13 +177,13 @@ def main(argv=None):
 
     # ---- plots and report ----
     plots = write_plots(out, run, texts, report.score_order(scores.sources))
-    write_report(out, metrics, texts, prompts, settings, plots, cfg.samples_in_report)
+    write_report(out, {"settings": settings, **metrics}, texts, prompts, settings, plots, cfg.samples_in_report, start)
     summary = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
                for name, m in metrics.items()}
     summary["peak_memory_mb"] = metrics_peak
     plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, started)
     print(f"eval: {len(prompts)} prompts in {time.time() - started:.0f}s, report at {plan.stage.final / 'report.md'}")
-    print(report.headline(metrics))
+    print(report.headline({"settings": settings, **metrics}, start))
     state.wait_for_everyone()
 
 
@@ -221,26 +230,29 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
     return plots
 
 
-def write_report(out, metrics, texts, prompts, settings, plots, n_samples):
+def write_report(out, metrics, texts, prompts, settings, plots, n_samples, start: str = "sft"):
     names = report.score_order([k[:-len("_score")] for k in next(iter(texts.values())) if k.endswith("_score")])
-    cols = [score_key(n) for n in names] + ["kl_from_sft", "response_length", "stop_token_share", "distinct_2"]
-    lines = ["# Evaluation report", "",
+    cols = [score_key(n) for n in names] + [f"kl_from_{start}", "response_length", "stop_token_share", "distinct_2"]
+    verdicts = report.verdicts(metrics, start)
+    lines = ["# Evaluation report", "", *[f"**Verdict**: {v}." for v in verdicts], *([""] if verdicts else []),
              f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "
              f"{settings['temperature']} (top_k=0, top_p=1, max {settings['max_new_tokens']} new tokens, seed "
              f"{settings['seed']}); greedy figures in metrics.json. Scores: " + ", ".join(
                  f"`{score_key(n)}`" for n in names) + " (each over the responses it scored).", "",
-             "| policy | " + " | ".join(cols) + " | " + " | ".join(f"win rate vs sft ({n})" for n in names) + " |",
+             "| policy | " + " | ".join(cols) + " | " + " | ".join(f"win rate vs {start} ({n})" for n in names) + " |",
              "|---" * (len(cols) + len(names) + 1) + "|"]
     for name, m in metrics.items():
+        if name == "settings":
+            continue
         s = m["sampled"]
         cells = [f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}" if isinstance(s.get(c), dict) and s[c]["mean"] is not None
                  else f"{s[c]:.3f}" if isinstance(s.get(c), float) else "-" for c in cols]
-        wins = m.get("win_rate_vs_sft", {})
+        wins = m.get(f"win_rate_vs_{start}", {})
         cells += [f"{wins[k]['rate']:.2f} [{wins[k]['ci95'][0]:.2f}, {wins[k]['ci95'][1]:.2f}]" if k in wins else "-"
                   for k in names]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", ""]
-    policies = [n for n in ("sft", "ppo") if n in texts]
+    policies = [n for n in (start, "ppo") if n in texts]
     lines.append("| prompt | " + " | ".join(f"{n} response ({' / '.join(names)})" for n in policies) + " |")
     lines.append("|---" * (len(policies) + 1) + "|")
     for i in range(min(n_samples, len(prompts))):

@@ -8,7 +8,8 @@
     make ppo ARGS="ppo.advantage_estimator=rloo ppo.samples_per_prompt=4"     # critic-free
     make ppo RECIPE=stages/recipes/demo-grpo.yaml                              # GRPO on a reward function
 
-Policy and reference come from this run's SFT artifact; the rewards from `ppo.rewards` (default:
+Policy and reference come from this run's SFT artifact, or from any model (`ppo.model`: a hub id, a
+directory, a PEFT adapter); the rewards from `ppo.rewards` (default:
 this run's RM artifact; also Python functions and reward servers, pipeline/rl/rewards.py); for gae
 the value function from the reward model, the SFT model, or a head on the policy. Each iteration:
 sample k responses per prompt (KV cache, temperature T, top_k=0, top_p=1), truncate after the stop
@@ -33,18 +34,20 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
-from pipeline.rl.ppo import batch_sum, iteration_metrics, score, update, with_advantages
+from pipeline.rl.ppo import batch_sum, iteration_metrics, reward, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import check_columns
-from pipeline.rl.run import RANK_SEED_STRIDE, PPORun, Schedule, disk_need, load_models, optimizer_and_schedule
+from pipeline.rl.run import (RANK_SEED_STRIDE, Diverged, PPORun, Schedule, Start, disk_need, load_models,
+                             optimizer_and_schedule)
 from pipeline.rl.rollout import PromptIds, generate, sampling_config
+from pipeline.rl.sampling import with_signal
 
 
 def main(argv=None):
     recipe, _, plan, out = open_stage("ppo", __doc__, argv, resume=True)  # an interrupted run goes on
     if out is None:  # up to date
         return
-    started, cfg, sft_dir = time.time(), recipe.ppo, recipe.run_dir / "sft"
+    started, cfg = time.time(), recipe.ppo
     acc = engine.accelerator(models.mixed_precision(models.resolve_dtype(cfg.dtype)), cfg.gradient_accumulation_steps,
                              log_with=cfg.report_to or None, project_dir=str(out))
     engine.configure(acc, cfg.mini_batch_size // cfg.gradient_accumulation_steps, cfg.max_grad_norm)
@@ -55,9 +58,10 @@ def main(argv=None):
     prompts, columns = data.load_prompts(cfg.prompts)  # the other columns go to reward functions
     check_columns({"ppo.rewards": cfg.rewards, "ppo.judges": cfg.judges}, columns)
     schedule = Schedule(cfg, world, len(prompts), recipe.seed)
-    tokenizer, stop_ids = models.policy_tokenizer(sft_dir, cfg.stop_token)
+    origin = Start(plans.policy_start(recipe), out, cfg, acc)  # this run's SFT artifact, or ppo.model
+    tokenizer, stop_ids = models.policy_tokenizer(origin.dir, cfg.stop_token)
     prompt_ids = PromptIds(tokenizer, prompts)  # each rendered and tokenized once
-    model, reference, rewards, judges = load_models(cfg, sft_dir, lambda m: plans.model_path(recipe, m), tokenizer, acc)
+    model, reference, rewards, judges = load_models(cfg, origin, lambda m: plans.model_path(recipe, m), tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
@@ -76,19 +80,34 @@ def main(argv=None):
     acc.init_trackers("ppo", config=None)
     run.seconds["startup"] = time.time() - run.started
 
+    best_by = cfg.judges[0].label if cfg.keep_best and cfg.judges else None
     bar = tqdm(range(start, schedule.iterations), initial=start, total=schedule.iterations,
                disable=not acc.is_main_process, desc="ppo")
     for iteration in bar:
         with run.saved_on_failure(iteration, schedule.iterations):  # a reward that fails loses no iteration
-            with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
-                indices = schedule.prompt_indices(iteration, rank)  # each prompt k times in a row
-                batch = data.take(prompts, indices)
-                with engine.for_generation(model, acc) as unwrapped, acc.autocast():
-                    rollout = generate(unwrapped.policy, tokenizer, batch, generation, acc.device, prompt_ids(indices))
-            with run.timed("score"):  # old log-probs and values, reference log-probs, rewards and judges
-                with acc.autocast():
-                    exp = score(rollout, {k: data.take(v, indices) for k, v in columns.items()}, model, reference,
-                                rewards, judges, cfg, score_norm, cfg.forward_batch, schedule.trainer_state(iteration, acc))
+            state = schedule.trainer_state(iteration, acc)
+
+            def sample(round_: int):
+                """This iteration's prompts (round 0, or dynamic sampling's next ones), answered and rewarded."""
+                with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
+                    indices = schedule.prompt_indices(iteration, rank, round_)  # each prompt k times in a row
+                    with engine.for_generation(model, acc) as unwrapped, acc.autocast():
+                        rollout = generate(unwrapped.policy, tokenizer, data.take(prompts, indices), generation,
+                                           acc.device, prompt_ids(indices))
+                with run.timed("score"), acc.autocast():  # every reward source and judge, agreed by every process
+                    return rollout, run.agree(lambda: reward(rollout, {k: data.take(v, indices) for k, v in columns.items()},
+                                                             rewards, judges, cfg, score_norm, state))
+
+            rollout, rewarded = sample(0)
+            sampling = {}
+            if cfg.dynamic_sampling:  # groups without signal out, more prompts in, until the batch is full
+                rollout, rewarded, sampling = with_signal((rollout, rewarded), sample, cfg.samples_per_prompt,
+                                                          cfg.max_sampling_rounds, acc, tokenizer.pad_token_id)
+            with run.timed("score"), acc.autocast():  # old log-probs and values, reference log-probs
+                exp = score(rollout, rewarded, model, reference, cfg, cfg.forward_batch)
+            exp.sampling = sampling
+        if best_by:  # the policy now sampled these rollouts: kept if the first judge scored them best so far
+            run.keep_best(iteration + 1, exp, best_by)
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value, batch_sum(acc))  # whitened over every process's batch
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)
@@ -97,13 +116,21 @@ def main(argv=None):
         kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         metrics.update({"iteration": iteration + 1, "episodes": (iteration + 1) * cfg.batch_size * world,
                         "objective/kl_coef": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"]})
+        diverging = run.watch(metrics, [j.label for j in cfg.judges])  # a judge falling behind a rising reward
         run.log(iteration + 1, metrics, cfg.batch_size * world, exp,
                 sample=(iteration + 1) % cfg.sample_every == 0 or iteration == 0)
         bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
 
+        diverged = bool(diverging) and cfg.on_divergence == "stop"
         interrupted = stats["interrupted"] or stop.requested()
-        if (iteration + 1) % cfg.save_every == 0 or interrupted:
+        if (iteration + 1) % cfg.save_every == 0 or interrupted or diverged:
             run.save_checkpoint(iteration + 1)
+        if diverged:
+            run.end_trackers()
+            kept = (f"; the policy judge '{run.best['judge']}' scored best (iteration {run.best['iteration']}) is in "
+                    f"{out / 'best'}" if run.best else "")
+            raise Diverged(f"ppo: stopped (ppo.on_divergence: stop): {diverging[0].line()}; checkpoint saved at "
+                           f"iteration {iteration + 1}/{schedule.iterations}{kept}")
         if interrupted:
             acc.print(f"ppo: interrupted; checkpoint saved at iteration {iteration + 1}/{schedule.iterations}. "
                       f"Run `make ppo` again (same recipe) to resume.")
@@ -112,7 +139,7 @@ def main(argv=None):
 
     stop.restore()
     reward_models = rewards.models()
-    run.save_artifact(recipe, plan, tokenizer, sft_dir, {
+    run.save_artifact(recipe, plan, tokenizer, origin, {
         "engine": engine.name(acc), "advantage_estimator": cfg.advantage_estimator,
         **({"reward_model_tokenizer": "shared" if reward_models[0].policy_tokenizer
             else "own"} if reward_models else {})})

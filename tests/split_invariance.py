@@ -80,7 +80,7 @@ def one_step(acc, variant: str, aggregation: str, kl_in: str) -> dict:
     exp = Experience(rollout=rollout, mask=mask.float(), old_logp=old_logp, ref_logp=(old_logp - d["ref_shift"]) * mask,
                      old_values=values.float() * mask if values is not None else None, entropy=torch.zeros_like(old_logp),
                      source_scores={}, judge_scores={}, rm_scores=None, raw_scores=d["scores"], valid=d["valid"],
-                     scores=d["scores"])
+                     scores=d["scores"], logged_metrics={}, extra_columns={})
     exp = with_advantages(exp, cfg, 0.1, batch_sum(acc))
     expected = autograd_step(model, exp, cfg) if world == 1 and A == 1 else None
     update(exp, model, optimizer, scheduler, acc, cfg, "the test step")

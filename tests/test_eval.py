@@ -23,7 +23,11 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
                    "eval.prompts.limit=64"])
     out = runs_with_rm / "demo" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"settings", "peak_memory_mb", "base", "sft", "ppo"}
+    # (the demo watches its gold judge: the RL stage kept the policy it scored best, and eval reports it)
+    assert set(metrics) == {"settings", "peak_memory_mb", "base", "sft", "ppo", "best"}
+    best = read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["best"]
+    assert best["judge"] == "gold" and 1 <= best["iteration"] <= 16
+    assert set(metrics["best"]["win_rate_vs_sft"]) == {"gold", "rm"}
     samples = {policy: [r for r in read_jsonl(out / "samples.jsonl") if r["policy"] == policy]
                for policy in ("base", "sft", "ppo")}
     for policy, rows in samples.items():
@@ -117,8 +121,8 @@ def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
                    "ppo.dtype=bfloat16", "ppo.forward_batch_size=2", "eval.batch_size=8", "eval.prompts.limit=16",
                    "eval.max_new_tokens=8"])
     assert dtypes == {torch.bfloat16}
-    assert [name for name, _ in loads] == ["sft", "base", "ppo"]
-    assert alive_at_load == [[], [], []]  # the base policy was released before PPO's loaded
+    assert [name for name, _ in loads] == ["sft", "base", "ppo", "best"]  # (best: the policy its gold judge preferred)
+    assert alive_at_load == [[], [], [], []]  # each policy was released before the next one loaded
     assert kl_forwards and {n for n, _ in kl_forwards} == {2} and {d for _, d in kl_forwards} == {torch.bfloat16}
     metrics = json.loads((runs_with_rm / "demo" / "eval" / "metrics.json").read_text())
     assert metrics["peak_memory_mb"] > 0

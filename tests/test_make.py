@@ -134,4 +134,18 @@ def test_the_rm_stage_is_skipped_on_the_way_when_no_reward_reads_it(tmp_path, ca
     assert plans.main([*grpo, "ppo.judges=[{model: rm}]"]) == 1  # a judge that reads the RM needs it built
     assert plans.main(["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo.yaml"),
                        f"runs_dir={tmp_path}"]) == 1
-    assert "--if-needed" in dry_run("ppo").stdout and "--if-needed" not in dry_run("rm").stdout
+    rm_line = lambda target: next(line for line in dry_run(target).stdout.splitlines() if "plans rm" in line)  # noqa: E731
+    assert "--if-needed" in rm_line("ppo") and "--if-needed" not in rm_line("rm")
+
+
+def test_the_sft_stage_is_skipped_on_the_way_when_the_rl_stage_starts_from_a_model_of_its_own(tmp_path, capsys):
+    """With ppo.model, `make ppo` / `make eval` visit `base` and `sft` with --if-needed and skip them;
+    without it, SFT is needed; `make sft` itself always may build it."""
+    recipe = ["--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
+    assert plans.main(["sft", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
+    assert "sft: skipped, the RL stage starts from ppo.model (HuggingFaceTB/SmolLM2-135M-Instruct)" in capsys.readouterr().out
+    assert plans.main(["base", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
+    assert plans.main(["sft", "--if-needed", *recipe]) == 1
+    lines = dry_run("ppo").stdout.splitlines()
+    assert all("--if-needed" in line for line in lines if "plans sft" in line or "plans base" in line)
+    assert not any("--if-needed" in line for line in dry_run("sft").stdout.splitlines() if "plans sft" in line)

@@ -14,9 +14,9 @@ from transformers.generation import utils as generation_utils
 from pipeline import models
 from pipeline.config import load_recipe
 from pipeline.data import load_prompts
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout, score
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout, reward, score
 from pipeline.rl.rewards import Rewards
-from pipeline.rl.run import load_models
+from pipeline.rl.run import Start, load_models
 from pipeline.rl.rollout import generate, sampling_config
 from stages import eval as evaluate
 from stages import ppo, sft
@@ -69,8 +69,9 @@ def ppo_models(runs_dir, *overrides):
     recipe = load_recipe(DEMO_RECIPE, [f"runs_dir={runs_dir}", *overrides])
     run = recipe.run_dir
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
-    model, reference, rewards, _ = load_models(recipe.ppo, run / "sft", lambda m: str(run / "rm"), tokenizer,
-                                               Accelerator(cpu=DEVICE == "cpu"))
+    acc = Accelerator(cpu=DEVICE == "cpu")
+    model, reference, rewards, _ = load_models(recipe.ppo, Start(str(run / "sft"), run, recipe.ppo, acc),
+                                               lambda m: str(run / "rm"), tokenizer, acc)
     # (the trained model is placed by accelerate's prepare in the stage; the frozen ones are placed already)
     return recipe, tokenizer, (model.to(DEVICE), reference, rewards)
 
@@ -170,9 +171,9 @@ def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
     config = sampling_config(cfg.temperature, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     torch.manual_seed(0)
     rollout = generate(model.policy, tokenizer, load_prompts(cfg.prompts)[0][:12], config, DEVICE)
-    no_judges = Rewards({}, DEVICE)
-    whole = score(rollout, {}, model, reference, rewards, no_judges, cfg, (0.0, 1.0), forward_batch_size=12)
-    parts = score(rollout, {}, model, reference, rewards, no_judges, cfg, (0.0, 1.0), forward_batch_size=5)
+    rewarded = reward(rollout, {}, rewards, Rewards({}, DEVICE), cfg, (0.0, 1.0))
+    whole = score(rollout, rewarded, model, reference, cfg, forward_batch_size=12)
+    parts = score(rollout, rewarded, model, reference, cfg, forward_batch_size=5)
     for name in ("old_logp", "ref_logp", "old_values", "entropy", "scores"):
         assert torch.allclose(getattr(whole, name), getattr(parts, name), atol=1e-5), name
 

@@ -23,6 +23,21 @@ from tests.conftest import REPO, ppo_args, read_jsonl, rm_args, sft_args
 TIMING = ("time/", "episodes_per_s", "tokens_per_s", "peak_memory_mb")
 
 
+def crash_in_iteration(iteration: int, args: list[str], monkeypatch) -> None:
+    """Run the RL stage with `args` until its update of `iteration` raises, as a crash would."""
+    real_update = stages.ppo.update
+
+    def crashing(exp, model, optimizer, scheduler, acc, cfg, where, stop):
+        if where == f"iteration {iteration}":
+            raise RuntimeError("simulated crash")
+        return real_update(exp, model, optimizer, scheduler, acc, cfg, where, stop)
+
+    monkeypatch.setattr(stages.ppo, "update", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        stages.ppo.main(args)
+    monkeypatch.setattr(stages.ppo, "update", real_update)
+
+
 def deterministic(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if not k.startswith(TIMING)} for h in history]
 
@@ -55,17 +70,7 @@ def test_a_resumed_ppo_run_gives_the_metrics_of_the_uninterrupted_one(runs_with_
     stages.ppo.main(ppo_args(other))
     expected = read_jsonl(other / "demo" / "ppo" / "metrics.jsonl")
 
-    real_update = stages.ppo.update
-
-    def crash_in_iteration_3(exp, model, optimizer, scheduler, acc, cfg, where, stop):
-        if where == "iteration 3":
-            raise RuntimeError("simulated crash")
-        return real_update(exp, model, optimizer, scheduler, acc, cfg, where, stop)
-
-    monkeypatch.setattr(stages.ppo, "update", crash_in_iteration_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        stages.ppo.main(ppo_args(runs_with_rm))
-    monkeypatch.setattr(stages.ppo, "update", real_update)
+    crash_in_iteration(3, ppo_args(runs_with_rm), monkeypatch)
     capsys.readouterr()
     stages.ppo.main(ppo_args(runs_with_rm))
     assert "resuming from the checkpoint at iteration 2/6" in capsys.readouterr().out

@@ -51,10 +51,17 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, k: int, estimat
     return adv.reshape(-1).to(rewards.dtype)
 
 
-def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """Share of groups whose valid rewards are all equal (including groups with under two rewards)."""
+def zero_variance(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> list[bool]:
+    """For each group, whether its valid rewards are all equal (also a group with under two rewards):
+    it carries no signal."""
     r, v, n, mean = _groups(rewards, valid, k)
-    return (((r - mean).abs() * v).amax(1) == 0).float().mean()
+    return (((r - mean).abs() * v).amax(1) == 0).tolist()
+
+
+def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of groups whose valid rewards are all equal (`zero_variance`)."""
+    flat = zero_variance(rewards, valid, k)
+    return torch.tensor(sum(flat) / len(flat), device=rewards.device)
 
 
 def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:

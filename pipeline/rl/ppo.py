@@ -1,7 +1,9 @@
 """PPO's phases for a language-model policy, in the order `stages/ppo.py` runs them each iteration:
 
     rollout     = generate(...)                       pipeline/rl/rollout.py
-    experience  = score(rollout, models, ...)         old log-probs, values, reference log-probs, rewards
+    rewarded    = reward(rollout, sources, ...)       every reward source's and judge's scores
+                  (dynamic sampling: groups without signal out, more rollouts in: pipeline/rl/sampling.py)
+    experience  = score(rollout, rewarded, models)    old log-probs, values, reference log-probs
     experience  = with_advantages(experience, ...)    GAE on KL-penalised rewards, or a critic-free estimator
     stats       = update(experience, models, ...)     PPO epochs over shuffled minibatches
     metrics     = iteration_metrics(...)              gathered over processes
@@ -12,7 +14,7 @@ module runs it on models.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -23,8 +25,8 @@ from pipeline.models import is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
 from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
-                                  logprobs_and_entropy, logprobs_of, masked_mean, masked_whiten, policy_loss, token_rewards,
-                                  value_loss)
+                                  logprobs_and_entropy, logprobs_of, masked_mean, masked_moments, masked_whiten, policy_loss,
+                                  token_rewards, value_loss)
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl import unpadded
 from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
@@ -107,16 +109,10 @@ class PolicyAndValue(nn.Module):
 
 
 @dataclass
-class Experience:
-    """A rollout with everything PPO's update needs, all (B, R) unless noted."""
+class Rewarded:
+    """A rollout's rewards: every source's and judge's scores, their weighted sum, the score optimised
+    and what reward functions logged, row by row as the rollout (`take` and `cat` as `Rollout`'s)."""
 
-    rollout: Rollout
-    mask: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    old_values: torch.Tensor | None
-    """None for the critic-free estimators."""
-    entropy: torch.Tensor
     source_scores: dict[str, torch.Tensor]
     """(B,) each reward source's own score (a reward model's as it was trained), NaN where none."""
     judge_scores: dict[str, torch.Tensor]
@@ -130,46 +126,64 @@ class Experience:
     scores: torch.Tensor
     """(B,) the reward optimised: the weighted sum with the RM normalised if asked, minus the
     missing-stop penalty."""
-    logged_metrics: dict[str, list[float]] = field(default_factory=dict)
+    logged_metrics: dict[str, list[float]]
     """'<rewards|judges>/<source>/<name>' -> what reward functions logged with `log_metric`."""
-    extra_columns: dict[str, list] = field(default_factory=dict)
+    extra_columns: dict[str, list]
     """column -> one value per rollout, logged by reward functions with `log_extra` (for samples.jsonl)."""
+
+    def take(self, rows: list[int]) -> "Rewarded":
+        index = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
+        tensors = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
+        return Rewarded(tensors(self.source_scores), tensors(self.judge_scores),
+                        self.rm_scores[index] if self.rm_scores is not None else None, self.raw_scores[index],
+                        self.valid[index], self.scores[index], self.logged_metrics,
+                        {k: [v[i] for i in rows] for k, v in self.extra_columns.items()})
+
+    @staticmethod
+    def cat(parts: list["Rewarded"]) -> "Rewarded":
+        """Batches' rewards as one; what their functions logged, all of it (a metric's values, a column's
+        rows where every batch logged it)."""
+        tensors = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}  # noqa: E731
+        metrics = {}
+        for p in parts:
+            for k, v in p.logged_metrics.items():
+                metrics.setdefault(k, []).extend(v)
+        extra = {k: [x for p in parts for x in p.extra_columns[k]] for k in parts[0].extra_columns
+                 if all(k in p.extra_columns for p in parts)}
+        return Rewarded(tensors("source_scores"), tensors("judge_scores"),
+                        torch.cat([p.rm_scores for p in parts]) if parts[0].rm_scores is not None else None,
+                        *(torch.cat([getattr(p, key) for p in parts]) for key in ("raw_scores", "valid", "scores")),
+                        metrics, extra)
+
+
+@dataclass
+class Experience(Rewarded):
+    """A rewarded rollout with everything PPO's update needs, all (B, R) unless noted."""
+
+    rollout: Rollout
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    old_values: torch.Tensor | None
+    """None for the critic-free estimators."""
+    entropy: torch.Tensor
     kl: torch.Tensor | None = None
     rewarded: torch.Tensor | None = None
     """(B, R) the mask on the completions some source rewarded."""
     kl_coef: float = 0.0
     zero_variance_groups: torch.Tensor | None = None
+    sampling: dict[str, float] = field(default_factory=dict)
+    """Dynamic sampling's figures for the iteration (pipeline/rl/sampling.py), if it ran."""
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
 
-@torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
-def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, judges: Rewards, cfg: PPOStage,
-          score_norm: tuple[float, float], forward_batch_size: int, state: TrainerState | None = None) -> Experience:
-    """Old log-probs and values, reference log-probs, each forward in micro-batches of
-    `forward_batch_size` rollouts (activation memory stays bounded); every reward source's and judge's
-    scores (`columns`: the prompt dataset's other columns, one value per rollout; `state`: the run's
-    progress, for reward functions), and what the reward functions logged.
-
-    `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
-    whose disabled adapter makes it the reference (LoRA)."""
-    R, mask = rollout.responses.shape[1], rollout.response_mask.float()
-    old_logp, old_values, entropy = [], [], []
-    for i in range(0, len(rollout), forward_batch_size):
-        s = slice(i, i + forward_batch_size)
-        logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
-        logp, ent = logprobs_and_entropy(logits, rollout.responses[s], cfg.temperature)
-        old_logp.append(logp)
-        entropy.append(ent)
-        if values is not None:
-            old_values.append(values.float())
-        del logits
-    if is_peft(reference):  # LoRA: with its adapter disabled the policy is the SFT model
-        with reference.disable_adapter():
-            ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    else:
-        ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
+def reward(rollout: Rollout, columns: dict, rewards: Rewards, judges: Rewards, cfg: PPOStage,
+           score_norm: tuple[float, float] | None, state: TrainerState | None = None) -> Rewarded:
+    """Every reward source's and judge's scores of a rollout (`columns`: the prompt dataset's other
+    columns, one value per rollout; `state`: the run's progress, for reward functions), the score
+    optimised, and what the reward functions logged."""
     batch = (rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns, rollout.prompt_ids)
     try:
         sources, failure = rewards.score(*batch, state=state), None
@@ -184,14 +198,39 @@ def score(rollout: Rollout, columns: dict, model, reference, rewards: Rewards, j
         scores, _ = rewards.total({**sources, rm: (sources[rm] - score_norm[0]) / score_norm[1]})
     else:
         scores = raw_scores.clone()
-    scores = torch.where(rollout.has_stop, scores, scores - cfg.missing_stop_penalty)
+    scores = torch.where(rollout.has_stop, scores, scores - cfg.stop_penalty)
     logs = (rewards.take_log(), judges.take_log())
+    return Rewarded(sources, judged, sources[rm] if rm else None, raw_scores, valid, scores,
+                    logged_metrics={k: v for log in logs for k, v in log.metrics.items()},
+                    extra_columns={k: v for log in logs for k, v in log.extra.items()})
+
+
+@torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
+def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage, forward_batch_size: int) -> Experience:
+    """Old log-probs and values, reference log-probs, each forward in micro-batches of
+    `forward_batch_size` rollouts (activation memory stays bounded), with the rollout's rewards.
+
+    `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
+    whose disabled adapter makes it the reference (LoRA)."""
+    R, mask = rollout.responses.shape[1], rollout.response_mask.float()
+    old_logp, old_values, entropy = [], [], []
+    for i in range(0, len(rollout), forward_batch_size):
+        s = slice(i, i + forward_batch_size)
+        logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
+        logp, ent = logprobs_and_entropy(logits, rollout.responses[s], cfg.temperature)
+        old_logp.append(logp)
+        entropy.append(ent)
+        if values is not None:
+            old_values.append(values.float())
+        del logits
+    if is_peft(reference):  # LoRA: with its adapter disabled the policy is the start
+        with reference.disable_adapter():
+            ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
+    else:
+        ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
     return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask, ref_logp=ref_logp * mask,
                       old_values=torch.cat(old_values) * mask if old_values else None, entropy=torch.cat(entropy),
-                      source_scores=sources, judge_scores=judged, rm_scores=sources[rm] if rm else None,
-                      raw_scores=raw_scores, valid=valid, scores=scores,
-                      logged_metrics={k: v for log in logs for k, v in log.metrics.items()},
-                      extra_columns={k: v for log in logs for k, v in log.extra.items()})
+                      **{f.name: getattr(rewarded, f.name) for f in fields(Rewarded)})
 
 
 def batch_sum(accelerator) -> Reduce:
@@ -199,6 +238,13 @@ def batch_sum(accelerator) -> Reduce:
     if accelerator.num_processes == 1:
         return lambda t: t
     return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def judge_mean(exp: Experience, judge: str, accelerator) -> float | None:
+    """A judge's mean over the batch of every process (None: it scored nothing)."""
+    scores = exp.judge_scores[judge].double()
+    total, n = batch_sum(accelerator)(torch.stack([scores.nansum(), (~scores.isnan()).sum().double()])).tolist()
+    return total / n if n else None
 
 
 def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float, reduce: Reduce | None = None) -> Experience:
@@ -262,14 +308,22 @@ def agree(losses: dict[str, torch.Tensor], stop_flag: bool, accelerator) -> tupl
     return {name: int(r) for name, r in zip(LOSS_LABELS, bad) if r < world}, go_on == 0.0
 
 
+def loss_masks(exp: Experience, cfg: PPOStage) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the policy (and KL) loss and the value loss are over: the responses' (the value
+    loss: of rewarded responses), without those cut by max_new_tokens under `mask_truncated`."""
+    keep = exp.rollout.has_stop.unsqueeze(1).to(exp.mask.dtype) if cfg.mask_truncated else 1.0
+    return exp.mask * keep, exp.rewarded * keep
+
+
 def loss_normalizers(exp: Experience, order: torch.Tensor, cfg: PPOStage, accelerator) -> list[tuple[float, float]]:
     """For each mini-batch of an epoch (in `order`): the divisors of its micro-batches' policy and value
     losses, so that the gradient is the mini-batch's mean over every process's tokens (or sequences,
     `loss_units`), however it is cut. Each micro-batch's loss is its sum over that count, times the
     accumulation steps and the processes, which `accelerator.backward` (1 / steps) and the engine's
     gradient averaging (1 / processes) divide out again. One all-reduce an epoch."""
-    units = exp.mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(exp.mask[:, 0])  # (`loss_units`)
-    per_sequence = torch.stack([units, exp.rewarded.sum(1)], 1).double()
+    policy_mask, value_mask = loss_masks(exp, cfg)
+    units = policy_mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(policy_mask[:, 0])  # (`loss_units`)
+    per_sequence = torch.stack([units, value_mask.sum(1)], 1).double()
     counts = per_sequence[order].view(-1, cfg.mini_batch_size, 2).sum(1)  # (mini-batches, 2)
     counts = batch_sum(accelerator)(counts) / (cfg.gradient_accumulation_steps * accelerator.num_processes)
     return [(policy, value) for policy, value in counts.clamp(min=1e-8).tolist()]
@@ -293,6 +347,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss",
                              "kl_clamped")}
     first, interrupted = None, False
+    policy_mask, value_mask = loss_masks(exp, cfg)
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=exp.mask.device)
@@ -304,13 +359,13 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                 logits, values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R)
                 logp = logprobs_of(logits, rollout.responses[idx], cfg.temperature)
                 del logits
-                mask = exp.mask[idx]
+                mask = policy_mask[idx]
                 pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
-                                                how, cfg.max_new_tokens, policy_units)
+                                                how, cfg.max_new_tokens, policy_units, cfg.cliprange_high)
                 losses = {"pg_loss": pg_loss}
                 if values is not None:
                     vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx],
-                                                   exp.rewarded[idx], cfg.cliprange_value, value_tokens)
+                                                   value_mask[idx], cfg.cliprange_value, value_tokens)
                     losses.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
                     loss = pg_loss + cfg.vf_coef * vf_loss
                 else:
@@ -366,7 +421,7 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     if exp.rm_scores is not None:
         local["objective/rm_score_raw"] = exp.rm_scores.mean()
     local.update({
-        "objective/missing_stop_penalty": cfg.missing_stop_penalty * (~exp.rollout.has_stop).float().mean(),
+        "objective/missing_stop_penalty": cfg.stop_penalty * (~exp.rollout.has_stop).float().mean(),
         "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["pg_clipfrac"],
         "loss/policy_avg": stats["pg_loss"]})
     if exp.old_values is not None:
@@ -377,12 +432,16 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     if cfg.kl_estimator == "k3":  # the KL in the reward, capped where the policy is far from the reference
         local["objective/kl_clamped"] = k3_clamped(exp.old_logp, exp.ref_logp, mask)
     local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
-                  "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean()})
+                  "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean(),
+                  # the reward's spread among the batch's rollouts (of every process: the same on each)
+                  "objective/reward_raw_std": masked_moments(exp.raw_scores[:, None], torch.ones_like(exp.raw_scores[:, None]),
+                                                             batch_sum(accelerator))[1].sqrt()})
     if "kl_loss" in stats:
         local["loss/kl_avg"] = stats["kl_loss"]
         local["loss/kl_clamped"] = stats["kl_clamped"]  # share of tokens whose k3 term was clamped
     if exp.zero_variance_groups is not None:
         local["objective/zero_variance_groups"] = exp.zero_variance_groups
+    local.update({k: torch.tensor(v, device=mask.device) for k, v in exp.sampling.items()})
     metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},
                                                            reduction="mean").items()}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged

@@ -215,13 +215,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mea
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float, aggregation: str = "token_mean", horizon: int = 1,
-                normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate objective: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) per token,
-    aggregated (`aggregate`). `advantages` (B, T), or (B, 1) for one advantage per sequence."""
+                normalizer: torch.Tensor | float | None = None, clip_high: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) per token
+    (eps_high: `clip_high`, DAPO's clip-higher; default eps), aggregated (`aggregate`). `advantages`
+    (B, T), or (B, 1) for one advantage per sequence."""
     log_ratio = (logp - old_logp) * mask
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation, horizon, normalizer)
     stats = {"clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
              "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),

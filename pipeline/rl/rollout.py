@@ -47,6 +47,37 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def take(self, rows: list[int]) -> "Rollout":
+        """These rows, in this order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.responses.device)
+        return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.prompt_ids[i] for i in rows],
+                       query_responses=self.query_responses[index], attention_mask=self.attention_mask[index],
+                       responses=self.responses[index], response_mask=self.response_mask[index],
+                       has_stop=self.has_stop[index], texts=[self.texts[i] for i in rows])
+
+    @staticmethod
+    def cat(rollouts: list["Rollout"], pad_id: int) -> "Rollout":
+        """Rollouts of several generations as one batch: prompts padded on the left to the longest,
+        responses on the right, masks 0 on the padding."""
+        P = max(r.query_responses.shape[1] - r.responses.shape[1] for r in rollouts)
+        R = max(r.responses.shape[1] for r in rollouts)
+
+        def pad(x: torch.Tensor, left: int, right: int, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (left, right), value=value)
+        parts = {"query_responses": [], "attention_mask": [], "responses": [], "response_mask": []}
+        for r in rollouts:
+            p, n = r.query_responses.shape[1] - r.responses.shape[1], r.responses.shape[1]
+            parts["query_responses"].append(torch.cat([pad(r.query_responses[:, :p], P - p, 0, pad_id),
+                                                       pad(r.responses, 0, R - n, pad_id)], 1))
+            parts["attention_mask"].append(torch.cat([pad(r.attention_mask[:, :p], P - p, 0, 0),
+                                                      pad(r.response_mask, 0, R - n, 0)], 1))
+            parts["responses"].append(pad(r.responses, 0, R - n, pad_id))
+            parts["response_mask"].append(pad(r.response_mask, 0, R - n, 0))
+        return Rollout(prompts=[x for r in rollouts for x in r.prompts],
+                       prompt_ids=[x for r in rollouts for x in r.prompt_ids],
+                       has_stop=torch.cat([r.has_stop for r in rollouts]), texts=[x for r in rollouts for x in r.texts],
+                       **{k: torch.cat(v) for k, v in parts.items()})
+
 
 def sampling_config(temperature: float, max_new_tokens: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     """Temperature sampling and nothing else (temperature 0: greedy). Each processor transformers

@@ -22,8 +22,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline import engine, models
 from pipeline.config import ConfigError, PPOStage, UserError, to_dict
+from pipeline.artifacts import write_json_atomic
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model
+from pipeline.rl.divergence import Divergence, diverging
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model, judge_mean
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState, load_sources
@@ -49,23 +51,57 @@ def same_tokenizer(a, b) -> bool:
     return rendering(a) == rendering(b)
 
 
-def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
+class Start:
+    """Where the policy starts (`plans.policy_start`: this run's SFT artifact, or `ppo.model`).
+
+    A PEFT adapter directory is merged into its base once, into the work directory (`merged/`, kept
+    for a resumed run): that model is the reference, and the policy under full fine-tuning. Under
+    LoRA / QLoRA the policy goes on training that adapter on its base (`adapter`), and its artifact
+    merges into that base (`merge_base`)."""
+
+    def __init__(self, source: str, out: Path, cfg: PPOStage, acc):
+        self.dir, self.adapter, self.merge_base = source, None, source
+        base = models.adapter_base(source)
+        if base is None:
+            return
+        merged = out / "start-merged"
+        if acc.is_main_process and not (merged / "config.json").is_file():
+            tokenizer = models.load_tokenizer(source if (Path(source) / "tokenizer_config.json").is_file() else base)
+            model = models.merge_adapter(AutoModelForCausalLM, base, Path(source), tokenizer, "full", cfg.dtype)
+            model.save_pretrained(merged.with_name("start-merged.tmp"))
+            tokenizer.save_pretrained(merged.with_name("start-merged.tmp"))
+            merged.with_name("start-merged.tmp").rename(merged)
+        acc.wait_for_everyone()
+        self.dir = str(merged)
+        if cfg.finetune != "full":
+            self.adapter, self.merge_base = source, base
+
+
+def load_models(cfg: PPOStage, start: Start, model_path, tokenizer, acc):
     """Policy + value function (one trainable module), the frozen reference (None under LoRA), the
     reward sources and the judges, each in its precision (pipeline/models.py); frozen models prepared
     for the engine. `model_path` resolves a reward source's `model` ('rm': this run's RM).
 
     Full fine-tuning: float32 policy and value model, a frozen reference in the compute dtype. LoRA /
-    QLoRA: a fresh adapter on the SFT weights, so with the adapter disabled the policy IS the
+    QLoRA: a fresh adapter on the start's weights, so with the adapter disabled the policy IS the
     reference; the value model then gets its own adapter (its score head trained in full), so a
-    LoRA run never trains a whole second network. The critic-free estimators train the policy alone.
+    LoRA run never trains a whole second network. From an adapter (`start.adapter`): that adapter
+    trains on its base, and the start, merged, is a reference of its own. The critic-free estimators
+    train the policy alone.
     """
     dtype = models.resolve_dtype(cfg.dtype)
-    policy = models.load_trained(AutoModelForCausalLM, sft_dir, cfg.finetune, cfg.dtype)
     reference = None
     if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
-        reference = models.load_reference(sft_dir, dtype)
+        policy = models.load_trained(AutoModelForCausalLM, start.dir, cfg.finetune, cfg.dtype)
+        reference = models.load_reference(start.dir, dtype)
+    elif start.adapter is not None:
+        from peft import PeftModel
+        policy = models.load_trained(AutoModelForCausalLM, start.merge_base, cfg.finetune, cfg.dtype)
+        policy = PeftModel.from_pretrained(policy, start.adapter, is_trainable=True)
+        reference = models.load_reference(start.dir, dtype)
     else:
         from peft import get_peft_model  # (imports bitsandbytes: only runs with adapters pay for it)
+        policy = models.load_trained(AutoModelForCausalLM, start.dir, cfg.finetune, cfg.dtype)
         policy = get_peft_model(policy, models.lora_config(cfg.finetune, cfg.lora, "CAUSAL_LM"))
     load = lambda specs: load_sources(specs, model_path, dtype, acc.device, cfg.forward_batch,  # noqa: E731
                                       lambda m: engine.prepare_frozen(m, acc))
@@ -81,7 +117,7 @@ def load_models(cfg: PPOStage, sft_dir, model_path, tokenizer, acc):
             raise ConfigError("the reward model has its own tokenizer, so it cannot initialise the value model: "
                               "set ppo.value_model=sft or ppo.value_model=head")
     if cfg.critic in ("reward", "sft"):
-        source = reward_model.path if cfg.critic == "reward" else sft_dir
+        source = reward_model.path if cfg.critic == "reward" else start.dir
         value_model = models.load_trained(AutoModelForSequenceClassification, source, cfg.finetune, cfg.dtype,
                                           num_labels=1)
         value_model.config.pad_token_id = tokenizer.pad_token_id
@@ -115,13 +151,19 @@ class Schedule:
                             epoch=iteration * drawn / self.n_prompts, num_train_epochs=self.iterations * drawn / self.n_prompts,
                             is_world_process_zero=acc.is_main_process, is_local_process_zero=acc.is_local_main_process)
 
-    def prompt_indices(self, iteration: int, rank: int) -> list[int]:
+    def prompt_indices(self, iteration: int, rank: int, round_: int = 0) -> list[int]:
         """The prompts of one process in one iteration, each repeated `samples_per_prompt` times in a
         row (a prompt's group stays whole, on one process): a deterministic function of the
         iteration, so a resumed run sees exactly the prompts the uninterrupted run would have, and N
-        processes together take the prompts one process with N times the batch would."""
+        processes together take the prompts one process with N times the batch would. `round_` > 0:
+        dynamic sampling's extra prompts (pipeline/rl/sampling.py), drawn at random from the seed,
+        the iteration and the round alone."""
         k = self.cfg.samples_per_prompt
         b = self.cfg.batch_size // k  # distinct prompts per process
+        if round_:
+            draw = torch.Generator().manual_seed((self.seed * 1_000_003 + iteration) * 1009 + round_)
+            chosen = torch.randint(self.n_prompts, (b * self.world,), generator=draw)[rank * b:(rank + 1) * b]
+            return [i for i in chosen.tolist() for _ in range(k)]
         out = []
         for j in range(iteration * b * self.world + rank * b, iteration * b * self.world + (rank + 1) * b):
             epoch, i = divmod(j, self.n_prompts)
@@ -174,6 +216,18 @@ def disk_need(model, cfg: PPOStage) -> int:
 AFTER_EDITS = " (RESUME=1 if the fix changes the recipe or a reward's code)"
 
 
+class Diverged(UserError, RuntimeError):
+    """A judge diverged from the reward and the recipe says to stop (ppo.on_divergence: stop)."""
+
+
+class _Agreed(Exception):
+    """A failure every process knows of (`PPORun.agree`), with each failing process's cause."""
+
+    def __init__(self, failed: list[tuple[int, str]]):
+        super().__init__(failed[0][1])
+        self.failed = failed
+
+
 class IterationFailed(UserError, RuntimeError):
     """An iteration's generation or scoring failed on some process (after its last iteration was saved)."""
 
@@ -202,14 +256,17 @@ class PPORun:
         self.seconds = defaultdict(float)  # startup, generate, score, optimise, saving: the whole run
         self.last = {}  # the same, for the latest iteration
         self.saved_at = 0  # the iteration of the newest checkpoint (0: none)
+        self.history: list[dict] = []  # metrics.jsonl's lines, on every process (divergence is judged on them)
+        self.best: dict = {}  # the policy the first judge scored best: {"iteration", "judge", "value"} (best.json)
         acc.register_for_checkpointing(scheduler)  # not prepared (see optimizer_and_schedule): saved all the same
 
     @contextmanager
     def timed(self, phase: str):
+        """The block's seconds, added to the phase's (in the run and in the iteration: `log` starts the next)."""
         t0 = time.time()
         yield
-        self.last[phase] = time.time() - t0
-        self.seconds[phase] += self.last[phase]
+        self.last[phase] = self.last.get(phase, 0.0) + time.time() - t0
+        self.seconds[phase] += time.time() - t0
 
     def resume(self, iterations: int) -> int:
         """The iteration to start from: the checkpoint's (model, optimiser, scheduler, KL controller and
@@ -231,6 +288,14 @@ class PPORun:
         if self.acc.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 cut_jsonl(self.out / name, "iteration", start)
+            best = self.out / "best.json"
+            if best.is_file() and json.loads(best.read_text())["iteration"] > start:  # met again, if at all
+                best.unlink()
+                shutil.rmtree(self.out / "best", ignore_errors=True)
+        self.acc.wait_for_everyone()
+        metrics, best = self.out / "metrics.jsonl", self.out / "best.json"
+        self.history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        self.best = json.loads(best.read_text()) if best.is_file() else {}
         return start
 
     def save_checkpoint(self, iteration: int) -> None:
@@ -262,23 +327,20 @@ class PPORun:
         left them, so the resumed run is the uninterrupted one. (A loss that is not finite stops the
         update without a save: that state may be broken.)
 
-        One process: any failure. Several: a reward source's (RewardError), which every process meets
-        at the same point, once all its sources have scored (rewards.Rewards.score); anything else (out
-        of memory in a forward, which is a collective under sharded engines and DDP's buffer broadcast)
-        ends that process at once, as before, and the launcher stops the others."""
+        One process: any failure. Several: a reward source's, which `agree` makes every process's
+        before any of them goes on to a collective; anything else (out of memory in a forward, which is
+        a collective under sharded engines and DDP's buffer broadcast) ends that process at once, and
+        the launcher stops the others."""
         rng = rng_states()
-        error = None
         try:
             yield
-        except RewardError as e:
-            error = e
+            return
+        except _Agreed as agreed:
+            failed, error = agreed.failed, agreed.__cause__
         except Exception as e:  # a tokenizer, memory, a bug: anything before the update
             if self.acc.num_processes > 1:
                 raise
-            error = e
-        failed = self._failures(error)
-        if not failed:
-            return
+            failed, error = self._failures(e), e
         if error is not None and not isinstance(error, UserError):
             traceback.print_exception(error)  # a bug: its traceback, above the line every process says
         rank, cause = failed[0]
@@ -295,6 +357,23 @@ class PPORun:
             then = "no iteration had completed: nothing to save"
         raise IterationFailed(f"ppo: iteration {iteration + 1} failed{where} ({cause}); {then}") from error
 
+    def agree(self, run):
+        """`run()` (a batch's rewards), once every process's has succeeded: a reward source's failure on
+        any process is every process's (raised to `saved_on_failure`) before any of them goes on to a
+        collective (one all-reduce a call with several processes)."""
+        try:
+            result, error = run(), None
+        except RewardError as e:
+            result, error = None, e
+        except Exception as e:
+            if self.acc.num_processes > 1:
+                raise
+            result, error = None, e
+        failed = self._failures(error)
+        if failed:
+            raise _Agreed(failed) from error
+        return result
+
     def _failures(self, error: Exception | None) -> list[tuple[int, str]]:
         """[(process, cause)] of every process whose iteration failed, the same on every process (a
         collective: every process calls it each iteration; a flag, then the causes only on a failure)."""
@@ -309,6 +388,39 @@ class PPORun:
         torch.distributed.all_gather_object(causes, cause)
         return [(rank, c) for rank, c in enumerate(causes) if c is not None]
 
+    def watch(self, metrics: dict, judges: list[str]) -> list[Divergence]:
+        """The judges diverging from the reward over the iterations up to this one (`metrics`, not yet
+        logged): `alerts/<judge>` is 1 while one holds, and a warning line says when it begins."""
+        found = []
+        for judge in judges:
+            divergence = diverging(self.history + [metrics], judge)
+            metrics[f"alerts/{judge}"] = float(divergence is not None)
+            if divergence is not None:
+                found.append(divergence)
+                if not (self.history and self.history[-1].get(f"alerts/{judge}")):
+                    self.acc.print(f"warning: ppo: {divergence.line()}")
+        return found
+
+    def keep_best(self, iteration: int, exp, judge: str) -> None:
+        """Before iteration `iteration`'s update, when `judge` scored its rollouts best so far: the policy
+        that sampled them (the one now) is written to best/ (under LoRA its adapter; `save_artifact`
+        makes it a model). Every process takes part."""
+        value = judge_mean(exp, judge, self.acc)
+        if value is None or (self.best and value <= self.best["value"]):
+            return
+        self.best = {"iteration": iteration, "judge": judge, "value": value}
+        with self.timed("saving"), engine.saving(self.acc):
+            state = engine.full_state_dict(self.acc, self.model)  # (every rank takes part)
+            if self.acc.is_main_process:
+                policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+                tmp, best = self.out / "best.tmp", self.out / "best"
+                shutil.rmtree(tmp, ignore_errors=True)
+                engine.unwrap(self.acc, self.model).policy.save_pretrained(tmp, state_dict=policy)
+                shutil.rmtree(best, ignore_errors=True)
+                tmp.rename(best)
+                write_json_atomic(self.out / "best.json", self.best)
+        self.acc.wait_for_everyone()
+
     def end_trackers(self) -> None:
         """accelerate's trackers finish (their last writes flushed). Not `acc.end_training()`, which
         also tears the process group down: freeing it later, with the models that hold it, can hang
@@ -319,11 +431,12 @@ class PPORun:
     def log(self, iteration: int, metrics: dict, episodes: int, exp, sample: bool) -> None:
         """One line of metrics.jsonl (and the tracker), with throughput and memory; a few samples with
         the score optimised, each source's and judge's own (and the reward model's, as `rm_score_raw`)."""
-        metrics.update({f"time/{k}_s": self.last[k] for k in ("generate", "score", "optimise")})
-        elapsed = sum(self.last[k] for k in ("generate", "score", "optimise"))
+        metrics.update({f"time/{k}_s": self.last.pop(k) for k in ("generate", "score", "optimise")})
+        elapsed = sum(metrics[f"time/{k}_s"] for k in ("generate", "score", "optimise"))
         metrics.update({"episodes_per_s": episodes / elapsed,
                         "tokens_per_s": metrics["response_length"] * episodes / elapsed,
                         "peak_memory_mb": peak_memory_mb()})
+        self.history.append(metrics)
         if self.acc.is_main_process:
             append_jsonl(self.out / "metrics.jsonl", metrics)
             if sample:
@@ -340,7 +453,7 @@ class PPORun:
                     append_jsonl(self.out / "samples.jsonl", row)
         self.acc.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=iteration)
 
-    def save_artifact(self, recipe, plan, tokenizer, sft_dir: Path, extra: dict) -> None:
+    def save_artifact(self, recipe, plan, tokenizer, start: Start, extra: dict) -> None:
         """The policy (adapters merged) with its tokenizer, the value model, the recipe and the manifest.
         Under ZeRO-3 / FSDP2 the weights are consolidated first, with every rank taking part."""
         cfg, acc, out = recipe.ppo, self.acc, self.out
@@ -355,7 +468,7 @@ class PPORun:
                     engine.mark_float32(out)  # (under DeepSpeed in bf16 the module it is saved from is bf16)
                 else:
                     policy.save_pretrained(out / "adapter", state_dict=part("policy."))
-                    models.merge_adapter(AutoModelForCausalLM, str(sft_dir), out / "adapter", tokenizer,
+                    models.merge_adapter(AutoModelForCausalLM, str(start.merge_base), out / "adapter", tokenizer,
                                          cfg.finetune, cfg.dtype).save_pretrained(out)
                 tokenizer.save_pretrained(out)
                 if unwrapped.value_model is not None:
@@ -364,10 +477,18 @@ class PPORun:
                         engine.mark_float32(out / "value_model")
                 elif unwrapped.value_head is not None:
                     torch.save(part("value_head."), out / "value_head.pt")
+                if (out / "best").is_dir():  # the policy the first judge scored best, as a model of its own
+                    if cfg.finetune != "full":
+                        shutil.move(out / "best", out / "best-adapter")
+                        models.merge_adapter(AutoModelForCausalLM, str(start.merge_base), out / "best-adapter",
+                                             tokenizer, cfg.finetune, cfg.dtype).save_pretrained(out / "best")
+                    else:
+                        engine.mark_float32(out / "best")
+                    tokenizer.save_pretrained(out / "best")
                 (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         if acc.is_main_process:
             summary = {**self.summary(unwrapped), **extra}
-            for leftover in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+            for leftover in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "start-merged", "best-adapter", "best.tmp"):
                 shutil.rmtree(out / leftover, ignore_errors=True)
             plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, self.started)
             print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
@@ -383,7 +504,11 @@ class PPORun:
                                                "objective/kl", "objective/rlhf_reward", "response_length", "episodes",
                                                "lr", *(k for k in history[-1] if k.startswith(("rewards/", "judges/"))))
                    if k in history[-1]}
+        judges = [k[len("alerts/"):] for k in history[-1] if k.startswith("alerts/")]
         summary.update({
+            "alerts": [diverging(history[:i + 1], j).record() for j in judges for i, h in enumerate(history)
+                       if h.get(f"alerts/{j}") and not (i and history[i - 1].get(f"alerts/{j}"))],
+            **({"best": self.best} if self.best else {}),
             "score_first": history[0]["objective/scores"], "iterations": len(history),
             "lr_middle": history[len(history) // 2]["lr"], "processes": self.acc.num_processes,
             "episodes_per_s_median": median("episodes_per_s"), "tokens_per_s_median": median("tokens_per_s"),
