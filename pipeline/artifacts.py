@@ -416,3 +416,15 @@ def check_model_source(source: str, key: str, adapter: bool = False) -> None:
         what = "a directory with config.json, or a PEFT adapter's with adapter_config.json" if adapter else \
             "a directory with config.json"
         raise ConfigError(f"{key}: '{source}' is not a saved model ({what}): set {key} to one, or to a hub model id")
+
+
+def adapter_base(path) -> str | None:
+    """The base model of a local PEFT adapter directory (its adapter_config.json); None for anything else."""
+    config = Path(str(path)) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"the adapter in '{path}' names no base model (base_model_name_or_path in "
+                          f"adapter_config.json): set it")
+    return base

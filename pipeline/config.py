@@ -412,6 +412,9 @@ class PPOStage:
         if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator {self.advantage_estimator} compares the k responses to a prompt: "
                              f"set samples_per_prompt to 2 or more")
+        if self.on_divergence == "stop" and not self.judges:
+            raise ValueError("on_divergence: stop watches the judges against the reward: add ppo.judges, or set "
+                             "on_divergence: warn")
         if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
             raise ValueError(f"dynamic_sampling keeps groups whose k scores differ: it is for the group estimators "
                              f"{list(GROUP_ESTIMATORS)}, not {self.advantage_estimator}")

@@ -19,6 +19,7 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from pipeline import artifacts
 from pipeline.config import ConfigError, LoraSettings
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ def policy_tokenizer(path, stop_token: str | list[str] | None = None):
     that end its responses (`stop_token_ids`), for PPO's rollouts and eval alike. The pad token may be
     one of them: padding is marked by masks, never by id. A PEFT adapter directory without tokenizer
     files, or without a generation config, has its base's."""
-    base = adapter_base(path)
+    base = artifacts.adapter_base(path)
     own = lambda name: base is None or (Path(str(path)) / name).is_file()  # noqa: E731
     tokenizer = load_tokenizer(str(path) if own("tokenizer_config.json") else base, padding_side="left")
     generation = generation_config(path if own("generation_config.json") else base)
@@ -345,19 +346,6 @@ def dequantized(model: PreTrainedModel) -> PreTrainedModel:
             model.set_submodule(name, linear)
     model.hf_quantizer.remove_quantization_config(model)  # the artifact is a plain model
     return model.to("cpu", torch.float32)
-
-
-def adapter_base(path) -> str | None:
-    """The base model of a local PEFT adapter directory (its adapter_config.json); None for anything else."""
-    config = Path(str(path)) / "adapter_config.json"
-    if not config.is_file():
-        return None
-    import json
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ConfigError(f"the adapter in '{path}' names no base model (base_model_name_or_path in "
-                          f"adapter_config.json): set it")
-    return base
 
 
 def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: str, dtype_name: str,

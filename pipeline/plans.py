@@ -49,6 +49,7 @@ RESUMABLE_ACROSS = {
     "sft": tuple(f"sft.trainer.{k}" for k in TRAINER_SAFE),
     "rm": tuple(f"rm.trainer.{k}" for k in TRAINER_SAFE),
     "ppo": ("ppo.save_every", "ppo.sample_every", "ppo.report_to", "ppo.judges", "inputs:ppo.judges:*",
+            "ppo.on_divergence", "ppo.keep_best",
             "ppo.rewards[*].timeout_s", "ppo.rewards[*].startup_wait_s", "ppo.rewards[*].api_key_env",
             "ppo.forward_batch_size", "ppo.gradient_checkpointing", "ppo.remove_padding"),
 }
@@ -143,6 +144,9 @@ def ppo(recipe: Recipe) -> Plan:
     if p.model:  # (no SFT artifact is read, whatever an earlier run of this name left)
         artifacts.check_model_source(p.model, "ppo.model", adapter=True)
         upstream, start = {}, {"model": p.model, "model_fingerprint": artifacts.source_fingerprint(p.model)}
+        base = artifacts.adapter_base(p.model)
+        if base is not None:  # an adapter: its base's content (or id) too
+            start["model_base_fingerprint"] = artifacts.source_fingerprint(base)
     else:
         upstream, start = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}, {}
     if uses_rm_stage(recipe, p.rewards + p.judges):

@@ -98,16 +98,16 @@ def main(argv=None):
                     return rollout, run.agree(lambda: reward(rollout, {k: data.take(v, indices) for k, v in columns.items()},
                                                              rewards, judges, cfg, score_norm, state))
 
-            rollout, rewarded = sample(0)
+            rollout, rewarded = first = sample(0)
             sampling = {}
             if cfg.dynamic_sampling:  # groups without signal out, more prompts in, until the batch is full
-                rollout, rewarded, sampling = with_signal((rollout, rewarded), sample, cfg.samples_per_prompt,
+                rollout, rewarded, sampling = with_signal(first, sample, cfg.samples_per_prompt,
                                                           cfg.max_sampling_rounds, acc, tokenizer.pad_token_id)
             with run.timed("score"), acc.autocast():  # old log-probs and values, reference log-probs
                 exp = score(rollout, rewarded, model, reference, cfg, cfg.forward_batch)
-            exp.sampling = sampling
+            exp.sampling, exp.watched = sampling, first[1] if cfg.dynamic_sampling else None
         if best_by:  # the policy now sampled these rollouts: kept if the first judge scored them best so far
-            run.keep_best(iteration + 1, exp, best_by)
+            run.keep_best(iteration + 1, exp, best_by, tokenizer)
         with run.timed("optimise"):  # advantages (GAE or critic-free), then the policy-loss epochs
             exp = with_advantages(exp, cfg, kl_ctl.value, batch_sum(acc))  # whitened over every process's batch
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)
@@ -130,7 +130,8 @@ def main(argv=None):
             kept = (f"; the policy judge '{run.best['judge']}' scored best (iteration {run.best['iteration']}) is in "
                     f"{out / 'best'}" if run.best else "")
             raise Diverged(f"ppo: stopped (ppo.on_divergence: stop): {diverging[0].line()}; checkpoint saved at "
-                           f"iteration {iteration + 1}/{schedule.iterations}{kept}")
+                           f"iteration {iteration + 1}/{schedule.iterations}{kept}; to go on regardless: make ppo "
+                           f"ARGS=ppo.on_divergence=warn")
         if interrupted:
             acc.print(f"ppo: interrupted; checkpoint saved at iteration {iteration + 1}/{schedule.iterations}. "
                       f"Run `make ppo` again (same recipe) to resume.")

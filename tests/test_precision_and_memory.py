@@ -155,8 +155,9 @@ def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_mode
     recorded_processors.clear()
     evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
                    "eval.prompts.limit=6", "eval.batch_size=4", "eval.max_new_tokens=8"])
-    # base, sft, ppo x (sampled, greedy) x 2 batches: temperature alone, or nothing at all (greedy)
-    assert len(recorded_processors) == 12
+    # base, sft, ppo, best (the policy the gold judge scored best) x (sampled, greedy) x 2 batches:
+    # temperature alone, or nothing at all (greedy)
+    assert len(recorded_processors) == 16
     assert {tuple(p) for p in recorded_processors} == {("TemperatureLogitsWarper",), ()}
     # the artifact keeps what the model ships for its users
     assert GenerationConfig.from_pretrained(runs_with_rm / "demo" / "ppo").repetition_penalty == 1.3

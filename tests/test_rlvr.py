@@ -8,19 +8,23 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import stages.ppo
 from pipeline.artifacts import read_manifest
-from pipeline.config import load_recipe
+from pipeline.config import PPOStage, RewardSource, load_recipe
 from pipeline.rl.divergence import diverging
-from pipeline.rl.ppo import Rewarded, loss_masks
-from pipeline.rl.ppo_math import policy_loss
+from pipeline.rl.ppo import (Experience, PolicyAndValue, Rewarded, batch_sum, disable_dropout, update,
+                             with_advantages)
+from pipeline.rl.ppo_math import logprobs_of, policy_loss
 from pipeline.rl.rollout import Rollout
-from pipeline.rl.run import Diverged
+from pipeline.rl.run import Diverged, PPORun
 from pipeline.rl.sampling import with_signal
 from stages import eval as evaluate
 from tests.conftest import DEMO_RECIPE, REPO, launch, ppo_args, read_jsonl
@@ -76,16 +80,46 @@ def test_clip_higher_moves_only_the_upper_clip():
         assert logp.grad[0, 1].item() == 0.0  # ratio 0.7 < 0.8 with a negative advantage: clipped below, both times
 
 
+def truncated_step(mask_truncated: bool, truncated_tokens: list[int]) -> torch.Tensor:
+    """The policy's parameters after one GRPO step (plain SGD) on 2 groups of 2, whose second
+    completions were cut at max_new_tokens and end in `truncated_tokens`."""
+    set_seed(0)
+    policy = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    model = PolicyAndValue(policy, None)
+    disable_dropout(model)
+    cfg = PPOStage(advantage_estimator="grpo", samples_per_prompt=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
+                   max_new_tokens=3, max_grad_norm=1e9, mask_truncated=mask_truncated, kl_in="loss",
+                   rewards=[RewardSource(function="f.py:f")])
+    acc = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = acc.prepare(model, optimizer)
+    prompts = torch.tensor([[5, 6], [5, 6], [7, 8], [7, 8]])
+    responses = torch.tensor([[9, 10, 1], truncated_tokens, [11, 1, 0], truncated_tokens])
+    has_stop = torch.tensor([True, False, True, False])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    rollout = Rollout(prompts=[None] * 4, prompt_ids=prompts.tolist(), query_responses=torch.cat([prompts, responses], 1),
+                      attention_mask=torch.cat([torch.ones_like(prompts), mask], 1), responses=responses,
+                      response_mask=mask, has_stop=has_stop, texts=[""] * 4)
+    with torch.no_grad():
+        logits, _ = model(rollout.query_responses, rollout.attention_mask, 3)
+        old_logp = logprobs_of(logits, responses, cfg.temperature) * mask
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    exp = Experience(rollout=rollout, mask=mask.float(), old_logp=old_logp, ref_logp=old_logp - 0.1 * mask,
+                     old_values=None, entropy=torch.zeros_like(old_logp), source_scores={}, judge_scores={},
+                     rm_scores=None, raw_scores=scores, valid=torch.ones(4, dtype=torch.bool), scores=scores,
+                     logged_metrics={}, extra_columns={})
+    update(with_advantages(exp, cfg, 0.1, batch_sum(acc)), model, optimizer, scheduler, acc, cfg, "the test step")
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def test_truncated_completions_carry_no_loss():
-    """mask_truncated (trl's mask_truncated_completions): a completion cut at max_new_tokens takes no
-    part in the policy and value losses nor their normalisers."""
-    from types import SimpleNamespace
-    mask = torch.ones(3, 4)
-    exp = SimpleNamespace(mask=mask, rewarded=mask.clone(),
-                          rollout=SimpleNamespace(has_stop=torch.tensor([True, False, True])))
-    policy, value = loss_masks(exp, SimpleNamespace(mask_truncated=True))
-    assert policy.sum(1).tolist() == [4, 0, 4] and value.sum(1).tolist() == [4, 0, 4]
-    assert loss_masks(exp, SimpleNamespace(mask_truncated=False))[0].sum().item() == 12
+    """mask_truncated (trl's mask_truncated_completions): the step does not depend on what the cut
+    completions said (they take no part in the policy and KL losses nor their normalisers); without
+    it, it does. Their scores still count in their groups' statistics."""
+    assert torch.equal(truncated_step(True, [12, 13, 14]), truncated_step(True, [20, 21, 22]))
+    assert not torch.equal(truncated_step(False, [12, 13, 14]), truncated_step(False, [20, 21, 22]))
 
 
 def batch(scores: list[list[float]], tag: int):
@@ -129,9 +163,12 @@ def test_rl_from_a_model_directory_runs_no_sft_and_eval_names_the_start(sft_run,
     shutil.copytree(sft_run / "demo" / "sft", start)
     args = ["--recipe", GRPO_RECIPE, f"runs_dir={tmp_path}", f"ppo.model={start}", "ppo.total_episodes=96",
             "ppo.batch_size=32", "ppo.mini_batch_size=8", "eval.prompts.limit=16"]
-    stages.ppo.main(args)
     run = tmp_path / "demo-grpo"
-    assert not (run / "sft").exists()
+    stale = run / "sft"  # an earlier run's SFT artifact of this name, finished but unreadable: never read
+    shutil.copytree(sft_run / "demo" / "sft", stale)
+    (stale / "model.safetensors").write_bytes(b"not a model")
+    stages.ppo.main(args)
+    assert "sft_manifest" not in read_manifest(run / "ppo")["inputs"]
     history = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert abs(history[0]["objective/kl"]) < 1e-4 and history[0]["first_minibatch"]["approxkl"] < 1e-6
     assert read_manifest(run / "ppo")["inputs"]["model"] == str(start)
@@ -226,7 +263,8 @@ def gamed_args(runs, tmp_path, *extra):
                     "ppo.save_every=100", "eval.prompts.limit=32", *extra)
 
 
-def test_a_gamed_reward_raises_the_alert_in_the_run_and_the_verdict_in_the_report(runs_with_sft, tmp_path, capsys):
+def test_a_gamed_reward_raises_the_alert_in_the_run_and_the_verdict_in_the_report(runs_with_sft, base_model, tmp_path,
+                                                                                   capsys):
     args = gamed_args(runs_with_sft, tmp_path)
     stages.ppo.main(args)
     out = runs_with_sft / "demo" / "ppo"
@@ -238,7 +276,7 @@ def test_a_gamed_reward_raises_the_alert_in_the_run_and_the_verdict_in_the_repor
     assert alerts and alerts[0]["judge"] == "gold" and alerts[0]["iterations"][1] == flagged[0]
     best = read_manifest(out)["metrics"]["best"]
     assert best["judge"] == "gold" and best["iteration"] < flagged[0]  # kept from before the gaming
-    evaluate.main(args)
+    evaluate.main(args + [f"sft.model={base_model}"])  # (the base row's model)
     report = (runs_with_sft / "demo" / "eval" / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Verdict**: the reward (long_answers) improved, win rate ")
     assert "gold did not" in report and "| best |" in report
@@ -251,9 +289,47 @@ def test_on_divergence_stop_ends_the_stage_with_a_checkpoint_and_the_best_policy
     stopped = json.loads((partial / "checkpoint" / "ppo_state.json").read_text())["iteration"]
     assert str(e.value).startswith("ppo: stopped (ppo.on_divergence: stop): the reward rose ")
     assert f"checkpoint saved at iteration {stopped}/14" in str(e.value)
-    best = json.loads((partial / "best.json").read_text())
+    best = json.loads((partial / "best" / "best.json").read_text())
     assert f"the policy judge 'gold' scored best (iteration {best['iteration']}) is in {partial / 'best'}" in str(e.value)
     assert AutoModelForCausalLM.from_pretrained(partial / "best") is not None
+    assert AutoTokenizer.from_pretrained(partial / "best") is not None  # a model of its own, tokenizer and all
+    # as the message says: the same recipe with on_divergence: warn goes on from the checkpoint to the end
+    assert "ppo.on_divergence=warn" in str(e.value)
+    stages.ppo.main(gamed_args(runs_with_sft, tmp_path, "ppo.on_divergence=warn"))
+    out = runs_with_sft / "demo" / "ppo"
+    assert [h["iteration"] for h in read_jsonl(out / "metrics.jsonl")] == list(range(1, 15))
+    assert read_manifest(out)["metrics"]["best"] == best  # the gaming went on: no later policy beat it
+
+
+def test_a_resumed_run_gets_back_the_best_policy_its_checkpoint_knew(tmp_path):
+    """keep_best moves the best a checkpoint covers to best.prev/ when a newer one is found; resuming
+    from that checkpoint replays the iterations after it, so the newer best goes and the older returns."""
+    def best(directory, iteration):
+        directory.mkdir()
+        (directory / "best.json").write_text(json.dumps({"iteration": iteration, "judge": "gold", "value": 0.1}))
+    run = SimpleNamespace(out=tmp_path)
+    best(tmp_path / "best", 9)
+    best(tmp_path / "best.prev", 5)
+    PPORun._restore_best(run, 8)
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 5
+    assert not (tmp_path / "best.prev").exists()
+    PPORun._restore_best(run, 8)  # covered by the checkpoint: stays
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 5
+    (tmp_path / "best").rename(tmp_path / "best.prev")  # killed between keep_best's two renames
+    PPORun._restore_best(run, 8)
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["iteration"] == 5
+    shutil.rmtree(tmp_path / "best")
+    best(tmp_path / "best", 9)  # a best the checkpoint never knew, and none before it
+    PPORun._restore_best(run, 8)
+    assert not (tmp_path / "best").exists()
+
+
+def test_a_judge_stuck_at_one_value_under_a_rising_reward_diverges():
+    history = [{"iteration": i + 1, "objective/reward_raw": 0.2 * i + 0.05 * (-1) ** i,
+                "objective/reward_raw_std": 1.0, "judges/gold": 0.0} for i in range(10)]
+    found = diverging(history, "gold")
+    assert found is not None and found.judge_t == 0.0
+    assert diverging([{**h, "judges/gold": 0.1 * h["iteration"]} for h in history], "gold") is None
 
 
 # ---- the instruct-model recipe ----

@@ -38,7 +38,9 @@ def trend(values: list[float]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in range(n))
     slope = sum((x - mx) * (y - my) for x, y in enumerate(values)) / sxx
     residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in enumerate(values)) / (n - 2)
-    return slope, slope / math.sqrt(residual / sxx) if residual > 0 else math.copysign(math.inf, slope or 1.0)
+    if residual > 0:
+        return slope, slope / math.sqrt(residual / sxx)
+    return slope, math.copysign(math.inf, slope) if slope else 0.0  # on a line: certain, or flat
 
 
 @dataclass

@@ -174,6 +174,10 @@ class Experience(Rewarded):
     zero_variance_groups: torch.Tensor | None = None
     sampling: dict[str, float] = field(default_factory=dict)
     """Dynamic sampling's figures for the iteration (pipeline/rl/sampling.py), if it ran."""
+    watched: Rewarded | None = None
+    """Under dynamic sampling, the first generation's rewards: what the policy earns on the prompts
+    drawn, where the batch trained on keeps only groups that disagree (the reward's and judges'
+    metrics, the best policy and the divergence test read these)."""
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
@@ -242,7 +246,7 @@ def batch_sum(accelerator) -> Reduce:
 
 def judge_mean(exp: Experience, judge: str, accelerator) -> float | None:
     """A judge's mean over the batch of every process (None: it scored nothing)."""
-    scores = exp.judge_scores[judge].double()
+    scores = (exp.watched or exp).judge_scores[judge].double()
     total, n = batch_sum(accelerator)(torch.stack([scores.nansum(), (~scores.isnan()).sum().double()])).tolist()
     return total / n if n else None
 
@@ -408,11 +412,13 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
 
     `objective/scores` is the reward optimised (normalised if asked, minus the missing-stop
     penalty); `objective/reward_raw` the weighted sum of the sources' own scores; `rewards/<name>` and
-    `judges/<name>` each source's and judge's mean over the completions it scored. `objective/rm_score_raw`
+    `judges/<name>` each source's and judge's mean over the completions it scored (these three: of the
+    first generation under dynamic sampling). `objective/rm_score_raw`
     (with a source named rm, as by default) is the reward model's own score, the quantity eval reports
     as `rm_score`; `objective/missing_stop_penalty` the mean penalty subtracted (unnormalised, one
     source: scores = rm_score_raw - missing_stop_penalty)."""
     seq_kl, mask = exp.kl.sum(1), exp.mask
+    seen = exp.watched or exp  # the policy's rewards on the prompts drawn (see `Experience.watched`)
     local = {
         "objective/kl": seq_kl.mean(), "objective/entropy": masked_mean(exp.entropy, mask),
         "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean(),
@@ -432,9 +438,9 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     if cfg.kl_estimator == "k3":  # the KL in the reward, capped where the policy is far from the reference
         local["objective/kl_clamped"] = k3_clamped(exp.old_logp, exp.ref_logp, mask)
     local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
-                  "objective/reward_raw": exp.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean(),
+                  "objective/reward_raw": seen.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean(),
                   # the reward's spread among the batch's rollouts (of every process: the same on each)
-                  "objective/reward_raw_std": masked_moments(exp.raw_scores[:, None], torch.ones_like(exp.raw_scores[:, None]),
+                  "objective/reward_raw_std": masked_moments(seen.raw_scores[:, None], torch.ones_like(seen.raw_scores[:, None]),
                                                              batch_sum(accelerator))[1].sqrt()})
     if "kl_loss" in stats:
         local["loss/kl_avg"] = stats["kl_loss"]
@@ -446,8 +452,8 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
                                                            reduction="mean").items()}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged
     # each source's mean over the completions it scored, on every process together (sums and counts)
-    scored = {f"rewards/{k}": v for k, v in exp.source_scores.items()}
-    scored.update({f"judges/{k}": v for k, v in exp.judge_scores.items()})
+    scored = {f"rewards/{k}": v for k, v in seen.source_scores.items()}
+    scored.update({f"judges/{k}": v for k, v in seen.judge_scores.items()})
     if scored:
         sums = accelerator.reduce(torch.stack([torch.stack([v.double().nansum(), (~v.isnan()).sum().double()])
                                                for v in scored.values()]), reduction="sum")

@@ -20,9 +20,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pipeline import engine, models
+from pipeline import artifacts, engine, models
 from pipeline.config import ConfigError, PPOStage, UserError, to_dict
 from pipeline.artifacts import write_json_atomic
+from pipeline.dist import on_main
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.divergence import Divergence, diverging
 from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model, judge_mean
@@ -61,16 +62,20 @@ class Start:
 
     def __init__(self, source: str, out: Path, cfg: PPOStage, acc):
         self.dir, self.adapter, self.merge_base = source, None, source
-        base = models.adapter_base(source)
+        base = artifacts.adapter_base(source)
         if base is None:
             return
         merged = out / "start-merged"
-        if acc.is_main_process and not (merged / "config.json").is_file():
+
+        def merge():
+            if (merged / "config.json").is_file():  # (a resumed run's)
+                return
             tokenizer = models.load_tokenizer(source if (Path(source) / "tokenizer_config.json").is_file() else base)
             model = models.merge_adapter(AutoModelForCausalLM, base, Path(source), tokenizer, "full", cfg.dtype)
             model.save_pretrained(merged.with_name("start-merged.tmp"))
             tokenizer.save_pretrained(merged.with_name("start-merged.tmp"))
             merged.with_name("start-merged.tmp").rename(merged)
+        on_main(acc.state, merge, UserError)  # a failure reaches every process: none waits at a barrier
         acc.wait_for_everyone()
         self.dir = str(merged)
         if cfg.finetune != "full":
@@ -203,17 +208,27 @@ def lr_schedule(name: str, optimizer: torch.optim.Optimizer, steps: int) -> torc
 def disk_need(model, cfg: PPOStage) -> int:
     """Peak bytes of the run (models.disk_need): a checkpoint is accelerate's save_state (every weight
     in its stored dtype, AdamW's moments); the artifact the float32 policy (adapters merged) and the
-    value model (under LoRA: its adapter and head, which is what is saved)."""
+    value model (under LoRA: its adapter and head, which is what is saved). With judges and keep_best,
+    two more float32 policies at most: best/ and the best.prev/ a checkpoint still covers (under LoRA
+    adapters until the end, when best/ is merged: counted in full all the same)."""
     trainable = sum(models.numel(p) for p in model.parameters() if p.requires_grad)
     checkpoint = sum(models.numel(p) * p.element_size() for p in model.parameters()) + 8 * trainable
     value = [m for m in (model.value_model, model.value_head) if m is not None]
-    artifact = 4 * (sum(models.numel(p) for p in model.policy.parameters())
-                    + sum(models.numel(p) for m in value for p in m.parameters()
-                          if cfg.finetune == "full" or p.requires_grad))
-    return models.disk_need(checkpoint, artifact)
+    policy = 4 * sum(models.numel(p) for p in model.policy.parameters())
+    artifact = policy + 4 * sum(models.numel(p) for m in value for p in m.parameters()
+                                if cfg.finetune == "full" or p.requires_grad)
+    best = 2 * policy if cfg.keep_best and cfg.judges else 0
+    return models.disk_need(checkpoint, artifact) + best
 
 
 AFTER_EDITS = " (RESUME=1 if the fix changes the recipe or a reward's code)"
+BEST_RECORD = "best.json"  # in best/: {"iteration", "judge", "value"} of the policy there
+
+
+def _best_iteration(directory: Path) -> int:
+    """The iteration whose policy `directory` (best/ or best.prev/) holds; 0: none there."""
+    record = directory / BEST_RECORD
+    return json.loads(record.read_text())["iteration"] if record.is_file() else 0
 
 
 class Diverged(UserError, RuntimeError):
@@ -288,15 +303,25 @@ class PPORun:
         if self.acc.is_main_process:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 cut_jsonl(self.out / name, "iteration", start)
-            best = self.out / "best.json"
-            if best.is_file() and json.loads(best.read_text())["iteration"] > start:  # met again, if at all
-                best.unlink()
-                shutil.rmtree(self.out / "best", ignore_errors=True)
+            self._restore_best(start)
         self.acc.wait_for_everyone()
-        metrics, best = self.out / "metrics.jsonl", self.out / "best.json"
+        metrics = self.out / "metrics.jsonl"
         self.history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-        self.best = json.loads(best.read_text()) if best.is_file() else {}
+        record = self.out / "best" / BEST_RECORD
+        self.best = json.loads(record.read_text()) if record.is_file() else {}
         return start
+
+    def _restore_best(self, start: int) -> None:
+        """best/ as it was at iteration `start`: a best found later is met again (if at all) when its
+        iteration runs again, and the one it replaced, kept as best.prev/ until a checkpoint covered the
+        new one, comes back."""
+        best, prev = self.out / "best", self.out / "best.prev"
+        if _best_iteration(best) > start:
+            shutil.rmtree(best)
+        if not best.is_dir() and 0 < _best_iteration(prev) <= start:
+            prev.rename(best)
+        for leftover in (prev, self.out / "best.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def save_checkpoint(self, iteration: int) -> None:
         """Every rank takes part (sharded engines save their shards); rank 0 then swaps it in."""
@@ -315,6 +340,7 @@ class PPORun:
                     self.checkpoint.rename(old)
                 tmp.rename(self.checkpoint)
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(self.out / "best.prev", ignore_errors=True)  # best/ is the checkpoint's now
             self.acc.wait_for_everyone()
         self.saved_at = iteration
 
@@ -401,11 +427,13 @@ class PPORun:
                     self.acc.print(f"warning: ppo: {divergence.line()}")
         return found
 
-    def keep_best(self, iteration: int, exp, judge: str) -> None:
+    def keep_best(self, iteration: int, exp, judge: str, tokenizer) -> None:
         """Before iteration `iteration`'s update, when `judge` scored its rollouts best so far: the policy
         that sampled them (the one now) is written to best/ (under LoRA its adapter; `save_artifact`
         makes it a model). Every process takes part."""
         value = judge_mean(exp, judge, self.acc)
+        if self.best.get("judge") != judge:  # (resumed with another first judge: its own best from here)
+            self.best = {}
         if value is None or (self.best and value <= self.best["value"]):
             return
         self.best = {"iteration": iteration, "judge": judge, "value": value}
@@ -413,12 +441,18 @@ class PPORun:
             state = engine.full_state_dict(self.acc, self.model)  # (every rank takes part)
             if self.acc.is_main_process:
                 policy = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
-                tmp, best = self.out / "best.tmp", self.out / "best"
+                tmp, best, prev = self.out / "best.tmp", self.out / "best", self.out / "best.prev"
                 shutil.rmtree(tmp, ignore_errors=True)
                 engine.unwrap(self.acc, self.model).policy.save_pretrained(tmp, state_dict=policy)
+                tokenizer.save_pretrained(tmp)
+                write_json_atomic(tmp / BEST_RECORD, self.best)  # in the directory: renamed with it
+                # the best a checkpoint covers stays (as best.prev/) until the next checkpoint covers
+                # this one: a run resumed from that checkpoint gets it back (`_restore_best`)
+                if 0 < _best_iteration(best) <= self.saved_at:
+                    shutil.rmtree(prev, ignore_errors=True)
+                    best.rename(prev)
                 shutil.rmtree(best, ignore_errors=True)
                 tmp.rename(best)
-                write_json_atomic(self.out / "best.json", self.best)
         self.acc.wait_for_everyone()
 
     def end_trackers(self) -> None:
@@ -488,7 +522,8 @@ class PPORun:
                 (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         if acc.is_main_process:
             summary = {**self.summary(unwrapped), **extra}
-            for leftover in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "start-merged", "best-adapter", "best.tmp"):
+            for leftover in ("checkpoint", "checkpoint.tmp", "checkpoint.old", "start-merged", "best-adapter", "best.tmp",
+                             "best.prev"):
                 shutil.rmtree(out / leftover, ignore_errors=True)
             plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, self.started)
             print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
