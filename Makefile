@@ -82,6 +82,7 @@ help:
 	@echo "  ACCELERATE_CONFIG=file      an accelerate config: accelerate_configs/{multi_gpu,zero2,zero3,zero3_offload,fsdp2,multi_node}.yaml"
 	@echo "  NNODES, NODE_RANK, MAIN_ADDR, MAIN_PORT   multi-node: the same target on every node"
 	@echo "  BENCH_EPISODES=N            the episode budget of make bench"
+	@echo "  SHAPE=smollm2-135m          make bench on a real model's shape (or qwen2.5-0.5b; BENCH_LAYERS=N)"
 	@echo "  RM, SERVE_HOST, SERVE_PORT, API_KEY_ENV"
 	@echo "                              make serve-rm: the model (default the run's RM), the address (127.0.0.1),"
 	@echo "                              the port (8000), the variable holding its API key (needed off loopback)"
@@ -139,9 +140,11 @@ serve-rm: setup
 		--host $(SERVE_HOST) --port $(SERVE_PORT) $(if $(API_KEY_ENV),--api-key-env $(API_KEY_ENV)) $(ARGS)
 
 # PPO throughput, time split and peak memory on the recipe, for a fixed budget (BENCH_EPISODES, default
-# the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone.
-bench: rm
-	OMP_NUM_THREADS=$(CORES) $(BIN)/python -m pipeline.bench $(call stage_args,bench)
+# the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone. SHAPE=smollm2-135m
+# (or qwen2.5-0.5b; BENCH_LAYERS=N to cut its layers): GRPO on a model of that real shape instead.
+bench: $(if $(SHAPE),setup,rm)
+	OMP_NUM_THREADS=$(CORES) SHAPE=$(SHAPE) $(BIN)/python -m pipeline.bench \
+		$(if $(SHAPE),--recipe stages/recipes/bench-grpo.yaml $(ARGS),$(call stage_args,bench))
 
 test: setup
 	$(BIN)/python -m pytest -q

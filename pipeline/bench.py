@@ -1,11 +1,16 @@
-"""PPO benchmark: `make bench [RECIPE=...] [BENCH_EPISODES=N]` -> data/bench/ppo-<run>.json.
+"""PPO benchmark: `make bench [RECIPE=...] [BENCH_EPISODES=N] [SHAPE=...]` -> data/bench/ppo-<run>.json.
 
-Runs the PPO stage of a recipe (default: the demo) for a fixed budget of episodes, in a scratch run
+Runs the RL stage of a recipe (default: the demo) for a fixed budget of episodes, in a scratch run
 directory that links this run's SFT and RM artifacts (the run's own PPO artifact is not touched),
 as a separate process timed from launch to exit. Writes one JSON: episodes/s and generated tokens/s
 (training time only, and median over iterations), the time split (start-up with imports and model
 loading, generate, score, optimise, saving), and peak memory (CUDA allocator peak on a GPU, peak RSS
 on a CPU). Quote ratios between runs on the same machine only.
+
+With SHAPE (pipeline/bench_shapes.py: smollm2-135m, qwen2.5-0.5b; BENCH_LAYERS to cut the layer
+count), the work is stages/recipes/bench-grpo.yaml's on a model of that real shape with random
+weights and prompts of RLVR lengths (built once into data/bench/models/), from `ppo.model`: no SFT
+or RM stage -> data/bench/ppo-<shape>.json. `python -m pipeline.bench_peers` compares it with trl.
 """
 
 from __future__ import annotations
@@ -22,10 +27,33 @@ from pathlib import Path
 from pipeline import artifacts, cli, plans
 
 
+SHAPE_RECIPE = "stages/recipes/bench-grpo.yaml"
+
+
+def shape_inputs(shape: str, layers: int | None) -> list[str]:
+    """The shape's model and prompts (built once, kept under data/bench/models/), as recipe overrides."""
+    from pipeline import bench_shapes
+    name = f"{shape}-{layers}l" if layers else shape
+    model, prompts = BENCH_MODELS / name, BENCH_MODELS / f"{name}-prompts.jsonl"
+    if not (model / "config.json").is_file():
+        print(f"bench: building {name} (random weights) in {model}")
+        bench_shapes.build(shape, model.with_name(name + ".tmp"), layers)
+        model.with_name(name + ".tmp").rename(model)
+    if not prompts.is_file():
+        bench_shapes.prompts(prompts, 256, bench_shapes.SHAPES[shape]["vocab_size"])
+    return [f"ppo.model={model}", f"ppo.prompts={prompts}", f"run_name=bench-{name}"]
+
+
+BENCH_MODELS = Path("data/bench/models")
+
+
 def main(argv: list[str]) -> None:
-    episodes = os.environ.get("BENCH_EPISODES")
+    episodes, shape = os.environ.get("BENCH_EPISODES"), os.environ.get("SHAPE")
+    layers = int(os.environ["BENCH_LAYERS"]) if os.environ.get("BENCH_LAYERS") else None
+    if shape:
+        argv = [*([] if "--recipe" in argv else ["--recipe", SHAPE_RECIPE]), *argv, *shape_inputs(shape, layers)]
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    upstream = ["sft", "rm"] if plans.needs_rm(recipe) else ["sft"]  # reward functions need no RM
+    upstream = [] if recipe.ppo.model else ["sft", "rm"] if plans.needs_rm(recipe) else ["sft"]
     for stage in upstream:
         artifacts.require(recipe.run_dir / stage, stage)
     overrides = args.overrides
@@ -52,7 +80,7 @@ def main(argv: list[str]) -> None:
         "trainable_parameters": m["trainable_parameters"], "parameters": m["parameters"],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **_device()},
     }
-    out = Path("data/bench") / f"ppo-{recipe.run_name}.json"
+    out = Path("data/bench") / f"ppo-{recipe.run_name}.json"  # (bench-<shape>: ppo-bench-<shape>.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -443,6 +443,21 @@ class PPOStage:
         return 1.0 if self.advantage_estimator == "gae" and any(s.model for s in self.rewards) else 0.0
 
     @property
+    def uses_kl(self) -> bool:
+        """Whether the run has a KL term (kl_coef > 0, or an adaptive one): without, no reference model
+        is loaded and no reference forward runs (GRPO as trl, DAPO and Dr. GRPO run it, beta = 0); the
+        KL metrics are then absent, and eval measures the policy's KL from its start."""
+        return self.kl_coef > 0 or self.kl_target is not None
+
+    @property
+    def single_pass(self) -> bool:
+        """Each batch is one optimiser step (one epoch of one mini-batch) of a critic-free estimator
+        whose advantages read no log-probs: the old log-probs are then the update's own, detached (the
+        ratio is 1; trl's num_iterations = 1), and the scoring forward before the update is skipped."""
+        return (self.ppo_epochs == 1 and self.mini_batch_size == self.batch_size and self.advantage_estimator != "gae"
+                and (self.kl_in == "loss" or not self.uses_kl))
+
+    @property
     def aggregation(self) -> str:
         """`loss_aggregation`, or the estimator's own."""
         if self.loss_aggregation is not None:

@@ -206,7 +206,7 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
             axes[0].plot(steps, [h[key] for h in history], linestyle="--", label=f"judge: {key[len('judges/'):]}")
         axes[0].set(xlabel="RL iteration", ylabel="reward", title="Reward and judges over the RL stage")
         axes[0].legend()
-        axes[1].plot(steps, [h["objective/kl"] for h in history], color="tab:red")
+        axes[1].plot(steps, [h.get("objective/kl", math.nan) for h in history], color="tab:red")  # (no KL term: none)
         axes[1].set(xlabel="RL iteration", ylabel="nats", title="KL(policy || SFT) per sequence")
         fig.tight_layout()
         fig.savefig(out / "ppo_curves.png", dpi=100)

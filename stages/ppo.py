@@ -67,7 +67,8 @@ def main(argv=None):
     generation = sampling_config(cfg.temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
     optimizer, scheduler = optimizer_and_schedule(model, cfg, schedule.optimizer_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    reference = reference if reference is not None else engine.unwrap(acc, model).policy  # LoRA: adapter disabled
+    if reference is None and cfg.uses_kl:  # LoRA: the policy with its adapter disabled
+        reference = engine.unwrap(acc, model).policy
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     reference_stats = plan.upstream["rm"]["metrics"]["reference"] if "rm" in plan.upstream else None
     score_norm = (reference_stats["mean"], reference_stats["std"]) if reference_stats else None
@@ -113,13 +114,15 @@ def main(argv=None):
             stats = update(exp, model, optimizer, scheduler, acc, cfg, f"iteration {iteration + 1}", stop)
 
         metrics = iteration_metrics(exp, stats, kl_ctl.value, cfg, acc)  # averaged over processes
-        kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
+        if cfg.uses_kl:
+            kl_ctl.update(metrics["objective/kl"], cfg.batch_size * world)
         metrics.update({"iteration": iteration + 1, "episodes": (iteration + 1) * cfg.batch_size * world,
                         "objective/kl_coef": kl_ctl.value, "lr": optimizer.param_groups[0]["lr"]})
         diverging = run.watch(metrics, [j.label for j in cfg.judges])  # a judge falling behind a rising reward
         run.log(iteration + 1, metrics, cfg.batch_size * world, exp,
                 sample=(iteration + 1) % cfg.sample_every == 0 or iteration == 0)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{metrics['objective/kl']:.2f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}",
+                        **({"kl": f"{metrics['objective/kl']:.2f}"} if cfg.uses_kl else {}))
 
         diverged = bool(diverging) and cfg.on_divergence == "stop"
         interrupted = stats["interrupted"] or stop.requested()

@@ -24,7 +24,7 @@ from pipeline.config import GROUP_ESTIMATORS, PPOStage, UserError
 from pipeline.models import is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
-from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
+from pipeline.rl.ppo_math import (Reduce, aggregate, chunked_logprobs, explained_variance, gae, k3_clamped, kl_per_token,
                                   logprobs_and_entropy, logprobs_of, masked_mean, masked_moments, masked_whiten, policy_loss,
                                   token_rewards, value_loss)
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState
@@ -51,17 +51,30 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def response_values(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
-    """A sequence-classification model's score head applied at the positions that predict the
-    response tokens (where the policy's logits are read): (B, R)."""
+def response_hidden(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
+    """The backbone's last hidden states at the positions that predict the response tokens, the
+    input of a causal LM's head and of a classifier's score head: (B, R, H)."""
     model = hf_model(model)
     backbone = getattr(model, model.base_model_prefix)
     if layout is not None:
-        hidden = layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
-    else:
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          use_cache=False).last_hidden_state[:, -response_len - 1:-1]
-    return model.score(hidden).squeeze(-1)
+        return layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                    use_cache=False).last_hidden_state[:, -response_len - 1:-1]
+
+
+def response_values(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
+    """A sequence-classification model's score head applied at the positions that predict the
+    response tokens (where the policy's logits are read): (B, R)."""
+    return hf_model(model).score(response_hidden(model, input_ids, attention_mask, response_len, layout)).squeeze(-1)
+
+
+def chunkable(policy: nn.Module) -> bool:
+    """Whether the policy's logits are its LM head's output as is (no final soft-capping or logit
+    scale after the head), so that `chunked_logprobs` may run the head itself."""
+    model = hf_model(policy)
+    config = model.config.get_text_config()
+    return (model.get_output_embeddings() is not None and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", None) in (None, 1.0))
 
 
 class PolicyAndValue(nn.Module):
@@ -76,15 +89,41 @@ class PolicyAndValue(nn.Module):
         hidden = policy.config.get_text_config().hidden_size
         # float32 like every trained weight (autocast supplies the compute dtype)
         self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_head else None
+        self.chunked = False
+        """Whether `forward(tokens=...)` runs the LM head in chunks (`chunked_logprobs`): set by the RL
+        stage where the head may be called on its own (`chunkable`, parameters not sharded)."""
 
     @property
     def has_critic(self) -> bool:
         return self.value_model is not None or self.value_head is not None
 
-    def forward(self, input_ids, attention_mask, response_len: int):
+    def forward(self, input_ids, attention_mask, response_len: int, tokens: torch.Tensor | None = None,
+                temperature: float = 1.0, entropy: bool = False):
         """Logits for the response tokens only (B, R, V), and per-token values (B, R) (None without a
-        value function). Unpadded (pipeline/rl/unpadded.py) where the models were enabled for it."""
+        value function). Unpadded (pipeline/rl/unpadded.py) where the models were enabled for it.
+
+        With `tokens` (the responses, (B, R)): their log-probs at `temperature` (float32, with
+        gradient) instead of the logits, and the entropy (no gradient; None unless `entropy`):
+        `((logp, entropy), values)`. `chunked`: without ever holding the (B, R, V) logits."""
         layout = Layout(input_ids, attention_mask, response_len) if unpadded.enabled(self.policy) else None
+        if tokens is not None and self.chunked:
+            hidden = response_hidden(self.policy, input_ids, attention_mask, response_len, layout)
+            logp, ent = chunked_logprobs(hidden, hf_model(self.policy).get_output_embeddings(), tokens, temperature,
+                                         with_entropy=entropy)
+            if self.value_head is not None:
+                values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+            else:
+                values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
+                          if self.value_model is not None else None)
+            return (logp, ent), values
+        logits, values = self._logits_and_values(input_ids, attention_mask, response_len, layout)
+        if tokens is None:
+            return logits, values
+        logp = logprobs_of(logits, tokens, temperature)
+        ent = logprobs_and_entropy(logits.detach(), tokens, temperature)[1] if entropy else None
+        return (logp, ent), values
+
+    def _logits_and_values(self, input_ids, attention_mask, response_len: int, layout: Layout | None):
         if self.value_head is None:
             logits = response_logits(self.policy, input_ids, attention_mask, response_len, layout)
             values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
@@ -162,12 +201,16 @@ class Experience(Rewarded):
 
     rollout: Rollout
     mask: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
+    old_logp: torch.Tensor | None
+    """None until the update under `single_pass` (its own log-probs, detached, are the old ones)."""
+    ref_logp: torch.Tensor | None
+    """None without a KL term (`uses_kl`)."""
     old_values: torch.Tensor | None
     """None for the critic-free estimators."""
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
+    """None until the update under `single_pass`."""
     kl: torch.Tensor | None = None
+    """(B, R) the KL estimate per token; None without a reference (and under `single_pass` until the update)."""
     rewarded: torch.Tensor | None = None
     """(B, R) the mask on the completions some source rewarded."""
     kl_coef: float = 0.0
@@ -215,10 +258,11 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
     `forward_batch_size` rollouts (activation memory stays bounded), with the rollout's rewards.
 
     `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
-    whose disabled adapter makes it the reference (LoRA)."""
+    whose disabled adapter makes it the reference (LoRA), or None without a KL term. Under
+    `cfg.single_pass` the policy's forward waits for the update, which reads its own log-probs."""
     R, mask = rollout.responses.shape[1], rollout.response_mask.float()
     old_logp, old_values, entropy = [], [], []
-    for i in range(0, len(rollout), forward_batch_size):
+    for i in range(0, len(rollout), forward_batch_size) if not cfg.single_pass else ():
         s = slice(i, i + forward_batch_size)
         logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
         logp, ent = logprobs_and_entropy(logits, rollout.responses[s], cfg.temperature)
@@ -227,13 +271,15 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
         if values is not None:
             old_values.append(values.float())
         del logits
+    ref_logp = None
     if is_peft(reference):  # LoRA: with its adapter disabled the policy is the start
         with reference.disable_adapter():
-            ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    else:
-        ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size)
-    return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask, ref_logp=ref_logp * mask,
-                      old_values=torch.cat(old_values) * mask if old_values else None, entropy=torch.cat(entropy),
+            ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size) * mask
+    elif reference is not None:
+        ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size) * mask
+    return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask if old_logp else None,
+                      ref_logp=ref_logp, old_values=torch.cat(old_values) * mask if old_values else None,
+                      entropy=torch.cat(entropy) if entropy else None,
                       **{f.name: getattr(rewarded, f.name) for f in fields(Rewarded)})
 
 
@@ -263,14 +309,16 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float, reduce: Redu
     are its own (its k samples are on one process). With `kl_in: loss` beta is 0 here and `update`
     adds the KL term to the loss. Completions without a reward from any source get advantage 0 and
     take no part in the statistics. `zero_variance_groups` is measured on the scores."""
-    exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
+    if exp.old_logp is not None and exp.ref_logp is not None:  # (else no KL term, or not yet: single_pass)
+        exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
+    kl = exp.kl if exp.kl is not None else torch.zeros_like(exp.mask)  # (its coefficient is then 0 here)
     exp.kl_coef = kl_coef
     beta = kl_coef if cfg.kl_in == "reward" else 0.0
     # a completion no source rewarded: advantage 0, no part in any statistic, no value target
     exp.rewarded = rewarded = exp.mask * exp.valid.unsqueeze(1).to(exp.mask.dtype)
     k, estimator = cfg.samples_per_prompt, cfg.advantage_estimator
     if estimator == "gae":
-        exp.rewards = token_rewards(exp.scores, exp.kl, exp.mask, beta)
+        exp.rewards = token_rewards(exp.scores, kl, exp.mask, beta)
         if cfg.whiten_rewards:
             exp.rewards = masked_whiten(exp.rewards, rewarded, shift_mean=False, reduce=reduce)
         advantages, exp.returns = gae(exp.old_values, exp.rewards, exp.mask, cfg.gamma, cfg.lam)
@@ -279,13 +327,13 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float, reduce: Redu
     if estimator in GROUP_ESTIMATORS:
         exp.zero_variance_groups = zero_variance_share(exp.scores, exp.valid, k)
     if estimator in ("grpo", "dr_grpo", "rloo"):
-        sequence_rewards = exp.scores - beta * exp.kl.sum(1)
+        sequence_rewards = exp.scores - beta * kl.sum(1)
         exp.advantages = group_advantages(sequence_rewards, exp.valid, k, estimator).unsqueeze(1) * exp.mask
     else:  # reinforce_pp, reinforce_pp_baseline
         scores = exp.scores
         if estimator == "reinforce_pp_baseline":
             scores = baseline_subtracted(scores, exp.valid, k)
-        exp.advantages = reinforce_pp_advantages(scores, exp.kl, rewarded, beta, cfg.gamma, reduce)
+        exp.advantages = reinforce_pp_advantages(scores, kl, rewarded, beta, cfg.gamma, reduce)
     return exp
 
 
@@ -352,6 +400,9 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                              "kl_clamped")}
     first, interrupted = None, False
     policy_mask, value_mask = loss_masks(exp, cfg)
+    own = exp.old_logp is None  # single_pass: the old log-probs are this pass's own, and its entropy is logged
+    if own:
+        exp.old_logp, exp.entropy = torch.zeros_like(exp.mask), torch.zeros_like(exp.mask)
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=exp.mask.device)
@@ -360,9 +411,10 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
             idx = order[start:start + micro]
             policy_units, value_tokens = normalizers[start // cfg.mini_batch_size]
             with accelerator.accumulate(model):
-                logits, values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R)
-                logp = logprobs_of(logits, rollout.responses[idx], cfg.temperature)
-                del logits
+                (logp, entropy), values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R,
+                                                tokens=rollout.responses[idx], temperature=cfg.temperature, entropy=own)
+                if own:  # (ratio 1: the very policy that sampled them, before this step)
+                    exp.old_logp[idx], exp.entropy[idx] = logp.detach() * exp.mask[idx], entropy
                 mask = policy_mask[idx]
                 pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
                                                 how, cfg.max_new_tokens, policy_units, cfg.cliprange_high)
@@ -374,7 +426,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                     loss = pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss
-                if cfg.kl_in == "loss":  # k3: the term and its gradient are 0 while the policy is the reference
+                if cfg.kl_in == "loss" and exp.ref_logp is not None:  # k3: 0 and no gradient while policy = reference
                     kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.max_new_tokens,
                                         policy_units)
                     losses["kl_loss"] = kl_loss
@@ -404,6 +456,8 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
         if interrupted:
             break
     model.eval()
+    if own and exp.ref_logp is not None:  # the KL logged, as `with_advantages` computes it otherwise
+        exp.kl = kl_per_token(exp.old_logp, exp.ref_logp, exp.mask, cfg.kl_estimator)
     return {"first": first, "interrupted": interrupted, **{k: torch.stack(v).mean() for k, v in stats.items() if v}}
 
 
@@ -417,13 +471,15 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     (with a source named rm, as by default) is the reward model's own score, the quantity eval reports
     as `rm_score`; `objective/missing_stop_penalty` the mean penalty subtracted (unnormalised, one
     source: scores = rm_score_raw - missing_stop_penalty)."""
-    seq_kl, mask = exp.kl.sum(1), exp.mask
+    mask = exp.mask
+    seq_kl = exp.kl.sum(1) if exp.kl is not None else torch.zeros_like(exp.scores)  # (no KL term: not logged)
     seen = exp.watched or exp  # the policy's rewards on the prompts drawn (see `Experience.watched`)
     local = {
-        "objective/kl": seq_kl.mean(), "objective/entropy": masked_mean(exp.entropy, mask),
-        "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean(),
+        "objective/entropy": masked_mean(exp.entropy, mask),
         "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(), "objective/scores": exp.scores.mean(),
     }
+    if exp.kl is not None:
+        local.update({"objective/kl": seq_kl.mean(), "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean()})
     if exp.rm_scores is not None:
         local["objective/rm_score_raw"] = exp.rm_scores.mean()
     local.update({
@@ -435,7 +491,7 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     local["val/ratio"] = stats["ratio"]
     if exp.old_values is not None:  # (the whole batch's: the same on every process)
         local["val/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask, batch_sum(accelerator))
-    if cfg.kl_estimator == "k3":  # the KL in the reward, capped where the policy is far from the reference
+    if cfg.kl_estimator == "k3" and exp.kl is not None:  # the KL in the reward, capped where far from the reference
         local["objective/kl_clamped"] = k3_clamped(exp.old_logp, exp.ref_logp, mask)
     local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
                   "objective/reward_raw": seen.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean(),

@@ -112,6 +112,38 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), p.mul_(logp).sum(-1).neg_()
 
 
+LM_HEAD_CHUNK = 2 ** 24  # logits that exist at once in `chunked_logprobs`: 64 MB in float32 (110 positions of a
+                         # 152k vocabulary, 341 of a 49k one), a few copies of it while the log-softmax is taken
+
+
+def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
+                    with_entropy: bool):
+    """`logprobs_of` of one chunk from its hidden states, and the entropy (no gradient) if asked."""
+    logits = head(hidden)
+    logp = logprobs_of(logits, tokens, temperature)
+    entropy = logprobs_and_entropy(logits.detach(), tokens, temperature)[1] if with_entropy else None
+    return logp, entropy
+
+
+def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
+                     chunk: int = LM_HEAD_CHUNK, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logprobs_of(head(hidden), tokens, temperature)` and the entropy if asked, (B, T) each, without the
+    (B, T, V) logits: `head` (the LM head) runs on `chunk` logits (chunk / V positions) at a time, and each chunk is
+    recomputed in backward (activation checkpointing) instead of keeping its logits, so at most one
+    chunk's logits exist at once, forward or backward. The gradient reaches `hidden` and the head's
+    weights as through the whole logits (as fused linear cross-entropy kernels do, in plain torch).
+    What it costs: the head's forward once more in backward."""
+    from torch.utils.checkpoint import checkpoint
+    B, T = tokens.shape
+    flat_hidden, flat_tokens = hidden.reshape(B * T, -1), tokens.reshape(B * T)
+    chunk = max(1, chunk // (getattr(head, "out_features", None) or head.weight.shape[0]))  # positions
+    run = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs
+    parts = [run(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature, with_entropy)
+             for i in range(0, B * T, chunk)]
+    entropy = torch.cat([p[1] for p in parts]).view(B, T) if with_entropy else None
+    return torch.cat([p[0] for p in parts]).view(B, T), entropy
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.
 

@@ -26,7 +26,7 @@ from pipeline.artifacts import write_json_atomic
 from pipeline.dist import on_main
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.divergence import Divergence, diverging
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout, hf_model, judge_mean
+from pipeline.rl.ppo import PolicyAndValue, chunkable, disable_dropout, hf_model, judge_mean
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState, load_sources
@@ -87,7 +87,8 @@ def load_models(cfg: PPOStage, start: Start, model_path, tokenizer, acc):
     reward sources and the judges, each in its precision (pipeline/models.py); frozen models prepared
     for the engine. `model_path` resolves a reward source's `model` ('rm': this run's RM).
 
-    Full fine-tuning: float32 policy and value model, a frozen reference in the compute dtype. LoRA /
+    Full fine-tuning: float32 policy and value model, a frozen reference in the compute dtype (none
+    when the run has no KL term: `cfg.uses_kl`). LoRA /
     QLoRA: a fresh adapter on the start's weights, so with the adapter disabled the policy IS the
     reference; the value model then gets its own adapter (its score head trained in full), so a
     LoRA run never trains a whole second network. From an adapter (`start.adapter`): that adapter
@@ -98,12 +99,12 @@ def load_models(cfg: PPOStage, start: Start, model_path, tokenizer, acc):
     reference = None
     if cfg.finetune == "full":  # in the policy's arithmetic: KL 0 before the first update
         policy = models.load_trained(AutoModelForCausalLM, start.dir, cfg.finetune, cfg.dtype)
-        reference = models.load_reference(start.dir, dtype)
+        reference = models.load_reference(start.dir, dtype) if cfg.uses_kl else None  # (no KL: none)
     elif start.adapter is not None:
         from peft import PeftModel
         policy = models.load_trained(AutoModelForCausalLM, start.merge_base, cfg.finetune, cfg.dtype)
         policy = PeftModel.from_pretrained(policy, start.adapter, is_trainable=True)
-        reference = models.load_reference(start.dir, dtype)
+        reference = models.load_reference(start.dir, dtype) if cfg.uses_kl else None
     else:
         from peft import get_peft_model  # (imports bitsandbytes: only runs with adapters pay for it)
         policy = models.load_trained(AutoModelForCausalLM, start.dir, cfg.finetune, cfg.dtype)
@@ -132,6 +133,9 @@ def load_models(cfg: PPOStage, start: Start, model_path, tokenizer, acc):
     if cfg.remove_padding:  # all of them or none (a forward's layout serves the policy and value model)
         unpadded.enable(*(hf_model(m) for m in (policy, value_model, reference) if m is not None))
     model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
+    # the LM head in chunks where the logits are large, and the head may run on its own (not sharded)
+    model.chunked = (chunkable(policy) and model.value_head is None and not engine.is_sharded(acc)
+                     and policy.config.get_text_config().vocab_size >= CHUNKED_FROM_VOCAB)
     if reference is not None:
         reference = engine.prepare_frozen(reference, acc)
     models.upcast_trainable(model)
@@ -222,6 +226,10 @@ def disk_need(model, cfg: PPOStage) -> int:
 
 
 AFTER_EDITS = " (RESUME=1 if the fix changes the recipe or a reward's code)"
+KL = "objective/kl"  # (absent without a KL term: `PPOStage.uses_kl`)
+# Vocabularies from which the update runs the LM head in chunks (ppo_math.chunked_logprobs): real models'
+# (32k-256k), where a micro-batch's float32 logits take hundreds of MB; a toy vocabulary's cost nothing.
+CHUNKED_FROM_VOCAB = 16384
 BEST_RECORD = "best.json"  # in best/: {"iteration", "judge", "value"} of the policy there
 
 
@@ -528,8 +536,8 @@ class PPORun:
             plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, self.started)
             print(f"ppo: {summary['iterations']} iterations, {summary['episodes']} episodes in "
                   f"{time.time() - self.started:.0f}s ({summary['episodes_per_s_median']:.1f} episodes/s), score "
-                  f"{summary['score_first']:.2f} -> {summary['objective/scores']:.2f}, "
-                  f"KL {summary['objective/kl']:.2f} -> {plan.stage.final}")
+                  f"{summary['score_first']:.2f} -> {summary['objective/scores']:.2f}"
+                  f"{f', KL {summary[KL]:.2f}' if KL in summary else ''} -> {plan.stage.final}")
         acc.wait_for_everyone()
 
     def summary(self, unwrapped) -> dict:
