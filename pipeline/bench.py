@@ -31,16 +31,18 @@ SHAPE_RECIPE = "stages/recipes/bench-grpo.yaml"
 
 
 def shape_inputs(shape: str, layers: int | None) -> list[str]:
-    """The shape's model and prompts (built once, kept under data/bench/models/), as recipe overrides."""
+    """The shape's model and prompts (built once, kept under data/bench/models/), as recipe overrides.
+    Every prompt has 150 words (the middle of an RLVR prompt's 100-200): ours and a peer draw different
+    prompts, and the same length makes that the same work."""
     from pipeline import bench_shapes
     name = f"{shape}-{layers}l" if layers else shape
-    model, prompts = BENCH_MODELS / name, BENCH_MODELS / f"{name}-prompts.jsonl"
+    model, prompts = BENCH_MODELS / name, BENCH_MODELS / f"{name}-prompts-150.jsonl"
     if not (model / "config.json").is_file():
         print(f"bench: building {name} (random weights) in {model}")
         bench_shapes.build(shape, model.with_name(name + ".tmp"), layers)
         model.with_name(name + ".tmp").rename(model)
     if not prompts.is_file():
-        bench_shapes.prompts(prompts, 256, bench_shapes.SHAPES[shape]["vocab_size"])
+        bench_shapes.prompts(prompts, 256, bench_shapes.SHAPES[shape]["vocab_size"], lengths=(150, 150))
     return [f"ppo.model={model}", f"ppo.prompts={prompts}", f"run_name=bench-{name}"]
 
 

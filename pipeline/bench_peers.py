@@ -6,8 +6,9 @@ The work is stages/recipes/bench-grpo.yaml's on the shape's model (pipeline/benc
 `python -m pipeline.bench` for ours, pipeline/bench_trl_grpo.py for trl's, with the same model,
 prompts, reward, k, batch, response length, updates per batch (`--epochs`: our ppo_epochs, trl's
 num_iterations) and LoRA or full fine-tuning. Before each run the libraries' files are dropped from
-the page cache (posix_fadvise), so neither run starts with the other's imports warm. Writes
-data/bench/peers-<shape>.json: each run's wall time and peak RSS, and the medians of the paired ratios
+the page cache (posix_fadvise), so neither run starts with the other's imports warm. Wall time and
+peak RSS are the kernel's for each child process (wait4), taken alike for both. Writes
+data/bench/peers-<shape>-....json: each run's wall time and peak RSS, and the medians of the paired ratios
 ours / trl (below 1: ours faster or smaller). Quote ratios from one machine and one run of this.
 """
 
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +43,20 @@ def evict_libraries() -> None:
                 os.close(fd)
 
 
-def run(command: list[str], env: dict) -> tuple[float, str]:
+def run(command: list[str], env: dict) -> tuple[float, float, str]:
+    """The command's wall time and peak RSS (MB, the kernel's for that process: both sides measured
+    alike), and its standard output."""
     evict_libraries()
     started = time.time()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"bench_peers: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return time.time() - started, done.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.time() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if child.returncode:
+            raise SystemExit(f"bench_peers: {' '.join(command)} failed:\n{err.read()[-3000:]}")
+        return wall, usage.ru_maxrss / 1024, out.read()
 
 
 def main() -> None:
@@ -83,14 +92,13 @@ def main() -> None:
         order = [("ours", ours), ("trl", trl)] if i % 2 == 0 else [("trl", trl), ("ours", ours)]
         pair = {}
         for name, command in order:
-            wall, stdout = run(command, env)
+            wall, peak, stdout = run(command, env)
+            pair[name] = {"wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1)}
             if name == "ours":
                 result = json.loads(Path(f"data/bench/ppo-{recipe.run_name}.json").read_text())
-                pair[name] = {"wall_s": round(wall, 1), "peak_rss_mb": result["peak_memory_mb"],
-                              "time_split_s": result["time_split_s"]}
+                pair[name]["time_split_s"] = result["time_split_s"]
             else:
-                result = json.loads(stdout.strip().splitlines()[-1])
-                pair[name] = {"wall_s": round(wall, 1), "peak_rss_mb": result["peak_rss_mb"], "rewards": result["rewards"]}
+                pair[name]["rewards"] = json.loads(stdout.strip().splitlines()[-1])["rewards"]
             print(f"pair {i + 1} {name}: {pair[name]['wall_s']} s, {pair[name]['peak_rss_mb']} MB", flush=True)
         pairs.append(pair)
     ratio = lambda key: statistics.median(p["ours"][key] / p["trl"][key] for p in pairs)  # noqa: E731

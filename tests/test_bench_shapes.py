@@ -20,7 +20,7 @@ def test_a_shape_has_its_vocabulary_widths_and_a_chat_tokenizer_and_the_bench_re
     assert len(tokenizer) == config.vocab_size == 49152
     assert (config.hidden_size, config.intermediate_size, config.num_key_value_heads, config.num_hidden_layers) == \
         (shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"], 1)
-    prompts = bench_shapes.prompts(tmp_path / "prompts.jsonl", 8, config.vocab_size)
+    prompts = bench_shapes.prompts(tmp_path / "prompts.jsonl", 8, config.vocab_size)  # 100-200 words
     rows = [json.loads(line) for line in prompts.read_text().splitlines()]
     lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"]) for r in rows]

@@ -5,14 +5,17 @@ real vocabulary (the LM head in chunks). Each leaves the step as it was, to floa
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import stages.ppo
 from pipeline.artifacts import read_manifest
 from pipeline.config import PPOStage, RewardSource, load_recipe
+from pipeline.rl import ppo_math
 from pipeline.rl.ppo import (PolicyAndValue, Rewarded, batch_sum, chunkable, disable_dropout, score, update,
                              with_advantages)
 from pipeline.rl.ppo_math import chunked_logprobs, logprobs_and_entropy, logprobs_of
@@ -115,13 +118,18 @@ def test_chunked_logprobs_equal_the_whole_logits_ones_with_their_gradients():
         hidden.grad, head.weight.grad = None, None
 
 
-def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits():
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits(lora, monkeypatch):
     """PolicyAndValue.forward(tokens=...) with `chunked` (the LM head on its own, tied to the
-    embeddings) gives the log-probs and gradients of the forward that builds the whole logits."""
+    embeddings; 3 positions a chunk here) gives the log-probs, entropy and gradients of the forward
+    that builds the whole logits, under LoRA too; a model that caps its logits keeps the whole path."""
+    monkeypatch.setattr(ppo_math, "LM_HEAD_CHUNK", 3 * 64)
     set_seed(0)
     policy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                                           tie_word_embeddings=True))
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     model = PolicyAndValue(policy, None)
     assert chunkable(policy)
     ids = torch.randint(3, 64, (2, 9))
@@ -132,8 +140,11 @@ def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits():
         model.chunked = chunked
         (logp, entropy), _ = model(ids, mask, 5, tokens=ids[:, -5:], temperature=0.7, entropy=True)
         logp.sum().backward()
-        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
         model.zero_grad()
     (logp, entropy, grads), (chunked_logp, chunked_entropy, chunked_grads) = results
     assert torch.allclose(logp, chunked_logp, atol=1e-5) and torch.allclose(entropy, chunked_entropy, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, chunked_grads))
+    assert grads and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, chunked_grads))
+    capped = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    assert not chunkable(capped)

@@ -68,13 +68,19 @@ def response_values(model, input_ids, attention_mask, response_len: int, layout:
     return hf_model(model).score(response_hidden(model, input_ids, attention_mask, response_len, layout)).squeeze(-1)
 
 
+# Model types whose logits are their LM head's output as is: no soft-capping, scale or multiplier after
+# the head (Gemma 2/3 cap them, Cohere scales them, Granite divides them, Falcon-H1 multiplies them).
+PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
+                         "olmo", "olmo2", "smollm3", "gpt2", "gpt_neox", "starcoder2"})
+
+
 def chunkable(policy: nn.Module) -> bool:
-    """Whether the policy's logits are its LM head's output as is (no final soft-capping or logit
-    scale after the head), so that `chunked_logprobs` may run the head itself."""
+    """Whether `chunked_logprobs` may run the policy's LM head itself: a model type whose logits are
+    the head's output as is (`PLAIN_HEADS`; any other keeps the whole-logits path, which is right for all)."""
     model = hf_model(policy)
     config = model.config.get_text_config()
-    return (model.get_output_embeddings() is not None and not getattr(config, "final_logit_softcapping", None)
-            and getattr(config, "logit_scale", None) in (None, 1.0))
+    return (config.model_type in PLAIN_HEADS and model.get_output_embeddings() is not None
+            and not getattr(config, "final_logit_softcapping", None))
 
 
 class PolicyAndValue(nn.Module):
@@ -119,6 +125,8 @@ class PolicyAndValue(nn.Module):
         logits, values = self._logits_and_values(input_ids, attention_mask, response_len, layout)
         if tokens is None:
             return logits, values
+        if entropy and not torch.is_grad_enabled():  # (scoring: both from one log-softmax)
+            return logprobs_and_entropy(logits, tokens, temperature), values
         logp = logprobs_of(logits, tokens, temperature)
         ent = logprobs_and_entropy(logits.detach(), tokens, temperature)[1] if entropy else None
         return (logp, ent), values
@@ -264,13 +272,12 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
     old_logp, old_values, entropy = [], [], []
     for i in range(0, len(rollout), forward_batch_size) if not cfg.single_pass else ():
         s = slice(i, i + forward_batch_size)
-        logits, values = model(rollout.query_responses[s], rollout.attention_mask[s], R)
-        logp, ent = logprobs_and_entropy(logits, rollout.responses[s], cfg.temperature)
-        old_logp.append(logp)
+        (logp, ent), values = model(rollout.query_responses[s], rollout.attention_mask[s], R,
+                                    tokens=rollout.responses[s], temperature=cfg.temperature, entropy=True)
+        old_logp.append(logp)  # (through the update's own path: the LM head in chunks where it runs so)
         entropy.append(ent)
         if values is not None:
             old_values.append(values.float())
-        del logits
     ref_logp = None
     if is_peft(reference):  # LoRA: with its adapter disabled the policy is the start
         with reference.disable_adapter():

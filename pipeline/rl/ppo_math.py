@@ -116,17 +116,18 @@ LM_HEAD_CHUNK = 2 ** 24  # logits that exist at once in `chunked_logprobs`: 64 M
                          # 152k vocabulary, 341 of a 49k one), a few copies of it while the log-softmax is taken
 
 
-def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
-                    with_entropy: bool):
-    """`logprobs_of` of one chunk from its hidden states, and the entropy (no gradient) if asked."""
-    logits = head(hidden)
-    logp = logprobs_of(logits, tokens, temperature)
-    entropy = logprobs_and_entropy(logits.detach(), tokens, temperature)[1] if with_entropy else None
-    return logp, entropy
+def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float):
+    """`logprobs_of` of one chunk from its hidden states."""
+    return logprobs_of(head(hidden), tokens, temperature)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float):
+    return logprobs_and_entropy(head(hidden), tokens, temperature)
 
 
 def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
-                     chunk: int = LM_HEAD_CHUNK, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     chunk: int | None = None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logprobs_of(head(hidden), tokens, temperature)` and the entropy if asked, (B, T) each, without the
     (B, T, V) logits: `head` (the LM head) runs on `chunk` logits (chunk / V positions) at a time, and each chunk is
     recomputed in backward (activation checkpointing) instead of keeping its logits, so at most one
@@ -136,10 +137,13 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.
     from torch.utils.checkpoint import checkpoint
     B, T = tokens.shape
     flat_hidden, flat_tokens = hidden.reshape(B * T, -1), tokens.reshape(B * T)
-    chunk = max(1, chunk // (getattr(head, "out_features", None) or head.weight.shape[0]))  # positions
-    run = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs
-    parts = [run(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature, with_entropy)
-             for i in range(0, B * T, chunk)]
+    chunk = max(1, (chunk or LM_HEAD_CHUNK) // (getattr(head, "out_features", None) or head.weight.shape[0]))  # positions
+    pieces = [(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature) for i in range(0, B * T, chunk)]
+    if not torch.is_grad_enabled():  # (scoring: no backward to recompute for)
+        parts = [_chunk_entropy(*piece) if with_entropy else (_chunk_logprobs(*piece), None) for piece in pieces]
+    else:  # the entropy (no gradient) outside the checkpoint: backward's recompute is the log-probs' alone
+        parts = [(checkpoint(_chunk_logprobs, *piece, use_reentrant=False),
+                  _chunk_entropy(*piece)[1] if with_entropy else None) for piece in pieces]
     entropy = torch.cat([p[1] for p in parts]).view(B, T) if with_entropy else None
     return torch.cat([p[0] for p in parts]).view(B, T), entropy
 
