@@ -141,10 +141,11 @@ serve-rm: setup
 
 # PPO throughput, time split and peak memory on the recipe, for a fixed budget (BENCH_EPISODES, default
 # the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone. SHAPE=smollm2-135m
-# (or qwen2.5-0.5b; BENCH_LAYERS=N to cut its layers): GRPO on a model of that real shape instead.
+# (or qwen2.5-0.5b; BENCH_LAYERS=N to cut its layers): GRPO on a model of that real shape instead
+# (RECIPE=stages/recipes/bench-ppo.yaml: PPO against a reward model of that shape).
 bench: $(if $(SHAPE),setup,rm)
 	OMP_NUM_THREADS=$(CORES) SHAPE=$(SHAPE) $(BIN)/python -m pipeline.bench \
-		$(if $(SHAPE),--recipe stages/recipes/bench-grpo.yaml $(ARGS),$(call stage_args,bench))
+		$(if $(SHAPE),--recipe $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),stages/recipes/bench-grpo.yaml) $(ARGS),$(call stage_args,bench))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -10,7 +10,8 @@ on a CPU). Quote ratios between runs on the same machine only.
 With SHAPE (pipeline/bench_shapes.py: smollm2-135m, qwen2.5-0.5b; BENCH_LAYERS to cut the layer
 count), the work is stages/recipes/bench-grpo.yaml's on a model of that real shape with random
 weights and prompts of RLVR lengths (built once into data/bench/models/), from `ppo.model`: no SFT
-or RM stage -> data/bench/ppo-<shape>.json. `python -m pipeline.bench_peers` compares it with trl.
+or RM stage -> data/bench/ppo-bench-grpo-<shape>.json. RECIPE=stages/recipes/bench-ppo.yaml: PPO against
+a reward model of the same shape instead -> data/bench/ppo-bench-ppo-<shape>.json. `python -m pipeline.bench_peers` compares them with trl.
 """
 
 from __future__ import annotations
@@ -25,25 +26,32 @@ import time
 from pathlib import Path
 
 from pipeline import artifacts, cli, plans
+from pipeline.config import load_recipe
 
 
 SHAPE_RECIPE = "stages/recipes/bench-grpo.yaml"
 
 
-def shape_inputs(shape: str, layers: int | None) -> list[str]:
-    """The shape's model and prompts (built once, kept under data/bench/models/), as recipe overrides.
+def shape_inputs(shape: str, layers: int | None, recipe: str = SHAPE_RECIPE) -> list[str]:
+    """The shape's model and prompts (built once, kept under data/bench/models/) for `recipe`'s work, as
+    recipe overrides, and its run name (the recipe's, then the shape's); where the recipe reads a reward
+    model (`rm`), one of the same shape (`ppo.reward_model`).
     Every prompt has 150 words (the middle of an RLVR prompt's 100-200): ours and a peer draw different
     prompts, and the same length makes that the same work."""
     from pipeline import bench_shapes
+    work = load_recipe(recipe)
+    reward_model = plans.needs_rm(work)
     name = f"{shape}-{layers}l" if layers else shape
     model, prompts = BENCH_MODELS / name, BENCH_MODELS / f"{name}-prompts-150.jsonl"
-    if not (model / "config.json").is_file():
-        print(f"bench: building {name} (random weights) in {model}")
-        bench_shapes.build(shape, model.with_name(name + ".tmp"), layers)
-        model.with_name(name + ".tmp").rename(model)
+    for path, reward in ((model, False), (model.with_name(f"{name}-rm"), True))[:1 + reward_model]:
+        if not (path / "config.json").is_file():
+            print(f"bench: building {path.name} (random weights) in {path}")
+            bench_shapes.build(shape, path.with_name(path.name + ".tmp"), layers, reward_model=reward)
+            path.with_name(path.name + ".tmp").rename(path)
     if not prompts.is_file():
         bench_shapes.prompts(prompts, 256, bench_shapes.SHAPES[shape]["vocab_size"], lengths=(150, 150))
-    return [f"ppo.model={model}", f"ppo.prompts={prompts}", f"run_name=bench-{name}"]
+    return [f"ppo.model={model}", f"ppo.prompts={prompts}", f"run_name={work.run_name}-{name}",
+            *([f"ppo.reward_model={model.with_name(f'{name}-rm')}"] if reward_model else [])]
 
 
 BENCH_MODELS = Path("data/bench/models")
@@ -53,7 +61,8 @@ def main(argv: list[str]) -> None:
     episodes, shape = os.environ.get("BENCH_EPISODES"), os.environ.get("SHAPE")
     layers = int(os.environ["BENCH_LAYERS"]) if os.environ.get("BENCH_LAYERS") else None
     if shape:
-        argv = [*([] if "--recipe" in argv else ["--recipe", SHAPE_RECIPE]), *argv, *shape_inputs(shape, layers)]
+        argv = [*([] if "--recipe" in argv else ["--recipe", SHAPE_RECIPE]), *argv]
+        argv += shape_inputs(shape, layers, argv[argv.index("--recipe") + 1])
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
     upstream = [] if recipe.ppo.model else ["sft", "rm"] if plans.needs_rm(recipe) else ["sft"]
     for stage in upstream:
@@ -82,7 +91,7 @@ def main(argv: list[str]) -> None:
         "trainable_parameters": m["trainable_parameters"], "parameters": m["parameters"],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **_device()},
     }
-    out = Path("data/bench") / f"ppo-{recipe.run_name}.json"  # (bench-<shape>: ppo-bench-<shape>.json)
+    out = Path("data/bench") / f"ppo-{recipe.run_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

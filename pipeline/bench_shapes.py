@@ -51,10 +51,11 @@ def tokenizer_of_size(vocab_size: int):
                                    clean_up_tokenization_spaces=False)
 
 
-def build(shape: str, out: Path, layers: int | None = None, seed: int = 0) -> Path:
-    """The shape's model (random weights, `layers` decoder layers if given) and tokenizer, in `out`."""
+def build(shape: str, out: Path, layers: int | None = None, seed: int = 0, reward_model: bool = False) -> Path:
+    """The shape's model (random weights, `layers` decoder layers if given) and tokenizer, in `out`:
+    a causal LM, or with `reward_model` a sequence classifier with one output (a reward model)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
     if shape not in SHAPES:
         raise SystemExit(f"bench: unknown shape '{shape}': choose one of {sorted(SHAPES)}")
     tokenizer = tokenizer_of_size(SHAPES[shape]["vocab_size"])
@@ -63,11 +64,14 @@ def build(shape: str, out: Path, layers: int | None = None, seed: int = 0) -> Pa
         settings["num_hidden_layers"] = layers
     config = AutoConfig.for_model(SHAPES[shape]["model_type"], **settings, max_position_embeddings=4096,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                  bos_token_id=None)
+                                  bos_token_id=None, **({"num_labels": 1} if reward_model else {}))
     assert len(tokenizer) == config.vocab_size
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if reward_model:
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+        model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -18,6 +18,7 @@ SFT and RM run inside their Trainers, which do the same through accelerate.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -54,6 +55,20 @@ def name(acc: Accelerator) -> str:
 def is_sharded(acc: Accelerator) -> bool:
     """Parameters split over ranks: every forward is a collective, so every rank must run it."""
     return name(acc) in ("deepspeed-zero3", "fsdp2")
+
+
+def bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under an engine's wrapper (a DeepSpeed engine, DDP), found without importing deepspeed."""
+    deepspeed = sys.modules.get("deepspeed")
+    wrapped = (torch.nn.parallel.DistributedDataParallel, *([deepspeed.DeepSpeedEngine] if deepspeed else []))
+    return model.module if isinstance(model, wrapped) else model
+
+
+def sharded_parameters(model: torch.nn.Module) -> bool:
+    """Whether an engine has split `model`'s parameters over processes (ZeRO-3 partitions, FSDP2 DTensors)."""
+    from torch.distributed.tensor import DTensor
+    p = next(model.parameters(), None)
+    return p is not None and (hasattr(p, "ds_id") or isinstance(p, DTensor))
 
 
 def launched() -> str:

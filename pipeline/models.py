@@ -72,6 +72,11 @@ def is_peft(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def hf_model(model):
+    """The transformers model under a peft wrapper (LoRA layers are injected into it in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def load_kwargs(finetune: str, dtype_name: str) -> dict:
     """`from_pretrained` arguments for a model that will be trained with `finetune`.
 
@@ -208,11 +213,16 @@ def policy_tokenizer(path, stop_token: str | list[str] | None = None):
     that end its responses (`stop_token_ids`), for PPO's rollouts and eval alike. The pad token may be
     one of them: padding is marked by masks, never by id. A PEFT adapter directory without tokenizer
     files, or without a generation config, has its base's."""
-    base = artifacts.adapter_base(path)
-    own = lambda name: base is None or (Path(str(path)) / name).is_file()  # noqa: E731
-    tokenizer = load_tokenizer(str(path) if own("tokenizer_config.json") else base, padding_side="left")
-    generation = generation_config(path if own("generation_config.json") else base)
+    tokenizer = load_tokenizer(own_or_base(path, "tokenizer_config.json"), padding_side="left")
+    generation = generation_config(own_or_base(path, "generation_config.json"))
     return tokenizer, stop_token_ids(tokenizer, generation, stop_token)
+
+
+def own_or_base(path, name: str) -> str:
+    """Where `path`'s file `name` is read from: `path`, or its base where `path` is a PEFT adapter
+    directory without that file."""
+    base = artifacts.adapter_base(path)
+    return str(path) if base is None or (Path(str(path)) / name).is_file() else base
 
 
 def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -121,7 +121,7 @@ def rm(recipe: Recipe) -> Plan:
         artifacts.check_model_source(r.model, "rm.model")
     elif recipe.ppo.model:
         artifacts.check_model_source(recipe.ppo.model, "ppo.model", adapter=True)
-        if (Path(recipe.ppo.model) / "adapter_config.json").is_file():
+        if artifacts.adapter_base(recipe.ppo.model) is not None:
             raise ConfigError(f"ppo.model '{recipe.ppo.model}' is a PEFT adapter, which the reward model cannot start "
                               f"from: set rm.model (its base, or another model)")
     upstream = {} if r.model or recipe.ppo.model else {"sft": artifacts.require(rm_model(recipe), "sft")}

@@ -202,7 +202,7 @@ def test_each_mini_batch_s_losses_are_normalised_by_its_count_over_micro_batches
     """Lengths 5, 1, 2, 3 shuffled into mini-batches {3, 0} and {1, 2}, 2 micro-batches each, on 2
     processes holding as many tokens: each micro-batch's loss sum is divided by the mini-batch's count
     over both processes, over 2 x 2 (accelerate's 1 / accumulation and the processes' averaging)."""
-    from pipeline.rl.ppo import loss_normalizers
+    from pipeline.rl.ppo import loss_masks, loss_normalizers
     mask = (torch.arange(5)[None, :] < torch.tensor([5, 1, 2, 3])[:, None]).float()
     rewarded = mask * torch.tensor([1.0, 1.0, 0.0, 1.0])[:, None]  # response 2 got no reward
     exp = SimpleNamespace(mask=mask, rewarded=rewarded, rollout=SimpleNamespace(has_stop=torch.ones(4, dtype=torch.bool)))
@@ -211,4 +211,4 @@ def test_each_mini_batch_s_losses_are_normalised_by_its_count_over_micro_batches
     for aggregation, policy in (("token_mean", [(3 + 5) * 2 / 4, (1 + 2) * 2 / 4]), ("seq_mean_token_mean", [1.0, 1.0])):
         cfg = SimpleNamespace(aggregation=aggregation, mini_batch_size=2, gradient_accumulation_steps=2,
                               mask_truncated=False)
-        assert loss_normalizers(exp, order, cfg, accelerator) == [(policy[0], (3 + 5) * 2 / 4), (policy[1], 1 * 2 / 4)]
+        assert loss_normalizers(loss_masks(exp, cfg), order, cfg, accelerator) == [(policy[0], (3 + 5) * 2 / 4), (policy[1], 1 * 2 / 4)]

@@ -15,11 +15,10 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 import stages.ppo
 from pipeline.artifacts import read_manifest
 from pipeline.config import PPOStage, RewardSource, load_recipe
-from pipeline.rl import ppo_math
-from pipeline.rl.ppo import (PolicyAndValue, Rewarded, batch_sum, chunkable, disable_dropout, score, update,
-                             with_advantages)
+from pipeline.rl import ppo_math, rollout as rollout_module
+from pipeline.rl.ppo import PolicyAndValue, Rewarded, batch_sum, disable_dropout, score, update, with_advantages
 from pipeline.rl.ppo_math import chunked_logprobs, logprobs_and_entropy, logprobs_of
-from pipeline.rl.rollout import Rollout
+from pipeline.rl.rollout import Rollout, chunks_head, response_logprobs
 from tests.conftest import REPO, read_jsonl
 
 GRPO_RECIPE = str(REPO / "stages/recipes/demo-grpo.yaml")
@@ -124,6 +123,7 @@ def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits(lora, mo
     embeddings; 3 positions a chunk here) gives the log-probs, entropy and gradients of the forward
     that builds the whole logits, under LoRA too; a model that caps its logits keeps the whole path."""
     monkeypatch.setattr(ppo_math, "LM_HEAD_CHUNK", 3 * 64)
+    monkeypatch.setattr(rollout_module, "CHUNKED_FROM_VOCAB", 64)
     set_seed(0)
     policy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
@@ -131,7 +131,7 @@ def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits(lora, mo
     if lora:
         policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     model = PolicyAndValue(policy, None)
-    assert chunkable(policy)
+    assert chunks_head(policy)
     ids = torch.randint(3, 64, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded prompt
@@ -147,4 +147,48 @@ def test_the_policy_forward_in_chunks_equals_the_one_through_the_logits(lora, mo
     assert grads and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, chunked_grads))
     capped = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, num_key_value_heads=1, head_dim=8))
-    assert not chunkable(capped)
+    assert not chunks_head(capped)
+
+
+def test_the_head_runs_once_per_chunk_and_once_more_in_backward():
+    """Log-probs and entropy of a chunk come from one head output; backward recomputes the log-probs
+    alone. Scoring (no grad) runs the head once per chunk."""
+    head = torch.nn.Linear(8, 50, bias=False)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 7))
+    logp, _ = chunked_logprobs(hidden, head, tokens, 1.0, chunk=200, with_entropy=True)  # 4 positions: 6 chunks
+    assert len(calls) == 6
+    logp.sum().backward()
+    assert len(calls) == 12 and sum(calls) == 2 * 21
+    calls.clear()
+    with torch.no_grad():
+        chunked_logprobs(hidden, head, tokens, 1.0, chunk=200, with_entropy=True)
+    assert len(calls) == 6
+
+
+def test_frozen_models_log_probs_take_the_head_in_chunks(monkeypatch):
+    """The reference's log-probs (and eval's KL) at a real vocabulary never hold a micro-batch's whole
+    logits: the head sees one chunk of positions at a time, and the log-probs are the whole-logits
+    ones. A model whose parameters an engine has sharded keeps the model's own forward."""
+    monkeypatch.setattr(ppo_math, "LM_HEAD_CHUNK", 4 * 64)  # 4 positions
+    set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    prompts = torch.tensor([[0, 6, 7], [5, 6, 7]])
+    responses = torch.tensor([[9, 10, 1, 3], [12, 3, 4, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    rollout = Rollout(prompts=[None] * 2, prompt_ids=prompts.tolist(), query_responses=torch.cat([prompts, responses], 1),
+                      attention_mask=torch.cat([torch.tensor([[0, 1, 1], [1, 1, 1]]), mask], 1), responses=responses,
+                      response_mask=mask, has_stop=torch.tensor([True, False]), texts=["", ""])
+    whole = response_logprobs(model, rollout, 0.7, batch_size=2)
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    monkeypatch.setattr(rollout_module, "CHUNKED_FROM_VOCAB", 64)
+    assert chunks_head(model)
+    chunked = response_logprobs(model, rollout, 0.7, batch_size=2)
+    assert rows == [4, 4] and torch.allclose(chunked, whole, atol=1e-5)
+    for p in model.parameters():
+        p.ds_id = 0  # as ZeRO-3 marks the parameters it partitions
+    assert not chunks_head(model)

@@ -21,22 +21,17 @@ import torch.nn as nn
 from accelerate.utils import gather_object
 from pipeline import engine
 from pipeline.config import GROUP_ESTIMATORS, PPOStage, UserError
-from pipeline.models import is_peft
+from pipeline.models import hf_model, is_peft
 from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
                                     zero_variance_share)
-from pipeline.rl.ppo_math import (Reduce, aggregate, chunked_logprobs, explained_variance, gae, k3_clamped, kl_per_token,
+from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
                                   logprobs_and_entropy, logprobs_of, masked_mean, masked_moments, masked_whiten, policy_loss,
                                   token_rewards, value_loss)
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl import unpadded
-from pipeline.rl.rollout import Rollout, response_logits, response_logprobs
+from pipeline.rl.rollout import Rollout, chunked_response_logprobs, response_hidden, response_logits, response_logprobs
 from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers are injected into it in place)."""
-    return model.get_base_model() if is_peft(model) else model
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -51,36 +46,10 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def response_hidden(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
-    """The backbone's last hidden states at the positions that predict the response tokens, the
-    input of a causal LM's head and of a classifier's score head: (B, R, H)."""
-    model = hf_model(model)
-    backbone = getattr(model, model.base_model_prefix)
-    if layout is not None:
-        return layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    use_cache=False).last_hidden_state[:, -response_len - 1:-1]
-
-
 def response_values(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
     """A sequence-classification model's score head applied at the positions that predict the
     response tokens (where the policy's logits are read): (B, R)."""
     return hf_model(model).score(response_hidden(model, input_ids, attention_mask, response_len, layout)).squeeze(-1)
-
-
-# Model types whose logits are their LM head's output as is: no soft-capping, scale or multiplier after
-# the head (Gemma 2/3 cap them, Cohere scales them, Granite divides them, Falcon-H1 multiplies them).
-PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
-                         "olmo", "olmo2", "smollm3", "gpt2", "gpt_neox", "starcoder2"})
-
-
-def chunkable(policy: nn.Module) -> bool:
-    """Whether `chunked_logprobs` may run the policy's LM head itself: a model type whose logits are
-    the head's output as is (`PLAIN_HEADS`; any other keeps the whole-logits path, which is right for all)."""
-    model = hf_model(policy)
-    config = model.config.get_text_config()
-    return (config.model_type in PLAIN_HEADS and model.get_output_embeddings() is not None
-            and not getattr(config, "final_logit_softcapping", None))
 
 
 class PolicyAndValue(nn.Module):
@@ -96,8 +65,8 @@ class PolicyAndValue(nn.Module):
         # float32 like every trained weight (autocast supplies the compute dtype)
         self.value_head = nn.Linear(hidden, 1, dtype=torch.float32) if value_head else None
         self.chunked = False
-        """Whether `forward(tokens=...)` runs the LM head in chunks (`chunked_logprobs`): set by the RL
-        stage where the head may be called on its own (`chunkable`, parameters not sharded)."""
+        """Whether `forward(tokens=...)` runs the LM head in chunks (`rollout.chunks_head`): set by the RL
+        stage, which knows whether the engine will shard the parameters."""
 
     @property
     def has_critic(self) -> bool:
@@ -113,9 +82,8 @@ class PolicyAndValue(nn.Module):
         `((logp, entropy), values)`. `chunked`: without ever holding the (B, R, V) logits."""
         layout = Layout(input_ids, attention_mask, response_len) if unpadded.enabled(self.policy) else None
         if tokens is not None and self.chunked:
-            hidden = response_hidden(self.policy, input_ids, attention_mask, response_len, layout)
-            logp, ent = chunked_logprobs(hidden, hf_model(self.policy).get_output_embeddings(), tokens, temperature,
-                                         with_entropy=entropy)
+            (logp, ent), hidden = chunked_response_logprobs(self.policy, input_ids, attention_mask, tokens, temperature,
+                                                            layout, entropy)
             if self.value_head is not None:
                 values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
             else:
@@ -191,16 +159,21 @@ class Rewarded:
         """Batches' rewards as one; what their functions logged, all of it (a metric's values, a column's
         rows where every batch logged it)."""
         tensors = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}  # noqa: E731
-        metrics = {}
-        for p in parts:
-            for k, v in p.logged_metrics.items():
-                metrics.setdefault(k, []).extend(v)
         extra = {k: [x for p in parts for x in p.extra_columns[k]] for k in parts[0].extra_columns
                  if all(k in p.extra_columns for p in parts)}
         return Rewarded(tensors("source_scores"), tensors("judge_scores"),
                         torch.cat([p.rm_scores for p in parts]) if parts[0].rm_scores is not None else None,
                         *(torch.cat([getattr(p, key) for p in parts]) for key in ("raw_scores", "valid", "scores")),
-                        metrics, extra)
+                        Rewarded.logged_by(parts), extra)
+
+    @staticmethod
+    def logged_by(parts: list["Rewarded"]) -> dict[str, list[float]]:
+        """What the reward functions logged over all of `parts`' calls, each metric's values in order."""
+        metrics = {}
+        for p in parts:
+            for k, v in p.logged_metrics.items():
+                metrics.setdefault(k, []).extend(v)
+        return metrics
 
 
 @dataclass
@@ -374,13 +347,14 @@ def loss_masks(exp: Experience, cfg: PPOStage) -> tuple[torch.Tensor, torch.Tens
     return exp.mask * keep, exp.rewarded * keep
 
 
-def loss_normalizers(exp: Experience, order: torch.Tensor, cfg: PPOStage, accelerator) -> list[tuple[float, float]]:
+def loss_normalizers(masks: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor, cfg: PPOStage,
+                     accelerator) -> list[tuple[float, float]]:
     """For each mini-batch of an epoch (in `order`): the divisors of its micro-batches' policy and value
     losses, so that the gradient is the mini-batch's mean over every process's tokens (or sequences,
     `loss_units`), however it is cut. Each micro-batch's loss is its sum over that count, times the
     accumulation steps and the processes, which `accelerator.backward` (1 / steps) and the engine's
-    gradient averaging (1 / processes) divide out again. One all-reduce an epoch."""
-    policy_mask, value_mask = loss_masks(exp, cfg)
+    gradient averaging (1 / processes) divide out again. One all-reduce an epoch. `masks`: `loss_masks`."""
+    policy_mask, value_mask = masks
     units = policy_mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(policy_mask[:, 0])  # (`loss_units`)
     per_sequence = torch.stack([units, value_mask.sum(1)], 1).double()
     counts = per_sequence[order].view(-1, cfg.mini_batch_size, 2).sum(1)  # (mini-batches, 2)
@@ -413,7 +387,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     model.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(B, device=exp.mask.device)
-        normalizers = loss_normalizers(exp, order, cfg, accelerator)
+        normalizers = loss_normalizers((policy_mask, value_mask), order, cfg, accelerator)
         for start in range(0, B, micro):
             idx = order[start:start + micro]
             policy_units, value_tokens = normalizers[start // cfg.mini_batch_size]

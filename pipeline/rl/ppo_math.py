@@ -116,14 +116,17 @@ LM_HEAD_CHUNK = 2 ** 24  # logits that exist at once in `chunked_logprobs`: 64 M
                          # 152k vocabulary, 341 of a 49k one), a few copies of it while the log-softmax is taken
 
 
-def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float):
-    """`logprobs_of` of one chunk from its hidden states."""
-    return logprobs_of(head(hidden), tokens, temperature)
-
-
-@torch.no_grad()
-def _chunk_entropy(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float):
-    return logprobs_and_entropy(head(hidden), tokens, temperature)
+def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
+                    with_entropy: bool):
+    """`logprobs_of` of one chunk from its hidden states, and its entropy (no gradient) from the same head output."""
+    logits = head(hidden)
+    if with_entropy and not torch.is_grad_enabled():  # (scoring: both from one log-softmax)
+        return logprobs_and_entropy(logits, tokens, temperature)
+    logp = logprobs_of(logits, tokens, temperature)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, logprobs_and_entropy(logits.detach(), tokens, temperature)[1]
 
 
 def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
@@ -133,17 +136,17 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.
     recomputed in backward (activation checkpointing) instead of keeping its logits, so at most one
     chunk's logits exist at once, forward or backward. The gradient reaches `hidden` and the head's
     weights as through the whole logits (as fused linear cross-entropy kernels do, in plain torch).
-    What it costs: the head's forward once more in backward."""
+    What it costs: the head's forward once more in backward (the recompute stops before the entropy)."""
     from torch.utils.checkpoint import checkpoint
     B, T = tokens.shape
     flat_hidden, flat_tokens = hidden.reshape(B * T, -1), tokens.reshape(B * T)
     chunk = max(1, (chunk or LM_HEAD_CHUNK) // (getattr(head, "out_features", None) or head.weight.shape[0]))  # positions
-    pieces = [(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature) for i in range(0, B * T, chunk)]
-    if not torch.is_grad_enabled():  # (scoring: no backward to recompute for)
-        parts = [_chunk_entropy(*piece) if with_entropy else (_chunk_logprobs(*piece), None) for piece in pieces]
-    else:  # the entropy (no gradient) outside the checkpoint: backward's recompute is the log-probs' alone
-        parts = [(checkpoint(_chunk_logprobs, *piece, use_reentrant=False),
-                  _chunk_entropy(*piece)[1] if with_entropy else None) for piece in pieces]
+    pieces = [(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature, with_entropy)
+              for i in range(0, B * T, chunk)]
+    if torch.is_grad_enabled():
+        parts = [checkpoint(_chunk_logprobs, *piece, use_reentrant=False) for piece in pieces]
+    else:
+        parts = [_chunk_logprobs(*piece) for piece in pieces]
     entropy = torch.cat([p[1] for p in parts]).view(B, T) if with_entropy else None
     return torch.cat([p[0] for p in parts]).view(B, T), entropy
 
@@ -159,18 +162,21 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     if estimator == "k1":
         kl = log_ratio
     elif estimator == "k3":  # also the KL term of the loss (kl_in: loss): it and its gradient are 0 at p = p_ref
-        log_ratio = log_ratio.clamp(-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX)
-        kl = (torch.expm1(-log_ratio) + log_ratio).clamp(max=K3_MAX)
+        kl = _k3(log_ratio.clamp(-K3_LOG_RATIO_MAX, K3_LOG_RATIO_MAX)).clamp(max=K3_MAX)
     else:
         raise ValueError(f"unknown KL estimator '{estimator}' (use k1 or k3)")
     return kl * mask
 
 
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """(r - 1) - log r with r = p_ref / p = exp(-log_ratio)."""
+    return torch.expm1(-log_ratio) + log_ratio
+
+
 def k3_clamped(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Share of the valid tokens whose k3 estimate `kl_per_token` caps at K3_MAX (from p_ref / p of
     about 13.6 on, or log p - log p_ref of about 11; the log-ratio clamp only keeps exp finite)."""
-    log_ratio = logp - ref_logp
-    return masked_mean((torch.expm1(-log_ratio) + log_ratio > K3_MAX).float(), mask)
+    return masked_mean((_k3(logp - ref_logp) > K3_MAX).float(), mask)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:

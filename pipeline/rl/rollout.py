@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from pipeline import data
+from pipeline import data, engine
+from pipeline.models import hf_model
 from pipeline.rl import unpadded
-from pipeline.rl.ppo_math import logprobs_of, truncate_after_stop
+from pipeline.rl.ppo_math import chunked_logprobs, logprobs_of, truncate_after_stop
 from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
 
@@ -101,13 +102,13 @@ def plain_sampling(model, config: GenerationConfig):
     `unwrap_model_for_generation(generation_kwargs=...)` swaps the config only on transformers < 5,
     so the swap is done here; the model's own config is restored after, and saved artifacts keep it.
     """
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    original = hf_model.generation_config
-    hf_model.generation_config = config
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = inner.generation_config
+    inner.generation_config = config
     try:
         yield
     finally:
-        hf_model.generation_config = original
+        inner.generation_config = original
 
 
 def prompt_ids(tokenizer, prompt) -> list[int]:
@@ -139,6 +140,50 @@ class PromptIds:
         for i, prompt in zip(new, data.take(self.prompts, new)):
             self.ids[i] = array("i", prompt_ids(self.tokenizer, prompt))
         return [self.ids[i].tolist() for i in indices]
+
+
+def response_hidden(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
+    """The backbone's last hidden states at the positions that predict the response tokens, the
+    input of a causal LM's head and of a classifier's score head: (B, R, H)."""
+    model = hf_model(model)
+    backbone = getattr(model, model.base_model_prefix)
+    if layout is not None:
+        return layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                    use_cache=False).last_hidden_state[:, -response_len - 1:-1]
+
+
+# Model types whose logits are their LM head's output as is: no soft-capping, scale or multiplier after
+# the head (Gemma 2/3 cap them, Cohere scales them, Granite divides them, Falcon-H1 multiplies them).
+PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
+                         "olmo", "olmo2", "smollm3", "gpt2", "gpt_neox", "starcoder2"})
+# Vocabularies from which the LM head runs in chunks: real models' (32k-256k), where a micro-batch's
+# float32 logits take hundreds of MB; a toy vocabulary's cost nothing.
+CHUNKED_FROM_VOCAB = 16384
+
+
+def chunks_head(model) -> bool:
+    """Whether log-probs under `model` are taken with its LM head in chunks (`chunked_logprobs`), never
+    holding a micro-batch's (B, R, V) logits: a vocabulary of `CHUNKED_FROM_VOCAB` or more, a model type
+    whose logits are the head's output as is (`PLAIN_HEADS`; any other keeps the whole-logits path, which
+    is right for all), and parameters not sharded over processes (the head runs on its own, outside
+    the model's forward, which is where ZeRO-3 and FSDP2 gather them)."""
+    model = engine.bare(model)
+    if engine.sharded_parameters(model):
+        return False
+    model = hf_model(model)
+    config = model.config.get_text_config()
+    return (config.model_type in PLAIN_HEADS and model.get_output_embeddings() is not None
+            and not getattr(config, "final_logit_softcapping", None) and config.vocab_size >= CHUNKED_FROM_VOCAB)
+
+
+def chunked_response_logprobs(model, input_ids, attention_mask, tokens: torch.Tensor, temperature: float,
+                              layout: Layout | None = None, entropy: bool = False):
+    """`((log-probs, entropy or None), hidden states)` of the response `tokens` (B, R) under `model`, its LM
+    head run in chunks on the backbone's hidden states (`chunked_logprobs`); differentiable where grad is on."""
+    hidden = response_hidden(model, input_ids, attention_mask, tokens.shape[1], layout)
+    head = hf_model(model).get_output_embeddings()
+    return chunked_logprobs(hidden, head, tokens, temperature, with_entropy=entropy), hidden
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
@@ -177,12 +222,15 @@ def response_logits(model, input_ids, attention_mask, response_len: int, layout:
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int) -> torch.Tensor:
     """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R);
-    unpadded where the model's attention allows it (`unpadded.enabled`)."""
-    R, out = rollout.responses.shape[1], []
+    unpadded where the model's attention allows it (`unpadded.enabled`), the LM head in chunks where
+    `chunks_head` says so."""
+    R, out, chunked = rollout.responses.shape[1], [], chunks_head(model)
     for i in range(0, len(rollout), batch_size):
         s = slice(i, i + batch_size)
-        ids, mask = rollout.query_responses[s], rollout.attention_mask[s]
+        ids, mask, tokens = rollout.query_responses[s], rollout.attention_mask[s], rollout.responses[s]
         layout = Layout(ids, mask, R) if unpadded.enabled(model) else None
-        logits = response_logits(model, ids, mask, R, layout)
-        out.append(logprobs_of(logits, rollout.responses[s], temperature))
+        if chunked:  # (the head runs on its own: outside a frozen model's engine wrapper, its weights whole)
+            out.append(chunked_response_logprobs(engine.bare(model), ids, mask, tokens, temperature, layout)[0][0])
+        else:
+            out.append(logprobs_of(response_logits(model, ids, mask, R, layout), tokens, temperature))
     return torch.cat(out) * rollout.response_mask

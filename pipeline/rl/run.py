@@ -26,9 +26,10 @@ from pipeline.artifacts import write_json_atomic
 from pipeline.dist import on_main
 from pipeline.metrics import append_jsonl, cut_jsonl, peak_memory_mb
 from pipeline.rl.divergence import Divergence, diverging
-from pipeline.rl.ppo import PolicyAndValue, chunkable, disable_dropout, hf_model, judge_mean
+from pipeline.rl.ppo import PolicyAndValue, disable_dropout, judge_mean
 from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import KLController
+from pipeline.rl.rollout import chunks_head
 from pipeline.rl.rewards import RewardError, Rewards, TrainerState, load_sources
 
 RANK_SEED_STRIDE = 100003  # ranks sample different rollouts from the same global seed
@@ -70,7 +71,7 @@ class Start:
         def merge():
             if (merged / "config.json").is_file():  # (a resumed run's)
                 return
-            tokenizer = models.load_tokenizer(source if (Path(source) / "tokenizer_config.json").is_file() else base)
+            tokenizer = models.load_tokenizer(models.own_or_base(source, "tokenizer_config.json"))
             model = models.merge_adapter(AutoModelForCausalLM, base, Path(source), tokenizer, "full", cfg.dtype)
             model.save_pretrained(merged.with_name("start-merged.tmp"))
             tokenizer.save_pretrained(merged.with_name("start-merged.tmp"))
@@ -131,11 +132,10 @@ def load_models(cfg: PPOStage, start: Start, model_path, tokenizer, acc):
             from peft import get_peft_model
             value_model = get_peft_model(value_model, models.lora_config(cfg.finetune, cfg.lora, "SEQ_CLS"))
     if cfg.remove_padding:  # all of them or none (a forward's layout serves the policy and value model)
-        unpadded.enable(*(hf_model(m) for m in (policy, value_model, reference) if m is not None))
+        unpadded.enable(*(models.hf_model(m) for m in (policy, value_model, reference) if m is not None))
     model = PolicyAndValue(policy, value_model, value_head=cfg.critic == "head")
     # the LM head in chunks where the logits are large, and the head may run on its own (not sharded)
-    model.chunked = (chunkable(policy) and model.value_head is None and not engine.is_sharded(acc)
-                     and policy.config.get_text_config().vocab_size >= CHUNKED_FROM_VOCAB)
+    model.chunked = chunks_head(policy) and model.value_head is None and not engine.is_sharded(acc)
     if reference is not None:
         reference = engine.prepare_frozen(reference, acc)
     models.upcast_trainable(model)
@@ -227,9 +227,6 @@ def disk_need(model, cfg: PPOStage) -> int:
 
 AFTER_EDITS = " (RESUME=1 if the fix changes the recipe or a reward's code)"
 KL = "objective/kl"  # (absent without a KL term: `PPOStage.uses_kl`)
-# Vocabularies from which the update runs the LM head in chunks (ppo_math.chunked_logprobs): real models'
-# (32k-256k), where a micro-batch's float32 logits take hundreds of MB; a toy vocabulary's cost nothing.
-CHUNKED_FROM_VOCAB = 16384
 BEST_RECORD = "best.json"  # in best/: {"iteration", "judge", "value"} of the policy there
 
 
@@ -541,7 +538,7 @@ class PPORun:
         acc.wait_for_everyone()
 
     def summary(self, unwrapped) -> dict:
-        history = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        history = self.history  # (a resumed run's too: `resume` reads the lines logged before it)
         median = lambda key: sorted(h[key] for h in history)[len(history) // 2]  # noqa: E731
         summary = {k: history[-1][k] for k in ("objective/scores", "objective/reward_raw", "objective/rm_score_raw",
                                                "objective/kl", "objective/rlhf_reward", "response_length", "episodes",

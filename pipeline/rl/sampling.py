@@ -50,7 +50,7 @@ def with_signal(first: tuple[Rollout, Rewarded], sample: Sample, k: int, max_rou
         if rows:
             parts.append((rollout.take(rows), rewarded.take(rows)))
     rewarded = Rewarded.cat([p[1] for p in parts])
-    rewarded.logged_metrics = Rewarded.cat([r for _, r in rounds]).logged_metrics  # every round's calls
+    rewarded.logged_metrics = Rewarded.logged_by([r for _, r in rounds])  # every round's calls
     generated, flat = sum(len(rollout) for rollout, _ in rounds) // k, set(dropped)
     figures = {"sampling/extra_rounds": float(len(rounds) - 1), "sampling/dropped_groups": len(dropped) / generated,
                "sampling/groups_without_signal": sum(c in flat for c in chosen) / wanted}
