@@ -343,6 +343,24 @@ class PPOStage:
     (gae) against a reward model, which would otherwise reward rambling to the length limit; 0 for
     critic-free estimators and reward functions, which judge the answer itself (trl, verl and DAPO
     add no such penalty)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools the policy may call in its rollouts (an agent): Python functions named as reward functions
+    are (`package.module:name` or `path/to/file.py:name`), with type hints and a docstring that describes
+    each argument, passed to the chat template as transformers and trl take them. With tools or an
+    environment, each rollout is a multi-turn exchange whose tool results are context, not loss
+    (pipeline/rl/agent.py); reward functions get it as messages."""
+    environment: str | None = None
+    """A class, named as tools are, instantiated for each rollout: `reset(**row)` gets the prompt's dataset
+    row (a string it returns is appended to the prompt), its public methods are that rollout's tools, and
+    reward functions get the instances as `environments` (trl's environment_factory contract)."""
+    max_tool_turns: int = ranged(4, ">= 1")
+    """Most tool-calling turns an exchange has; calls in the turn after them are not run."""
+    tool_timeout_s: float = ranged(30.0, "> 0")
+    """Seconds one tool call may take; past them the model reads an error as the call's result."""
+    max_exchange_tokens: int | None = ranged(None, ">= 1")
+    """Most tokens an exchange has after its prompt, the model's and the tools' together (default:
+    max_new_tokens x (max_tool_turns + 1)); max_new_tokens bounds each of the model's turns."""
+    base_dir: str | None = field(default=None, init=False, repr=False, compare=False, metadata={"internal": True})
     dynamic_sampling: bool = False
     """Group estimators: groups whose scores are all equal (no gradient) are dropped and more prompts are
     sampled until the batch is full of groups with signal (DAPO's dynamic sampling, verl's
@@ -424,6 +442,10 @@ class PPOStage:
                                  f"remove value_model (it is for gae)")
             if self.whiten_rewards:
                 raise ValueError("whiten_rewards is for gae's token rewards: remove it")
+        for spec in self.tools + [self.environment] * bool(self.environment):
+            if ":" not in spec:
+                raise ValueError(f"tool or environment '{spec}': name it as 'package.module:name' or "
+                                 f"'path/to/file.py:name'")
         if self.value_model == "reward" and not any(s.model for s in self.rewards):
             raise ValueError("value_model reward is initialised from a reward model, and rewards has none: "
                              "set value_model to sft or head")
@@ -434,6 +456,16 @@ class PPOStage:
         if self.advantage_estimator != "gae":
             return None
         return self.value_model or ("reward" if any(s.model for s in self.rewards) else "sft")
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether rollouts are multi-turn exchanges with tools (`tools`, `environment`)."""
+        return bool(self.tools or self.environment)
+
+    @property
+    def exchange_tokens(self) -> int:
+        """`max_exchange_tokens`, or its default."""
+        return self.max_exchange_tokens or self.max_new_tokens * (self.max_tool_turns + 1)
 
     @property
     def stop_penalty(self) -> float:
@@ -708,8 +740,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
                 raise ConfigError(f"override '{arg}': '{k}' is not a section")
         node[keys[-1]] = value
     recipe = build(Recipe, data)
-    for source in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges:
-        source.base_dir = str(Path(path).resolve().parent) if path is not None else None
+    for section in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges + [recipe.ppo]:
+        section.base_dir = str(Path(path).resolve().parent) if path is not None else None
     return recipe
 
 

@@ -153,7 +153,13 @@ def ppo(recipe: Recipe) -> Plan:
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
                  {"prompts": _datasets(p.prompts), **start, **reward_inputs(recipe, p.rewards, "ppo.rewards"),
-                  **reward_inputs(recipe, p.judges, "ppo.judges")}, upstream)
+                  **reward_inputs(recipe, p.judges, "ppo.judges"), **tool_inputs(p)}, upstream)
+
+
+def tool_inputs(p) -> dict:
+    """The tools' and the environment's code (editing a tool re-runs the stage, as a reward function's does)."""
+    return {f"ppo.tools:{spec}": user_code.fingerprint(spec, p.base_dir, f"ppo tool '{spec}'")
+            for spec in p.tools + [p.environment] * bool(p.environment)}
 
 
 def reward_model(recipe: Recipe) -> str:

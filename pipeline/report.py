@@ -11,7 +11,7 @@ import sys
 
 from pipeline import artifacts, cli
 
-COLUMNS = ["kl_from_sft", "kl_from_start", "response_length", "stop_token_share", "distinct_2"]
+COLUMNS = ["kl_from_sft", "kl_from_start", "response_length", "stop_token_share", "distinct_2", "tool_use", "tool_calls"]
 POLICIES = ("base", "sft", "start", "ppo", "best")
 
 

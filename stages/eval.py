@@ -33,18 +33,34 @@ from transformers import AutoModelForCausalLM
 from pipeline import artifacts, data, models, plans, report
 from pipeline.dist import open_stage
 from pipeline.metrics import peak_memory_mb
+from pipeline.rl.agent import dataset_rows, load_toolbox
 from pipeline.rl.rewards import Rewards, check_columns, load_sources
+from pipeline.rl.agent import Agent, generate_exchanges
 from pipeline.rl.rollout import generate, response_logprobs, sampling_config
 from pipeline.scoring import load_callable
 
 
-def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device):
+def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device, agent=None):
     """Responses to every prompt in batches of `eval.batch_size`, sampled at `temperature` (0: greedy)
-    with temperature alone, stopping where PPO's rollouts stop. Returns one Rollout per batch."""
+    with temperature alone, stopping where PPO's rollouts stop. Returns one Rollout per batch. `agent`:
+    (toolbox, the prompts' dataset rows, the PPO stage's settings) for exchanges with tools, as PPO runs them."""
     config = sampling_config(temperature, cfg.max_new_tokens, stop_ids, tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    return [generate(model, tokenizer, prompts[i:i + cfg.batch_size], config, device)
-            for i in range(0, len(prompts), cfg.batch_size)]
+    batches = [range(i, min(i + cfg.batch_size, len(prompts))) for i in range(0, len(prompts), cfg.batch_size)]
+    if agent is None:
+        return [generate(model, tokenizer, [prompts[i] for i in b], config, device) for b in batches]
+    toolbox, rows, ppo = agent
+    return [generate_exchanges(model, tokenizer, [prompts[i] for i in b], [rows[i] for i in b], toolbox, config, device,
+                               ppo.max_tool_turns, ppo.exchange_tokens) for b in batches]
+
+
+def batch_columns(columns: dict, batch, i: int, cfg) -> dict:
+    """Batch `i`'s rows of the prompt dataset's other columns (and an agent's environments, as the RL
+    stage passes them to reward functions)."""
+    taken = {k: v[i * cfg.batch_size:(i + 1) * cfg.batch_size] for k, v in columns.items()}
+    if batch.agent is not None and any(e is not None for e in batch.agent.environments):
+        taken["environments"] = batch.agent.environments
+    return taken
 
 
 def load_policy(path, dtype, device, stop_token):
@@ -129,10 +145,14 @@ def main(argv=None):
                                       load_policy(path, dtype, device, recipe.ppo.stop_token))
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
-            batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device)
+            agent = None
+            if recipe.ppo.uses_tools:  # exchanges with the RL stage's tools, as its rollouts ran
+                agent = (load_toolbox(recipe.ppo, tokenizer, prompts), dataset_rows(prompts, columns, list(range(len(prompts)))),
+                         recipe.ppo)
+            batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device, agent)
             decoded = [t for b in batches for t in b.texts]
-            scored = [scores.score(b.prompts, b.texts, b.responses, b.response_mask,
-                                   {k: v[i * cfg.batch_size:(i + 1) * cfg.batch_size] for k, v in columns.items()})
+            scored = [scores.score(b.prompts, b.texts, b.responses, b.response_mask, batch_columns(columns, b, i, cfg),
+                                   exchanges=b.agent.exchanges if b.agent is not None else None)
                       for i, b in enumerate(batches)]
             scores.take_log()  # (what reward functions log is the RL stage's metric, not eval's)
             by_name = {score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
@@ -141,6 +161,10 @@ def main(argv=None):
             m = {**{k: mean_std(v) for k, v in by_name.items()}, "response_length": lengths.mean().item(),
                  "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
+            if agent is not None:  # tool use next to the scores
+                used = Agent.cat([b.agent for b in batches]).metrics()
+                m.update({"tool_use": used["tools/used_share"], "tool_calls": used["tools/calls_per_episode"],
+                          "tool_errors": used["tools/error_share"]})
             if decoding == "sampled":
                 # KL(policy || start) per sequence, estimated on the policy's own samples at the same temperature
                 if model is not reference_model:
@@ -233,6 +257,7 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
 def write_report(out, metrics, texts, prompts, settings, plots, n_samples, start: str = "sft"):
     names = report.score_order([k[:-len("_score")] for k in next(iter(texts.values())) if k.endswith("_score")])
     cols = [score_key(n) for n in names] + [f"kl_from_{start}", "response_length", "stop_token_share", "distinct_2"]
+    cols += [c for c in ("tool_use", "tool_calls") if any(c in m.get("sampled", {}) for m in metrics.values())]
     verdicts = report.verdicts(metrics, start)
     lines = ["# Evaluation report", "", *[f"**Verdict**: {v}." for v in verdicts], *([""] if verdicts else []),
              f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "

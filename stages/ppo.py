@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from pipeline import artifacts, data, engine, models, plans
 from pipeline.dist import StopRequest, open_stage
+from pipeline.rl.agent import dataset_rows, generate_exchanges, load_toolbox
 from pipeline.rl.ppo import batch_sum, iteration_metrics, reward, score, update, with_advantages
 from pipeline.rl.ppo_math import KLController
 from pipeline.rl.rewards import check_columns
@@ -61,6 +62,7 @@ def main(argv=None):
     origin = Start(plans.policy_start(recipe), out, cfg, acc)  # this run's SFT artifact, or ppo.model
     tokenizer, stop_ids = models.policy_tokenizer(origin.dir, cfg.stop_token)
     prompt_ids = PromptIds(tokenizer, prompts)  # each rendered and tokenized once
+    toolbox = load_toolbox(cfg, tokenizer, prompts) if cfg.uses_tools else None  # an agent's tools, environment
     model, reference, rewards, judges = load_models(cfg, origin, lambda m: plans.model_path(recipe, m), tokenizer, acc)
     artifacts.check_free_space(out, disk_need(model, cfg) - artifacts.size(out),  # (less what is there)
                                "the ppo artifact and its checkpoints")
@@ -93,8 +95,13 @@ def main(argv=None):
                 with run.timed("generate"):  # one batched generation with KV cache, the sharded policy gathered once
                     indices = schedule.prompt_indices(iteration, rank, round_)  # each prompt k times in a row
                     with engine.for_generation(model, acc) as unwrapped, acc.autocast():
-                        rollout = generate(unwrapped.policy, tokenizer, data.take(prompts, indices), generation,
-                                           acc.device, prompt_ids(indices))
+                        if toolbox is None:
+                            rollout = generate(unwrapped.policy, tokenizer, data.take(prompts, indices), generation,
+                                               acc.device, prompt_ids(indices))
+                        else:  # multi-turn: the policy calls tools and reads their results until it answers
+                            rollout = generate_exchanges(unwrapped.policy, tokenizer, data.take(prompts, indices),
+                                                         dataset_rows(prompts, columns, indices), toolbox, generation,
+                                                         acc.device, cfg.max_tool_turns, cfg.exchange_tokens)
                 with run.timed("score"), acc.autocast():  # every reward source and judge, agreed by every process
                     return rollout, run.agree(lambda: reward(rollout, {k: data.take(v, indices) for k, v in columns.items()},
                                                              rewards, judges, cfg, score_norm, state))

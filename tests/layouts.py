@@ -38,6 +38,41 @@ GEMMA = ("{{ bos_token }}{%- for m in messages -%}"
          "+ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}"
          "{%- endif -%}")
 
+# The same families' templates with tools, calls and their results, as the hub instruct models render
+# them (shortened system texts): Qwen2.5 lists the tools in a system turn, writes a call as
+# <tool_call>{json}</tool_call> and the results as <tool_response> blocks in a user turn; Llama 3.1
+# writes a call as a bare JSON object and a result as an `ipython` turn
+QWEN_TOOLS = (
+    "{%- if tools -%}{{ '<|im_start|>system\\n# Tools\\n\\n<tools>' }}{%- for t in tools -%}{{ '\\n' + (t | tojson) }}"
+    "{%- endfor -%}{{ '\\n</tools>\\n\\nFor each call, return <tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}{{ '<|im_start|>assistant\\n' + (m['content'] or '') }}"
+    "{%- for c in m.get('tool_calls') or [] -%}{%- if m['content'] or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + c['function']['name'] + '\", \"arguments\": ' + (c['function']['arguments'] | tojson)"
+    " + '}\\n</tool_call>' }}{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+LLAMA3_TOOLS = (
+    "{{ bos_token }}{%- if tools -%}{{ '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n"
+    "Respond with a JSON function call {\"name\": function name, \"parameters\": its arguments}.\\n\\n' }}"
+    "{%- for t in tools -%}{{ (t | tojson) + '\\n\\n' }}{%- endfor -%}{{ '<|eot_id|>' }}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') -%}"
+    "{%- for c in m['tool_calls'] -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n{\"name\": \"' + "
+    "c['function']['name'] + '\", \"parameters\": ' + (c['function']['arguments'] | tojson) + '}<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (m['content'] | tojson) + '<|eot_id|>' }}"
+    "{%- else -%}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}")
+TOOL_TEMPLATES = {"qwen25-instruct": QWEN_TOOLS, "llama3-instruct": LLAMA3_TOOLS}
+
 # the pre-tokenizers' split patterns in the hub tokenizer.json files: whitespace runs that end in a
 # newline are one piece, so a reply that begins with "\n" joins the generation prompt's "\n"
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -102,6 +137,13 @@ def tokenizer(layout: str) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                        unk_token="<|endoftext|>", **common)
     raise ValueError(layout)
+
+
+def tool_tokenizer(layout: str) -> PreTrainedTokenizerFast:
+    """The layout's tokenizer with its family's tool-calling template (`TOOL_TEMPLATES`)."""
+    tok = tokenizer(layout)
+    tok.chat_template = TOOL_TEMPLATES[layout]
+    return tok
 
 
 def save_model(layout: str, path, seed: int = 0, **config):

@@ -212,12 +212,16 @@ def reward(rollout: Rollout, columns: dict, rewards: Rewards, judges: Rewards, c
     """Every reward source's and judge's scores of a rollout (`columns`: the prompt dataset's other
     columns, one value per rollout; `state`: the run's progress, for reward functions), the score
     optimised, and what the reward functions logged."""
+    agent = rollout.agent
+    if agent is not None and any(env is not None for env in agent.environments):  # as trl passes them
+        columns = {**columns, "environments": agent.environments}
     batch = (rollout.prompts, rollout.texts, rollout.responses, rollout.response_mask, columns, rollout.prompt_ids)
+    exchanges = agent.exchanges if agent is not None else None
     try:
-        sources, failure = rewards.score(*batch, state=state), None
+        sources, failure = rewards.score(*batch, state=state, exchanges=exchanges), None
     except RewardError as e:  # the judges score all the same: every process runs the same forwards
         failure = e
-    judged = judges.score(*batch, state=state)
+    judged = judges.score(*batch, state=state, exchanges=exchanges)
     if failure is not None:
         raise failure
     raw_scores, valid = rewards.total(sources)
@@ -241,7 +245,7 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
     `model` is the (engine-wrapped) PolicyAndValue; `reference` a frozen model, or a peft policy
     whose disabled adapter makes it the reference (LoRA), or None without a KL term. Under
     `cfg.single_pass` the policy's forward waits for the update, which reads its own log-probs."""
-    R, mask = rollout.responses.shape[1], rollout.response_mask.float()
+    R, mask = rollout.responses.shape[1], rollout.loss_mask.float()  # (an agent's: its own tokens)
     old_logp, old_values, entropy = [], [], []
     for i in range(0, len(rollout), forward_batch_size) if not cfg.single_pass else ():
         s = slice(i, i + forward_batch_size)
@@ -485,6 +489,8 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     if exp.zero_variance_groups is not None:
         local["objective/zero_variance_groups"] = exp.zero_variance_groups
     local.update({k: torch.tensor(v, device=mask.device) for k, v in exp.sampling.items()})
+    if exp.rollout.agent is not None:  # tool use: calls, errors, turns, exchanges cut
+        local.update({k: torch.tensor(v, device=mask.device) for k, v in exp.rollout.agent.metrics().items()})
     metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},
                                                            reduction="mean").items()}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged

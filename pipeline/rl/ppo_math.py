@@ -182,9 +182,15 @@ def k3_clamped(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token reward: -beta * KL everywhere, plus the sequence's score on its last real token."""
     rewards = -beta * kl
-    last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores)), last_positions(mask)] += scores
     return rewards * mask
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the index of each row's last 1 in `mask` (0 in a row without one): the response's last token,
+    also where a multi-turn exchange's mask has holes (the tokens its tools inserted)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.bool() * positions).amax(1)
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float, chunk: int = 256) -> torch.Tensor:
@@ -217,7 +223,14 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     values after the last real token count as 0. Returns (advantages, returns = A + V).
     The recursion unrolled, A_t = sum_{s >= t} (gamma lam)^(s - t) delta_s over the response's own
     tokens (the mask is 1 up to the stop token, then 0): one discounted sum, no loop over tokens.
+    A mask with holes (a multi-turn exchange: tool results between the model's turns) runs the
+    recursion over the model's tokens as if adjacent: a turn's last token bootstraps from the value of
+    the model's next token, not of the tool's text.
     """
+    if (mask[:, 1:] > mask[:, :-1]).any():  # holes: the model's tokens moved together, run, and put back
+        order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+        advantages, returns = gae(*(x.gather(1, order) for x in (values, rewards, mask)), gamma, lam)
+        return tuple(torch.zeros_like(x).scatter(1, order, x) for x in (advantages, returns))
     values = values * mask
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
     deltas = (rewards + gamma * next_values - values) * mask

@@ -165,12 +165,17 @@ class FunctionReward:
         self.names = set(params)
 
     def start(self, prompts, texts, completion_ids, columns, state: TrainerState | None = None,
-              log: FunctionLog | None = None, prefix: str = "rewards") -> Callable[[], list[float]]:
+              log: FunctionLog | None = None, prefix: str = "rewards",
+              exchanges: list[list[dict]] | None = None) -> Callable[[], list[float]]:
         """Call the function on a batch; what it returns gives its rewards. A sync function runs now; an
-        async one is started on the event loop and runs while the caller goes on."""
+        async one is started on the event loop and runs while the caller goes on. `exchanges`: an
+        agent's rollouts, each its messages after the prompt (the completions trl passes with tools)."""
         log = log if log is not None else FunctionLog()
-        completions = ([[{"role": "assistant", "content": t}] for t in texts]
-                       if prompts and is_conversational(prompts[0]) else list(texts))
+        if exchanges is not None:
+            completions = exchanges
+        else:
+            completions = ([[{"role": "assistant", "content": t}] for t in texts]
+                           if prompts and is_conversational(prompts[0]) else list(texts))
         kwargs = {**columns, "prompts": list(prompts), "completions": completions, "completion_ids": completion_ids,
                   "trainer_state": state if state is not None else TrainerState(),
                   "log_metric": log.log_metric(f"{prefix}/{self.spec.label}"),
@@ -477,17 +482,20 @@ class Rewards:
 
     def score(self, prompts: list, texts: list[str], responses: torch.Tensor | None = None,
               response_mask: torch.Tensor | None = None, columns: dict | None = None,
-              prompt_ids: list[list[int]] | None = None, state: TrainerState | None = None) -> dict[str, torch.Tensor]:
+              prompt_ids: list[list[int]] | None = None, state: TrainerState | None = None,
+              exchanges: list[list[dict]] | None = None) -> dict[str, torch.Tensor]:
         """{name: (B,) float32 on the device, NaN where the source gave no reward}. `responses` and
         their mask give the functions' `completion_ids` (the response up to and including its stop);
         with `prompt_ids` too, a reward model that reads the policy's ids reads them (ModelReward).
-        `state`: the run's progress, for functions that read `trainer_state`.
+        `state`: the run's progress, for functions that read `trainer_state`. `exchanges`: an agent's
+        rollouts as messages, the completions functions get (`FunctionReward.start`).
 
         Async functions start first and run while the others score. Every source scores the batch even
         after one has failed, so every process runs the same reward-model forwards (collectives under
         sharded engines); then the first failure is raised (a watched source's: a warning)."""
         with _rng_untouched() if self.watched else contextlib.nullcontext():
-            results, failures = self._scored(prompts, texts, responses, response_mask, columns or {}, prompt_ids, state)
+            results, failures = self._scored(prompts, texts, responses, response_mask, columns or {}, prompt_ids, state,
+                                             exchanges)
         for name, e in failures:
             if not self.watched:
                 raise e
@@ -500,7 +508,7 @@ class Rewards:
                        else torch.tensor(results[name], dtype=torch.float64)).to(self.device)
                 for name in self.sources}
 
-    def _scored(self, prompts, texts, responses, response_mask, columns, prompt_ids, state):
+    def _scored(self, prompts, texts, responses, response_mask, columns, prompt_ids, state, exchanges=None):
         """({name: scores}, [(name, RewardError)]): every source's scores, NaN for one that failed."""
         ids = None
         if self.has_functions() and responses is not None:
@@ -523,7 +531,7 @@ class Rewards:
                 self.resting[name] -= 1
                 results[name] = [math.nan] * len(texts)
             elif isinstance(source, FunctionReward):
-                attempt(name, lambda: source.start(prompts, texts, ids, columns, state, self.log, self.kind))
+                attempt(name, lambda: source.start(prompts, texts, ids, columns, state, self.log, self.kind, exchanges))
             elif isinstance(source, ModelReward):
                 attempt(name, lambda: source(prompts, texts, ids, columns, policy_ids))
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
@@ -22,6 +23,9 @@ from pipeline.rl import unpadded
 from pipeline.rl.ppo_math import chunked_logprobs, logprobs_of, truncate_after_stop
 from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
+
+if TYPE_CHECKING:
+    from pipeline.rl.agent import Agent
 
 
 @dataclass
@@ -44,9 +48,18 @@ class Rollout:
     """(B,) whether the response ended with the stop token."""
     texts: list[str]
     """Decoded responses, special tokens skipped."""
+    agent: "Agent | None" = None
+    """Multi-turn rollouts with tools (pipeline/rl/agent.py): the model's own tokens among the response's,
+    each exchange's messages, environments and tool use."""
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, R) the tokens the model chose, which the loss, the KL and the advantages are over: the
+        response's (`response_mask`), less those a tool's result and the template inserted."""
+        return self.response_mask if self.agent is None else self.agent.model_mask
 
     def take(self, rows: list[int]) -> "Rollout":
         """These rows, in this order."""
@@ -54,7 +67,8 @@ class Rollout:
         return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.prompt_ids[i] for i in rows],
                        query_responses=self.query_responses[index], attention_mask=self.attention_mask[index],
                        responses=self.responses[index], response_mask=self.response_mask[index],
-                       has_stop=self.has_stop[index], texts=[self.texts[i] for i in rows])
+                       has_stop=self.has_stop[index], texts=[self.texts[i] for i in rows],
+                       agent=self.agent.take(rows) if self.agent is not None else None)
 
     @staticmethod
     def cat(rollouts: list["Rollout"], pad_id: int) -> "Rollout":
@@ -74,10 +88,14 @@ class Rollout:
                                                       pad(r.response_mask, 0, R - n, 0)], 1))
             parts["responses"].append(pad(r.responses, 0, R - n, pad_id))
             parts["response_mask"].append(pad(r.response_mask, 0, R - n, 0))
+        agent = None
+        if rollouts[0].agent is not None:
+            from pipeline.rl.agent import Agent
+            agent = Agent.cat([r.agent for r in rollouts], R)
         return Rollout(prompts=[x for r in rollouts for x in r.prompts],
                        prompt_ids=[x for r in rollouts for x in r.prompt_ids],
                        has_stop=torch.cat([r.has_stop for r in rollouts]), texts=[x for r in rollouts for x in r.texts],
-                       **{k: torch.cat(v) for k, v in parts.items()})
+                       agent=agent, **{k: torch.cat(v) for k, v in parts.items()})
 
 
 def sampling_config(temperature: float, max_new_tokens: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -221,7 +239,8 @@ def response_logits(model, input_ids, attention_mask, response_len: int, layout:
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
 def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: int) -> torch.Tensor:
-    """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R);
+    """log p(response token) under `model` at temperature T, in forward micro-batches: (B, R), 0 where
+    the model did not choose the token (padding; an agent's inserted tokens);
     unpadded where the model's attention allows it (`unpadded.enabled`), the LM head in chunks where
     `chunks_head` says so."""
     R, out, chunked = rollout.responses.shape[1], [], chunks_head(model)
@@ -233,4 +252,4 @@ def response_logprobs(model, rollout: Rollout, temperature: float, batch_size: i
             out.append(chunked_response_logprobs(engine.bare(model), ids, mask, tokens, temperature, layout)[0][0])
         else:
             out.append(logprobs_of(response_logits(model, ids, mask, R, layout), tokens, temperature))
-    return torch.cat(out) * rollout.response_mask
+    return torch.cat(out) * rollout.loss_mask  # (an agent's: its own tokens only)

@@ -482,6 +482,8 @@ class PPORun:
                 value = lambda x: None if x != x else x  # noqa: E731  (NaN: no reward)
                 for i, (prompt, response) in enumerate(zip(exp.rollout.prompts[:4], exp.rollout.texts)):
                     row = {"iteration": iteration, "prompt": prompt, "response": response, "score": exp.scores[i].item()}
+                    if exp.rollout.agent is not None:  # the exchange as messages: calls, results, answer
+                        row["exchange"] = exp.rollout.agent.exchanges[i]
                     if exp.rm_scores is not None:
                         row["rm_score_raw"] = exp.rm_scores[i].item()
                     row["rewards"] = {k: value(v[i].item()) for k, v in exp.source_scores.items()}
