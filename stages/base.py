@@ -26,30 +26,49 @@ from pipeline import plans
 
 EOS, PAD, UNK = "<|end|>", "<|pad|>", "<|unk|>"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
-# Every turn ends with EOS, so SFT on this template teaches the model to stop after its answer.
+TOOL_ROLE = "<|tool|>"  # a special token only where the corpus has tool messages (the agent demo)
+# Every turn ends with EOS, so SFT on this template teaches the model to stop after its answer. An
+# assistant turn's tool calls follow its text as pipeline.demo_agent.call_text writes them (JSON with
+# spaces between its tokens, for the word-level tokenizer); a tool's result is a turn of role `tool`.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}"
+    "{%- if message.get('tool_calls') -%}"
+    "{{ '<|assistant|> ' + (message['content'] + ' ' if message['content'] else '') }}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{ '<tool_call> { \"name\" : \"' + call['function']['name'] + '\" , \"arguments\" : { ' }}"
+    "{%- for key, value in call['function']['arguments'].items() -%}"
+    "{{ '\"' + key + '\" : \" ' + (value | string | trim) + ' \"' + (' , ' if not loop.last else '') }}"
+    "{%- endfor -%}{{ ' } } </tool_call> ' }}{%- endfor -%}{{ '<|end|> ' }}"
+    "{%- else -%}{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|> ' }}{%- endif -%}"
 )
 
 
 def corpus(paths: list[str]):
-    """Every piece of text in the demo files (message contents and plain strings)."""
+    """Every piece of text in the demo files (message contents, tool calls as the template writes them, and
+    plain strings), with its message's role (None for a plain string)."""
+    from pipeline.demo_agent import call_text
     for path in paths:
         for line in open(path):
             for value in json.loads(line).values():
                 for message in value if isinstance(value, list) else [{"content": value}]:
-                    yield message["content"]
+                    if not isinstance(message, dict):  # (a column of other values: an answer, a label)
+                        yield None, str(message)
+                        continue
+                    yield message.get("role"), message["content"]
+                    for call in message.get("tool_calls") or []:
+                        yield "assistant", call_text(call["function"]["name"], call["function"]["arguments"])
 
 
 def train_tokenizer(paths: list[str]) -> PreTrainedTokenizerFast:
+    texts = list(corpus(paths))
+    roles = ROLES + [TOOL_ROLE] * any(role == "tool" for role, _ in texts)
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(corpus(paths), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *ROLES]))
+    tok.train_from_iterator((text for _, text in texts), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *roles]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                                   additional_special_tokens=ROLES, chat_template=CHAT_TEMPLATE,
+                                   additional_special_tokens=roles, chat_template=CHAT_TEMPLATE,
                                    padding_side="left", clean_up_tokenization_spaces=False)
 
 
