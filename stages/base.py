@@ -45,28 +45,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def corpus(paths: list[str]):
-    """Every piece of text in the demo files (message contents, tool calls as the template writes them, and
-    plain strings), with its message's role (None for a plain string)."""
-    from pipeline.demo_agent import call_text
+def _messages(paths: list[str]):
+    """Every message in the demo files; a plain string as {"content": ...}."""
     for path in paths:
         for line in open(path):
             for value in json.loads(line).values():
-                for message in value if isinstance(value, list) else [{"content": value}]:
-                    if not isinstance(message, dict):  # (a column of other values: an answer, a label)
-                        yield None, str(message)
-                        continue
-                    yield message.get("role"), message["content"]
-                    for call in message.get("tool_calls") or []:
-                        yield "assistant", call_text(call["function"]["name"], call["function"]["arguments"])
+                yield from value if isinstance(value, list) else [{"content": value}]
+
+
+def corpus(paths: list[str]):
+    """Every piece of text in the demo files: message contents and plain strings, and tool calls as the
+    template writes them."""
+    from pipeline.demo_agent import call_text
+    for message in _messages(paths):
+        yield message["content"]
+        for call in message.get("tool_calls") or []:
+            yield call_text(call["function"]["name"], call["function"]["arguments"])
 
 
 def train_tokenizer(paths: list[str]) -> PreTrainedTokenizerFast:
-    texts = list(corpus(paths))
-    roles = ROLES + [TOOL_ROLE] * any(role == "tool" for role, _ in texts)
+    roles = ROLES + [TOOL_ROLE] * any(m.get("role") == "tool" for m in _messages(paths))
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator((text for _, text in texts), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *roles]))
+    tok.train_from_iterator(corpus(paths), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *roles]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
                                    additional_special_tokens=roles, chat_template=CHAT_TEMPLATE,
                                    padding_side="left", clean_up_tokenization_spaces=False)

@@ -252,7 +252,7 @@ def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(tmp_path):
     shutil.copytree(tmp_path / "runs" / "demo-agent" / "sft", tmp_path / "control" / "demo-agent" / "sft")
     histories = []
     for runs, extra in (("runs", []), ("control", ["ppo.learning_rate=1e-12"])):
-        stages.ppo.main([*recipe, *common, f"runs_dir={tmp_path / runs}", *extra])
+        stages.ppo.main([*recipe, *common, f"runs_dir={tmp_path / runs}", "ppo.total_episodes=512", *extra])
         histories.append(read_jsonl(tmp_path / runs / "demo-agent" / "ppo" / "metrics.jsonl"))
-    assert_learned(*histories, margin=0.2, key="tools/used_share", last=3)
-    assert_learned(*histories, margin=0.1, key="rewards/correct", last=3)
+    assert_learned(*histories, margin=0.3, key="tools/used_share", last=3)
+    assert_learned(*histories, margin=0.2, key="rewards/correct", last=3)
