@@ -442,6 +442,9 @@ class PPOStage:
                                  f"remove value_model (it is for gae)")
             if self.whiten_rewards:
                 raise ValueError("whiten_rewards is for gae's token rewards: remove it")
+        if self.uses_tools and any(s.model or s.url for s in self.rewards + self.judges):
+            raise ValueError("with tools, rewards and judges must be reward functions (they get each exchange as "
+                             "messages: calls, results, answer); a reward model or server reads one reply")
         for spec in self.tools + [self.environment] * bool(self.environment):
             if ":" not in spec:
                 raise ValueError(f"tool or environment '{spec}': name it as 'package.module:name' or "
@@ -466,6 +469,12 @@ class PPOStage:
     def exchange_tokens(self) -> int:
         """`max_exchange_tokens`, or its default."""
         return self.max_exchange_tokens or self.max_new_tokens * (self.max_tool_turns + 1)
+
+    @property
+    def horizon(self) -> int:
+        """The most tokens of its own a response has (seq_mean_token_sum_norm divides by it): max_new_tokens,
+        or an exchange's budget with tools."""
+        return self.exchange_tokens if self.uses_tools else self.max_new_tokens
 
     @property
     def stop_penalty(self) -> float:

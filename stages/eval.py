@@ -31,11 +31,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import artifacts, data, models, plans, report
+from pipeline.config import ConfigError
 from pipeline.dist import open_stage
 from pipeline.metrics import peak_memory_mb
-from pipeline.rl.agent import dataset_rows, load_toolbox
+from pipeline.rl.agent import Agent, dataset_rows, generate_exchanges, load_toolbox
 from pipeline.rl.rewards import Rewards, check_columns, load_sources
-from pipeline.rl.agent import Agent, generate_exchanges
 from pipeline.rl.rollout import generate, response_logprobs, sampling_config
 from pipeline.scoring import load_callable
 
@@ -147,6 +147,9 @@ def main(argv=None):
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             agent = None
             if recipe.ppo.uses_tools:  # exchanges with the RL stage's tools, as its rollouts ran
+                if recipe.judge or any(j.model or j.url for j in recipe.eval.judges):
+                    raise ConfigError("eval: with ppo.tools, judges must be reward functions (they get each exchange "
+                                      "as messages); a text judge or a reward model would read one reply: remove it")
                 agent = (load_toolbox(recipe.ppo, tokenizer, prompts), dataset_rows(prompts, columns, list(range(len(prompts)))),
                          recipe.ppo)
             batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device, agent)
@@ -157,7 +160,7 @@ def main(argv=None):
             scores.take_log()  # (what reward functions log is the RL stage's metric, not eval's)
             by_name = {score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
                        for name in scores.sources}  # NaN: no score from that source
-            lengths = torch.cat([b.response_mask.sum(1).float().cpu() for b in batches])
+            lengths = torch.cat([b.loss_mask.sum(1).float().cpu() for b in batches])  # (an agent's own tokens)
             m = {**{k: mean_std(v) for k, v in by_name.items()}, "response_length": lengths.mean().item(),
                  "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
                  "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}

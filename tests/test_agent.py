@@ -138,7 +138,7 @@ def test_the_turn_limit_and_the_budget_end_an_exchange():
     assert (stats["calls"], stats["turns"], stats["cut"]) == (2, 3, "turns")  # the third call is not run
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
     assert [m["content"] for m in messages if m["role"] == "tool"] == ['0', '2']
-    assert bool(rollout.has_stop[0])
+    assert not bool(rollout.has_stop[0])  # it ends on a call whose result it never read: truncated
     # a budget too small for the first call's result: the exchange ends on the call, its result not shown
     tok, policy, _, cut = exchange(layout, always, max_tool_turns=4, budget=60)
     first = len(policy.replies[0])
@@ -198,9 +198,17 @@ def test_an_exchange_s_log_probs_are_the_same_padded_and_unpadded(tmp_path):
 
 
 def test_the_rl_stage_runs_an_agent_and_its_reward_function_gets_messages_and_environments(tmp_path, monkeypatch):
-    """A tiny model with a tool-calling template, GRPO over exchanges with a tool and an environment:
-    the reward function gets each exchange as messages and the rollouts' environments, reset with
-    their rows; tool metrics are logged and the samples keep the exchanges."""
+    """A tiny model with a tool-calling template, GRPO over exchanges with a tool and an environment,
+    its turns scripted (each exchange calls `increment` once, then answers): the reward function gets
+    each exchange as messages and the rollouts' environments, reset with their rows; tool metrics are
+    logged, the samples keep the exchanges, and eval runs the same exchanges."""
+    import pipeline.rl.agent
+    real_generate = pipeline.rl.agent.generate
+    script = lambda context, turn: call_text("qwen25-instruct", "increment", {"by": 2}) if turn == 0 else "done"  # noqa: E731
+
+    def scripted(model, tokenizer, prompts, config, device, ids=None):
+        return real_generate(Scripted(tokenizer, script, MARKER["qwen25-instruct"]), tokenizer, prompts, config, device, ids)
+    monkeypatch.setattr(pipeline.rl.agent, "generate", scripted)
     path = layouts.save_model("qwen25-instruct", tmp_path / "policy")
     tok = layouts.tool_tokenizer("qwen25-instruct")
     tok.save_pretrained(path)
@@ -211,23 +219,26 @@ def test_the_rl_stage_runs_an_agent_and_its_reward_function_gets_messages_and_en
     overrides = ["--recipe", "stages/recipes/demo-grpo.yaml", f"runs_dir={tmp_path}", f"ppo.model={path}",
                  f"ppo.prompts={prompts}", "ppo.rewards=[{function: 'tests.agent_tools:record'}]", "ppo.judges=[]",
                  "ppo.tools=[tests.agent_tools:multiply]", "ppo.environment=tests.agent_tools:Counter",
-                 "ppo.max_tool_turns=2", "ppo.max_new_tokens=6", "ppo.total_episodes=16", "ppo.batch_size=8",
+                 "ppo.max_tool_turns=2", "ppo.max_new_tokens=64", "ppo.total_episodes=16", "ppo.batch_size=8",
                  "ppo.mini_batch_size=8", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=1", "ppo.finetune=full",
-                 "ppo.keep_best=false", f"eval.prompts={prompts}", "eval.max_new_tokens=6", "eval.batch_size=4"]
+                 "ppo.keep_best=false", f"eval.prompts={prompts}", "eval.max_new_tokens=64", "eval.batch_size=4",
+                 "judge=null"]
     stages.ppo.main(overrides)
     records = read_jsonl(tmp_path / "record.jsonl")
     assert len(records) == 2 and all(len(r["completions"]) == 8 for r in records)
-    assert all(isinstance(c, list) and c[0]["role"] == "assistant" for r in records for c in r["completions"])
+    assert all([m["role"] for m in c] == ["assistant", "tool", "assistant"] for r in records for c in r["completions"])
+    assert records[0]["completions"][0][1] == {"role": "tool", "name": "increment", "content": "2"}
     assert records[0]["environments"] == ["Counter"] * 8 and {row["a"] for row in records[0]["rows"]} <= set(range(8))
     history = read_jsonl(tmp_path / "demo-grpo" / "ppo" / "metrics.jsonl")
-    assert len(history) == 2 and "tools/calls_per_episode" in history[0] and "tools/calls/increment" in history[0]
+    assert len(history) == 2 and history[0]["tools/calls_per_episode"] == history[0]["tools/calls/increment"] == 1.0
+    assert history[0]["tools/error_share"] == 0.0 and history[0]["first_minibatch"]["ratio"] == pytest.approx(1.0)
     samples = read_jsonl(tmp_path / "demo-grpo" / "ppo" / "samples.jsonl")
-    assert samples[0]["exchange"][0]["role"] == "assistant"
+    assert [m["role"] for m in samples[0]["exchange"]] == ["assistant", "tool", "assistant"]
 
     stages.eval.main(overrides)  # the same exchanges on the eval prompts, tool use next to the scores
     metrics = json.loads((tmp_path / "demo-grpo" / "eval" / "metrics.json").read_text())
     for policy in ("start", "ppo"):
-        assert {"tool_use", "tool_calls", "tool_errors"} <= set(metrics[policy]["sampled"])
+        assert metrics[policy]["sampled"]["tool_use"] == metrics[policy]["sampled"]["tool_calls"] == 1.0
     assert "tool_use" in (tmp_path / "demo-grpo" / "eval" / "report.md").read_text()
 
 
@@ -256,3 +267,13 @@ def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(tmp_path):
         histories.append(read_jsonl(tmp_path / runs / "demo-agent" / "ppo" / "metrics.jsonl"))
     assert_learned(*histories, margin=0.3, key="tools/used_share", last=3)
     assert_learned(*histories, margin=0.2, key="rewards/correct", last=3)
+
+
+def test_tools_take_reward_functions_and_a_bad_environment_is_one_line():
+    from pipeline.config import load_recipe
+    from pipeline.user_code import RewardError
+    with pytest.raises(Exception, match="with tools, rewards and judges must be reward functions"):
+        load_recipe("stages/recipes/demo.yaml", ["ppo.tools=[tests.agent_tools:multiply]"])  # (its reward model)
+    toolbox = Toolbox([], "tests.agent_tools:NoRow", None, 1.0)
+    with pytest.raises(RewardError, match=r"environment 'NoRow': creating it or reset\(\*\*row\) raised TypeError"):
+        toolbox.start({"prompt": "p"})

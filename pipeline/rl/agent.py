@@ -1,5 +1,7 @@
 """Multi-turn rollouts: the policy answers, calls tools, reads their results and goes on, until it
-answers without a call, `max_tool_turns` calls are done, or the exchange's token budget is spent.
+answers without a call, after `max_tool_turns` turns of calls, or when the exchange's token budget is
+spent. An exchange that ends on a call whose result it never read (the turn limit, the budget) counts
+as truncated (`has_stop` False), as one cut by the length limit does.
 
     exchange = prompt (rendered with the tools' schemas)
              + model turn (its own tokens, up to and including its stop token)
@@ -25,6 +27,7 @@ from pipeline import data
 from pipeline.config import ConfigError, PPOStage
 from pipeline.rl.rollout import Rollout, generate
 from pipeline.rl.tools import Toolbox, check_template, parse_reply, result_ids
+from pipeline.user_code import one_line
 
 
 @dataclass
@@ -38,7 +41,9 @@ class Agent:
     environments: list
     """Each rollout's environment instance (None without `ppo.environment`)."""
     stats: list[dict]
-    """Per rollout: turns, calls, errors, `cut` ('budget', 'turns', 'length' or None), calls per tool."""
+    """Per rollout: turns, calls, errors, calls per tool, and why it ended unfinished (`cut`: 'budget',
+    'turns', 'length' (a turn reached max_new_tokens), 'template' (its results could not be rendered); None:
+    it answered)."""
     tools: list[str]
     """The tools' names (the same on every process: the metrics' keys)."""
 
@@ -81,6 +86,7 @@ def load_toolbox(cfg: PPOStage, tokenizer, prompts) -> Toolbox:
                           "give conversational prompts (a `prompt` column of message lists)")
     toolbox = Toolbox(cfg.tools, cfg.environment, cfg.base_dir, cfg.tool_timeout_s)
     check_template(tokenizer, toolbox.schemas)
+    result_ids(tokenizer, [{"role": "tool", "name": toolbox.names[0], "content": "x"}], tokenizer.eos_token)
     return toolbox
 
 
@@ -144,11 +150,17 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
                 has_stop[i] = True
                 continue
             if turn == max_tool_turns:  # a call past the last turn is not run: the exchange ends on it
-                has_stop[i], stats[i]["cut"] = True, "turns"
+                stats[i]["cut"] = "turns"
                 continue
             results = [toolbox.run(call, tools[i]) for call in calls]
             messages = [m for m, _ in results]
-            inserted = result_ids(tokenizer, messages, tokenizer.convert_ids_to_tokens(new[-1]))
+            try:
+                inserted = result_ids(tokenizer, messages, tokenizer.decode([new[-1]]))
+            except Exception as e:  # a template that cannot render these results (e.g. one call a turn only)
+                print(f"warning: the chat template could not render a tool result ({one_line(e)}): the exchange "
+                      f"ends on its call")
+                stats[i]["cut"] = "template"
+                continue
             for call, (_, failed) in zip(calls, results):
                 stats[i]["calls"] += 1
                 stats[i]["errors"] += failed

@@ -402,7 +402,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                     exp.old_logp[idx], exp.entropy[idx] = logp.detach() * exp.mask[idx], entropy
                 mask = policy_mask[idx]
                 pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
-                                                how, cfg.max_new_tokens, policy_units, cfg.cliprange_high)
+                                                how, cfg.horizon, policy_units, cfg.cliprange_high)
                 losses = {"pg_loss": pg_loss}
                 if values is not None:
                     vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx],
@@ -412,7 +412,7 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                 else:
                     loss = pg_loss
                 if cfg.kl_in == "loss" and exp.ref_logp is not None:  # k3: 0 and no gradient while policy = reference
-                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.max_new_tokens,
+                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.horizon,
                                         policy_units)
                     losses["kl_loss"] = kl_loss
                     pg_stats["kl_clamped"] = k3_clamped(logp.detach(), exp.ref_logp[idx], mask)

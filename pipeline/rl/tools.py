@@ -11,7 +11,10 @@ reading the calls out of a reply, running them, and the tokens their results add
   (`response_template`, transformers 5), else Qwen2.5 / Hermes `<tool_call>{json}</tool_call>` blocks
   or a Llama 3.1 JSON reply `{"name": ..., "parameters": {...}}`.
 - A call never crashes the run: an unknown tool, bad arguments, an exception, a call past its
-  deadline or a malformed call becomes an error message the model reads as the tool's result.
+  deadline or a malformed call becomes an error message the model reads as the tool's result. (A call
+  stuck in C code that never returns to Python cannot be interrupted: pipeline/user_code.py's `call`
+  ends the process then, saying why.) Calls run one after another in the main thread, so a slow tool
+  slows the whole batch: `tool_timeout_s` bounds each.
 - The result's tokens are what the template writes after the model's turn (the tool messages and the
   next assistant header), found by rendering a small conversation with and without them (trl's way):
   the model's own tokens are never re-tokenised.
@@ -69,7 +72,7 @@ def parse_reply(text: str, tokenizer=None) -> tuple[str, list[Call]]:
     if tokenizer is not None and getattr(tokenizer, "response_template", None):
         try:
             parsed = tokenizer.parse_response(text, prefix="")
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # (transformers raises ValueError mostly; any failure is the model's text)
             return text, [Call(None, malformed=f"the reply could not be parsed ({one_line(e)})")]
         calls = [_call_of(c.get("function", c)) for c in parsed.get("tool_calls") or []]
         return parsed.get("content") or "", calls
@@ -104,7 +107,7 @@ def schema(fn: Callable, who: str) -> dict:
 
 
 def _methods(cls: type) -> list[str]:
-    """An environment's tools: its public methods but `reset` (trl's rule)."""
+    """An environment's tools: its public methods but `reset` and `get_reward` (trl's rule)."""
     return [name for name, member in inspect.getmembers(cls, inspect.isfunction)
             if not name.startswith("_") and name not in ("reset", "get_reward")]
 
@@ -116,7 +119,11 @@ class Toolbox:
         self.functions = {}
         for spec in specs:
             fn = user_code.load(spec, base_dir, f"tool '{spec}'")
-            self.functions[fn.__name__] = fn
+            name = getattr(fn, "__name__", None)
+            if not name or name in self.functions:
+                raise ConfigError(f"tool '{spec}': " + (f"two tools are named {name}: rename one" if name else
+                                                         "name a function (the model calls it by its __name__)"))
+            self.functions[name] = fn
         self.environment, self.timeout_s = None, timeout_s
         if environment:
             self.environment = user_code.load(environment, base_dir, f"environment '{environment}'")
@@ -143,8 +150,15 @@ class Toolbox:
         to append to the prompt (None: nothing)."""
         if self.environment is None:
             return None, self.functions, None
-        env = self.environment()
-        observation = env.reset(**row)
+        who = f"environment '{self.environment.__name__}'"
+        try:
+            env = self.environment()
+            observation = user_code.call(env.reset, row, self.timeout_s, f"{who}'s reset")
+        except RewardError:
+            raise
+        except Exception as e:  # a reset that takes other arguments, or fails
+            raise RewardError(f"{who}: creating it or reset(**row) raised {type(e).__name__}: {one_line(e)} "
+                              f"(reset gets the prompt's dataset row as keyword arguments: accept **row)") from None
         return env, {**self.functions, **{name: getattr(env, name) for name in self.methods}}, observation
 
     def run(self, call: Call, tools: dict[str, Callable]) -> tuple[dict, bool]:
@@ -180,13 +194,13 @@ def check_template(tokenizer, schemas: list[dict]) -> None:
     where it does not (a template that ignores them would train a model on calls it never saw)."""
     name = schemas[0]["function"]["name"]
     conversation = [{"role": "user", "content": "q"},
-                    {"role": "assistant", "content": "", "tool_calls": [Call(name, {"x": 1}).message()]},
+                    {"role": "assistant", "content": "", "tool_calls": [Call(name, {"x": "CALL_MARK"}).message()]},
                     {"role": "tool", "name": name, "content": "RESULT_MARK"}]
     try:
         text = tokenizer.apply_chat_template(conversation, tools=schemas, tokenize=False)
     except Exception as e:
         text = f"({one_line(e)})"
-    if "RESULT_MARK" not in text or name not in text.replace("RESULT_MARK", ""):
+    if "RESULT_MARK" not in text or "CALL_MARK" not in text:
         raise ConfigError("ppo.tools: the policy's chat template does not render tools, tool calls and their "
                           "results: use a model whose template does (Qwen2.5, Llama 3.1 and later instruct "
                           "models), or set one with a template that does")
