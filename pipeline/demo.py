@@ -213,9 +213,14 @@ def build(seed: int = 0, label_noise: float = 0.1) -> dict[str, list[dict]]:
 
 
 def write(out_dir: str | Path, seed: int = 0) -> None:
+    write_files(out_dir, build(seed))
+
+
+def write_files(out_dir: str | Path, files: dict[str, list[dict]]) -> None:
+    """{file name: rows} as JSON-lines files in `out_dir` (the demos' data)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, rows in build(seed).items():
+    for name, rows in files.items():
         with open(out / name, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 

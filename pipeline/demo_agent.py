@@ -14,7 +14,6 @@ tool strips the spaces around a value.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
@@ -105,11 +104,8 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
 
 
 def write(out_dir: str | Path, seed: int = SEED) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in build(seed).items():
-        with open(out / name, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    from pipeline.demo import write_files
+    write_files(out_dir, build(seed))
 
 
 if __name__ == "__main__":
