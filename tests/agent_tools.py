@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -36,6 +37,22 @@ def hangs(x: int) -> int:
     return x
 
 
+ARRIVED: dict[str, int] = {}
+
+
+async def meet(group: str, n: int) -> int:
+    """Wait until n calls of one group have arrived (only calls that run together can all return).
+
+    Args:
+        group: the group's name
+        n: how many calls to wait for
+    """
+    ARRIVED[group] = ARRIVED.get(group, 0) + 1
+    while ARRIVED[group] < n:
+        await asyncio.sleep(0.01)
+    return ARRIVED[group]
+
+
 class Counter:
     """An environment: each rollout counts its own calls; reset's row is kept for the reward."""
 
@@ -54,12 +71,25 @@ class Counter:
 
 
 def record(completions, environments=None, **kwargs) -> list[float]:
-    """Writes what it was given (to the file AGENT_RECORD names), rewards each exchange's length."""
+    """Writes what it was given (to the file AGENT_RECORD names, a line per call and process), rewards
+    each exchange's length."""
     with open(os.environ["AGENT_RECORD"], "a") as f:
-        f.write(json.dumps({"completions": completions,
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "completions": completions,
                             "environments": [type(e).__name__ for e in environments] if environments else None,
                             "rows": [e.row for e in environments] if environments else None}) + "\n")
     return [float(len(c)) for c in completions]
+
+
+def stars(title: str) -> str:
+    """The agent demo's tool (pipeline/demo_agent.py), failing for the films of five of its ten colours.
+
+    Args:
+        title: the film's title, e.g. "red river"
+    """
+    from pipeline import demo_agent
+    if title.split()[:1] in (["red"], ["blue"], ["green"], ["black"], ["white"]):
+        raise LookupError("the ratings are unavailable")
+    return demo_agent.stars(title)
 
 
 class NoRow:

@@ -20,7 +20,7 @@ from pipeline.rl.ppo_math import gae, token_rewards
 from pipeline.rl.rollout import response_logprobs, sampling_config
 from pipeline.rl.tools import Call, Toolbox, parse_reply, result_ids
 from tests import layouts
-from tests.conftest import assert_learned, read_jsonl
+from tests.conftest import assert_learned, launch, read_jsonl
 
 TOOLS = ["tests.agent_tools:multiply", "tests.agent_tools:broken", "tests.agent_tools:hangs"]
 
@@ -130,6 +130,17 @@ def test_failing_hanging_unknown_and_malformed_calls_become_messages_to_the_mode
     assert rollout.agent.exchanges[0][-1] == {"role": "assistant", "content": "done"}
 
 
+def test_a_turn_s_async_calls_run_together_across_the_batch():
+    """Three rollouts each call `meet`, which returns only once all three calls have started: run one
+    after another, the first would wait past its deadline."""
+    layout = "qwen25-instruct"
+    call = '<tool_call>\n{"name": "meet", "arguments": {"group": "batch", "n": 3}}\n</tool_call>'
+    script = lambda context, turn: call if turn == 0 else "met"  # noqa: E731
+    prompts = [[{"role": "user", "content": f"meet {i}"}] for i in range(3)]
+    _, _, _, rollout = exchange(layout, script, prompts=prompts, tools=["tests.agent_tools:meet"], timeout_s=5)
+    assert [[m["content"] for m in e if m["role"] == "tool"] for e in rollout.agent.exchanges] == [["3"]] * 3
+
+
 def test_the_turn_limit_and_the_budget_end_an_exchange():
     layout = "llama3-instruct"
     always = lambda context, turn: call_text(layout, "multiply", {"a": turn, "b": 2})  # noqa: E731
@@ -198,8 +209,8 @@ def test_an_exchange_s_log_probs_are_the_same_padded_and_unpadded(tmp_path):
 
 
 def test_the_rl_stage_runs_an_agent_and_its_reward_function_gets_messages_and_environments(tmp_path, monkeypatch):
-    """A tiny model with a tool-calling template, GRPO over exchanges with a tool and an environment,
-    its turns scripted (each exchange calls `increment` once, then answers): the reward function gets
+    """A tiny model with a tool-calling template, GRPO with QLoRA (4-bit) over exchanges with a tool
+    and an environment, its turns scripted (each exchange calls `increment` once, then answers): the reward function gets
     each exchange as messages and the rollouts' environments, reset with their rows; tool metrics are
     logged, the samples keep the exchanges, and eval runs the same exchanges."""
     import pipeline.rl.agent
@@ -220,7 +231,7 @@ def test_the_rl_stage_runs_an_agent_and_its_reward_function_gets_messages_and_en
                  f"ppo.prompts={prompts}", "ppo.rewards=[{function: 'tests.agent_tools:record'}]", "ppo.judges=[]",
                  "ppo.tools=[tests.agent_tools:multiply]", "ppo.environment=tests.agent_tools:Counter",
                  "ppo.max_tool_turns=2", "ppo.max_new_tokens=64", "ppo.total_episodes=16", "ppo.batch_size=8",
-                 "ppo.mini_batch_size=8", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=1", "ppo.finetune=full",
+                 "ppo.mini_batch_size=8", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=1", "ppo.finetune=qlora-4bit",
                  "ppo.keep_best=false", f"eval.prompts={prompts}", "eval.max_new_tokens=64", "eval.batch_size=4",
                  "judge=null"]
     stages.ppo.main(overrides)
@@ -252,21 +263,64 @@ def test_tools_need_a_template_that_renders_them(tmp_path):
                          "ppo.judges=[]", "ppo.tools=[tests.agent_tools:multiply]"])
 
 
-def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(tmp_path):
+AGENT_RECIPE = ["--recipe", "stages/recipes/demo-agent.yaml"]
+
+
+@pytest.fixture(scope="module")
+def agent_sft(tmp_path_factory):
+    """The agent demo's base and SFT policy (stages/recipes/demo-agent.yaml): `runs/demo-agent/sft` under
+    the returned directory, and the overrides that find the base."""
+    from stages import base, sft
+    root = tmp_path_factory.mktemp("agent")
+    common = [f"base.output={root / 'base'}", f"sft.model={root / 'base'}"]
+    base.main([*AGENT_RECIPE, *common])
+    sft.main([*AGENT_RECIPE, *common, f"runs_dir={root / 'runs'}"])
+    return root / "runs" / "demo-agent" / "sft", common
+
+
+def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(agent_sft, tmp_path):
     """stages/recipes/demo-agent.yaml from its own base: GRPO raises the share of exchanges that call the
     tool, and the share answered right, over an lr = 1e-12 control from the same SFT policy."""
-    from stages import base, sft
-    recipe = ["--recipe", "stages/recipes/demo-agent.yaml"]
-    common = [f"base.output={tmp_path / 'base'}", f"sft.model={tmp_path / 'base'}"]
-    base.main([*recipe, *common])
-    sft.main([*recipe, *common, f"runs_dir={tmp_path / 'runs'}"])
-    shutil.copytree(tmp_path / "runs" / "demo-agent" / "sft", tmp_path / "control" / "demo-agent" / "sft")
+    sft_dir, common = agent_sft
     histories = []
     for runs, extra in (("runs", []), ("control", ["ppo.learning_rate=1e-12"])):
-        stages.ppo.main([*recipe, *common, f"runs_dir={tmp_path / runs}", "ppo.total_episodes=512", *extra])
+        shutil.copytree(sft_dir, tmp_path / runs / "demo-agent" / "sft")
+        stages.ppo.main([*AGENT_RECIPE, *common, f"runs_dir={tmp_path / runs}", "ppo.total_episodes=512", *extra])
         histories.append(read_jsonl(tmp_path / runs / "demo-agent" / "ppo" / "metrics.jsonl"))
     assert_learned(*histories, margin=0.3, key="tools/used_share", last=3)
     assert_learned(*histories, margin=0.2, key="rewards/correct", last=3)
+
+
+def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(agent_sft, tmp_path, monkeypatch):
+    """The agent demo's policy with a LoRA adapter under ZeRO-3 on 2 gloo processes, stopped after
+    iteration 1 (as by Ctrl-C) and resumed. Each rank runs its own exchanges, their turns differing
+    (the weights are whole while generating: no collective waits on another rank's turn); the tool
+    fails for half the films, and the logged error share is that of both processes' calls together.
+    The merged artifact loads and differs from the SFT policy."""
+    sft_dir, common = agent_sft
+    shutil.copytree(sft_dir, tmp_path / "demo-agent" / "sft")
+    monkeypatch.setenv("AGENT_RECORD", str(tmp_path / "record.jsonl"))
+    args = [*AGENT_RECIPE, *common, f"runs_dir={tmp_path}", "ppo.finetune=lora", "ppo.learning_rate=1e-2",
+            "ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.max_exchange_tokens=200",
+            "ppo.tools=[tests.agent_tools:stars]", "ppo.rewards=[{function: 'tests.agent_tools:record'}]"]
+    launch(2, "stages/ppo.py", *args, engine="zero3", expect=130, probe=("--stop-after", "1"))
+    resumed = launch(2, "stages/ppo.py", *args, engine="zero3")
+    assert "resuming from the checkpoint at iteration 1/2" in resumed.stdout
+    out = tmp_path / "demo-agent" / "ppo"
+    history = read_jsonl(out / "metrics.jsonl")
+    assert [h["iteration"] for h in history] == [1, 2]
+    records = read_jsonl(tmp_path / "record.jsonl")  # each rank's reward calls in order: iteration 1, then 2
+    by_rank = [[r["completions"] for r in records if r["rank"] == rank] for rank in (0, 1)]
+    assert [len(b) for b in by_rank] == [2, 2] and all(len(c) == 16 for b in by_rank for c in b)
+    for iteration, logged in enumerate(history):
+        results = [m["content"] for rank in (0, 1) for c in by_rank[rank][iteration] for m in c if m["role"] == "tool"]
+        errors = sum(r.startswith("error:") for r in results)
+        assert 0 < errors < len(results) and logged["tools/cut_by_budget"] == 0
+        assert logged["tools/calls_per_episode"] == pytest.approx(len(results) / 32)
+        assert logged["tools/error_share"] == pytest.approx(errors / len(results))
+    assert any(m["role"] == "tool" for s in read_jsonl(out / "samples.jsonl") for m in s["exchange"])
+    trained, start = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (out, sft_dir))
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in trained)
 
 
 def test_tools_take_reward_functions_and_a_bad_environment_is_one_line():

@@ -79,6 +79,16 @@ def test_reinforce_pp_by_hand():
     assert adv[~mask.bool()].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_reinforce_pp_discounts_over_the_model_s_tokens_only():
+    """An exchange whose tokens 1-2 a tool wrote: with gamma 0.5 the score 1 on token 3 reaches token 0
+    discounted once (0.5), as if the tool's tokens were not there (not 0.125), and the tool's tokens
+    get no advantage. Two rows, so the whitening has a spread: returns [0.5, 1] and [0.5, 1]."""
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    adv = reinforce_pp_advantages(torch.tensor([1.0, 1.0]), torch.zeros(2, 4), mask, beta=0.0, gamma=0.5)
+    assert adv[0, [0, 3]].tolist() == pytest.approx(adv[1, [0, 1]].tolist()) and adv[0, 0] < 0 < adv[0, 3]
+    assert adv[0, [1, 2]].tolist() == [0.0, 0.0]
+
+
 def test_discounted_returns_match_the_loop():
     rewards = torch.randn(3, 7)
     for gamma in (1.0, 0.9, 0.0):

@@ -12,7 +12,8 @@ The exchange after the prompt is the rollout's response: the attention reads all
 the KL and the advantages are over the model's own tokens only (`Agent.model_mask`). The model's tokens
 are kept as sampled and the inserted ones appended as token ids, so the log-probs of the update are
 those of the sequence the model saw. Rollouts are batched: each turn generates for the rollouts still
-going, together; those that are done wait.
+going, together, then runs all their calls (async tools concurrently, pipeline/rl/tools.py); those that
+are done wait.
 """
 
 from __future__ import annotations
@@ -60,13 +61,16 @@ class Agent:
         return Agent(mask, *([x for a in parts for x in getattr(a, key)] for key in ("exchanges", "environments", "stats")),
                      parts[0].tools)
 
+    def error_counts(self) -> tuple[int, int]:
+        """(failed calls, calls) over the batch."""
+        return sum(s["errors"] for s in self.stats), sum(s["calls"] for s in self.stats)
+
     def metrics(self) -> dict[str, float]:
         """Tool use over the batch: calls per episode (and per tool), the share of calls that failed, the
         share of episodes that called one, the model's turns per episode, and the shares of exchanges cut
         by the token budget or the turn limit."""
-        n, calls = len(self.stats), sum(s["calls"] for s in self.stats)
-        out = {"tools/calls_per_episode": calls / n,
-               "tools/error_share": sum(s["errors"] for s in self.stats) / max(calls, 1),
+        n, (errors, calls) = len(self.stats), self.error_counts()
+        out = {"tools/calls_per_episode": calls / n, "tools/error_share": errors / max(calls, 1),
                "tools/used_share": sum(s["calls"] > 0 for s in self.stats) / n,
                "tools/turns_per_episode": sum(s["turns"] for s in self.stats) / n,
                "tools/cut_by_budget": sum(s["cut"] == "budget" for s in self.stats) / n,
@@ -129,7 +133,7 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
         turn_config.max_new_tokens = max(1, min(config.max_new_tokens, max(left.values())))
         out = generate(model, tokenizer, [None] * len(going), turn_config, device,
                        [context[i] + ids[i] for i in going])
-        still = []
+        calling = {}  # rollout: the calls of its turn, to run (those of every rollout together)
         for j, i in enumerate(going):
             length = int(out.response_mask[j].sum())
             new = out.responses[j, :min(length, left[i])].tolist()
@@ -148,22 +152,24 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
             exchanges[i].append(message)
             if not calls:  # the answer
                 has_stop[i] = True
-                continue
-            if turn == max_tool_turns:  # a call past the last turn is not run: the exchange ends on it
+            elif turn == max_tool_turns:  # a call past the last turn is not run: the exchange ends on it
                 stats[i]["cut"] = "turns"
-                continue
-            results = [toolbox.run(call, tools[i]) for call in calls]
-            messages = [m for m, _ in results]
+            else:
+                calling[i] = calls
+        results = iter(toolbox.run([(call, tools[i]) for i, calls in calling.items() for call in calls]))
+        still = []
+        for i, calls in calling.items():
+            messages, failed = zip(*[next(results) for _ in calls])
             try:
-                inserted = result_ids(tokenizer, messages, tokenizer.decode([new[-1]]))
+                inserted = result_ids(tokenizer, list(messages), tokenizer.decode([ids[i][-1]]))
             except Exception as e:  # a template that cannot render these results (e.g. one call a turn only)
                 print(f"warning: the chat template could not render a tool result ({one_line(e)}): the exchange "
                       f"ends on its call")
                 stats[i]["cut"] = "template"
                 continue
-            for call, (_, failed) in zip(calls, results):
+            for call, fail in zip(calls, failed):
                 stats[i]["calls"] += 1
-                stats[i]["errors"] += failed
+                stats[i]["errors"] += fail
                 key = call.name if call.name in tools[i] and not call.malformed else UNKNOWN
                 stats[i]["per_tool"][key] = stats[i]["per_tool"].get(key, 0) + 1
             if len(ids[i]) + len(inserted) >= budget:  # no room for the results and an answer

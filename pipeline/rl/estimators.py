@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.rl.ppo_math import Reduce, discounted_returns, masked_whiten, token_rewards
+from pipeline.rl.ppo_math import Reduce, discounted_returns, masked_whiten, over_model_tokens, token_rewards
 
 GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
 
@@ -76,6 +76,7 @@ def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.
     whitened over every valid token of the whole batch, on every process (`reduce`; not per group:
     OpenRLHF #830). (B, T). The whitening shifts every token by the batch's mean, so after
     `baseline_subtracted` a group whose rewards are all equal still gets -mean/std on its tokens (as
-    in OpenRLHF's reinforce_baseline and verl's reinforce_plus_plus_baseline)."""
-    returns = discounted_returns(token_rewards(scores, kl, mask, beta), gamma)
+    in OpenRLHF's reinforce_baseline and verl's reinforce_plus_plus_baseline). With gamma < 1, an
+    exchange's tool tokens (holes in `mask`) are skipped, not discounted over (`over_model_tokens`)."""
+    returns = over_model_tokens(lambda r: discounted_returns(r, gamma), mask, token_rewards(scores, kl, mask, beta))
     return masked_whiten(returns, mask, reduce=reduce)

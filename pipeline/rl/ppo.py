@@ -494,6 +494,10 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},
                                                            reduction="mean").items()}
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged
+    if exp.rollout.agent is not None:  # failed calls over every process's calls (not a mean of shares)
+        errors, calls = accelerator.reduce(torch.tensor(exp.rollout.agent.error_counts(), dtype=torch.float64,
+                                                        device=mask.device), reduction="sum").tolist()
+        metrics["tools/error_share"] = errors / max(calls, 1)
     # each source's mean over the completions it scored, on every process together (sums and counts)
     scored = {f"rewards/{k}": v for k, v in seen.source_scores.items()}
     scored.update({f"judges/{k}": v for k, v in seen.judge_scores.items()})

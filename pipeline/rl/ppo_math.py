@@ -216,6 +216,20 @@ def discounted_returns(rewards: torch.Tensor, gamma: float, chunk: int = 256) ->
     return returns
 
 
+def over_model_tokens(fn, mask: torch.Tensor, *tensors: torch.Tensor):
+    """`fn(*tensors)` for a recursion along the token axis, run over each row's masked-in tokens as if
+    adjacent. A multi-turn exchange's mask has holes (the tokens its tools inserted): the model's tokens
+    are moved to the front of their row (a stable sort keeps their order), `fn` runs, and its outputs
+    (a tensor or a tuple of them) go back to where they came from, 0 on the holes. Without holes:
+    `fn(*tensors)`."""
+    if not (mask[:, 1:] > mask[:, :-1]).any():
+        return fn(*tensors)
+    order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
+    out = fn(*(x.gather(1, order) for x in tensors))
+    back = lambda x: torch.zeros_like(x).scatter(1, order, x)  # noqa: E731
+    return tuple(back(x) for x in out) if isinstance(out, tuple) else back(out)
+
+
 def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over response tokens (Schulman et al. 2016).
 
@@ -223,19 +237,17 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     values after the last real token count as 0. Returns (advantages, returns = A + V).
     The recursion unrolled, A_t = sum_{s >= t} (gamma lam)^(s - t) delta_s over the response's own
     tokens (the mask is 1 up to the stop token, then 0): one discounted sum, no loop over tokens.
-    A mask with holes (a multi-turn exchange: tool results between the model's turns) runs the
-    recursion over the model's tokens as if adjacent: a turn's last token bootstraps from the value of
-    the model's next token, not of the tool's text.
+    A mask with holes (a multi-turn exchange) runs over the model's tokens as if adjacent
+    (`over_model_tokens`): a turn's last token bootstraps from the value of the model's next token,
+    not of the tool's text.
     """
-    if (mask[:, 1:] > mask[:, :-1]).any():  # holes: the model's tokens moved together, run, and put back
-        order = torch.sort((mask == 0).to(torch.int8), dim=1, stable=True).indices
-        advantages, returns = gae(*(x.gather(1, order) for x in (values, rewards, mask)), gamma, lam)
-        return tuple(torch.zeros_like(x).scatter(1, order, x) for x in (advantages, returns))
-    values = values * mask
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
-    deltas = (rewards + gamma * next_values - values) * mask
-    advantages = discounted_returns(deltas, gamma * lam) * mask
-    return advantages, (advantages + values) * mask
+    def contiguous(values, rewards, mask):
+        values = values * mask
+        next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
+        deltas = (rewards + gamma * next_values - values) * mask
+        advantages = discounted_returns(deltas, gamma * lam) * mask
+        return advantages, (advantages + values) * mask
+    return over_model_tokens(contiguous, mask, values, rewards, mask)
 
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

@@ -13,8 +13,10 @@ reading the calls out of a reply, running them, and the tokens their results add
 - A call never crashes the run: an unknown tool, bad arguments, an exception, a call past its
   deadline or a malformed call becomes an error message the model reads as the tool's result. (A call
   stuck in C code that never returns to Python cannot be interrupted: pipeline/user_code.py's `call`
-  ends the process then, saying why.) Calls run one after another in the main thread, so a slow tool
-  slows the whole batch: `tool_timeout_s` bounds each.
+  ends the process then, saying why.) A turn's calls, over the whole batch, run together where the
+  tools are async (`async def`, on the process's event loop); plain functions run one after another
+  in the main thread, each bounded by `tool_timeout_s`: write a slow tool (a search, a code runner
+  behind a server) as an async function.
 - The result's tokens are what the template writes after the model's turn (the tool messages and the
   next assistant header), found by rendering a small conversation with and without them (trl's way):
   the model's own tokens are never re-tokenised.
@@ -161,8 +163,22 @@ class Toolbox:
                               f"(reset gets the prompt's dataset row as keyword arguments: accept **row)") from None
         return env, {**self.functions, **{name: getattr(env, name) for name in self.methods}}, observation
 
-    def run(self, call: Call, tools: dict[str, Callable]) -> tuple[dict, bool]:
-        """The tool message for `call` and whether it failed. Every failure is a message to the model."""
+    def run(self, jobs: list[tuple[Call, dict[str, Callable]]]) -> list[tuple[dict, bool]]:
+        """For each (call, the rollout's tools): the tool message and whether the call failed. Every
+        failure is a message to the model. Async tools all start first and run together on the event
+        loop, each with its own deadline; plain ones then run one after another in this thread (where
+        the deadline's signal can reach them)."""
+        started = {}
+        for j, (call, tools) in enumerate(jobs):
+            fn = None if call.malformed else tools.get(call.name)
+            if fn is not None and user_code.is_async(fn):
+                try:
+                    started[j] = (user_code.start(fn, call.arguments), time.monotonic() + self.timeout_s)
+                except Exception as e:  # (arguments the coroutine function does not take)
+                    started[j] = e
+        return [self._result(call, tools, started.get(j)) for j, (call, tools) in enumerate(jobs)]
+
+    def _result(self, call: Call, tools: dict[str, Callable], started) -> tuple[dict, bool]:
         name = call.name or "unknown"
         if call.malformed:
             return _tool_message(name, f"error: {call.malformed}"), True
@@ -171,9 +187,10 @@ class Toolbox:
             return _tool_message(name, f"error: there is no tool named '{call.name}' (the tools are: "
                                        f"{', '.join(sorted(tools))})"), True
         try:
-            if user_code.is_async(fn):
-                future = user_code.start(fn, call.arguments)
-                result = user_code.wait(future, time.monotonic() + self.timeout_s, self.timeout_s, f"tool '{name}'")
+            if isinstance(started, BaseException):
+                raise started
+            if started is not None:
+                result = user_code.wait(*started, self.timeout_s, f"tool '{name}'")
             else:
                 result = user_code.call(fn, call.arguments, self.timeout_s, f"tool '{name}'")
         except RewardError as e:  # past its deadline
