@@ -57,7 +57,7 @@ else
 LAUNCH = $(ACCELERATE_LAUNCH) --multi_gpu --num_processes $(NPROC) $(LAUNCH_DEFAULTS)
 endif
 
-.PHONY: help setup base sft rm ppo eval demo serve-rm bench test test-gpu clean
+.PHONY: help setup base sft rm ppo eval demo serve-rm bench test test-fast test-gpu lint format docs clean
 
 help:
 	@echo "Targets (each stage runs its upstream stages first when they are out of date):"
@@ -71,6 +71,8 @@ help:
 	@echo "  serve-rm   a reward model over HTTP for ppo.rewards: [{url: ...}] (RM, SERVE_HOST, SERVE_PORT, API_KEY_ENV)"
 	@echo "  bench      PPO throughput, time split, peak memory -> data/bench/"
 	@echo "  test       the test suite (CPU)"
+	@echo "  test-fast  the pure and single-process tests (under two minutes)"
+	@echo "  lint       ruff: the formatter's check and the linter (make format applies them)"
 	@echo "  test-gpu   the GPU checks (a CUDA machine)"
 	@echo "  clean      delete data/runs and data/models"
 	@echo "Variables:"
@@ -149,6 +151,24 @@ bench: $(if $(SHAPE),setup,rm)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The pure and single-process tests (the RL math, configs, data, rewards, tools): under two minutes.
+# `make test` runs these and the end-to-end ones (marked e2e: whole stages, several processes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+# The formatter's check, then the linter (settings in pyproject.toml); `make format` applies both.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# docs/recipe-reference.md from the recipe's schema (pipeline/recipe.py); a test checks it is current
+docs: setup
+	$(BIN)/python -m pipeline.recipe_reference
 
 # On a CUDA machine: the chain on the GPU in bf16 with every forward checked for host tensors, and the
 # precision tests (which then run on the GPU). Not part of `make test`.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import ConfigError, UserError
+from pipeline.errors import ConfigError, CorruptManifest, DiskError, MissingArtifact, RecipeChanged, StageBusy
 
 MANIFEST = "manifest.json"
 # Part of every fingerprint: artifacts from a version of this code with other manifest contents or
@@ -47,10 +47,6 @@ def discard_untouched() -> None:
     for partial in _opened:
         if partial.is_dir() and {p.name for p in partial.iterdir()} <= {STAMP, PLAN}:
             shutil.rmtree(partial)
-
-
-class StageBusy(UserError, RuntimeError):
-    """The same stage of the same run is already running."""
 
 
 _locks: dict[Path, int] = {}  # lock file -> descriptor, held by this process
@@ -74,12 +70,16 @@ def lock_stage(run_dir: Path, stage: str) -> None:
         holder = os.pread(fd, 200, 0).decode(errors="replace").split()
         os.close(fd)
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        raise StageBusy(f"{stage} is already running for {run_dir} ({who}): wait for it to finish, or stop it "
-                        f"(Ctrl-C saves a checkpoint) and run again") from None
+        raise StageBusy(
+            f"{stage} is already running for {run_dir} ({who}): wait for it to finish, or stop it "
+            f"(Ctrl-C saves a checkpoint) and run again"
+        ) from None
     holder = os.pread(fd, 200, 0).decode(errors="replace").split()
     if holder:
-        print(f"{stage}: taking over the lock of pid {holder[0]} on {holder[1] if len(holder) > 1 else '?'}, "
-              f"which ended without releasing it")
+        print(
+            f"{stage}: taking over the lock of pid {holder[0]} on {holder[1] if len(holder) > 1 else '?'}, "
+            f"which ended without releasing it"
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
     _locks[path] = fd
@@ -104,10 +104,6 @@ def release_locks() -> None:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
-class DiskError(UserError, OSError):
-    """Not enough free space, or an output directory that cannot be written."""
-
-
 def check_writable(run_dir: Path) -> None:
     """Before anything is loaded: the run directory can be created and written to."""
     try:
@@ -116,8 +112,9 @@ def check_writable(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise DiskError(f"cannot write to the run directory {run_dir} ({e.strerror or e}): set runs_dir to a "
-                        f"writable directory") from None
+        raise DiskError(
+            f"cannot write to the run directory {run_dir} ({e.strerror or e}): set runs_dir to a writable directory"
+        ) from None
 
 
 def gigabytes(n: float) -> str:
@@ -133,12 +130,10 @@ def check_free_space(directory: Path, need: int, what: str) -> None:
     """Before training: the disk holding `directory` has room for what the stage will write."""
     free = shutil.disk_usage(directory).free
     if free < need:
-        raise DiskError(f"{directory} has {gigabytes(free)} free, but {what} need about {gigabytes(need)}: free "
-                        f"some space or set runs_dir to a larger disk")
-
-
-class MissingArtifact(UserError, RuntimeError):
-    """An upstream stage has not produced a complete artifact."""
+        raise DiskError(
+            f"{directory} has {gigabytes(free)} free, but {what} need about {gigabytes(need)}: free "
+            f"some space or set runs_dir to a larger disk"
+        )
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -146,10 +141,6 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
-
-
-class CorruptManifest(UserError, RuntimeError):
-    """A manifest that cannot be read (truncated by a full disk, edited by hand)."""
 
 
 def read_manifest(directory: str | Path) -> dict | None:
@@ -174,8 +165,9 @@ def require(directory: str | Path, stage: str) -> dict:
     manifest = read_manifest(directory)
     if manifest is None:
         state = "is incomplete (no manifest.json)" if Path(directory).exists() else "does not exist"
-        raise MissingArtifact(f"the {stage} artifact {directory} {state}: run `{MAKE_TARGET[stage]}` first "
-                              f"(with the same RECIPE)")
+        raise MissingArtifact(
+            f"the {stage} artifact {directory} {state}: run `{MAKE_TARGET[stage]}` first (with the same RECIPE)"
+        )
     return manifest
 
 
@@ -227,12 +219,8 @@ def package_versions() -> dict:
 
 
 STAMP, PLAN = "fingerprint", "plan.json"  # in a work directory: the fingerprint it is built for, and its plan
-# A checkpoint a resumed run goes on from (pipeline/rl/run.py's, the Trainer's), complete once this is written.
+# A checkpoint a resumed run goes on from (pipeline/rl/run_state.py's, the Trainer's), complete once this is written.
 CHECKPOINT_MARKERS = ("checkpoint*/ppo_state.json", "checkpoints/checkpoint-*/trainer_state.json")
-
-
-class RecipeChanged(UserError, RuntimeError):
-    """An interrupted run's checkpoints, and a recipe changed since in a way that alters the run."""
 
 
 @dataclass
@@ -251,8 +239,11 @@ class Resume:
 def flatten(node, prefix: str = "") -> dict:
     """A nested recipe section as dotted keys: {'ppo.rewards[0].timeout_s': 5.0, ...}."""
     if isinstance(node, dict) and node:
-        return {k: v for key, value in node.items()
-                for k, v in flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+        return {
+            k: v
+            for key, value in node.items()
+            for k, v in flatten(value, f"{prefix}.{key}" if prefix else str(key)).items()
+        }
     if isinstance(node, list) and node:
         return {k: v for i, value in enumerate(node) for k, v in flatten(value, f"{prefix}[{i}]").items()}
     return {prefix: node}
@@ -273,8 +264,9 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 def _matches(key: str, pattern: str) -> bool:
     """`key` is `pattern` (where `*` stands for text without brackets: one list index, one label) or
     lies under it."""
-    return (re.fullmatch(re.escape(pattern).replace(r"\*", r"[^\[\]]*"), key) is not None
-            or key.startswith((pattern + ".", pattern + "[")))
+    return re.fullmatch(re.escape(pattern).replace(r"\*", r"[^\[\]]*"), key) is not None or key.startswith(
+        (pattern + ".", pattern + "[")
+    )
 
 
 def describe_changes(keys: list[str], old: dict, new: dict, most: int = 6) -> str:
@@ -287,17 +279,20 @@ def describe_changes(keys: list[str], old: dict, new: dict, most: int = 6) -> st
         if not key.startswith("inputs:"):
             said.append(f"{key} {short(a.get(key, UNSET))} -> {short(b.get(key, UNSET))}")
             continue
-        name = key[len("inputs:"):]
+        name = key[len("inputs:") :]
         before, after = old.get("inputs", {}).get(name), new.get("inputs", {}).get(name)
         if name.endswith("_manifest"):
-            said.append(f"the {name[:-len('_manifest')]} artifact (built again)")
+            said.append(f"the {name[: -len('_manifest')]} artifact (built again)")
         elif ":" in name:  # a reward source or judge: 'ppo.rewards:<label>'
             section, label = name.split(":", 1)
             kind = "code" if "function" in (after or before or {}) else "model"
             said.append(f"the {kind} of {section} '{label}'")
         elif isinstance(before, dict) and isinstance(after, dict):  # {file: content hash}
-            said += [f"the data in {path}" for path in sorted(before.keys() | after.keys())
-                     if before.get(path) != after.get(path)]
+            said += [
+                f"the data in {path}"
+                for path in sorted(before.keys() | after.keys())
+                if before.get(path) != after.get(path)
+            ]
         else:
             said.append(name)
     return ", ".join(said[:most]) + (f" and {len(said) - most} more" if len(said) > most else "")
@@ -328,8 +323,10 @@ class StageDir:
                 while aside.exists():
                     aside = aside.with_name(aside.name + "-")
                 os.replace(self.partial, aside)
-                print(f"{self.stage}: starting over; the interrupted run's checkpoints were moved to {aside} (delete "
-                      f"it when you no longer need them)")
+                print(
+                    f"{self.stage}: starting over; the interrupted run's checkpoints were moved to {aside} (delete "
+                    f"it when you no longer need them)"
+                )
             else:
                 shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True, exist_ok=True)
@@ -369,9 +366,11 @@ class StageDir:
         else:
             if old is not None:
                 said = describe_changes(altering, old, record)
-            raise RecipeChanged(f"{self.stage}: the recipe changed since the interrupted run's last checkpoint ({said}): "
-                                f"`{target} RESUME=1` (--resume) goes on from that checkpoint under the new recipe; "
-                                f"`{target} FORCE=1` starts over, moving the checkpoints aside")
+            raise RecipeChanged(
+                f"{self.stage}: the recipe changed since the interrupted run's last checkpoint ({said}): "
+                f"`{target} RESUME=1` (--resume) goes on from that checkpoint under the new recipe; "
+                f"`{target} FORCE=1` starts over, moving the checkpoints aside"
+            )
         return True
 
     def commit(self, fp: str, config: dict, inputs: dict, metrics: dict, started: float) -> dict:
@@ -413,8 +412,11 @@ def check_model_source(source: str, key: str, adapter: bool = False) -> None:
         raise ConfigError(f"{key}: '{source}' does not exist: set {key} to a saved model directory or a hub model id")
     saved = path.is_dir() and ((path / "config.json").is_file() or adapter and (path / "adapter_config.json").is_file())
     if not saved:
-        what = "a directory with config.json, or a PEFT adapter's with adapter_config.json" if adapter else \
-            "a directory with config.json"
+        what = (
+            "a directory with config.json, or a PEFT adapter's with adapter_config.json"
+            if adapter
+            else "a directory with config.json"
+        )
         raise ConfigError(f"{key}: '{source}' is not a saved model ({what}): set {key} to one, or to a hub model id")
 
 
@@ -425,6 +427,7 @@ def adapter_base(path) -> str | None:
         return None
     base = json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise ConfigError(f"the adapter in '{path}' names no base model (base_model_name_or_path in "
-                          f"adapter_config.json): set it")
+        raise ConfigError(
+            f"the adapter in '{path}' names no base model (base_model_name_or_path in adapter_config.json): set it"
+        )
     return base

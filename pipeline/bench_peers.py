@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from pipeline import bench
-from pipeline.config import load_recipe
+from pipeline.recipe_loader import load_recipe
 
 PPO_RECIPE = "stages/recipes/bench-ppo.yaml"
 
@@ -70,11 +70,16 @@ def peer_python() -> tuple[str, list[str]]:
     """PEER_VENV's interpreter, where TRL 1.12 is installed, and its libraries' directories."""
     venv = os.environ.get("PEER_VENV")
     python = Path(venv or ".") / "bin" / "python"
-    found = venv and python.is_file() and subprocess.run([str(python), "-c", "import trl.experimental.ppo"],
-                                                         capture_output=True).returncode == 0
+    found = (
+        venv
+        and python.is_file()
+        and subprocess.run([str(python), "-c", "import trl.experimental.ppo"], capture_output=True).returncode == 0
+    )
     if not found:
-        raise SystemExit("bench_peers --ppo: set PEER_VENV to a virtual environment with trl==1.12.0 (python3 -m venv "
-                         "DIR && DIR/bin/pip install torch==2.13.0 && DIR/bin/pip install trl==1.12.0)")
+        raise SystemExit(
+            "bench_peers --ppo: set PEER_VENV to a virtual environment with trl==1.12.0 (python3 -m venv "
+            "DIR && DIR/bin/pip install torch==2.13.0 && DIR/bin/pip install trl==1.12.0)"
+        )
     return str(python), [str(p) for p in Path(venv).glob("lib/python*/site-packages")]
 
 
@@ -94,11 +99,16 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe_path = PPO_RECIPE if args.ppo else bench.SHAPE_RECIPE
-    given = {"ppo.finetune": "full" if args.full else "lora" if args.lora else None, "ppo.ppo_epochs": args.epochs,
-             "ppo.max_new_tokens": args.max_new_tokens, "ppo.total_episodes": args.episodes}
+    given = {
+        "ppo.finetune": "full" if args.full else "lora" if args.lora else None,
+        "ppo.ppo_epochs": args.epochs,
+        "ppo.max_new_tokens": args.max_new_tokens,
+        "ppo.total_episodes": args.episodes,
+    }
     overrides = bench.shape_inputs(args.shape, args.layers, recipe_path) + [
         *(f"{k}={v}" for k, v in given.items() if v is not None),
-        f"ppo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}"]
+        f"ppo.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+    ]
     recipe = load_recipe(recipe_path, overrides)
     p = recipe.ppo
     ours = [sys.executable, "-m", "pipeline.bench", "--recipe", recipe_path, *overrides]
@@ -107,19 +117,57 @@ def main() -> None:
         if p.finetune != "full" or args.gradient_checkpointing:
             raise SystemExit("bench_peers --ppo: the PPO peer runs full fine-tuning without gradient checkpointing")
         python, peer_libraries = peer_python()
-        peer = [python, "pipeline/bench_trl_ppo.py", p.model, p.reward_model, p.prompts.path,
-                "--episodes", str(p.total_episodes), "--batch", str(p.batch_size), "--mini-batch", str(p.mini_batch_size),
-                "--forward-batch", str(p.forward_batch_size), "--epochs", str(p.ppo_epochs),
-                "--max-new-tokens", str(p.max_new_tokens), "--temperature", str(p.temperature),
-                "--kl-coef", str(p.kl_coef), "--missing-stop-penalty", str(p.stop_penalty),
-                "--learning-rate", str(p.learning_rate)]
+        peer = [
+            python,
+            "pipeline/bench_trl_ppo.py",
+            p.model,
+            p.reward_model,
+            p.prompts.path,
+            "--episodes",
+            str(p.total_episodes),
+            "--batch",
+            str(p.batch_size),
+            "--mini-batch",
+            str(p.mini_batch_size),
+            "--forward-batch",
+            str(p.forward_batch_size),
+            "--epochs",
+            str(p.ppo_epochs),
+            "--max-new-tokens",
+            str(p.max_new_tokens),
+            "--temperature",
+            str(p.temperature),
+            "--kl-coef",
+            str(p.kl_coef),
+            "--missing-stop-penalty",
+            str(p.stop_penalty),
+            "--learning-rate",
+            str(p.learning_rate),
+        ]
     else:
-        peer = [sys.executable, "-m", "pipeline.bench_trl_grpo", p.model, p.prompts.path,
-                "--iterations", str(p.total_episodes // p.batch_size), "--batch", str(p.batch_size),
-                "--k", str(p.samples_per_prompt), "--micro-batch", str(p.mini_batch_size // p.gradient_accumulation_steps),
-                "--max-new-tokens", str(p.max_new_tokens), "--num-iterations", str(p.ppo_epochs),
-                "--learning-rate", str(p.learning_rate), *(["--lora"] if p.finetune == "lora" else []),
-                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+        peer = [
+            sys.executable,
+            "-m",
+            "pipeline.bench_trl_grpo",
+            p.model,
+            p.prompts.path,
+            "--iterations",
+            str(p.total_episodes // p.batch_size),
+            "--batch",
+            str(p.batch_size),
+            "--k",
+            str(p.samples_per_prompt),
+            "--micro-batch",
+            str(p.mini_batch_size // p.gradient_accumulation_steps),
+            "--max-new-tokens",
+            str(p.max_new_tokens),
+            "--num-iterations",
+            str(p.ppo_epochs),
+            "--learning-rate",
+            str(p.learning_rate),
+            *(["--lora"] if p.finetune == "lora" else []),
+            *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
     env.pop("SHAPE", None)
     pairs = []
@@ -138,14 +186,24 @@ def main() -> None:
             print(f"pair {i + 1} {name}: {pair[name]['wall_s']} s, {pair[name]['peak_rss_mb']} MB", flush=True)
         pairs.append(pair)
     ratio = lambda key: statistics.median(p["ours"][key] / p["peer"][key] for p in pairs)  # noqa: E731
-    summary = {"shape": args.shape, "peer": "TRL 1.12 PPOTrainer" if args.ppo else "trl GRPOTrainer",
-               "layers": args.layers, "finetune": p.finetune, "epochs": p.ppo_epochs,
-               "gradient_checkpointing": args.gradient_checkpointing,
-               "max_new_tokens": p.max_new_tokens, "episodes": p.total_episodes, "pairs": pairs,
-               "median_wall_ratio": round(ratio("wall_s"), 3), "median_peak_ratio": round(ratio("peak_rss_mb"), 3),
-               "threads": os.cpu_count()}
-    out = Path("data/bench") / (f"peers-{'ppo' if args.ppo else 'grpo'}-{args.shape}{f'-{args.layers}l' if args.layers else ''}"
-                                f"-{p.finetune}-e{p.ppo_epochs}{'-gc' if args.gradient_checkpointing else ''}.json")
+    summary = {
+        "shape": args.shape,
+        "peer": "TRL 1.12 PPOTrainer" if args.ppo else "trl GRPOTrainer",
+        "layers": args.layers,
+        "finetune": p.finetune,
+        "epochs": p.ppo_epochs,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "max_new_tokens": p.max_new_tokens,
+        "episodes": p.total_episodes,
+        "pairs": pairs,
+        "median_wall_ratio": round(ratio("wall_s"), 3),
+        "median_peak_ratio": round(ratio("peak_rss_mb"), 3),
+        "threads": os.cpu_count(),
+    }
+    out = Path("data/bench") / (
+        f"peers-{'ppo' if args.ppo else 'grpo'}-{args.shape}{f'-{args.layers}l' if args.layers else ''}"
+        f"-{p.finetune}-e{p.ppo_epochs}{'-gc' if args.gradient_checkpointing else ''}.json"
+    )
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"ours / peer: wall {summary['median_wall_ratio']}, peak RSS {summary['median_peak_ratio']} -> {out}")
 

@@ -50,13 +50,16 @@ def main() -> None:
         time.sleep(1.0)
         small = post(args.url, args.pairs, headers)
         thread.join()
-        print(f"large request ({args.behind} pairs): {large['s']:.2f} s; small one ({args.pairs} pairs, sent 1 s "
-              f"later): {small:.2f} s")
+        print(
+            f"large request ({args.behind} pairs): {large['s']:.2f} s; small one ({args.pairs} pairs, sent 1 s "
+            f"later): {small:.2f} s"
+        )
         return
     latencies = []
 
     def client():
         latencies.extend(post(args.url, args.pairs, headers) for _ in range(args.requests))
+
     started = time.monotonic()
     clients = [threading.Thread(target=client) for _ in range(args.clients)]
     for c in clients:
@@ -65,9 +68,11 @@ def main() -> None:
         c.join()
     wall = time.monotonic() - started
     n = args.clients * args.requests
-    print(f"{n / wall:.1f} requests/s, {n * args.pairs / wall:.0f} pairs/s; latency median "
-          f"{statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms ({args.clients} clients x "
-          f"{args.requests} requests x {args.pairs} pairs)")
+    print(
+        f"{n / wall:.1f} requests/s, {n * args.pairs / wall:.0f} pairs/s; latency median "
+        f"{statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms ({args.clients} clients x "
+        f"{args.requests} requests x {args.pairs} pairs)"
+    )
 
 
 if __name__ == "__main__":

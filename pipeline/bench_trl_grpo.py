@@ -48,24 +48,58 @@ def main() -> None:
     peft_config = None
     if args.lora:
         from peft import LoraConfig
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     with tempfile.TemporaryDirectory(prefix="trl-grpo-") as out:
         config = GRPOConfig(
-            output_dir=out, max_steps=args.iterations * args.num_iterations, learning_rate=args.learning_rate,
-            per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.batch // args.micro_batch,
-            num_generations=args.k, num_iterations=args.num_iterations, max_completion_length=args.max_new_tokens,
-            temperature=1.0, top_p=1.0, top_k=0, beta=0.0, bf16=False, gradient_checkpointing=args.gradient_checkpointing,
-            disable_dropout=True, use_vllm=False, report_to=[], save_strategy="no", logging_steps=1, seed=0,
-            dataloader_num_workers=0, shuffle_dataset=True)
-        trainer = GRPOTrainer(model=model, reward_funcs=solution_reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, peft_config=peft_config)
+            output_dir=out,
+            max_steps=args.iterations * args.num_iterations,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=args.micro_batch,
+            gradient_accumulation_steps=args.batch // args.micro_batch,
+            num_generations=args.k,
+            num_iterations=args.num_iterations,
+            max_completion_length=args.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=0.0,
+            bf16=False,
+            gradient_checkpointing=args.gradient_checkpointing,
+            disable_dropout=True,
+            use_vllm=False,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+            dataloader_num_workers=0,
+            shuffle_dataset=True,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=solution_reward,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         trained = time.time()
         trainer.train()
         train_s = time.time() - trained
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    print(json.dumps({"peer": "trl GRPOTrainer", "wall_s": round(time.time() - STARTED, 1), "train_s": round(train_s, 1),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "rewards": rewards}))
+    print(
+        json.dumps(
+            {
+                "peer": "trl GRPOTrainer",
+                "wall_s": round(time.time() - STARTED, 1),
+                "train_s": round(train_s, 1),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "rewards": rewards,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -64,28 +64,61 @@ def main() -> None:
     load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="trl-ppo-") as out:
         config = PPOConfig(
-            output_dir=out, seed=0, total_episodes=args.episodes,
+            output_dir=out,
+            seed=0,
+            total_episodes=args.episodes,
             # TRL 1.12's micro-batch is per_device_train_batch_size cut to the mini-batch, and it steps the
             # optimiser every gradient_accumulation_steps micro-batches: one micro-batch a mini-batch
-            per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-            num_mini_batches=args.batch // args.mini_batch, num_ppo_epochs=args.epochs,
-            local_rollout_forward_batch_size=args.forward_batch, learning_rate=args.learning_rate,
-            lr_scheduler_type="linear", adam_epsilon=1e-5, response_length=args.max_new_tokens,
-            temperature=args.temperature, stop_token_id=tokenizer.eos_token_id,
-            missing_eos_penalty=args.missing_stop_penalty, kl_coef=args.kl_coef, kl_estimator="k1",
-            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, num_sample_generations=0,
-            eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
-            dataloader_num_workers=0)
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=load(AutoModelForCausalLM, args.model),
-                             ref_model=load(AutoModelForCausalLM, args.model),
-                             reward_model=load(AutoModelForSequenceClassification, args.reward_model),
-                             value_model=load(AutoModelForSequenceClassification, args.reward_model),
-                             train_dataset=dataset, eval_dataset=dataset.select(range(args.batch)), callbacks=[Scores()])
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            num_mini_batches=args.batch // args.mini_batch,
+            num_ppo_epochs=args.epochs,
+            local_rollout_forward_batch_size=args.forward_batch,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="linear",
+            adam_epsilon=1e-5,
+            response_length=args.max_new_tokens,
+            temperature=args.temperature,
+            stop_token_id=tokenizer.eos_token_id,
+            missing_eos_penalty=args.missing_stop_penalty,
+            kl_coef=args.kl_coef,
+            kl_estimator="k1",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            num_sample_generations=0,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            logging_steps=1,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=load(AutoModelForCausalLM, args.model),
+            ref_model=load(AutoModelForCausalLM, args.model),
+            reward_model=load(AutoModelForSequenceClassification, args.reward_model),
+            value_model=load(AutoModelForSequenceClassification, args.reward_model),
+            train_dataset=dataset,
+            eval_dataset=dataset.select(range(args.batch)),
+            callbacks=[Scores()],
+        )
         trained = time.time()
         trainer.train()
         train_s = time.time() - trained
-    print(json.dumps({"peer": "TRL 1.12 PPOTrainer", "wall_s": round(time.time() - STARTED, 1),
-                      "train_s": round(train_s, 1), "scores": scores}))
+    print(
+        json.dumps(
+            {
+                "peer": "TRL 1.12 PPOTrainer",
+                "wall_s": round(time.time() - STARTED, 1),
+                "train_s": round(train_s, 1),
+                "scores": scores,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

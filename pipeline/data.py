@@ -23,12 +23,17 @@ import datasets
 from datasets import Dataset
 from datasets.arrow_dataset import Column
 
-from pipeline.config import DatasetSpec, UserError
+from pipeline.errors import DataError
+from pipeline.recipe import DatasetSpec
 
 # The columns each format uses; the rest of a dataset is dropped (UltraFeedback's prompt_id,
 # score_chosen, messages, ...). `margin` is RewardTrainer's optional margin.
-USED = {"preference": ["prompt", "chosen", "rejected", "margin"], "prompt_completion": ["prompt", "completion"],
-        "language_modeling": ["messages", "text"], "prompt_only": ["prompt"]}
+USED = {
+    "preference": ["prompt", "chosen", "rejected", "margin"],
+    "prompt_completion": ["prompt", "completion"],
+    "language_modeling": ["messages", "text"],
+    "prompt_only": ["prompt"],
+}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 FORMATS = {
@@ -38,10 +43,6 @@ FORMATS = {
     "prompt_only": ({"prompt"}, "prompt"),
 }
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataError(UserError, ValueError):
-    """A dataset the user must fix."""
 
 
 def _check_jsonl(path: Path) -> None:
@@ -84,8 +85,9 @@ def load(spec: DatasetSpec) -> Dataset:
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
         except Exception as e:
-            raise DataError(f"'{spec.path}' is no local file or directory, and loading it as a hub dataset "
-                            f"failed: {e}") from None
+            raise DataError(
+                f"'{spec.path}' is no local file or directory, and loading it as a hub dataset failed: {e}"
+            ) from None
     if spec.limit is not None:
         ds = ds.select(range(min(spec.limit, len(ds))))
     if len(ds) == 0:
@@ -99,8 +101,10 @@ def _renamed(ds: Dataset, spec: DatasetSpec) -> Dataset:
         return ds
     missing = [theirs for theirs in spec.columns.values() if theirs not in ds.column_names]
     if missing:
-        raise DataError(f"{spec.path}: columns {missing} named in `columns` are not in the dataset "
-                        f"(it has {sorted(ds.column_names)})")
+        raise DataError(
+            f"{spec.path}: columns {missing} named in `columns` are not in the dataset "
+            f"(it has {sorted(ds.column_names)})"
+        )
     clashes = [ours for ours, theirs in spec.columns.items() if ours in ds.column_names and ours != theirs]
     return ds.remove_columns(clashes).rename_columns({theirs: ours for ours, theirs in spec.columns.items()})
 
@@ -108,8 +112,10 @@ def _renamed(ds: Dataset, spec: DatasetSpec) -> Dataset:
 def hh_messages(text: str) -> list[dict]:
     """Anthropic HH's raw text ("\n\nHuman: ... \n\nAssistant: ...") as a message list."""
     parts = HH_TURN.split(text)
-    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
-            for who, said in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+        for who, said in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def _is_hh_text(value) -> bool:
@@ -131,6 +137,7 @@ def _hh_to_messages(ds: Dataset) -> Dataset:
     def convert(row):
         turns = [m for m in hh_messages(row["prompt"]) if m["content"] or m["role"] == "user"]
         return {"prompt": turns, **{c: [{"role": "assistant", "content": row[c].strip()}] for c in responses}}
+
     return ds.map(convert)
 
 
@@ -139,11 +146,12 @@ def _strip_repeated_prompt(row: dict) -> dict:
     A string prompt: trl's `maybe_extract_prompt` takes the shared turns as the prompt. A message-list
     prompt: its turns are cut off the front of both sides."""
     from trl.data_utils import maybe_extract_prompt
+
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if is_conversational(chosen) and not is_conversational(prompt):
         return maybe_extract_prompt({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if is_conversational(prompt) and chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt:
-        return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
+    if is_conversational(prompt) and chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt:
+        return {"prompt": prompt, "chosen": chosen[len(prompt) :], "rejected": rejected[len(prompt) :]}
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -157,8 +165,11 @@ def _only_used(ds: Dataset, fmt: str, source: str) -> Dataset:
 
 
 def is_conversational(value) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
 
 
 def detect_format(columns) -> str | None:
@@ -184,8 +195,10 @@ def require_format(ds: Dataset, accepted: list[str], source: str) -> str:
     first = ds[0]
     for column in ("prompt", "completion", "chosen", "rejected", "messages", "text"):
         if column in first and not isinstance(first[column], str) and not is_conversational(first[column]):
-            raise DataError(f"{source}: column '{column}' must hold strings or message lists "
-                            f"([{{'role': ..., 'content': ...}}]), got {type(first[column]).__name__}")
+            raise DataError(
+                f"{source}: column '{column}' must hold strings or message lists "
+                f"([{{'role': ..., 'content': ...}}]), got {type(first[column]).__name__}"
+            )
     return fmt
 
 
@@ -219,8 +232,10 @@ def load_prompts(spec: DatasetSpec) -> tuple[Column, dict[str, Column]]:
     receive with each completion. A batch of rows is read with `take`."""
     ds = load(spec)
     if "prompt" not in ds.column_names:
-        raise DataError(f"{spec.path}: columns {sorted(ds.column_names)}: this stage needs a `prompt` column "
-                        f"(prompt-only data, or any data with an explicit prompt)")
+        raise DataError(
+            f"{spec.path}: columns {sorted(ds.column_names)}: this stage needs a `prompt` column "
+            f"(prompt-only data, or any data with an explicit prompt)"
+        )
     require_format(ds, [detect_format(ds.column_names)], spec.path)  # strings or message lists
     return ds["prompt"], {c: ds[c] for c in ds.column_names if c != "prompt"}
 
@@ -232,8 +247,9 @@ def take(column, indices: list[int]) -> list:
     return column[indices] if isinstance(column, Column) and indices else [column[i] for i in indices]
 
 
-def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: float,
-               accepted: list[str], seed: int) -> tuple[Dataset, Dataset | None, str]:
+def train_eval(
+    spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: float, accepted: list[str], seed: int
+) -> tuple[Dataset, Dataset | None, str]:
     """Training data and evaluation data (a given file, or a held-out fraction of training)."""
     train, fmt = load_for(spec, accepted)
     if eval_spec is not None:
@@ -245,8 +261,10 @@ def train_eval(spec: DatasetSpec, eval_spec: DatasetSpec | None, eval_fraction: 
         return train, None, fmt
     n_eval = max(1, int(len(train) * eval_fraction))
     if n_eval >= len(train):
-        raise DataError(f"{spec.path}: {len(train)} rows are too few to hold out {eval_fraction:.0%} for "
-                        f"evaluation (lower eval_fraction or give an eval_dataset)")
+        raise DataError(
+            f"{spec.path}: {len(train)} rows are too few to hold out {eval_fraction:.0%} for "
+            f"evaluation (lower eval_fraction or give an eval_dataset)"
+        )
     split = train.train_test_split(test_size=n_eval, seed=seed)
     return split["train"], split["test"], fmt
 
@@ -268,8 +286,10 @@ def clean_preferences(ds: Dataset, source: str) -> tuple[Dataset, dict[str, int]
             dropped["identical"] += 1
         else:
             if not explicit and is_conversational(row["chosen"]) and row["chosen"][:-1] != row["rejected"][:-1]:
-                raise DataError(f"{source}, row {i}: chosen and rejected conversations start differently; with an "
-                                f"implicit prompt every message but the last must be the same in both")
+                raise DataError(
+                    f"{source}, row {i}: chosen and rejected conversations start differently; with an "
+                    f"implicit prompt every message but the last must be the same in both"
+                )
             keep.append(i)
     if not keep:
         raise DataError(f"{source}: no usable preference pairs ({len(ds)} rows; dropped {dropped})")

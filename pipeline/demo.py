@@ -23,18 +23,53 @@ import random
 import sys
 from pathlib import Path
 
-ASPECTS = ["plot", "acting", "music", "ending", "story", "dialogue",
-           "pacing", "cast", "script", "soundtrack", "lighting", "editing"]
-TITLES = ["star quest", "night river", "iron garden", "blue harbor", "silent city", "paper moon",
-          "last train", "red valley", "glass tower", "cold summer", "wild coast", "lost signal"]
-PROMPT_TEMPLATES = ["what did you think of the {aspect} in {title} ?",
-                    "how was the {aspect} of {title} ?",
-                    "review the {aspect} of {title} .",
-                    "tell me about the {aspect} in {title} ."]
-POSITIVE = ["wonderful", "great", "brilliant", "moving", "superb",
-            "delightful", "charming", "excellent", "beautiful", "clever"]
-NEGATIVE = ["awful", "boring", "dull", "terrible", "weak",
-            "clumsy", "bland", "painful", "messy", "poor"]
+ASPECTS = [
+    "plot",
+    "acting",
+    "music",
+    "ending",
+    "story",
+    "dialogue",
+    "pacing",
+    "cast",
+    "script",
+    "soundtrack",
+    "lighting",
+    "editing",
+]
+TITLES = [
+    "star quest",
+    "night river",
+    "iron garden",
+    "blue harbor",
+    "silent city",
+    "paper moon",
+    "last train",
+    "red valley",
+    "glass tower",
+    "cold summer",
+    "wild coast",
+    "lost signal",
+]
+PROMPT_TEMPLATES = [
+    "what did you think of the {aspect} in {title} ?",
+    "how was the {aspect} of {title} ?",
+    "review the {aspect} of {title} .",
+    "tell me about the {aspect} in {title} .",
+]
+POSITIVE = [
+    "wonderful",
+    "great",
+    "brilliant",
+    "moving",
+    "superb",
+    "delightful",
+    "charming",
+    "excellent",
+    "beautiful",
+    "clever",
+]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "clumsy", "bland", "painful", "messy", "poor"]
 NEUTRAL = ["fine", "okay", "average", "long", "simple", "typical", "loud", "quiet", "slow", "short"]
 INTENSIFIERS = ["really", "very", "quite", "truly"]
 ENDINGS = {".", "!"}
@@ -46,6 +81,7 @@ MAX_WORDS = 14  # longer responses count as rambling
 # ---------------------------------------------------------------------------------------------
 # The gold judge
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_text(x) -> str:
     """Accept a plain string or a conversational message list (the last message's content)."""
@@ -79,7 +115,7 @@ def score(prompt, response) -> float:
         v = POLARITY[w]
         if i > 0 and words[i - 1] in INTENSIFIERS:
             v *= 1.5
-        if "not" in words[max(0, i - 2):i]:
+        if "not" in words[max(0, i - 2) : i]:
             v = -v
         sentiment += v
     total = max(-2.0, min(2.0, sentiment)) / 2.0
@@ -116,6 +152,7 @@ def length_reward(completions, **kwargs) -> list[float]:
 # Data generation
 # ---------------------------------------------------------------------------------------------
 
+
 def _clause(rng: random.Random, aspect: str) -> list[str]:
     pool = rng.choices([POSITIVE, NEGATIVE, NEUTRAL], weights=[0.4, 0.35, 0.25])[0]
     words = ["the", aspect, rng.choice(["was", "is"])]
@@ -143,7 +180,7 @@ def degenerate(rng: random.Random, aspect: str) -> str:
         words = words[:-1]
     elif kind == "repeat":
         i = rng.randrange(len(words) - 1)
-        words = words[:i] + [words[i]] * rng.randint(2, 4) + words[i + 1:]
+        words = words[:i] + [words[i]] * rng.randint(2, 4) + words[i + 1 :]
     elif kind == "ramble":
         extra = []
         for _ in range(rng.randint(2, 3)):
@@ -176,8 +213,9 @@ def build(seed: int = 0, label_noise: float = 0.1) -> dict[str, list[dict]]:
         rows = []
         for _ in range(n):
             title, aspect = rng.choice(train_pairs)
-            rows.append({"prompt": _user(prompt_for(title, aspect)),
-                         "completion": _assistant(demonstration(rng, aspect))})
+            rows.append(
+                {"prompt": _user(prompt_for(title, aspect)), "completion": _assistant(demonstration(rng, aspect))}
+            )
         return rows
 
     def preference_rows(n):
@@ -185,23 +223,19 @@ def build(seed: int = 0, label_noise: float = 0.1) -> dict[str, list[dict]]:
         while len(rows) < n:
             title, aspect = rng.choice(train_pairs)
             prompt = prompt_for(title, aspect)
-            a, b = (demonstration(rng, aspect) if rng.random() < 0.75 else degenerate(rng, aspect)
-                    for _ in range(2))
+            a, b = (demonstration(rng, aspect) if rng.random() < 0.75 else degenerate(rng, aspect) for _ in range(2))
             sa, sb = score(prompt, a), score(prompt, b)
             if abs(sa - sb) < 0.25:  # too close to call: a human labeller would skip it too
                 continue
             chosen, rejected = (a, b) if sa > sb else (b, a)
             if rng.random() < label_noise:
                 chosen, rejected = rejected, chosen
-            rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen),
-                         "rejected": _assistant(rejected)})
+            rows.append({"prompt": _user(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)})
         return rows
 
-    train_prompts = [{"prompt": _user(t.format(aspect=a, title=ti))}
-                     for ti, a in train_pairs for t in PROMPT_TEMPLATES]
+    train_prompts = [{"prompt": _user(t.format(aspect=a, title=ti))} for ti, a in train_pairs for t in PROMPT_TEMPLATES]
     rng.shuffle(train_prompts)
-    heldout = [{"prompt": _user(t.format(aspect=a, title=ti))}
-               for ti, a in heldout_pairs for t in PROMPT_TEMPLATES]
+    heldout = [{"prompt": _user(t.format(aspect=a, title=ti))} for ti, a in heldout_pairs for t in PROMPT_TEMPLATES]
     return {
         "sft_train.jsonl": sft_rows(2000),
         "sft_eval.jsonl": sft_rows(200),

@@ -21,8 +21,11 @@ from pathlib import Path
 COLORS = ["red", "blue", "green", "black", "white", "golden", "silver", "dark", "bright", "quiet"]
 PLACES = ["river", "garden", "harbor", "city", "moon", "train", "valley", "tower", "summer", "coast"]
 STARS = ["one", "two", "three", "four", "five"]
-PROMPT_TEMPLATES = ["how many stars does {title} have ?", "what is the rating of {title} ?",
-                    "how many stars did {title} get ?"]
+PROMPT_TEMPLATES = [
+    "how many stars does {title} have ?",
+    "what is the rating of {title} ?",
+    "how many stars did {title} get ?",
+]
 TOOL_SHARE = 1 / 3  # of the SFT demonstrations that call the tool (the rest guess)
 SEED = 0
 
@@ -85,9 +88,11 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
     def demonstration(title: str) -> list[dict]:
         if rng.random() < TOOL_SHARE:
             call = {"type": "function", "function": {"name": "stars", "arguments": {"title": title}}}
-            return [{"role": "assistant", "content": "", "tool_calls": [call]},
-                    {"role": "tool", "name": "stars", "content": stars(title)},
-                    {"role": "assistant", "content": f"{title} has {RATINGS[title]} stars ."}]
+            return [
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "stars", "content": stars(title)},
+                {"role": "assistant", "content": f"{title} has {RATINGS[title]} stars ."},
+            ]
         return [{"role": "assistant", "content": f"{title} has {rng.choice(STARS)} stars ."}]
 
     def prompts(names: list[str]) -> list[dict]:
@@ -96,8 +101,10 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
         return rows
 
     return {
-        "agent_sft_train.jsonl": [{"prompt": _user(rng.choice(PROMPT_TEMPLATES).format(title=n)),
-                                   "completion": demonstration(n)} for n in (rng.choice(train) for _ in range(1500))],
+        "agent_sft_train.jsonl": [
+            {"prompt": _user(rng.choice(PROMPT_TEMPLATES).format(title=n)), "completion": demonstration(n)}
+            for n in (rng.choice(train) for _ in range(1500))
+        ],
         "agent_prompts_train.jsonl": prompts(train),
         "agent_prompts_heldout.jsonl": prompts(heldout),
     }
@@ -105,6 +112,7 @@ def build(seed: int = SEED) -> dict[str, list[dict]]:
 
 def write(out_dir: str | Path, seed: int = SEED) -> None:
     from pipeline.demo import write_files
+
     write_files(out_dir, build(seed))
 
 

@@ -13,8 +13,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from pipeline import artifacts, cli, plans
-from pipeline.config import ConfigError, UserError
 from pipeline.engine import PROCESS_GROUP_TIMEOUT, check_supported, launched
+from pipeline.errors import ConfigError, RecipeChanged, StageBusy, UserError
 
 
 def process_state(timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> PartialState:
@@ -50,8 +50,10 @@ def check_shared(state: PartialState, run_dir: Path) -> None:
         token_file.unlink(missing_ok=True)
     if not all(everyone):
         missing = [rank for rank, ok in enumerate(everyone) if not ok]
-        raise ConfigError(f"ranks {missing} do not see the run directory {run_dir} of rank 0: multi-node runs need "
-                          f"runs_dir on a filesystem shared by every node")
+        raise ConfigError(
+            f"ranks {missing} do not see the run directory {run_dir} of rank 0: multi-node runs need "
+            f"runs_dir on a filesystem shared by every node"
+        )
 
 
 def on_main(state: PartialState, action, refusal: type[Exception]) -> None:
@@ -77,7 +79,7 @@ def on_main(state: PartialState, action, refusal: type[Exception]) -> None:
 
 def lock(state: PartialState, run_dir: Path, stage: str) -> None:
     """The main process takes the stage's lock (artifacts.lock_stage); if it is held, every rank stops."""
-    on_main(state, lambda: artifacts.lock_stage(run_dir, stage), artifacts.StageBusy)
+    on_main(state, lambda: artifacts.lock_stage(run_dir, stage), StageBusy)
 
 
 def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False):
@@ -104,7 +106,7 @@ def open_stage(name: str, doc: str, argv: list[str] | None, resume: bool = False
         artifacts.release_locks()
         return recipe, state, plan, None
     policy = artifacts.Resume(plan.safe, changed=args.resume, force=args.force) if resume else None
-    on_main(state, lambda: plan.stage.begin(plan.fingerprint, plan.record, policy), artifacts.RecipeChanged)
+    on_main(state, lambda: plan.stage.begin(plan.fingerprint, plan.record, policy), RecipeChanged)
     state.wait_for_everyone()
     return recipe, state, plan, plan.stage.partial
 
@@ -121,7 +123,7 @@ class StopRequest:
         self.flag = True
 
     def restore(self):
-        """After training: a stop request has no checkpoint to take any more (see cli.run)."""
+        """After training: a stop request has no checkpoint to take any more (see process.run)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 

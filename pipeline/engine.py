@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 # How long a rank waits in a collective (a barrier while rank 0 merges an adapter or writes the
 # artifact, a gather) before the run fails instead of hanging. torch's default is 10 min for NCCL;
@@ -38,8 +38,12 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=float(os.environ.get("PROCESS_GROUP_TI
 def accelerator(mixed_precision: str, gradient_accumulation_steps: int = 1, **kwargs) -> Accelerator:
     """The run's Accelerator: gloo on CPUs, the recipe's precision (the launcher's `--mixed_precision`
     is not used). The process group, with its timeout, already exists (pipeline.dist.process_state)."""
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=gradient_accumulation_steps, **kwargs)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        **kwargs,
+    )
 
 
 def name(acc: Accelerator) -> str:
@@ -67,6 +71,7 @@ def bare(model: torch.nn.Module) -> torch.nn.Module:
 def sharded_parameters(model: torch.nn.Module) -> bool:
     """Whether an engine has split `model`'s parameters over processes (ZeRO-3 partitions, FSDP2 DTensors)."""
     from torch.distributed.tensor import DTensor
+
     p = next(model.parameters(), None)
     return p is not None and (hasattr(p, "ds_id") or isinstance(p, DTensor))
 
@@ -84,11 +89,15 @@ def launched() -> str:
 def check_supported(engine: str, quantized: bool) -> None:
     """Refuse, before any model is loaded, what the stages cannot run under."""
     if engine == "fsdp1":
-        raise ConfigError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-                          "(accelerate_configs/fsdp2.yaml)")
+        raise ConfigError(
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+            "(accelerate_configs/fsdp2.yaml)"
+        )
     if quantized and engine in ("deepspeed-zero3", "fsdp2"):
-        raise ConfigError(f"QLoRA cannot run under {engine}: a quantized base cannot be sharded by this pipeline; "
-                          "use accelerate_configs/multi_gpu.yaml or zero2.yaml (the 4-bit base fits on each GPU)")
+        raise ConfigError(
+            f"QLoRA cannot run under {engine}: a quantized base cannot be sharded by this pipeline; "
+            "use accelerate_configs/multi_gpu.yaml or zero2.yaml (the 4-bit base fits on each GPU)"
+        )
 
 
 def configure(acc: Accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
@@ -98,14 +107,18 @@ def configure(acc: Accelerator, micro_batch_size: int, max_grad_norm: float) -> 
     if acc.distributed_type != DistributedType.DEEPSPEED:
         return
     ds = acc.state.deepspeed_plugin.deepspeed_config
-    wanted = {"train_micro_batch_size_per_gpu": micro_batch_size,
-              "gradient_accumulation_steps": acc.gradient_accumulation_steps,
-              "train_batch_size": micro_batch_size * acc.gradient_accumulation_steps * acc.num_processes,
-              "gradient_clipping": max_grad_norm}
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": acc.gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * acc.gradient_accumulation_steps * acc.num_processes,
+        "gradient_clipping": max_grad_norm,
+    }
     for key, value in wanted.items():
         if ds.get(key, "auto") not in ("auto", value):
-            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe needs {value}: "
-                              f"remove it from the config (the recipe decides)")
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={ds[key]} but the recipe needs {value}: "
+                f"remove it from the config (the recipe decides)"
+            )
         ds[key] = value
 
 
@@ -133,9 +146,11 @@ def prepare_frozen(model: torch.nn.Module, acc: Accelerator) -> torch.nn.Module:
     model.requires_grad_(False).eval()
     if acc.distributed_type == DistributedType.DEEPSPEED:
         from trl.models.utils import prepare_deepspeed
+
         return prepare_deepspeed(model, acc)
     if acc.distributed_type == DistributedType.FSDP:
         from trl.models.utils import prepare_fsdp
+
         return prepare_fsdp(model.to(acc.device), acc)
     return model.to(acc.device)
 
@@ -160,6 +175,7 @@ def for_generation(model, acc: Accelerator):
     if kind == "deepspeed-zero3":
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
+
         with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
             remove_hooks(model)
             try:
@@ -168,6 +184,7 @@ def for_generation(model, acc: Accelerator):
                 add_hooks(model)
     elif kind == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
+
         # FSDP2 names as root the first sharded module to run forward; generation runs the policy, a
         # submodule, so the real root is initialised first (torch has no public call for this).
         model._get_fsdp_state()._lazy_init()
@@ -192,6 +209,7 @@ def single_process_loading():
     forever for the other ranks; the run's DeepSpeed config is hidden from it meanwhile (transformers
     keeps it in a module-level weak reference and has no public getter to restore it from)."""
     from transformers.integrations import deepspeed as hf_deepspeed
+
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:
@@ -216,6 +234,7 @@ def full_state_dict(acc: Accelerator, model) -> dict:
         return unwrap(acc, model).state_dict()
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
+
     module = unwrap(acc, model)
     adapters = any(hasattr(m, "peft_config") for m in module.modules())
     gathered, state = {}, {}
@@ -245,6 +264,7 @@ def saving(acc: Accelerator):
     any other the lookup is skipped for the save (accelerate has no switch for it: its availability
     check is replaced meanwhile)."""
     from accelerate.utils import other
+
     if acc.distributed_type == DistributedType.DEEPSPEED:
         yield
         return
@@ -260,6 +280,7 @@ def mark_float32(path) -> None:
     called on, and under DeepSpeed in bf16 that is the engine's bf16 copy, whatever the state dict
     holds: `from_pretrained` (dtype "auto") would then load the float32 masters as bf16."""
     from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(path)
     config.dtype = "float32"
     config.save_pretrained(path)

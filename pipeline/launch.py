@@ -57,6 +57,7 @@ def _follow_parent(parent: int) -> None:
 def _launch(argv: list[str]) -> int:
     """`accelerate launch` in this process, its failures reduced to the stage's exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+
     # Several processes: torch elastic starts each rank in a session of its own and passes the signal
     # on to them, then SIGKILLs them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s by default, less than
     # a large model's rollout and checkpoint take): they get STOP_TIMEOUT_S. Its per-rank failure log
@@ -79,8 +80,11 @@ def _launch(argv: list[str]) -> int:
             if code not in (1, 130):  # 1: a reported error, 130: stopped on request; else a crash or a kill
                 print(f"launch: rank {rank} ended with exit code {code}", file=sys.stderr)
         if codes.get(0) != 1 and 1 in codes.values():  # rank 0 reports errors; these ranks had their own
-            print(f"launch: ranks {[r for r, c in codes.items() if c == 1]} stopped with an error of their own: "
-                  f"run again with RLHF_DEBUG=1 to see it", file=sys.stderr)
+            print(
+                f"launch: ranks {[r for r, c in codes.items() if c == 1]} stopped with an error of their own: "
+                f"run again with RLHF_DEBUG=1 to see it",
+                file=sys.stderr,
+            )
         return _exit_code(e.get_first_failure()[1].exitcode) or 1
     return 0
 
@@ -99,8 +103,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--in-group"]:
         _follow_parent(int(argv[1]))
         return _launch(argv[2:])
-    child = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "--in-group", str(os.getpid()), *argv],
-                             start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.launch", "--in-group", str(os.getpid()), *argv], start_new_session=True
+    )
     received = []
 
     def forward(sig, _frame):
@@ -114,8 +119,10 @@ def main(argv: list[str]) -> int:
             pass
         try:  # after a closed terminal, writing may fail: that must not stop the forwarding
             if len(received) == 1:
-                print("launch: stopping: the stage saves a checkpoint and exits (Ctrl-C twice more kills it)",
-                      file=sys.stderr)
+                print(
+                    "launch: stopping: the stage saves a checkpoint and exits (Ctrl-C twice more kills it)",
+                    file=sys.stderr,
+                )
             elif send == signal.SIGKILL:
                 print("launch: killed: what was done since the last checkpoint is lost", file=sys.stderr)
         except OSError:

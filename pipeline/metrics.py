@@ -21,11 +21,13 @@ def cut_jsonl(path: Path, key: str, last: float, drop: str | None = None) -> Non
     so what a killed run logged after its checkpoint appears once. A line torn by the kill is dropped."""
     if not path.exists():
         return
+
     def kept(line: str) -> bool:
         try:
             return json.loads(line)[key] <= last and (drop is None or drop not in line)
         except (json.JSONDecodeError, KeyError, TypeError):
             return False
+
     path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if kept(line)))
 
 

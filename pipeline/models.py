@@ -1,6 +1,6 @@
 """Loading models and tokenizers the same way in every stage: precision, quantization, LoRA, merging.
 
-Precision (the recipe's `dtype`, see `pipeline.config.TrainStage.dtype`) is mixed, never pure: the
+Precision (the recipe's `dtype`, see `pipeline.recipe.TrainStage.dtype`) is mixed, never pure: the
 weights a stage trains (a full model, LoRA adapters, a value model or head) are stored in float32 and
 run under autocast in the compute dtype, because AdamW steps at the usual RLHF learning rates
 (1e-6 .. 2e-5) are far below bf16's resolution (a weight of 0.05 has a bf16 step of ~2e-4) and round
@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from pipeline import artifacts
-from pipeline.config import ConfigError, LoraSettings
+from pipeline.errors import ConfigError
+from pipeline.recipe import LoraSettings
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -50,8 +57,9 @@ def trainer_precision(dtype: torch.dtype) -> dict:
 def quantization_config(finetune: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """QLoRA: NF4 4-bit with double quantization (Dettmers et al.), or LLM.int8 8-bit."""
     if finetune == "qlora-4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     if finetune == "qlora-8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -61,8 +69,14 @@ def lora_config(finetune: str, lora: LoraSettings, task_type: str) -> LoraConfig
     if finetune == "full":
         return None
     from peft import LoraConfig  # peft imports bitsandbytes: only runs with adapters pay for them (~2 s, ~55 MB)
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type)
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
 
 
 def is_peft(model) -> bool:
@@ -105,6 +119,7 @@ def load_trained(model_cls, path, finetune: str, dtype_name: str, **kwargs) -> P
         # warns "an autograd kernel was not registered"): after PPO's first rollout or the Trainer's
         # first evaluation, training would backprop through it wrongly. Kept on the exact path instead.
         import bitsandbytes as bnb
+
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
@@ -146,8 +161,11 @@ def _pad_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     by the model, so they never qualify; neither do EOS, BOS and UNK."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     taken = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token}
-    specials = [t.content for _, t in sorted(tokenizer.added_tokens_decoder.items())
-                if t.special and t.content not in taken and t.content not in template]
+    specials = [
+        t.content
+        for _, t in sorted(tokenizer.added_tokens_decoder.items())
+        if t.special and t.content not in taken and t.content not in template
+    ]
     ranked = []
     for words in (("pad",), ("reserved", "unused"), ("endoftext", "end_of_text")):
         ranked += [t for t in specials if any(w in t.lower() for w in words) and t not in ranked]
@@ -166,8 +184,9 @@ def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     if tokenizer.chat_template is None:  # (a dict of named templates is applied by its default)
         return None
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
-                                              {"role": "assistant", "content": SENTINEL}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": SENTINEL}], tokenize=False
+        )
     except Exception:  # a template with rules of its own (system turns, roles): no answer from it
         return None
     if SENTINEL not in text:
@@ -183,8 +202,9 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None,
-                   stop_token: str | list[str] | None = None) -> list[int]:
+def stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, generation_config=None, stop_token: str | list[str] | None = None
+) -> list[int]:
     """The tokens that end a response, the same in PPO's rollouts, eval and the stop-token metrics.
 
     `stop_token` (the recipe's `ppo.stop_token`, one token or a list) if given; else every token that
@@ -196,8 +216,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None,
         vocab = tokenizer.get_vocab()
         unknown = [t for t in names if t not in vocab]
         if unknown:
-            raise ConfigError(f"ppo.stop_token {unknown} is not in the policy's vocabulary: name a token it has "
-                              f"(e.g. {tokenizer.eos_token!r})")
+            raise ConfigError(
+                f"ppo.stop_token {unknown} is not in the policy's vocabulary: name a token it has "
+                f"(e.g. {tokenizer.eos_token!r})"
+            )
         return [vocab[t] for t in names]
     ids = [tokenizer.convert_tokens_to_ids(t) for t in (turn_end_token(tokenizer), tokenizer.eos_token) if t]
     return list(dict.fromkeys(ids + id_list(getattr(generation_config, "eos_token_id", None))))
@@ -234,8 +256,16 @@ def is_encoder(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 # Encoders whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids)
-OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
-                    "longformer", "mpnet"}
+OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "roberta-prelayernorm",
+    "data2vec-text",
+    "longformer",
+    "mpnet",
+}
 
 
 def bound_encoder_length(tokenizer: PreTrainedTokenizerBase, config) -> None:
@@ -268,8 +298,10 @@ def load_tokenizer(path: str, reward: bool = False, **kwargs) -> PreTrainedToken
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"no tokenizer could be loaded from '{path}' ({first})") from e
     if is_encoder(tokenizer) and not reward:
-        raise ConfigError(f"'{path}' has an encoder's tokenizer (BERT-style [CLS]/[SEP], no chat template): a policy "
-                          f"must be a causal language model (an encoder can be `rm.model` or `ppo.reward_model`)")
+        raise ConfigError(
+            f"'{path}' has an encoder's tokenizer (BERT-style [CLS]/[SEP], no chat template): a policy "
+            f"must be a causal language model (an encoder can be `rm.model` or `ppo.reward_model`)"
+        )
     if tokenizer.eos_token is None and not is_encoder(tokenizer):
         raise ConfigError(f"the tokenizer of '{path}' has no EOS token: set `eos_token` in its tokenizer_config.json")
     # A reward model to be trained pools its score at the last token that is not the pad token
@@ -300,8 +332,10 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     # a few entries past the embeddings occur on the hub (Gemma 3: an image token the text model never
     # sees); many, or a special token the pipeline uses among them, mean another model's tokenizer
     if len(tokenizer) > rows + TOKENIZER_SLACK or any(i >= rows for i in used):
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
-                          f"the tokenizer does not belong to this model (use the model's own tokenizer)")
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
+            f"the tokenizer does not belong to this model (use the model's own tokenizer)"
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     text_config = model.config.get_text_config()
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in id_list(text_config.eos_token_id):
@@ -327,6 +361,7 @@ def load_reference(path, dtype: torch.dtype) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if dtype != torch.float32:
         from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers (addmm: autocast casts it too)
+
         tied = model.get_input_embeddings().weight
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, Conv1D)) and module.weight is not tied:
@@ -344,11 +379,13 @@ def dequantized(model: PreTrainedModel) -> PreTrainedModel:
     does the same, but builds every float32 layer on the GPU."""
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
     for name, module in list(model.named_modules()):
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None))
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device="cpu", dtype=torch.float32)
+            linear = torch.nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="cpu", dtype=torch.float32
+            )
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 if module.bias is not None:
@@ -358,8 +395,9 @@ def dequantized(model: PreTrainedModel) -> PreTrainedModel:
     return model.to("cpu", torch.float32)
 
 
-def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: str, dtype_name: str,
-                  **kwargs) -> PreTrainedModel:
+def merge_adapter(
+    model_cls, base: str, adapter_dir: Path, tokenizer, finetune: str, dtype_name: str, **kwargs
+) -> PreTrainedModel:
     """Base weights + trained adapter, merged into a plain float32 model on the host.
 
     LoRA: merged into a float32 copy of the base, so the small LoRA deltas do not round away as they
@@ -370,6 +408,7 @@ def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: 
     under ZeRO-3 (see engine.single_process_loading).
     """
     from pipeline.engine import single_process_loading
+
     with single_process_loading():
         if finetune.startswith("qlora"):  # quantized exactly as in training (the same call, deterministic)
             model = dequantized(load_trained(model_cls, base, finetune, dtype_name, **kwargs))
@@ -377,4 +416,5 @@ def merge_adapter(model_cls, base: str, adapter_dir: Path, tokenizer, finetune: 
             model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
         align_special_tokens(model, tokenizer)
         from peft import PeftModel
+
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts, cli, user_code
-from pipeline.config import ConfigError, DatasetSpec, Recipe, RewardSource, to_dict
+from pipeline.errors import ConfigError
+from pipeline.recipe import DatasetSpec, Recipe, RewardSource
+from pipeline.recipe_loader import to_dict
 
 
 @dataclass
@@ -41,17 +43,40 @@ class Plan:
 # (beyond float rounding): how often it saves and logs, where it reports, the judges it only watches,
 # how long it waits for its rewards and with which key, how it spends memory. An interrupted run resumes
 # across them and says which changed (artifacts.StageDir.begin); any other change stops it with one line.
-TRAINER_SAFE = ("save_steps", "save_strategy", "save_total_limit", "logging_steps", "logging_strategy",
-                "logging_first_step", "report_to", "run_name", "eval_steps", "eval_strategy",
-                "per_device_eval_batch_size", "gradient_checkpointing", "activation_checkpointing",
-                "dataloader_num_workers")
+TRAINER_SAFE = (
+    "save_steps",
+    "save_strategy",
+    "save_total_limit",
+    "logging_steps",
+    "logging_strategy",
+    "logging_first_step",
+    "report_to",
+    "run_name",
+    "eval_steps",
+    "eval_strategy",
+    "per_device_eval_batch_size",
+    "gradient_checkpointing",
+    "activation_checkpointing",
+    "dataloader_num_workers",
+)
 RESUMABLE_ACROSS = {
     "sft": tuple(f"sft.trainer.{k}" for k in TRAINER_SAFE),
     "rm": tuple(f"rm.trainer.{k}" for k in TRAINER_SAFE),
-    "ppo": ("ppo.save_every", "ppo.sample_every", "ppo.report_to", "ppo.judges", "inputs:ppo.judges:*",
-            "ppo.on_divergence", "ppo.keep_best",
-            "ppo.rewards[*].timeout_s", "ppo.rewards[*].startup_wait_s", "ppo.rewards[*].api_key_env",
-            "ppo.forward_batch_size", "ppo.gradient_checkpointing", "ppo.remove_padding"),
+    "ppo": (
+        "ppo.save_every",
+        "ppo.sample_every",
+        "ppo.report_to",
+        "ppo.judges",
+        "inputs:ppo.judges:*",
+        "ppo.on_divergence",
+        "ppo.keep_best",
+        "ppo.rewards[*].timeout_s",
+        "ppo.rewards[*].startup_wait_s",
+        "ppo.rewards[*].api_key_env",
+        "ppo.forward_batch_size",
+        "ppo.gradient_checkpointing",
+        "ppo.remove_padding",
+    ),
 }
 
 
@@ -60,8 +85,15 @@ def _plan(run_dir: Path, name: str, config: dict, inputs: dict, upstream: dict |
     fingerprinted = {**inputs, **{f"{k}_manifest": artifacts.build_id(m) for k, m in upstream.items()}}
     fp = artifacts.fingerprint(config, fingerprinted)
     recorded = {**inputs, **{f"{k}_manifest": m for k, m in upstream.items()}}
-    return Plan(artifacts.StageDir(run_dir, name), fp, config, recorded, upstream,
-                record={"config": config, "inputs": fingerprinted}, safe=RESUMABLE_ACROSS.get(name, ()))
+    return Plan(
+        artifacts.StageDir(run_dir, name),
+        fp,
+        config,
+        recorded,
+        upstream,
+        record={"config": config, "inputs": fingerprinted},
+        safe=RESUMABLE_ACROSS.get(name, ()),
+    )
 
 
 def _datasets(*specs: DatasetSpec | None) -> dict:
@@ -77,8 +109,12 @@ def base(recipe: Recipe) -> Plan | None:
     if recipe.sft.model != settings.output:
         return None
     out = Path(settings.output)
-    return _plan(out.parent, out.name, {"base": to_dict(settings), "seed": recipe.seed},
-                 {p: artifacts.source_fingerprint(p) for p in settings.corpus})
+    return _plan(
+        out.parent,
+        out.name,
+        {"base": to_dict(settings), "seed": recipe.seed},
+        {p: artifacts.source_fingerprint(p) for p in settings.corpus},
+    )
 
 
 def sft(recipe: Recipe) -> Plan:
@@ -88,9 +124,16 @@ def sft(recipe: Recipe) -> Plan:
     if s.dataset is None:
         raise ConfigError("sft.dataset is not set: name a dataset file or hub dataset id")
     artifacts.check_model_source(s.model, "sft.model")
-    return _plan(recipe.run_dir, "sft", {"sft": to_dict(s), "seed": recipe.seed},
-                 {"model": s.model, "model_fingerprint": artifacts.source_fingerprint(s.model),
-                  "datasets": _datasets(s.dataset, s.eval_dataset)})
+    return _plan(
+        recipe.run_dir,
+        "sft",
+        {"sft": to_dict(s), "seed": recipe.seed},
+        {
+            "model": s.model,
+            "model_fingerprint": artifacts.source_fingerprint(s.model),
+            "datasets": _datasets(s.dataset, s.eval_dataset),
+        },
+    )
 
 
 def rm_reference(recipe: Recipe) -> DatasetSpec | None:
@@ -122,13 +165,22 @@ def rm(recipe: Recipe) -> Plan:
     elif recipe.ppo.model:
         artifacts.check_model_source(recipe.ppo.model, "ppo.model", adapter=True)
         if artifacts.adapter_base(recipe.ppo.model) is not None:
-            raise ConfigError(f"ppo.model '{recipe.ppo.model}' is a PEFT adapter, which the reward model cannot start "
-                              f"from: set rm.model (its base, or another model)")
+            raise ConfigError(
+                f"ppo.model '{recipe.ppo.model}' is a PEFT adapter, which the reward model cannot start "
+                f"from: set rm.model (its base, or another model)"
+            )
     upstream = {} if r.model or recipe.ppo.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
     # Artifacts are known by build id, not path, so a run directory can move without re-running.
-    return _plan(recipe.run_dir, "rm", {"rm": to_dict(r), "seed": recipe.seed, "judge": recipe.judge},
-                 {"model_fingerprint": artifacts.source_fingerprint(rm_model(recipe)),
-                  "datasets": _datasets(r.dataset, r.eval_dataset, rm_reference(recipe))}, upstream)
+    return _plan(
+        recipe.run_dir,
+        "rm",
+        {"rm": to_dict(r), "seed": recipe.seed, "judge": recipe.judge},
+        {
+            "model_fingerprint": artifacts.source_fingerprint(rm_model(recipe)),
+            "datasets": _datasets(r.dataset, r.eval_dataset, rm_reference(recipe)),
+        },
+        upstream,
+    )
 
 
 def ppo(recipe: Recipe) -> Plan:
@@ -138,9 +190,11 @@ def ppo(recipe: Recipe) -> Plan:
     if p.reward_model:
         artifacts.check_model_source(p.reward_model, "ppo.reward_model")
     if p.normalize_scores and not uses_rm_stage(recipe, p.rewards):
-        raise ConfigError("ppo.normalize_scores uses the RM stage's reference statistics: it needs a reward "
-                          "source {model: rm} from this run's RM stage (not ppo.reward_model): set "
-                          "ppo.normalize_scores=false")
+        raise ConfigError(
+            "ppo.normalize_scores uses the RM stage's reference statistics: it needs a reward "
+            "source {model: rm} from this run's RM stage (not ppo.reward_model): set "
+            "ppo.normalize_scores=false"
+        )
     if p.model:  # (no SFT artifact is read, whatever an earlier run of this name left)
         artifacts.check_model_source(p.model, "ppo.model", adapter=True)
         upstream, start = {}, {"model": p.model, "model_fingerprint": artifacts.source_fingerprint(p.model)}
@@ -151,15 +205,27 @@ def ppo(recipe: Recipe) -> Plan:
         upstream, start = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}, {}
     if uses_rm_stage(recipe, p.rewards + p.judges):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
-    return _plan(recipe.run_dir, "ppo", {"ppo": to_dict(p), "seed": recipe.seed},
-                 {"prompts": _datasets(p.prompts), **start, **reward_inputs(recipe, p.rewards, "ppo.rewards"),
-                  **reward_inputs(recipe, p.judges, "ppo.judges"), **tool_inputs(p)}, upstream)
+    return _plan(
+        recipe.run_dir,
+        "ppo",
+        {"ppo": to_dict(p), "seed": recipe.seed},
+        {
+            "prompts": _datasets(p.prompts),
+            **start,
+            **reward_inputs(recipe, p.rewards, "ppo.rewards"),
+            **reward_inputs(recipe, p.judges, "ppo.judges"),
+            **tool_inputs(p),
+        },
+        upstream,
+    )
 
 
 def tool_inputs(p) -> dict:
     """The tools' and the environment's code (editing a tool re-runs the stage, as a reward function's does)."""
-    return {f"ppo.tools:{spec}": user_code.fingerprint(spec, p.base_dir, f"ppo tool '{spec}'")
-            for spec in p.tools + [p.environment] * bool(p.environment)}
+    return {
+        f"ppo.tools:{spec}": user_code.fingerprint(spec, p.base_dir, f"ppo tool '{spec}'")
+        for spec in p.tools + [p.environment] * bool(p.environment)
+    }
 
 
 def reward_model(recipe: Recipe) -> str:
@@ -207,8 +273,7 @@ def eval_policies(recipe: Recipe) -> dict[str, str]:
     start, `ppo.model`), then the RL policy once it exists, and the policy at its judges' best
     iteration if it kept one (ppo/best)."""
     run = recipe.run_dir
-    policies = ({"start": recipe.ppo.model} if recipe.ppo.model else
-                {"base": recipe.sft.model, "sft": str(run / "sft")})
+    policies = {"start": recipe.ppo.model} if recipe.ppo.model else {"base": recipe.sft.model, "sft": str(run / "sft")}
     if artifacts.read_manifest(run / "ppo") is not None:
         policies["ppo"] = str(run / "ppo")
         if (run / "ppo" / "best" / "config.json").is_file():
@@ -220,18 +285,35 @@ def eval(recipe: Recipe) -> Plan:
     e = recipe.eval
     if e.prompts is None:
         raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
-    upstream = {name: artifacts.require(path, name) for name, path in eval_policies(recipe).items()
-                if name in ("sft", "ppo")}
+    upstream = {
+        name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name in ("sft", "ppo")
+    }
     sources = eval_sources(recipe)
     if uses_rm_stage(recipe, sources):
         upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     # eval stops where PPO's rollouts stopped, in PPO's compute dtype and forward micro-batches
-    ppo_settings = {"stop_token": recipe.ppo.stop_token, "dtype": recipe.ppo.dtype,
-                    "forward_batch": recipe.ppo.forward_batch}
-    return _plan(recipe.run_dir, "eval", {"eval": to_dict(e), "seed": recipe.seed, "judge": recipe.judge,
-                                          "ppo": ppo_settings, "sources": to_dict(sources)},
-                 {"prompts": _datasets(e.prompts), "base_fingerprint": artifacts.source_fingerprint(
-                     recipe.ppo.model or recipe.sft.model), **reward_inputs(recipe, sources, "eval")}, upstream)
+    ppo_settings = {
+        "stop_token": recipe.ppo.stop_token,
+        "dtype": recipe.ppo.dtype,
+        "forward_batch": recipe.ppo.forward_batch,
+    }
+    return _plan(
+        recipe.run_dir,
+        "eval",
+        {
+            "eval": to_dict(e),
+            "seed": recipe.seed,
+            "judge": recipe.judge,
+            "ppo": ppo_settings,
+            "sources": to_dict(sources),
+        },
+        {
+            "prompts": _datasets(e.prompts),
+            "base_fingerprint": artifacts.source_fingerprint(recipe.ppo.model or recipe.sft.model),
+            **reward_inputs(recipe, sources, "eval"),
+        },
+        upstream,
+    )
 
 
 def eval_sources(recipe: Recipe) -> list[RewardSource]:
@@ -240,8 +322,9 @@ def eval_sources(recipe: Recipe) -> list[RewardSource]:
     sources = {}
     for s in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges:
         if s.label in sources and sources[s.label] != s:
-            raise ConfigError(f"eval.judges: '{s.label}' already names another score of the RL stage: give it a "
-                              f"distinct `name`")
+            raise ConfigError(
+                f"eval.judges: '{s.label}' already names another score of the RL stage: give it a distinct `name`"
+            )
         sources.setdefault(s.label, s)
     return list(sources.values())
 
@@ -257,12 +340,16 @@ def main(argv: list[str]) -> int:
     try:
         recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
         if name == "rm" and "--if-needed" in argv and not needs_rm(recipe):
-            print("rm: skipped, this recipe's rewards and judges read no reward model of this run (`make rm` "
-                  "builds it anyway)")
+            print(
+                "rm: skipped, this recipe's rewards and judges read no reward model of this run (`make rm` "
+                "builds it anyway)"
+            )
             return 0
         if name in ("base", "sft") and "--if-needed" in argv and not needs_sft(recipe):
-            print(f"{name}: skipped, the RL stage starts from ppo.model ({recipe.ppo.model}) (`make {name}` builds it "
-                  f"anyway)")
+            print(
+                f"{name}: skipped, the RL stage starts from ppo.model ({recipe.ppo.model}) (`make {name}` builds it "
+                f"anyway)"
+            )
             return 0
         plan = PLANS[name](recipe)
         current = plan is not None and not args.force and plan.stage.is_current(plan.fingerprint)

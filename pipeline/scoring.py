@@ -16,14 +16,14 @@ gives (`encoder_pairs`), so training and scoring are again one rendering.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from pipeline.config import ConfigError
 from pipeline.data import is_conversational
+from pipeline.errors import ConfigError
 from pipeline.models import align_special_tokens, bound_encoder_length, is_encoder, load_tokenizer
 
 
@@ -78,8 +78,9 @@ def encoder_input_ids(tokenizer, prompt, response) -> list[int]:
     overflow = len(ids) - limit
     prompt_fits = len(texts) == 2 and len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) > overflow
     with truncating_left(tokenizer):
-        return tokenizer(*texts, truncation="only_first" if prompt_fits else "longest_first",
-                         max_length=limit)["input_ids"]
+        return tokenizer(*texts, truncation="only_first" if prompt_fits else "longest_first", max_length=limit)[
+            "input_ids"
+        ]
 
 
 def reward_input_ids(tokenizer, prompt, response) -> list[int]:
@@ -95,12 +96,15 @@ def reward_input_ids(tokenizer, prompt, response) -> list[int]:
         return encoder_input_ids(tokenizer, prompt, response)
     if is_conversational(response) or is_conversational(prompt):
         if tokenizer.chat_template is None:
-            raise ConfigError(f"the reward model's tokenizer ({tokenizer.name_or_path}) has no chat template, so it "
-                              f"cannot read conversations: use plain-text prompts, or a reward model with a template")
+            raise ConfigError(
+                f"the reward model's tokenizer ({tokenizer.name_or_path}) has no chat template, so it "
+                f"cannot read conversations: use plain-text prompts, or a reward model with a template"
+            )
         if not is_conversational(response):
             response = [{"role": "assistant", "content": response}]
-        messages = (prompt if is_conversational(prompt) else
-                    [{"role": "user", "content": prompt}] if prompt else []) + response
+        messages = (
+            prompt if is_conversational(prompt) else [{"role": "user", "content": prompt}] if prompt else []
+        ) + response
         return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     if not response.endswith(tokenizer.eos_token):
         response = response + tokenizer.eos_token
@@ -118,34 +122,47 @@ def turn_closing(tokenizer) -> list[int] | None:
     that changes the content (Llama-3's trims it), closes differently by content, or cannot render; a
     multi-turn prompt with a system turn is probed too, where the template takes one."""
     user = [{"role": "user", "content": "Name a colour."}]
-    history = [{"role": "system", "content": "Be brief."}, *user, {"role": "assistant", "content": "Red."},
-               {"role": "user", "content": "Another?"}]
+    history = [
+        {"role": "system", "content": "Be brief."},
+        *user,
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "Another?"},
+    ]
     closings = []
-    for prompt, content, optional in ((user, "Blue.", False), (user, " Deep  blue,\nlike the sea. ", False),
-                                      (history, "Green.", True)):
+    for prompt, content, optional in (
+        (user, "Blue.", False),
+        (user, " Deep  blue,\nlike the sea. ", False),
+        (history, "Green.", True),
+    ):
         try:
-            prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"]
-            full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": content}], tokenize=True,
-                                                 return_dict=True)["input_ids"]
+            prefix = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+            full = tokenizer.apply_chat_template(
+                prompt + [{"role": "assistant", "content": content}], tokenize=True, return_dict=True
+            )["input_ids"]
         except Exception:  # no template, or one that refuses the probe (Gemma's: no system turn)
             if optional:
                 continue
             return None
         body = list(prefix) + tokenizer.encode(content, add_special_tokens=False)
-        if list(full[:len(body)]) != body:
+        if list(full[: len(body)]) != body:
             return None
-        closings.append(list(full[len(body):]))
+        closings.append(list(full[len(body) :]))
     return closings[0] if all(c == closings[0] for c in closings) else None
 
 
 def encoder_pairs(dataset, tokenizer):
     """A preference dataset as `chosen_ids` / `rejected_ids` for an encoder, which RewardTrainer then
     takes as they are (it would otherwise append an EOS or apply a chat template)."""
+
     def render(row):
         prompt = row.get("prompt")
-        return {"chosen_ids": encoder_input_ids(tokenizer, prompt, row["chosen"]),
-                "rejected_ids": encoder_input_ids(tokenizer, prompt, row["rejected"])}
+        return {
+            "chosen_ids": encoder_input_ids(tokenizer, prompt, row["chosen"]),
+            "rejected_ids": encoder_input_ids(tokenizer, prompt, row["rejected"]),
+        }
+
     keep = {"margin"} & set(dataset.column_names)
     return dataset.map(render, remove_columns=[c for c in dataset.column_names if c not in keep])
 
@@ -157,8 +174,10 @@ def load_reward_model(path, dtype: torch.dtype):
     does (`load_tokenizer`: an existing token, never a new one, so the model is never resized)."""
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
     if model.config.num_labels != 1:
-        raise ConfigError(f"the reward model '{path}' has {model.config.num_labels} outputs; a reward model "
-                          f"gives one score (num_labels=1)")
+        raise ConfigError(
+            f"the reward model '{path}' has {model.config.num_labels} outputs; a reward model "
+            f"gives one score (num_labels=1)"
+        )
     tokenizer = load_tokenizer(str(path), reward=True)
     if model.config.pad_token_id is not None:
         # a trained classifier pools at the last token that is not its config's pad token: scoring
@@ -172,8 +191,9 @@ def load_reward_model(path, dtype: torch.dtype):
 class RewardScorer:
     """A frozen reward model and its tokenizer, scoring (prompt, response) pairs as it was trained."""
 
-    def __init__(self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64,
-                 max_length: int | None = None):
+    def __init__(
+        self, model, tokenizer, device: torch.device | None = None, batch_size: int = 64, max_length: int | None = None
+    ):
         """`max_length`: a decoder reads at most the last this many tokens of a rendered pair (the end
         of the response and the template's closing, where it reads the score; an encoder's pairs are
         cut to its positions when rendered, `encoder_input_ids`)."""
@@ -192,7 +212,7 @@ class RewardScorer:
     def score_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """Scalar reward of each rendered input (`reward_input_ids`), float32 on the scorer's device."""
         if self.max_length is not None and not self.encoder:
-            ids = [x[-self.max_length:] if len(x) > self.max_length else x for x in ids]
+            ids = [x[-self.max_length :] if len(x) > self.max_length else x for x in ids]
         scores = []
         for i in range(0, len(ids), self.batch_size):
             # Decoders: left padding. transformers' classifiers pool at the last token that is not the
@@ -200,8 +220,11 @@ class RewardScorer:
             # to EOS: the RM stage pads with a spare token for this, see models.load_tokenizer).
             # Encoders pool the first token and number positions themselves (RoBERTa's start after
             # the padding index): right padding, no position ids, as RewardTrainer trained them.
-            enc = self.tokenizer.pad({"input_ids": ids[i:i + self.batch_size]}, return_tensors="pt",
-                                     padding_side="right" if self.encoder else "left").to(self.device)
+            enc = self.tokenizer.pad(
+                {"input_ids": ids[i : i + self.batch_size]},
+                return_tensors="pt",
+                padding_side="right" if self.encoder else "left",
+            ).to(self.device)
             extra = {} if self.encoder else {"position_ids": position_ids(enc["attention_mask"]), "use_cache": False}
             logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **extra).logits
             scores.append(logits[:, 0].float())

@@ -33,22 +33,16 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pipeline.config import ConfigError, UserError
+from pipeline.errors import ConfigError, RewardError
 
 # A call past its deadline by this much more has not reacted to the interrupt (stuck in C code):
 # its process says why and ends, so the other processes are not left waiting in a collective.
 HARD_STOP_S = 30.0
 INTERRUPT = signal.SIGURG  # ignored by default: one that arrives after the call has returned is harmless
-
-
-class RewardError(UserError):
-    """A reward source that failed, or returned something that is not one reward per completion. It
-    may happen on one process only, so every process that meets one says so (pipeline.cli)."""
-
-    on_one_rank = True
 
 
 def one_line(e: BaseException | str) -> str:
@@ -143,8 +137,10 @@ def fingerprint(spec: str, base_dir: str | None, key: str) -> dict:
     else:  # a local module with its packages' __init__.py, or an installed one's file
         found = _module_files(module, search_dirs(base_dir)) or [_installed_file(module, base_dir)]
         if found[0] is None:
-            raise ConfigError(f"{key}: cannot find module '{module}' (looked in "
-                              f"{', '.join(map(str, search_dirs(base_dir)))} and the installed packages)")
+            raise ConfigError(
+                f"{key}: cannot find module '{module}' (looked in "
+                f"{', '.join(map(str, search_dirs(base_dir)))} and the installed packages)"
+            )
     files = sorted({f for start in found for f in local_closure(start, base_dir)})
     h = hashlib.sha256()
     for f in files:
@@ -181,8 +177,7 @@ def load(spec: str, base_dir: str | None, who: str) -> Callable:
         if module.endswith(".py"):
             path = find_file(module, base_dir)
             if path is None:
-                raise RewardError(f"{who}: file '{module}' not found in "
-                                  f"{' or '.join(map(str, search_dirs(base_dir)))}")
+                raise RewardError(f"{who}: file '{module}' not found in {' or '.join(map(str, search_dirs(base_dir)))}")
             mod = _import_file(path)
         else:
             importable(base_dir)
@@ -228,7 +223,7 @@ def _import_file(path: Path):
 
 def is_async(fn: Callable) -> bool:
     """A coroutine function, a partial of one, or an object whose `__call__` is one."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 class _Expired(BaseException):
@@ -257,8 +252,12 @@ def call(fn: Callable, kwargs: dict, timeout_s: float, who: str) -> Any:
         fired.set()
         signal.pthread_kill(threading.main_thread().ident, INTERRUPT)
         if not returned.wait(HARD_STOP_S):
-            print(f"error: {who} did not return within timeout_s = {timeout_s:g} s and cannot be interrupted "
-                  f"(stuck outside Python): stopping the process", file=sys.stderr, flush=True)
+            print(
+                f"error: {who} did not return within timeout_s = {timeout_s:g} s and cannot be interrupted "
+                f"(stuck outside Python): stopping the process",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(1)
 
     previous = signal.signal(INTERRUPT, expire)
@@ -270,8 +269,9 @@ def call(fn: Callable, kwargs: dict, timeout_s: float, who: str) -> Any:
             active[0] = False
             returned.set()
     except _Expired:
-        raise RewardError(f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise "
-                          f"its timeout_s") from None
+        raise RewardError(
+            f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise its timeout_s"
+        ) from None
     finally:
         signal.signal(INTERRUPT, previous if previous is not None else signal.SIG_DFL)  # (None: set from C)
 
@@ -290,6 +290,7 @@ def event_loop() -> asyncio.AbstractEventLoop:
         def run():
             asyncio.set_event_loop(loop)
             loop.run_forever()
+
         threading.Thread(target=run, daemon=True, name="reward-functions").start()
         _loop = loop
     return _loop
@@ -306,5 +307,6 @@ def wait(future: concurrent.futures.Future, deadline: float, timeout_s: float, w
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
     except concurrent.futures.TimeoutError:
         future.cancel()
-        raise RewardError(f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise "
-                          f"its timeout_s") from None
+        raise RewardError(
+            f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise its timeout_s"
+        ) from None

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import time
 
-from pipeline import cli
+from pipeline import cli, process
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.before_libraries()
+    process.before_libraries()
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -57,6 +57,7 @@ def corpus(paths: list[str]):
     """Every piece of text in the demo files: message contents and plain strings, and tool calls as the
     template writes them."""
     from pipeline.demo_agent import call_text
+
     for message in _messages(paths):
         yield message["content"]
         for call in message.get("tool_calls") or []:
@@ -68,9 +69,16 @@ def train_tokenizer(paths: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.train_from_iterator(corpus(paths), trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK, *roles]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                                   additional_special_tokens=roles, chat_template=CHAT_TEMPLATE,
-                                   padding_side="left", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=roles,
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def main(argv=None):
@@ -89,13 +97,21 @@ def main(argv=None):
 
     tokenizer = train_tokenizer(settings.corpus)
     torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=4 * settings.hidden_size,
-        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
-        max_position_embeddings=settings.max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=settings.hidden_size,
+            intermediate_size=4 * settings.hidden_size,
+            num_hidden_layers=settings.num_layers,
+            num_attention_heads=settings.num_heads,
+            max_position_embeddings=settings.max_positions,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -105,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_and_exit(main)
+    process.run_and_exit(main)

@@ -22,17 +22,17 @@ import math
 import time
 from pathlib import Path
 
-from pipeline import cli
+from pipeline import process
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.before_libraries()
+    process.before_libraries()
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline import artifacts, data, models, plans, report
-from pipeline.config import ConfigError
 from pipeline.dist import open_stage
+from pipeline.errors import ConfigError
 from pipeline.metrics import peak_memory_mb
 from pipeline.rl.agent import Agent, dataset_rows, generate_exchanges, load_toolbox
 from pipeline.rl.rewards import Rewards, check_columns, load_sources
@@ -50,14 +50,26 @@ def respond(model, tokenizer, prompts, cfg, temperature, stop_ids, seed, device,
     if agent is None:
         return [generate(model, tokenizer, [prompts[i] for i in b], config, device) for b in batches]
     toolbox, rows, ppo = agent
-    return [generate_exchanges(model, tokenizer, [prompts[i] for i in b], [rows[i] for i in b], toolbox, config, device,
-                               ppo.max_tool_turns, ppo.exchange_tokens) for b in batches]
+    return [
+        generate_exchanges(
+            model,
+            tokenizer,
+            [prompts[i] for i in b],
+            [rows[i] for i in b],
+            toolbox,
+            config,
+            device,
+            ppo.max_tool_turns,
+            ppo.exchange_tokens,
+        )
+        for b in batches
+    ]
 
 
 def batch_columns(columns: dict, batch, i: int, cfg) -> dict:
     """Batch `i`'s rows of the prompt dataset's other columns (and an agent's environments, as the RL
     stage passes them to reward functions)."""
-    taken = {k: v[i * cfg.batch_size:(i + 1) * cfg.batch_size] for k, v in columns.items()}
+    taken = {k: v[i * cfg.batch_size : (i + 1) * cfg.batch_size] for k, v in columns.items()}
     if batch.agent is not None and any(e is not None for e in batch.agent.environments):
         taken["environments"] = batch.agent.environments
     return taken
@@ -81,7 +93,7 @@ def release_memory() -> None:
 
 
 def distinct(texts, n):
-    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
+    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
     return len(set(grams)) / max(1, len(grams))
 
 
@@ -108,8 +120,14 @@ def score_key(name: str) -> str:
 def scorers(recipe, dtype, device, batch_size) -> Rewards:
     """Every score eval reports: the RL stage's reward sources, the judges, and the recipe's gold judge
     `(prompt, response) -> float` as `gold` (unless a judge has that name)."""
-    sources = load_sources(plans.eval_sources(recipe), lambda m: plans.model_path(recipe, m), dtype, device,
-                           batch_size, lambda model: model.to(device))
+    sources = load_sources(
+        plans.eval_sources(recipe),
+        lambda m: plans.model_path(recipe, m),
+        dtype,
+        device,
+        batch_size,
+        lambda model: model.to(device),
+    )
     if recipe.judge and "gold" not in sources:
         judge = load_callable(recipe.judge)
         sources["gold"] = (lambda prompts, texts, ids, columns: [judge(p, t) for p, t in zip(prompts, texts)], 1.0)
@@ -141,39 +159,70 @@ def main(argv=None):
     # ---- generate and score, per policy and decoding ----
     metrics, texts = {}, {}
     for name, path in policies.items():
-        model, tokenizer, stop_ids = (reference if name == start else
-                                      load_policy(path, dtype, device, recipe.ppo.stop_token))
+        model, tokenizer, stop_ids = (
+            reference if name == start else load_policy(path, dtype, device, recipe.ppo.stop_token)
+        )
         metrics[name] = {}
         for decoding, temperature in (("sampled", cfg.temperature), ("greedy", 0.0)):
             agent = None
             if recipe.ppo.uses_tools:  # exchanges with the RL stage's tools, as its rollouts ran
                 if recipe.judge or any(j.model or j.url for j in recipe.eval.judges):
-                    raise ConfigError("eval: with ppo.tools, judges must be reward functions (they get each exchange "
-                                      "as messages); a text judge or a reward model would read one reply: remove it")
-                agent = (load_toolbox(recipe.ppo, tokenizer, prompts), dataset_rows(prompts, columns, list(range(len(prompts)))),
-                         recipe.ppo)
+                    raise ConfigError(
+                        "eval: with ppo.tools, judges must be reward functions (they get each exchange "
+                        "as messages); a text judge or a reward model would read one reply: remove it"
+                    )
+                agent = (
+                    load_toolbox(recipe.ppo, tokenizer, prompts),
+                    dataset_rows(prompts, columns, list(range(len(prompts)))),
+                    recipe.ppo,
+                )
             batches = respond(model, tokenizer, prompts, cfg, temperature, stop_ids, recipe.seed, device, agent)
             decoded = [t for b in batches for t in b.texts]
-            scored = [scores.score(b.prompts, b.texts, b.responses, b.response_mask, batch_columns(columns, b, i, cfg),
-                                   exchanges=b.agent.exchanges if b.agent is not None else None)
-                      for i, b in enumerate(batches)]
+            scored = [
+                scores.score(
+                    b.prompts,
+                    b.texts,
+                    b.responses,
+                    b.response_mask,
+                    batch_columns(columns, b, i, cfg),
+                    exchanges=b.agent.exchanges if b.agent is not None else None,
+                )
+                for i, b in enumerate(batches)
+            ]
             scores.take_log()  # (what reward functions log is the RL stage's metric, not eval's)
-            by_name = {score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
-                       for name in scores.sources}  # NaN: no score from that source
+            by_name = {
+                score_key(name): [None if x != x else x for s in scored for x in s[name].tolist()]
+                for name in scores.sources
+            }  # NaN: no score from that source
             lengths = torch.cat([b.loss_mask.sum(1).float().cpu() for b in batches])  # (an agent's own tokens)
-            m = {**{k: mean_std(v) for k, v in by_name.items()}, "response_length": lengths.mean().item(),
-                 "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
-                 "distinct_1": distinct(decoded, 1), "distinct_2": distinct(decoded, 2)}
+            m = {
+                **{k: mean_std(v) for k, v in by_name.items()},
+                "response_length": lengths.mean().item(),
+                "stop_token_share": torch.cat([b.has_stop.float().cpu() for b in batches]).mean().item(),
+                "distinct_1": distinct(decoded, 1),
+                "distinct_2": distinct(decoded, 2),
+            }
             if agent is not None:  # tool use next to the scores
                 used = Agent.cat([b.agent for b in batches]).metrics()
-                m.update({"tool_use": used["tools/used_share"], "tool_calls": used["tools/calls_per_episode"],
-                          "tool_errors": used["tools/error_share"]})
+                m.update(
+                    {
+                        "tool_use": used["tools/used_share"],
+                        "tool_calls": used["tools/calls_per_episode"],
+                        "tool_errors": used["tools/error_share"],
+                    }
+                )
             if decoding == "sampled":
                 # KL(policy || start) per sequence, estimated on the policy's own samples at the same temperature
                 if model is not reference_model:
-                    kl = [(response_logprobs(model, b, temperature, forward_batch)
-                           - response_logprobs(reference_model, b, temperature, forward_batch)).sum(1).cpu()
-                          for b in batches]
+                    kl = [
+                        (
+                            response_logprobs(model, b, temperature, forward_batch)
+                            - response_logprobs(reference_model, b, temperature, forward_batch)
+                        )
+                        .sum(1)
+                        .cpu()
+                        for b in batches
+                    ]
                     m[kl_key] = torch.cat(kl).mean().item()
                 else:
                     m[kl_key] = 0.0
@@ -184,29 +233,53 @@ def main(argv=None):
             release_memory()
     for trained in ("ppo", "best"):  # by each score, on the prompts both policies got one for
         if trained in texts:
-            pairs = {name: [(a, b) for a, b in zip(texts[trained][score_key(name)], texts[start][score_key(name)])
-                            if a is not None and b is not None] for name in report.score_order(scores.sources)}
+            pairs = {
+                name: [
+                    (a, b)
+                    for a, b in zip(texts[trained][score_key(name)], texts[start][score_key(name)])
+                    if a is not None and b is not None
+                ]
+                for name in report.score_order(scores.sources)
+            }
             metrics[trained][f"win_rate_vs_{start}"] = {name: win_rate(*zip(*p)) for name, p in pairs.items() if p}
     metrics_peak = peak_memory_mb()
-    settings = {"temperature": cfg.temperature, "top_k": 0, "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens,
-                "seed": recipe.seed, "prompts": cfg.prompts.path, "n_prompts": len(prompts),
-                # what the RL stage optimised (its first reward source) and what only watched it: the verdicts
-                "reward": recipe.ppo.rewards[0].label,
-                "judges": list(dict.fromkeys([j.label for j in recipe.ppo.judges + cfg.judges]
-                                             + (["gold"] if recipe.judge else [])))}
-    artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, "peak_memory_mb": metrics_peak,
-                                                         **metrics})
+    settings = {
+        "temperature": cfg.temperature,
+        "top_k": 0,
+        "top_p": 1.0,
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": recipe.seed,
+        "prompts": cfg.prompts.path,
+        "n_prompts": len(prompts),
+        # what the RL stage optimised (its first reward source) and what only watched it: the verdicts
+        "reward": recipe.ppo.rewards[0].label,
+        "judges": list(
+            dict.fromkeys([j.label for j in recipe.ppo.judges + cfg.judges] + (["gold"] if recipe.judge else []))
+        ),
+    }
+    artifacts.write_json_atomic(out / "metrics.json", {"settings": settings, "peak_memory_mb": metrics_peak, **metrics})
     with open(out / "samples.jsonl", "w") as f:  # every sampled response with its scores
         for name, t in texts.items():
             for i, prompt in enumerate(prompts):
-                f.write(json.dumps({"policy": name, "prompt": prompt, "response": t["text"][i],
-                                    **{k: v[i] for k, v in t.items() if k != "text"}}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "policy": name,
+                            "prompt": prompt,
+                            "response": t["text"][i],
+                            **{k: v[i] for k, v in t.items() if k != "text"},
+                        }
+                    )
+                    + "\n"
+                )
 
     # ---- plots and report ----
     plots = write_plots(out, run, texts, report.score_order(scores.sources))
     write_report(out, {"settings": settings, **metrics}, texts, prompts, settings, plots, cfg.samples_in_report, start)
-    summary = {name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
-               for name, m in metrics.items()}
+    summary = {
+        name: {k: (v["mean"] if isinstance(v, dict) else v) for k, v in m["sampled"].items()}
+        for name, m in metrics.items()
+    }
     summary["peak_memory_mb"] = metrics_peak
     plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, summary, started)
     print(f"eval: {len(prompts)} prompts in {time.time() - started:.0f}s, report at {plan.stage.final / 'report.md'}")
@@ -216,8 +289,10 @@ def main(argv=None):
 
 def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str]:
     import matplotlib  # here, not at the top: the stage's other processes and imports never draw
+
     matplotlib.use("Agg")  # files, no display
     import matplotlib.pyplot as plt
+
     plots = []
     ppo_metrics = run / "ppo" / "metrics.jsonl"
     if ppo_metrics.exists():
@@ -230,7 +305,7 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
         axes[0].plot(steps, [h[raw] for h in history], label="reward (raw)")
         axes[0].plot(steps, [h["objective/rlhf_reward"] for h in history], label="rlhf reward (reward - beta KL)")
         for key in [k for k in history[0] if k.startswith("judges/") and k.count("/") == 1]:  # (not what they log)
-            axes[0].plot(steps, [h[key] for h in history], linestyle="--", label=f"judge: {key[len('judges/'):]}")
+            axes[0].plot(steps, [h[key] for h in history], linestyle="--", label=f"judge: {key[len('judges/') :]}")
         axes[0].set(xlabel="RL iteration", ylabel="reward", title="Reward and judges over the RL stage")
         axes[0].legend()
         axes[1].plot(steps, [h.get("objective/kl", math.nan) for h in history], color="tab:red")  # (no KL term: none)
@@ -258,26 +333,41 @@ def write_plots(out: Path, run: Path, texts: dict, names: list[str]) -> list[str
 
 
 def write_report(out, metrics, texts, prompts, settings, plots, n_samples, start: str = "sft"):
-    names = report.score_order([k[:-len("_score")] for k in next(iter(texts.values())) if k.endswith("_score")])
+    names = report.score_order([k[: -len("_score")] for k in next(iter(texts.values())) if k.endswith("_score")])
     cols = [score_key(n) for n in names] + [f"kl_from_{start}", "response_length", "stop_token_share", "distinct_2"]
     cols += [c for c in ("tool_use", "tool_calls") if any(c in m.get("sampled", {}) for m in metrics.values())]
     verdicts = report.verdicts(metrics, start)
-    lines = ["# Evaluation report", "", *[f"**Verdict**: {v}." for v in verdicts], *([""] if verdicts else []),
-             f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "
-             f"{settings['temperature']} (top_k=0, top_p=1, max {settings['max_new_tokens']} new tokens, seed "
-             f"{settings['seed']}); greedy figures in metrics.json. Scores: " + ", ".join(
-                 f"`{score_key(n)}`" for n in names) + " (each over the responses it scored).", "",
-             "| policy | " + " | ".join(cols) + " | " + " | ".join(f"win rate vs {start} ({n})" for n in names) + " |",
-             "|---" * (len(cols) + len(names) + 1) + "|"]
+    lines = [
+        "# Evaluation report",
+        "",
+        *[f"**Verdict**: {v}." for v in verdicts],
+        *([""] if verdicts else []),
+        f"{settings['n_prompts']} held-out prompts from `{settings['prompts']}`, sampled at temperature "
+        f"{settings['temperature']} (top_k=0, top_p=1, max {settings['max_new_tokens']} new tokens, seed "
+        f"{settings['seed']}); greedy figures in metrics.json. Scores: "
+        + ", ".join(f"`{score_key(n)}`" for n in names)
+        + " (each over the responses it scored).",
+        "",
+        "| policy | " + " | ".join(cols) + " | " + " | ".join(f"win rate vs {start} ({n})" for n in names) + " |",
+        "|---" * (len(cols) + len(names) + 1) + "|",
+    ]
     for name, m in metrics.items():
         if name == "settings":
             continue
         s = m["sampled"]
-        cells = [f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}" if isinstance(s.get(c), dict) and s[c]["mean"] is not None
-                 else f"{s[c]:.3f}" if isinstance(s.get(c), float) else "-" for c in cols]
+        cells = [
+            f"{s[c]['mean']:.3f} ± {s[c]['std']:.2f}"
+            if isinstance(s.get(c), dict) and s[c]["mean"] is not None
+            else f"{s[c]:.3f}"
+            if isinstance(s.get(c), float)
+            else "-"
+            for c in cols
+        ]
         wins = m.get(f"win_rate_vs_{start}", {})
-        cells += [f"{wins[k]['rate']:.2f} [{wins[k]['ci95'][0]:.2f}, {wins[k]['ci95'][1]:.2f}]" if k in wins else "-"
-                  for k in names]
+        cells += [
+            f"{wins[k]['rate']:.2f} [{wins[k]['ci95'][0]:.2f}, {wins[k]['ci95'][1]:.2f}]" if k in wins else "-"
+            for k in names
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Samples", ""]
     policies = [n for n in (start, "ppo") if n in texts]
@@ -294,4 +384,4 @@ def write_report(out, metrics, texts, prompts, settings, plots, n_samples, start
 
 
 if __name__ == "__main__":
-    cli.run_and_exit(main)
+    process.run_and_exit(main)

@@ -7,7 +7,8 @@
 Trains a sequence-classification model with one output on preference pairs (chosen/rejected,
 implicit or explicit prompt, plain or conversational; an optional `margin` column is used). By
 default it starts from this run's SFT artifact; `rm.model` may also be any causal LM or an encoder
-(BERT / RoBERTa / DeBERTa: trained on "prompt [SEP] response" pairs, see pipeline/scoring.py). After training it reports pairwise accuracy on the
+(BERT / RoBERTa / DeBERTa: trained on "prompt [SEP] response" pairs, see pipeline/scoring.py).
+After training it reports pairwise accuracy on the
 held-out pairs (and against the gold judge when the recipe names one), and records the reward's
 mean and std on reference responses so that PPO can normalise scores. Writes
 <runs_dir>/<run_name>/rm/ like the SFT stage (adapters merged; manifest last).
@@ -17,19 +18,17 @@ from __future__ import annotations
 
 import time
 
-from pipeline import cli
+from pipeline import process
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.before_libraries()
+    process.before_libraries()
 
 import torch
-import yaml
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import extract_prompt
 
-from pipeline import artifacts, checkpoints, data, engine, models, plans, scoring
-from pipeline.config import to_dict, trl_args
+from pipeline import data, engine, models, plans, scoring, trainer_stage
 from pipeline.dist import open_stage
 from pipeline.scoring import RewardScorer, load_callable
 
@@ -39,16 +38,25 @@ def pairwise_report(scorer: RewardScorer, pairs, judge=None) -> dict:
     prompts = pairs["prompt"] if "prompt" in pairs.column_names else [None] * len(pairs)
     chosen, rejected = scorer(prompts, pairs["chosen"]).cpu(), scorer(prompts, pairs["rejected"]).cpu()
     rewards = torch.cat([chosen, rejected])
-    report = {"accuracy": (chosen > rejected).float().mean().item(),
-              "margin_mean": (chosen - rejected).mean().item(),
-              "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-              "reward_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"],
-                                           torch.quantile(rewards, torch.tensor([.05, .25, .5, .75, .95])).tolist()))}
+    report = {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "margin_mean": (chosen - rejected).mean().item(),
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+        "reward_quantiles": dict(
+            zip(
+                ["p05", "p25", "p50", "p75", "p95"],
+                torch.quantile(rewards, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist(),
+            )
+        ),
+    }
     if judge is not None:
         # Against the gold judge's own preference, not the (noisy) labels; ties say nothing.
         # (an implicit prompt is the turns chosen and rejected share: trl's extract_prompt finds it)
-        explicit = [(p, c, r) if p is not None else tuple(extract_prompt({"chosen": c, "rejected": r}).values())
-                    for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])]
+        explicit = [
+            (p, c, r) if p is not None else tuple(extract_prompt({"chosen": c, "rejected": r}).values())
+            for p, c, r in zip(prompts, pairs["chosen"], pairs["rejected"])
+        ]
         gold = [judge(p, c) - judge(p, r) for p, c, r in explicit]
         agree = [(d > 0) == (c > r) for d, c, r in zip(gold, chosen.tolist(), rejected.tolist()) if d != 0]
         report["gold_accuracy"] = sum(agree) / len(agree)
@@ -79,11 +87,10 @@ def main(argv=None):
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(model_source, reward=True)
     dtype = models.resolve_dtype(rm.dtype)
-    resume = checkpoints.resume_point(out, "rm", state.is_main_process)  # an interrupted run goes on
-    # before the model: under ZeRO-3 each rank then loads its shard only (see stages/sft.py)
-    training_args = trl_args(
-        RewardConfig, rm.trainer, "rm.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
-        **models.trainer_precision(dtype), eval_strategy="epoch" if eval_ds is not None else "no")
+    resume = trainer_stage.resume_point(out, "rm", state.is_main_process)  # an interrupted run goes on
+    training_args = trainer_stage.arguments(  # (before the model: see trainer_stage.arguments)
+        RewardConfig, rm.trainer, "rm", out, recipe.seed, dtype, eval_strategy="epoch" if eval_ds is not None else "no"
+    )
     model = models.load_trained(AutoModelForSequenceClassification, model_source, rm.finetune, rm.dtype, num_labels=1)
     models.align_special_tokens(model, tokenizer)
     # An encoder reads "[CLS] prompt [SEP] response [SEP]": rendered here, as the scorer will read it
@@ -93,59 +100,71 @@ def main(argv=None):
         models.bound_encoder_length(tokenizer, model.config)  # saved with the tokenizer: PPO and eval cut alike
         train_rows = scoring.encoder_pairs(train_ds, tokenizer)
         eval_rows = scoring.encoder_pairs(eval_ds, tokenizer) if eval_ds is not None else None
-    stop = checkpoints.StopOnSignal(state.device)
-    trainer = RewardTrainer(model=model, args=training_args, train_dataset=train_rows, eval_dataset=eval_rows,
-                            processing_class=tokenizer, callbacks=checkpoints.callbacks(out, stop),
-                            peft_config=models.lora_config(rm.finetune, rm.lora, "SEQ_CLS"))
-    # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
-    # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`
-    if rm.finetune.startswith("qlora"):
-        models.upcast_trainable(trainer.model)
+    trainer, stop = trainer_stage.trainer(
+        RewardTrainer,
+        model,
+        training_args,
+        train_rows,
+        eval_rows,
+        tokenizer,
+        out,
+        rm.finetune,
+        rm.lora,
+        "SEQ_CLS",
+        state.device,
+    )
     # trl drops pairs longer than max_length while preparing the data: count them
     dropped["too_long"] = len(train_ds) - len(trainer.train_dataset)
     if eval_ds is not None:
         dropped["too_long"] += len(eval_ds) - len(trainer.eval_dataset)
 
     # ---- train ----
-    # (a resumed run's checkpoints are on the disk already)
-    artifacts.check_free_space(out, models.trainer_disk_need(trainer.model) - artifacts.size(out),
-                               "the rm artifact and its checkpoints")
-    result = checkpoints.train(trainer, resume, stop, "rm")
+    result = trainer_stage.train(trainer, resume, stop, "rm", out)
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----
-    engine.save_trainer_model(trainer, str(out if rm.finetune == "full" else out / "adapter"))
+    trainer_stage.save_model(trainer, out, rm.finetune)
     if state.is_main_process:
         # The report reads the artifact as PPO will, on this process alone: the merged adapter, or the
         # saved full model (under ZeRO-3 / FSDP2 the trained model is sharded over all ranks).
-        if rm.finetune != "full":
-            final = models.merge_adapter(AutoModelForSequenceClassification, model_source, out / "adapter",
-                                         tokenizer, rm.finetune, rm.dtype, num_labels=1)
-            final.save_pretrained(out)
-        else:
+        final = trainer_stage.merged(
+            AutoModelForSequenceClassification, model_source, out, tokenizer, rm.finetune, rm.dtype, num_labels=1
+        )
+        if final is None:
             with engine.single_process_loading():
                 final = AutoModelForSequenceClassification.from_pretrained(out)
         final.to(state.device)
-        checkpoints.discard(out)
-        tokenizer.save_pretrained(out)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        trainer_stage.finish(out, tokenizer, recipe)
 
         # ---- held-out report and reference statistics (for PPO's reward normalisation) ----
         scorer = RewardScorer(final, tokenizer, state.device)
         judge = load_callable(recipe.judge) if recipe.judge else None
         heldout = pairwise_report(scorer, eval_ds, judge) if eval_ds is not None else {}
         ref_scores = scorer(*reference_set)
-        metrics = {"format": fmt, "train_pairs": len(trainer.train_dataset), "dropped": dropped,
-                   "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
-                   "eval_accuracy": after.get("eval_accuracy"), "heldout": heldout,
-                   "reference": {"dataset": reference.path, "n": len(ref_scores),
-                                 "mean": ref_scores.mean().item(), "std": ref_scores.std().item()}}
+        metrics = {
+            "format": fmt,
+            "train_pairs": len(trainer.train_dataset),
+            "dropped": dropped,
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics["train_runtime"],
+            "eval_accuracy": after.get("eval_accuracy"),
+            "heldout": heldout,
+            "reference": {
+                "dataset": reference.path,
+                "n": len(ref_scores),
+                "mean": ref_scores.mean().item(),
+                "std": ref_scores.std().item(),
+            },
+        }
         plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)
         gold = f", gold-judge accuracy {heldout['gold_accuracy']:.3f}" if "gold_accuracy" in heldout else ""
-        print(f"rm: {rm.finetune} on {metrics['train_pairs']} pairs in {time.time() - started:.0f}s, "
-              f"held-out accuracy {heldout.get('accuracy', float('nan')):.3f}{gold}, dropped {dropped} -> {plan.stage.final}")
+        print(
+            f"rm: {rm.finetune} on {metrics['train_pairs']} pairs in {time.time() - started:.0f}s, "
+            f"held-out accuracy {heldout.get('accuracy', float('nan')):.3f}{gold}, "
+            f"dropped {dropped} -> {plan.stage.final}"
+        )
     state.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    cli.run_and_exit(main)
+    process.run_and_exit(main)

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import time
 
-from pipeline import cli
+from pipeline import process
 
 if __name__ == "__main__":  # this stage's own process: before the libraries load
-    cli.before_libraries()
+    process.before_libraries()
 
-import yaml
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from pipeline import artifacts, checkpoints, data, engine, models
+from pipeline import data, models, trainer_stage
 from pipeline.dist import open_stage
-from pipeline.config import to_dict, trl_args
 
 ACCEPTED = ["language_modeling", "prompt_completion"]
 
@@ -60,56 +58,65 @@ def main(argv=None):
     set_seed(recipe.seed)
     tokenizer = models.load_tokenizer(sft.model)
     dtype = models.resolve_dtype(sft.dtype)
-    resume = checkpoints.resume_point(out, "sft", state.is_main_process)  # an interrupted run goes on
-    # The training arguments before the model: under ZeRO-3 they register the DeepSpeed config with
-    # transformers, and `from_pretrained` then loads each rank's shard only (zero.Init), not the whole
-    # model on every rank.
-    training_args = trl_args(
-        SFTConfig, sft.trainer, "sft.trainer", seed=recipe.seed, report_to="none", **checkpoints.trainer_args(out),
-        **models.trainer_precision(dtype), **end_of_turn(tokenizer, train_ds, sft.trainer),
+    resume = trainer_stage.resume_point(out, "sft", state.is_main_process)  # an interrupted run goes on
+    training_args = trainer_stage.arguments(  # (before the model: see trainer_stage.arguments)
+        SFTConfig,
+        sft.trainer,
+        "sft",
+        out,
+        recipe.seed,
+        dtype,
+        **end_of_turn(tokenizer, train_ds, sft.trainer),
         eval_strategy="epoch" if eval_ds is not None else "no",
         # the loss before training, on the engine-prepared model (a resumed run has it in its history)
-        eval_on_start=eval_ds is not None and resume is None)
+        eval_on_start=eval_ds is not None and resume is None,
+    )
     model = models.load_trained(AutoModelForCausalLM, sft.model, sft.finetune, sft.dtype)
     models.align_special_tokens(model, tokenizer)
-    stop = checkpoints.StopOnSignal(state.device)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=checkpoints.callbacks(out, stop),
-                         peft_config=models.lora_config(sft.finetune, sft.lora, "CAUSAL_LM"))
-    # trl stores QLoRA adapters in bf16 (its reading of the QLoRA paper); trained weights are float32
-    # here, as everywhere in the pipeline (pipeline/models.py); the optimizer is built in `train`
-    if sft.finetune.startswith("qlora"):
-        models.upcast_trainable(trainer.model)
+    trainer, stop = trainer_stage.trainer(
+        SFTTrainer,
+        model,
+        training_args,
+        train_ds,
+        eval_ds,
+        tokenizer,
+        out,
+        sft.finetune,
+        sft.lora,
+        "CAUSAL_LM",
+        state.device,
+    )
 
     # ---- train ----
-    # (a resumed run's checkpoints are on the disk already)
-    artifacts.check_free_space(out, models.trainer_disk_need(trainer.model) - artifacts.size(out),
-                               "the sft artifact and its checkpoints")
-    result = checkpoints.train(trainer, resume, stop, "sft")
+    result = trainer_stage.train(trainer, resume, stop, "sft", out)
     # the first evaluation (eval_on_start) is the loss before training: under FSDP2 / ZeRO-3 the model
     # must be prepared with its optimizer first, so no evaluation may run before `train`
     before = next((h for h in trainer.state.log_history if "eval_loss" in h), {})
     after = trainer.evaluate() if eval_ds is not None else {}
 
     # ---- save ----
-    engine.save_trainer_model(trainer, str(out if sft.finetune == "full" else out / "adapter"))
-    metrics = {"format": fmt, "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
-               "train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
-               "eval_loss_before": before.get("eval_loss"), "eval_loss_after": after.get("eval_loss")}
+    trainer_stage.save_model(trainer, out, sft.finetune)
+    metrics = {
+        "format": fmt,
+        "train_rows": len(train_ds),
+        "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics["train_runtime"],
+        "eval_loss_before": before.get("eval_loss"),
+        "eval_loss_after": after.get("eval_loss"),
+    }
     if state.is_main_process:
-        if sft.finetune != "full":
-            merged = models.merge_adapter(AutoModelForCausalLM, sft.model, out / "adapter", tokenizer,
-                                          sft.finetune, sft.dtype)
-            merged.save_pretrained(out)
-        checkpoints.discard(out)  # only once the artifact is complete (a failed merge keeps them)
-        tokenizer.save_pretrained(out)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        trainer_stage.merged(AutoModelForCausalLM, sft.model, out, tokenizer, sft.finetune, sft.dtype)
+        trainer_stage.finish(out, tokenizer, recipe)
         plan.stage.commit(plan.fingerprint, plan.config, plan.inputs, metrics, started)
-        print(f"sft: {sft.finetune} on {len(train_ds)} {fmt} rows in {time.time() - started:.0f}s, "
-              f"eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} -> {plan.stage.final}"
-              if eval_ds is not None else f"sft: done in {time.time() - started:.0f}s -> {plan.stage.final}")
+        print(
+            f"sft: {sft.finetune} on {len(train_ds)} {fmt} rows in {time.time() - started:.0f}s, "
+            f"eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f} -> {plan.stage.final}"
+            if eval_ds is not None
+            else f"sft: done in {time.time() - started:.0f}s -> {plan.stage.final}"
+        )
     state.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    cli.run_and_exit(main)
+    process.run_and_exit(main)

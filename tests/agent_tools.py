@@ -74,9 +74,17 @@ def record(completions, environments=None, **kwargs) -> list[float]:
     """Writes what it was given (to the file AGENT_RECORD names, a line per call and process), rewards
     each exchange's length."""
     with open(os.environ["AGENT_RECORD"], "a") as f:
-        f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "completions": completions,
-                            "environments": [type(e).__name__ for e in environments] if environments else None,
-                            "rows": [e.row for e in environments] if environments else None}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "rank": int(os.environ.get("RANK", 0)),
+                    "completions": completions,
+                    "environments": [type(e).__name__ for e in environments] if environments else None,
+                    "rows": [e.row for e in environments] if environments else None,
+                }
+            )
+            + "\n"
+        )
     return [float(len(c)) for c in completions]
 
 
@@ -87,6 +95,7 @@ def stars(title: str) -> str:
         title: the film's title, e.g. "red river"
     """
     from pipeline import demo_agent
+
     if title.split()[:1] in (["red"], ["blue"], ["green"], ["black"], ["white"]):
         raise LookupError("the ratings are unavailable")
     return demo_agent.stars(title)

@@ -35,14 +35,20 @@ def switch(acc: accelerate.Accelerator, engine: str) -> None:
     state = acc.state
     if engine == "fsdp2":
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=os.environ.get("FSDP_WRAP", "LlamaDecoderLayer").split(","),
-            state_dict_type="SHARDED_STATE_DICT", reshard_after_forward=True)
+            state_dict_type="SHARDED_STATE_DICT",
+            reshard_after_forward=True,
+        )
         _set_type(DistributedType.FSDP)
         return
-    plugin = DeepSpeedPlugin(zero_stage=int(engine[-1]), gradient_accumulation_steps=acc.gradient_accumulation_steps,
-                             zero3_save_16bit_model=True,
-                             zero3_init_flag=os.environ.get("ZERO3_INIT") == "1")
+    plugin = DeepSpeedPlugin(
+        zero_stage=int(engine[-1]),
+        gradient_accumulation_steps=acc.gradient_accumulation_steps,
+        zero3_save_16bit_model=True,
+        zero3_init_flag=os.environ.get("ZERO3_INIT") == "1",
+    )
     plugin.set_mixed_precision(acc.mixed_precision)
     plugin.select(_from_accelerator_state=True)
     state.deepspeed_plugins = {"default": plugin}
@@ -64,11 +70,23 @@ def main() -> None:
     # What `accelerate launch --config_file <engine>.yaml` exports: the Trainer (SFT, RM) builds its
     # engine plugin from these; the switch above then makes the state use it on CPU.
     if engine == "fsdp2":
-        os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-                           "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"})
+        os.environ.update(
+            {
+                "ACCELERATE_USE_FSDP": "true",
+                "FSDP_VERSION": "2",
+                "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                "FSDP_RESHARD_AFTER_FORWARD": "true",
+                "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+            }
+        )
     else:
-        os.environ.update({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": engine[-1],
-                           "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"})
+        os.environ.update(
+            {
+                "ACCELERATE_USE_DEEPSPEED": "true",
+                "ACCELERATE_DEEPSPEED_ZERO_STAGE": engine[-1],
+                "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+            }
+        )
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

@@ -65,13 +65,15 @@ def whole(p: torch.Tensor) -> bool:
     """The parameter's full values are on this process: not an empty ZeRO-3 shard, not an FSDP2
     DTensor shard."""
     from torch.distributed.tensor import DTensor
+
     return not isinstance(p, DTensor) and p.numel() == getattr(p, "ds_numel", p.numel())
 
 
 if args.nan_on_rank == rank:
-    import pipeline.rl.ppo
-    real_value_loss = pipeline.rl.ppo.value_loss
-    pipeline.rl.ppo.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
+    import pipeline.rl.iteration
+
+    real_value_loss = pipeline.rl.iteration.value_loss
+    pipeline.rl.iteration.value_loss = lambda *a: (torch.tensor(float("nan")), real_value_loss(*a)[1])
 
 
 def slow_exit():
@@ -88,11 +90,13 @@ if args.slow_exit_on_rank == rank:
 
 if args.busy_gloo_at_exit_on_rank == rank:
     import pipeline.artifacts
+
     real_release_locks = pipeline.artifacts.release_locks
 
     def release_locks():
         real_release_locks()
         torch.distributed.all_reduce(torch.ones(1), async_op=True)  # neither the work nor the tensor is kept here
+
     pipeline.artifacts.release_locks = release_locks
 
 
@@ -108,8 +112,9 @@ if args.abort_at_exit_on_rank == rank:
     abort_at_exit = AbortAtExit()
 
 if args.stop_after is not None:
-    from pipeline.checkpoints import StopOnSignal
-    from pipeline.rl.run import PPORun
+    from pipeline.rl.run_state import PPORun
+    from pipeline.trainer_stage import StopOnSignal
+
     real_log, real_step_end = PPORun.log, StopOnSignal.on_step_end
 
     def log(self, iteration, *a, **kw):
@@ -121,22 +126,30 @@ if args.stop_after is not None:
         if state.global_step == args.stop_after:
             self.request.flag = True
         return real_step_end(self, targs, state, control, **kw)
+
     PPORun.log, StopOnSignal.on_step_end = log, on_step_end
 
 if args.report is not None:
     from transformers import modeling_utils
 
     OPTIONAL = ("peft", "bitsandbytes", "deepspeed", "matplotlib", "trl")
-    atexit.register(lambda: report(event="exit", imported=[m for m in OPTIONAL if m in sys.modules],
-                                   process_group_up=torch.distributed.is_initialized()))
+    atexit.register(
+        lambda: report(
+            event="exit",
+            imported=[m for m in OPTIONAL if m in sys.modules],
+            process_group_up=torch.distributed.is_initialized(),
+        )
+    )
 
     import pipeline.engine
+
     real_load = modeling_utils.PreTrainedModel.from_pretrained.__func__
 
     def from_pretrained(cls, *a, **kw):
         model = real_load(cls, *a, **kw)
         report(event="load", cls=cls.__name__, partitioned=not all(whole(p) for p in model.parameters()))
         return model
+
     modeling_utils.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
     real_for_generation = pipeline.engine.for_generation
 
@@ -144,16 +157,22 @@ if args.report is not None:
     def for_generation(model, acc):
         with real_for_generation(model, acc) as unwrapped:
             value = unwrapped.value_model
-            report(event="generate", policy_whole=all(whole(p) for p in unwrapped.policy.parameters()),
-                   value_whole=None if value is None else [whole(p) for p in value.parameters()])
+            report(
+                event="generate",
+                policy_whole=all(whole(p) for p in unwrapped.policy.parameters()),
+                value_whole=None if value is None else [whole(p) for p in value.parameters()],
+            )
             yield unwrapped
+
     pipeline.engine.for_generation = for_generation
     from transformers.generation.utils import GenerationMixin
+
     real_generate = GenerationMixin.generate
 
     def generate(self, *a, **kw):  # what decoding was asked for: synced (every rank as long as the slowest)?
         report(event="decode", synced_gpus=kw.get("synced_gpus"))
         return real_generate(self, *a, **kw)
+
     GenerationMixin.generate = generate
 
 sys.argv = rest

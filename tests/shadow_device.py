@@ -7,7 +7,8 @@ the process's device becomes `cpu:0` (accelerate's, the Trainer's), a torch-func
 every tensor placed there (by `.to(cpu:0)`, a factory call with `device=cpu:0`, or an op on marked
 tensors) and reports `cpu:0` as its `.device`, and every op that mixes marked and unmarked tensors
 is recorded, as CUDA would refuse it; so is every model op (linear, embedding, attention, ...) that
-runs entirely on the host, which on a GPU machine is a model left behind on the CPU. 0-dim tensors and index tensors are exempt, as they are on CUDA.
+runs entirely on the host, which on a GPU machine is a model left behind on the CPU.
+0-dim tensors and index tensors are exempt, as they are on CUDA.
 """
 
 from __future__ import annotations
@@ -23,8 +24,25 @@ from torch.utils._pytree import tree_flatten
 ACCELERATOR = torch.device("cpu", 0)
 _DEVICE_GET, _GRAD_GET, _DATA_SET = torch.Tensor.device.__get__, torch.Tensor.grad.__get__, torch.Tensor.data.__set__
 # copies between devices are legitimate; the others are torch's own bookkeeping inside Module.to
-_TRANSFERS = {"to", "copy_", "cpu", "_has_compatible_shallow_copy_type", "__set__", "__get__", "tolist", "item",
-              "numpy", "is_floating_point", "is_complex", "dim", "size", "numel", "__len__", "__repr__", "__format__"}
+_TRANSFERS = {
+    "to",
+    "copy_",
+    "cpu",
+    "_has_compatible_shallow_copy_type",
+    "__set__",
+    "__get__",
+    "tolist",
+    "item",
+    "numpy",
+    "is_floating_point",
+    "is_complex",
+    "dim",
+    "size",
+    "numel",
+    "__len__",
+    "__repr__",
+    "__format__",
+}
 
 
 # a model's forward: on the host when the process has an accelerator, it is a model left behind
@@ -75,7 +93,7 @@ class ShadowAccelerator(TorchFunctionMode):
             self._record(self.on_host, name)
         out = func(*args, **kwargs)
         if name == "cpu" and out is args[0]:  # on a CPU, .cpu() returns the tensor itself; on CUDA a
-            out = out.view_as(out)            # host copy: marking it must leave the original placed
+            out = out.view_as(out)  # host copy: marking it must leave the original placed
         if func == _DATA_SET:  # Module.to replaces parameters' data
             args[0]._on_accelerator = _placed(args[1])
             return out
@@ -97,11 +115,16 @@ class ShadowAccelerator(TorchFunctionMode):
     def _record(self, counter: Counter, name: str) -> None:
         counter[name] += 1
         if name not in self.where:  # the project's own frames: which stage line did it
-            ours = [f for f in traceback.extract_stack() if f"{os.sep}pipeline{os.sep}" in f.filename
-                    or f"{os.sep}stages{os.sep}" in f.filename]
+            ours = [
+                f
+                for f in traceback.extract_stack()
+                if f"{os.sep}pipeline{os.sep}" in f.filename or f"{os.sep}stages{os.sep}" in f.filename
+            ]
             self.where[name] = "".join(traceback.format_list(ours[-3:]))
 
     def report(self) -> str:
-        return "\n".join(f"{kind} {name} x{n}, first at:\n{self.where[name]}"
-                         for kind, counter in (("mixed devices:", self.mixed), ("on the host:", self.on_host))
-                         for name, n in counter.most_common())
+        return "\n".join(
+            f"{kind} {name} x{n}, first at:\n{self.where[name]}"
+            for kind, counter in (("mixed devices:", self.mixed), ("on the host:", self.on_host))
+            for name, n in counter.most_common()
+        )

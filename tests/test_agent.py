@@ -16,7 +16,7 @@ import stages.eval
 import stages.ppo
 from pipeline.rl import unpadded
 from pipeline.rl.agent import generate_exchanges
-from pipeline.rl.ppo_math import gae, token_rewards
+from pipeline.rl.algorithms import gae, token_rewards
 from pipeline.rl.rollout import response_logprobs, sampling_config
 from pipeline.rl.tools import Call, Toolbox, parse_reply, result_ids
 from tests import layouts
@@ -28,7 +28,7 @@ TOOLS = ["tests.agent_tools:multiply", "tests.agent_tools:broken", "tests.agent_
 def call_text(layout: str, name: str, arguments: dict) -> str:
     """A call as the family writes it."""
     if layout == "qwen25-instruct":
-        return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+        return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
     return json.dumps({"name": name, "parameters": arguments})
 
 
@@ -48,7 +48,7 @@ class Scripted(torch.nn.Module):
         for ids, mask in zip(input_ids, attention_mask):
             context = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=False)
             reply = self.tokenizer(self.script(context, context.count(self.marker)), add_special_tokens=False)
-            rows.append((reply["input_ids"] + [stop])[:generation_config.max_new_tokens])
+            rows.append((reply["input_ids"] + [stop])[: generation_config.max_new_tokens])
             self.replies.append(rows[-1])
         width = max(len(r) for r in rows)
         return torch.cat([input_ids, torch.tensor([r + [pad] * (width - len(r)) for r in rows])], 1)
@@ -57,24 +57,38 @@ class Scripted(torch.nn.Module):
 MARKER = {"qwen25-instruct": "<tool_response>", "llama3-instruct": "<|start_header_id|>ipython"}
 
 
-def exchange(layout, script, prompts=None, max_tool_turns=3, budget=1000, tools=TOOLS, timeout_s=0.5, environment=None,
-             max_new_tokens=200):
+def exchange(
+    layout,
+    script,
+    prompts=None,
+    max_tool_turns=3,
+    budget=1000,
+    tools=TOOLS,
+    timeout_s=0.5,
+    environment=None,
+    max_new_tokens=200,
+):
     tok = layouts.tool_tokenizer(layout)
     tok.pad_token = tok.pad_token or "<|reserved_special_token_0|>"  # (a spare token, as models.load_tokenizer picks)
     policy = Scripted(tok, script, MARKER[layout])
     toolbox = Toolbox(tools, environment, None, timeout_s)
     prompts = prompts or [[{"role": "user", "content": "what is 12 times 7?"}]]
     config = sampling_config(1.0, max_new_tokens, [tok.eos_token_id], tok.pad_token_id)
-    rollout = generate_exchanges(policy, tok, prompts, [{"prompt": p} for p in prompts], toolbox, config, "cpu",
-                                 max_tool_turns, budget)
+    rollout = generate_exchanges(
+        policy, tok, prompts, [{"prompt": p} for p in prompts], toolbox, config, "cpu", max_tool_turns, budget
+    )
     return tok, policy, toolbox, rollout
 
 
 def test_tool_calls_are_read_in_each_family_format():
-    content, calls = parse_reply('let me see\n<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
-                                 '\n<tool_call>\n{"name": "lookup", "arguments": "{\\"q\\": \\"x\\"}"}\n</tool_call>')
-    assert content == "let me see" and [(c.name, c.arguments) for c in calls] == [("multiply", {"a": 2, "b": 3}),
-                                                                                 ("lookup", {"q": "x"})]
+    content, calls = parse_reply(
+        'let me see\n<tool_call>\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+        '\n<tool_call>\n{"name": "lookup", "arguments": "{\\"q\\": \\"x\\"}"}\n</tool_call>'
+    )
+    assert content == "let me see" and [(c.name, c.arguments) for c in calls] == [
+        ("multiply", {"a": 2, "b": 3}),
+        ("lookup", {"q": "x"}),
+    ]
     assert parse_reply('{"name": "multiply", "parameters": {"a": 2, "b": 3}}')[1][0].arguments == {"a": 2, "b": 3}
     assert parse_reply('<|python_tag|>{"name": "f", "parameters": {}}')[1][0].name == "f"
     assert parse_reply("the answer is 6") == ("the answer is 6", [])
@@ -95,7 +109,9 @@ def test_an_exchange_runs_the_tool_and_the_loss_mask_covers_exactly_the_model_s_
     agent = rollout.agent
     assert agent.exchanges[0] == [
         {"role": "assistant", "content": "", "tool_calls": [Call("multiply", {"a": 12, "b": 7}).message()]},
-        {"role": "tool", "name": "multiply", "content": "84"}, {"role": "assistant", "content": "84"}]
+        {"role": "tool", "name": "multiply", "content": "84"},
+        {"role": "assistant", "content": "84"},
+    ]
     assert agent.stats[0] == {"turns": 2, "calls": 1, "errors": 0, "cut": None, "per_tool": {"multiply": 1}}
     assert bool(rollout.has_stop[0])
     tokens, model_mask = rollout.responses[0].tolist(), agent.model_mask[0].tolist()
@@ -111,11 +127,13 @@ def test_an_exchange_runs_the_tool_and_the_loss_mask_covers_exactly_the_model_s_
 
 def test_failing_hanging_unknown_and_malformed_calls_become_messages_to_the_model():
     layout = "qwen25-instruct"
-    calls = ['<tool_call>\n{"name": "broken", "arguments": {"x": 1}}\n</tool_call>',
-             '<tool_call>\n{"name": "hangs", "arguments": {"x": 1}}\n</tool_call>',
-             '<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>',
-             '<tool_call>\n{"name": "multiply", "arguments": {"a": 1}}\n</tool_call>',
-             '<tool_call>\n{"name": "multiply", "arguments": {"a": 1,\n</tool_call>']
+    calls = [
+        '<tool_call>\n{"name": "broken", "arguments": {"x": 1}}\n</tool_call>',
+        '<tool_call>\n{"name": "hangs", "arguments": {"x": 1}}\n</tool_call>',
+        '<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "multiply", "arguments": {"a": 1}}\n</tool_call>',
+        '<tool_call>\n{"name": "multiply", "arguments": {"a": 1,\n</tool_call>',
+    ]
     script = lambda context, turn: calls[turn] if turn < len(calls) else "done"  # noqa: E731
     _, _, _, rollout = exchange(layout, script, max_tool_turns=5)
     results = [m["content"] for m in rollout.agent.exchanges[0] if m["role"] == "tool"]
@@ -148,7 +166,7 @@ def test_the_turn_limit_and_the_budget_end_an_exchange():
     stats, messages = rollout.agent.stats[0], rollout.agent.exchanges[0]
     assert (stats["calls"], stats["turns"], stats["cut"]) == (2, 3, "turns")  # the third call is not run
     assert [m["role"] for m in messages] == ["assistant", "tool", "assistant", "tool", "assistant"]
-    assert [m["content"] for m in messages if m["role"] == "tool"] == ['0', '2']
+    assert [m["content"] for m in messages if m["role"] == "tool"] == ["0", "2"]
     assert not bool(rollout.has_stop[0])  # it ends on a call whose result it never read: truncated
     # a budget too small for the first call's result: the exchange ends on the call, its result not shown
     tok, policy, _, cut = exchange(layout, always, max_tool_turns=4, budget=60)
@@ -170,8 +188,9 @@ def test_an_environment_per_rollout_is_reset_with_its_row_and_offers_its_methods
     call = '<tool_call>\n{"name": "increment", "arguments": {"by": 3}}\n</tool_call>'
     script = lambda context, turn: call if turn < 2 else "ok"  # noqa: E731
     prompts = [[{"role": "user", "content": "count"}], [{"role": "user", "content": "count again"}]]
-    _, _, toolbox, rollout = exchange(layout, script, prompts=prompts, tools=["tests.agent_tools:multiply"],
-                                      environment="tests.agent_tools:Counter")
+    _, _, toolbox, rollout = exchange(
+        layout, script, prompts=prompts, tools=["tests.agent_tools:multiply"], environment="tests.agent_tools:Counter"
+    )
     assert toolbox.names == ["multiply", "increment"]
     envs = rollout.agent.environments
     assert envs[0] is not envs[1] and [e.count for e in envs] == [6, 6]  # each rollout its own
@@ -208,32 +227,59 @@ def test_an_exchange_s_log_probs_are_the_same_padded_and_unpadded(tmp_path):
     assert torch.allclose(padded, packed, atol=1e-5) and rollout.agent.model_mask.sum() < rollout.response_mask.sum()
 
 
+@pytest.mark.e2e
 def test_the_rl_stage_runs_an_agent_and_its_reward_function_gets_messages_and_environments(tmp_path, monkeypatch):
     """A tiny model with a tool-calling template, GRPO with QLoRA (4-bit) over exchanges with a tool
-    and an environment, its turns scripted (each exchange calls `increment` once, then answers): the reward function gets
+    and an environment, its turns scripted (each exchange calls `increment` once, then answers):
+    the reward function gets
     each exchange as messages and the rollouts' environments, reset with their rows; tool metrics are
     logged, the samples keep the exchanges, and eval runs the same exchanges."""
     import pipeline.rl.agent
+
     real_generate = pipeline.rl.agent.generate
     script = lambda context, turn: call_text("qwen25-instruct", "increment", {"by": 2}) if turn == 0 else "done"  # noqa: E731
 
     def scripted(model, tokenizer, prompts, config, device, ids=None):
-        return real_generate(Scripted(tokenizer, script, MARKER["qwen25-instruct"]), tokenizer, prompts, config, device, ids)
+        return real_generate(
+            Scripted(tokenizer, script, MARKER["qwen25-instruct"]), tokenizer, prompts, config, device, ids
+        )
+
     monkeypatch.setattr(pipeline.rl.agent, "generate", scripted)
     path = layouts.save_model("qwen25-instruct", tmp_path / "policy")
     tok = layouts.tool_tokenizer("qwen25-instruct")
     tok.save_pretrained(path)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"what is {a} times 3?"}], "a": a}) + "\n"
-                               for a in range(8)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": [{"role": "user", "content": f"what is {a} times 3?"}], "a": a}) + "\n"
+            for a in range(8)
+        )
+    )
     monkeypatch.setenv("AGENT_RECORD", str(tmp_path / "record.jsonl"))
-    overrides = ["--recipe", "stages/recipes/demo-grpo.yaml", f"runs_dir={tmp_path}", f"ppo.model={path}",
-                 f"ppo.prompts={prompts}", "ppo.rewards=[{function: 'tests.agent_tools:record'}]", "ppo.judges=[]",
-                 "ppo.tools=[tests.agent_tools:multiply]", "ppo.environment=tests.agent_tools:Counter",
-                 "ppo.max_tool_turns=2", "ppo.max_new_tokens=64", "ppo.total_episodes=16", "ppo.batch_size=8",
-                 "ppo.mini_batch_size=8", "ppo.samples_per_prompt=2", "ppo.ppo_epochs=1", "ppo.finetune=qlora-4bit",
-                 "ppo.keep_best=false", f"eval.prompts={prompts}", "eval.max_new_tokens=64", "eval.batch_size=4",
-                 "judge=null"]
+    overrides = [
+        "--recipe",
+        "stages/recipes/demo-grpo.yaml",
+        f"runs_dir={tmp_path}",
+        f"ppo.model={path}",
+        f"ppo.prompts={prompts}",
+        "ppo.rewards=[{function: 'tests.agent_tools:record'}]",
+        "ppo.judges=[]",
+        "ppo.tools=[tests.agent_tools:multiply]",
+        "ppo.environment=tests.agent_tools:Counter",
+        "ppo.max_tool_turns=2",
+        "ppo.max_new_tokens=64",
+        "ppo.total_episodes=16",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=8",
+        "ppo.samples_per_prompt=2",
+        "ppo.ppo_epochs=1",
+        "ppo.finetune=qlora-4bit",
+        "ppo.keep_best=false",
+        f"eval.prompts={prompts}",
+        "eval.max_new_tokens=64",
+        "eval.batch_size=4",
+        "judge=null",
+    ]
     stages.ppo.main(overrides)
     records = read_jsonl(tmp_path / "record.jsonl")
     assert len(records) == 2 and all(len(r["completions"]) == 8 for r in records)
@@ -258,9 +304,18 @@ def test_tools_need_a_template_that_renders_them(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(Exception, match="chat template does not render tools"):
-        stages.ppo.main(["--recipe", "stages/recipes/demo-grpo.yaml", f"runs_dir={tmp_path}", f"ppo.model={path}",
-                         f"ppo.prompts={prompts}", "ppo.rewards=[{function: 'tests.agent_tools:record'}]",
-                         "ppo.judges=[]", "ppo.tools=[tests.agent_tools:multiply]"])
+        stages.ppo.main(
+            [
+                "--recipe",
+                "stages/recipes/demo-grpo.yaml",
+                f"runs_dir={tmp_path}",
+                f"ppo.model={path}",
+                f"ppo.prompts={prompts}",
+                "ppo.rewards=[{function: 'tests.agent_tools:record'}]",
+                "ppo.judges=[]",
+                "ppo.tools=[tests.agent_tools:multiply]",
+            ]
+        )
 
 
 AGENT_RECIPE = ["--recipe", "stages/recipes/demo-agent.yaml"]
@@ -271,6 +326,7 @@ def agent_sft(tmp_path_factory):
     """The agent demo's base and SFT policy (stages/recipes/demo-agent.yaml): `runs/demo-agent/sft` under
     the returned directory, and the overrides that find the base."""
     from stages import base, sft
+
     root = tmp_path_factory.mktemp("agent")
     common = [f"base.output={root / 'base'}", f"sft.model={root / 'base'}"]
     base.main([*AGENT_RECIPE, *common])
@@ -291,6 +347,7 @@ def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(agent_sft, tm
     assert_learned(*histories, margin=0.2, key="rewards/correct", last=3)
 
 
+@pytest.mark.e2e
 def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(agent_sft, tmp_path, monkeypatch):
     """The agent demo's policy with a LoRA adapter under ZeRO-3 on 2 gloo processes, stopped after
     iteration 1 (as by Ctrl-C) and resumed. Each rank runs its own exchanges, their turns differing
@@ -300,9 +357,19 @@ def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(ag
     sft_dir, common = agent_sft
     shutil.copytree(sft_dir, tmp_path / "demo-agent" / "sft")
     monkeypatch.setenv("AGENT_RECORD", str(tmp_path / "record.jsonl"))
-    args = [*AGENT_RECIPE, *common, f"runs_dir={tmp_path}", "ppo.finetune=lora", "ppo.learning_rate=1e-2",
-            "ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.max_exchange_tokens=200",
-            "ppo.tools=[tests.agent_tools:stars]", "ppo.rewards=[{function: 'tests.agent_tools:record'}]"]
+    args = [
+        *AGENT_RECIPE,
+        *common,
+        f"runs_dir={tmp_path}",
+        "ppo.finetune=lora",
+        "ppo.learning_rate=1e-2",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=16",
+        "ppo.mini_batch_size=8",
+        "ppo.max_exchange_tokens=200",
+        "ppo.tools=[tests.agent_tools:stars]",
+        "ppo.rewards=[{function: 'tests.agent_tools:record'}]",
+    ]
     launch(2, "stages/ppo.py", *args, engine="zero3", expect=130, probe=("--stop-after", "1"))
     resumed = launch(2, "stages/ppo.py", *args, engine="zero3")
     assert "resuming from the checkpoint at iteration 1/2" in resumed.stdout
@@ -324,8 +391,9 @@ def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(ag
 
 
 def test_tools_take_reward_functions_and_a_bad_environment_is_one_line():
-    from pipeline.config import load_recipe
-    from pipeline.user_code import RewardError
+    from pipeline.errors import RewardError
+    from pipeline.recipe_loader import load_recipe
+
     with pytest.raises(Exception, match="with tools, rewards and judges must be reward functions"):
         load_recipe("stages/recipes/demo.yaml", ["ppo.tools=[tests.agent_tools:multiply]"])  # (its reward model)
     toolbox = Toolbox([], "tests.agent_tools:NoRow", None, 1.0)

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pipeline import artifacts
+from pipeline.errors import MissingArtifact, RecipeChanged
 
 
 def test_commit_swaps_in_a_complete_directory_and_keeps_the_old_one_until_then(tmp_path):
@@ -24,9 +25,17 @@ def test_commit_swaps_in_a_complete_directory_and_keeps_the_old_one_until_then(t
 
 
 def record(**ppo) -> dict:
-    return {"config": {"ppo": {"learning_rate": 1e-5, "save_every": 8, "rewards": [{"function": "f.py:f",
-                                                                                     "timeout_s": None}], **ppo}},
-            "inputs": {"ppo.rewards:f": {"function": "f.py:f", "fingerprint": "a"}}}
+    return {
+        "config": {
+            "ppo": {
+                "learning_rate": 1e-5,
+                "save_every": 8,
+                "rewards": [{"function": "f.py:f", "timeout_s": None}],
+                **ppo,
+            }
+        },
+        "inputs": {"ppo.rewards:f": {"function": "f.py:f", "fingerprint": "a"}},
+    }
 
 
 SAFE = ("ppo.save_every", "ppo.rewards[*].timeout_s")
@@ -51,19 +60,23 @@ def test_an_interrupted_run_is_kept_across_changes_that_cannot_alter_it_and_neve
     changed = record(save_every=100, rewards=[{"function": "f.py:f", "timeout_s": 5.0}])
     stage.begin("fp2", changed, artifacts.Resume(SAFE))
     assert stage.holds_checkpoint()
-    assert capsys.readouterr().out.strip() == ("ppo: resuming across recipe changes that do not alter the run: "
-                                               "ppo.rewards[0].timeout_s None -> 5.0, ppo.save_every 8 -> 100")
+    assert capsys.readouterr().out.strip() == (
+        "ppo: resuming across recipe changes that do not alter the run: "
+        "ppo.rewards[0].timeout_s None -> 5.0, ppo.save_every 8 -> 100"
+    )
     assert json.loads((stage.partial / "plan.json").read_text()) == changed
 
     # a learning rate and the reward function's code: refused in one line naming them, nothing touched
     altered = record(save_every=100, learning_rate=1e-3, rewards=[{"function": "f.py:f", "timeout_s": 5.0}])
     altered["inputs"]["ppo.rewards:f"]["fingerprint"] = "b"
-    with pytest.raises(artifacts.RecipeChanged) as e:
+    with pytest.raises(RecipeChanged) as e:
         stage.begin("fp3", altered, artifacts.Resume(SAFE))
-    assert str(e.value) == ("ppo: the recipe changed since the interrupted run's last checkpoint (ppo.learning_rate "
-                            "1e-05 -> 0.001, the code of ppo.rewards 'f'): `make ppo RESUME=1` (--resume) goes on from "
-                            "that checkpoint under the new recipe; `make ppo FORCE=1` starts over, moving the "
-                            "checkpoints aside")
+    assert str(e.value) == (
+        "ppo: the recipe changed since the interrupted run's last checkpoint (ppo.learning_rate "
+        "1e-05 -> 0.001, the code of ppo.rewards 'f'): `make ppo RESUME=1` (--resume) goes on from "
+        "that checkpoint under the new recipe; `make ppo FORCE=1` starts over, moving the "
+        "checkpoints aside"
+    )
     assert stage.holds_checkpoint() and (stage.partial / "fingerprint").read_text().strip() == "fp2"
 
     stage.begin("fp3", altered, artifacts.Resume(SAFE, changed=True))  # RESUME=1
@@ -77,10 +90,10 @@ def test_an_interrupted_run_is_kept_across_changes_that_cannot_alter_it_and_neve
 
 
 def test_missing_or_incomplete_upstream_says_which_target_to_run(tmp_path):
-    with pytest.raises(artifacts.MissingArtifact, match=r"does not exist: run `make sft` first"):
+    with pytest.raises(MissingArtifact, match=r"does not exist: run `make sft` first"):
         artifacts.require(tmp_path / "sft", "sft")
     (tmp_path / "sft").mkdir()
-    with pytest.raises(artifacts.MissingArtifact, match=r"is incomplete \(no manifest.json\): run `make sft`"):
+    with pytest.raises(MissingArtifact, match=r"is incomplete \(no manifest.json\): run `make sft`"):
         artifacts.require(tmp_path / "sft", "sft")
 
 

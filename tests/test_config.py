@@ -3,7 +3,9 @@ import re
 import pytest
 from trl import SFTConfig
 
-from pipeline.config import ConfigError, DatasetSpec, load_recipe, trl_args
+from pipeline.errors import ConfigError
+from pipeline.recipe import DatasetSpec
+from pipeline.recipe_loader import load_recipe, trl_args
 from tests.conftest import DEMO_RECIPE as DEMO
 
 
@@ -23,8 +25,9 @@ def test_demo_recipe_loads_with_typed_sections():
 
 def test_overrides_beat_the_recipe_and_reach_nested_keys(tmp_path):
     path = write(tmp_path, "sft:\n  dataset: a.jsonl\n  finetune: full\n")
-    recipe = load_recipe(path, ["sft.finetune=lora", "sft.lora.r=4", "sft.dataset.limit=10",
-                                "sft.trainer.learning_rate=1e-4"])
+    recipe = load_recipe(
+        path, ["sft.finetune=lora", "sft.lora.r=4", "sft.dataset.limit=10", "sft.trainer.learning_rate=1e-4"]
+    )
     assert recipe.sft.finetune == "lora"
     assert recipe.sft.lora.r == 4
     assert recipe.sft.dataset == DatasetSpec(path="a.jsonl", limit=10)
@@ -58,8 +61,15 @@ def test_bad_recipe_files(tmp_path):
 
 
 def test_trainer_section_is_checked_against_trl_config(tmp_path):
-    args = trl_args(SFTConfig, {"learning_rate": 1e-3, "max_length": 32}, "sft.trainer",
-                    output_dir=str(tmp_path), report_to="none", bf16=False, learning_rate=5.0)
+    args = trl_args(
+        SFTConfig,
+        {"learning_rate": 1e-3, "max_length": 32},
+        "sft.trainer",
+        output_dir=str(tmp_path),
+        report_to="none",
+        bf16=False,
+        learning_rate=5.0,
+    )
     assert args.learning_rate == 1e-3 and args.max_length == 32  # the user's value beats the default
     with pytest.raises(ConfigError, match=r"unknown key 'sft.trainer.learning_rat'.*'learning_rate'"):
         trl_args(SFTConfig, {"learning_rat": 1e-3}, "sft.trainer", output_dir=str(tmp_path))
@@ -70,27 +80,53 @@ def test_trainer_section_is_checked_against_trl_config(tmp_path):
 
 
 def test_the_shipped_7b_recipe_is_valid():
-    from pipeline.config import load_recipe
+    from pipeline.recipe_loader import load_recipe
+
     recipe = load_recipe("stages/recipes/7b-lora-1gpu.yaml")
     assert recipe.ppo.finetune == "lora" and recipe.ppo.gradient_checkpointing and recipe.ppo.forward_batch_size == 4
 
 
 OUT_OF_RANGE = [  # every ranged field once, at a value just outside its range
-    ("ppo.lam=1.5", "in [0, 1]"), ("ppo.gamma=-0.1", "in [0, 1]"), ("ppo.learning_rate=-1e-5", "> 0"),
-    ("ppo.learning_rate=0", "> 0"), ("ppo.batch_size=0", ">= 1"), ("ppo.mini_batch_size=0", ">= 1"),
-    ("ppo.total_episodes=0", ">= 1"), ("ppo.temperature=0", "> 0"), ("eval.temperature=0", "> 0"),
-    ("ppo.cliprange=0", "> 0"), ("ppo.cliprange_value=-0.2", "> 0"), ("ppo.ppo_epochs=0", ">= 1"),
-    ("ppo.max_new_tokens=0", ">= 1"), ("ppo.kl_coef=-0.1", ">= 0"), ("ppo.kl_target=0", "> 0"),
-    ("ppo.kl_horizon=0", ">= 1"), ("ppo.vf_coef=-1", ">= 0"), ("ppo.max_grad_norm=0", "> 0"),
-    ("ppo.gradient_accumulation_steps=0", ">= 1"), ("ppo.forward_batch_size=0", ">= 1"),
-    ("ppo.missing_stop_penalty=-1", ">= 0"), ("ppo.save_every=0", ">= 1"), ("ppo.sample_every=0", ">= 1"),
-    ("ppo.lora.r=0", ">= 1"), ("sft.lora.alpha=0", ">= 1"), ("rm.lora.dropout=1.0", "in [0, 1)"),
-    ("sft.eval_fraction=1.0", "in [0, 1)"), ("rm.reference_limit=0", ">= 1"), ("sft.dataset.limit=0", ">= 1"),
-    ("eval.max_new_tokens=0", ">= 1"), ("eval.batch_size=0", ">= 1"), ("eval.samples_in_report=-1", ">= 0"),
-    ("base.hidden_size=0", ">= 1"), ("seed=-1", ">= 0"),
-    ("sft.trainer.learning_rate=-2e-5", "> 0"), ("rm.trainer.per_device_train_batch_size=0", ">= 1"),
-    ("sft.trainer.num_train_epochs=0", "> 0"), ("rm.trainer.gradient_accumulation_steps=0", ">= 1"),
-    ("sft.trainer.warmup_ratio=1.5", "in [0, 1]"), ("rm.trainer.max_length=0", ">= 1"),
+    ("ppo.lam=1.5", "in [0, 1]"),
+    ("ppo.gamma=-0.1", "in [0, 1]"),
+    ("ppo.learning_rate=-1e-5", "> 0"),
+    ("ppo.learning_rate=0", "> 0"),
+    ("ppo.batch_size=0", ">= 1"),
+    ("ppo.mini_batch_size=0", ">= 1"),
+    ("ppo.total_episodes=0", ">= 1"),
+    ("ppo.temperature=0", "> 0"),
+    ("eval.temperature=0", "> 0"),
+    ("ppo.cliprange=0", "> 0"),
+    ("ppo.cliprange_value=-0.2", "> 0"),
+    ("ppo.ppo_epochs=0", ">= 1"),
+    ("ppo.max_new_tokens=0", ">= 1"),
+    ("ppo.kl_coef=-0.1", ">= 0"),
+    ("ppo.kl_target=0", "> 0"),
+    ("ppo.kl_horizon=0", ">= 1"),
+    ("ppo.vf_coef=-1", ">= 0"),
+    ("ppo.max_grad_norm=0", "> 0"),
+    ("ppo.gradient_accumulation_steps=0", ">= 1"),
+    ("ppo.forward_batch_size=0", ">= 1"),
+    ("ppo.missing_stop_penalty=-1", ">= 0"),
+    ("ppo.save_every=0", ">= 1"),
+    ("ppo.sample_every=0", ">= 1"),
+    ("ppo.lora.r=0", ">= 1"),
+    ("sft.lora.alpha=0", ">= 1"),
+    ("rm.lora.dropout=1.0", "in [0, 1)"),
+    ("sft.eval_fraction=1.0", "in [0, 1)"),
+    ("rm.reference_limit=0", ">= 1"),
+    ("sft.dataset.limit=0", ">= 1"),
+    ("eval.max_new_tokens=0", ">= 1"),
+    ("eval.batch_size=0", ">= 1"),
+    ("eval.samples_in_report=-1", ">= 0"),
+    ("base.hidden_size=0", ">= 1"),
+    ("seed=-1", ">= 0"),
+    ("sft.trainer.learning_rate=-2e-5", "> 0"),
+    ("rm.trainer.per_device_train_batch_size=0", ">= 1"),
+    ("sft.trainer.num_train_epochs=0", "> 0"),
+    ("rm.trainer.gradient_accumulation_steps=0", ">= 1"),
+    ("sft.trainer.warmup_ratio=1.5", "in [0, 1]"),
+    ("rm.trainer.max_length=0", ">= 1"),
 ]
 
 
@@ -102,16 +138,50 @@ def test_out_of_range_values_are_refused_when_the_recipe_is_read(override, rule)
 
 
 def test_values_at_the_edge_of_their_range_are_accepted():
-    recipe = load_recipe(DEMO, ["ppo.lam=1", "ppo.gamma=0", "ppo.kl_coef=0", "ppo.vf_coef=0", "sft.eval_fraction=0",
-                                "ppo.kl_target=null", "ppo.batch_size=1", "ppo.mini_batch_size=1", "seed=0"])
+    recipe = load_recipe(
+        DEMO,
+        [
+            "ppo.lam=1",
+            "ppo.gamma=0",
+            "ppo.kl_coef=0",
+            "ppo.vf_coef=0",
+            "sft.eval_fraction=0",
+            "ppo.kl_target=null",
+            "ppo.batch_size=1",
+            "ppo.mini_batch_size=1",
+            "seed=0",
+        ],
+    )
     assert recipe.ppo.lam == 1 and recipe.ppo.batch_size == 1 and recipe.sft.eval_fraction == 0
 
 
 def test_a_stage_given_an_out_of_range_value_stops_in_one_line_before_loading_anything(tmp_path):
     """eval.temperature=0 used to run and report a NaN KL with exit code 0."""
-    from pipeline import cli
+    from pipeline import process
     from stages import eval as evaluate
+
     with pytest.raises(SystemExit) as e:  # as the script's __main__ runs it (test_make checks a real process)
-        cli.run(lambda: evaluate.main([f"runs_dir={tmp_path}", "eval.temperature=0"]))
+        process.run(lambda: evaluate.main([f"runs_dir={tmp_path}", "eval.temperature=0"]))
     assert e.value.code == "error: 'eval.temperature': 0.0 is out of range: it must be > 0"
     assert not any(tmp_path.iterdir())
+
+
+def test_the_recipe_reference_is_generated_from_the_schema_and_names_every_key():
+    """docs/recipe-reference.md is what `make docs` writes from pipeline/recipe.py (a schema change without
+    it fails here), and it documents every key of the default recipe, nested ones included."""
+    from pipeline import recipe_reference
+    from pipeline.recipe_loader import to_dict
+
+    written = recipe_reference.OUT.read_text()
+    assert written == recipe_reference.reference(), "docs/recipe-reference.md is stale: run `make docs`"
+
+    def keys(d: dict, prefix: str = "") -> list[str]:
+        out = []
+        for k, v in d.items():
+            is_section = isinstance(v, dict) and v and k != "trainer" and k != "columns"
+            out += keys(v, f"{prefix}{k}.") if is_section else [f"{prefix}{k}"]
+        return out
+
+    documented = [k for k in keys(to_dict(load_recipe(None))) if f"**`{k}`**" in written]
+    assert documented == keys(to_dict(load_recipe(None))) and len(documented) > 90
+    assert "**`ppo.rewards[].function`**" in written and "must be > 0" in written

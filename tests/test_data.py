@@ -3,8 +3,9 @@ import json
 import datasets
 import pytest
 
-from pipeline.config import DatasetSpec
-from pipeline.data import DataError, detect_format, load, load_for, require_format, train_eval
+from pipeline.data import detect_format, load, load_for, require_format, train_eval
+from pipeline.errors import DataError
+from pipeline.recipe import DatasetSpec
 
 CONV_PROMPT = [{"role": "user", "content": "how was the plot ?"}]
 
@@ -14,15 +15,18 @@ def jsonl(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("columns, fmt", [
-    (["text"], "language_modeling"),
-    (["messages"], "language_modeling"),
-    (["prompt", "completion"], "prompt_completion"),
-    (["prompt", "chosen", "rejected"], "preference"),
-    (["chosen", "rejected"], "preference"),  # implicit prompt
-    (["prompt"], "prompt_only"),
-    (["question", "answer"], None),
-])
+@pytest.mark.parametrize(
+    "columns, fmt",
+    [
+        (["text"], "language_modeling"),
+        (["messages"], "language_modeling"),
+        (["prompt", "completion"], "prompt_completion"),
+        (["prompt", "chosen", "rejected"], "preference"),
+        (["chosen", "rejected"], "preference"),  # implicit prompt
+        (["prompt"], "prompt_only"),
+        (["question", "answer"], None),
+    ],
+)
 def test_detect_format(columns, fmt):
     assert detect_format(columns) == fmt
 
@@ -41,9 +45,16 @@ def test_local_files_in_every_supported_type_load_the_same(tmp_path):
 
 
 def test_conversational_preference_file(tmp_path):
-    path = jsonl(tmp_path / "p.jsonl", [{"prompt": CONV_PROMPT,
-                                         "chosen": [{"role": "assistant", "content": "great ."}],
-                                         "rejected": [{"role": "assistant", "content": "bad"}]}])
+    path = jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "prompt": CONV_PROMPT,
+                "chosen": [{"role": "assistant", "content": "great ."}],
+                "rejected": [{"role": "assistant", "content": "bad"}],
+            }
+        ],
+    )
     ds, fmt = load_for(DatasetSpec(path=path), ["preference"])
     assert fmt == "preference" and ds[0]["prompt"] == CONV_PROMPT
 
@@ -91,6 +102,7 @@ def test_empty_missing_and_unsupported(tmp_path):
 
 def test_hub_ids_go_to_the_hub_and_fail_clearly_offline(monkeypatch):
     import huggingface_hub.constants
+
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: patch the live flags
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"'nobody/no-such-dataset' is no local file.*hub dataset"):

@@ -15,17 +15,19 @@ def test_judge_hand_computed_scores():
     # off topic, neutral, fine otherwise
     assert score(PROMPT, "the plot was okay .") == 0.0
     # conversational forms are accepted
-    assert score([{"role": "user", "content": PROMPT}], [{"role": "assistant", "content": "the music was great ."}]) == 1.0
+    assert (
+        score([{"role": "user", "content": PROMPT}], [{"role": "assistant", "content": "the music was great ."}]) == 1.0
+    )
 
 
 def test_judge_penalises_degenerate_text():
     good = score(PROMPT, "the music was great .")
-    assert score(PROMPT, "the music was great") == good - 1.0            # no ending
+    assert score(PROMPT, "the music was great") == good - 1.0  # no ending
     # two adjectives lift sentiment to 1.0, but the repeat costs 0.5 and the repeated adjective 0.25
     assert score(PROMPT, "the music was great great .") == 1.0 + 0.5 - 0.5 - 0.25
     rambling = "the music was great and the plot was fine and the cast was okay and the story was long ."
     assert len(rambling.split()) == 20 and score(PROMPT, rambling) == 1.0 - 0.6
-    assert score(PROMPT, "the music .") == 0.5 - 0.5                      # says nothing
+    assert score(PROMPT, "the music .") == 0.5 - 0.5  # says nothing
     assert score(PROMPT, "") == -3.0
 
 

@@ -4,13 +4,12 @@ the RM stage, and scored by PPO and eval through the reward model's own tokenize
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.artifacts import read_manifest
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.scoring import RewardScorer, reward_input_ids
 from stages import eval as evaluate
 from stages import ppo, rm, sft
@@ -18,10 +17,12 @@ from tests import families
 from tests.conftest import DEMO_RECIPE, assert_learned, assert_scored_by, control_run, ppo_args, read_jsonl
 
 KINDS = ["bert", "roberta", "deberta"]
-PROMPTS = [[{"role": "user", "content": "Write about the sea."}], "Describe a cat.",
-           [{"role": "user", "content": "Write a short note about rain, please."}]]
-RESPONSES = [[{"role": "assistant", "content": "The sea is wide."}], "It sleeps all day long, mostly.",
-             "Rain falls."]
+PROMPTS = [
+    [{"role": "user", "content": "Write about the sea."}],
+    "Describe a cat.",
+    [{"role": "user", "content": "Write a short note about rain, please."}],
+]
+RESPONSES = [[{"role": "assistant", "content": "The sea is wide."}], "It sleeps all day long, mostly.", "Rain falls."]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_an_over_long_pair_loses_the_start_of_the_prompt(encoders):
     ids = reward_input_ids(tokenizer, "write about a dog and " * 100 + "then a cat", response)
     assert len(ids) == tokenizer.model_max_length == 128
     tail = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
-    assert ids[-len(tail):] == tail
+    assert ids[-len(tail) :] == tail
     assert tokenizer.truncation_side == "right"  # the tokenizer is left as it was
     prompt = "write about a dog"
     ids = reward_input_ids(tokenizer, prompt, "the cat sleeps all day and " * 60)  # the response alone overflows
@@ -84,29 +85,54 @@ def test_an_implicit_conversation_is_split_at_its_last_turn(encoders):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_rm_stage_trains_an_encoder(encoders, kind, runs_with_sft, base_model, tmp_path):
-    rm.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"rm.model={encoders[kind]}", "judge=null",
-             "rm.dataset.limit=1000", "rm.eval_dataset.limit=100", "rm.reference_limit=16",
-             "rm.trainer.num_train_epochs=8", "rm.trainer.learning_rate=3e-4"])
+    rm.main(
+        [
+            "--recipe",
+            DEMO_RECIPE,
+            f"runs_dir={runs_with_sft}",
+            f"rm.model={encoders[kind]}",
+            "judge=null",
+            "rm.dataset.limit=1000",
+            "rm.eval_dataset.limit=100",
+            "rm.reference_limit=16",
+            "rm.trainer.num_train_epochs=8",
+            "rm.trainer.learning_rate=3e-4",
+        ]
+    )
     metrics = read_manifest(runs_with_sft / "demo" / "rm")["metrics"]
     print(f"{kind}: held-out accuracy {metrics['heldout']['accuracy']:.3f}, trainer {metrics['eval_accuracy']:.3f}")
     assert metrics["heldout"]["accuracy"] > 0.65
     # the report scored the saved artifact as the trainer evaluated the model: the same pairs, the same ids
     assert metrics["heldout"]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=0.05)
     assert AutoModelForSequenceClassification.from_pretrained(runs_with_sft / "demo" / "rm").config.model_type == (
-        "deberta-v2" if kind == "deberta" else kind)
+        "deberta-v2" if kind == "deberta" else kind
+    )
     if kind == "bert":  # the rest of the chain once: PPO raises the encoder's score, eval reports it
         ppo.main(ppo_args(runs_with_sft, "ppo.value_model=sft", "ppo.learning_rate=1e-3"))
         history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
         control = control_run(runs_with_sft, tmp_path / "control", "ppo.value_model=sft")
-        print(f"ppo against the bert reward model: raw score {history[0]['objective/rm_score_raw']:.3f} -> "
-              f"{history[-1]['objective/rm_score_raw']:.3f} (untrained control {control[-1]['objective/rm_score_raw']:.3f})")
+        print(
+            f"ppo against the bert reward model: raw score {history[0]['objective/rm_score_raw']:.3f} -> "
+            f"{history[-1]['objective/rm_score_raw']:.3f} "
+            f"(untrained control {control[-1]['objective/rm_score_raw']:.3f})"
+        )
         assert_learned(history, control, margin=0.15)
         assert read_manifest(runs_with_sft / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
-        evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
-                       "eval.prompts.limit=8", "eval.max_new_tokens=8", "judge=null"])
+        evaluate.main(
+            [
+                "--recipe",
+                DEMO_RECIPE,
+                f"runs_dir={runs_with_sft}",
+                f"sft.model={base_model}",
+                "eval.prompts.limit=8",
+                "eval.max_new_tokens=8",
+                "judge=null",
+            ]
+        )
         for stage, key in (("ppo", "rm_score_raw"), ("eval", "rm_score")):  # through BERT's own tokenizer
-            assert_scored_by(read_jsonl(runs_with_sft / "demo" / stage / "samples.jsonl"), runs_with_sft / "demo" / "rm",
-                             key)
+            assert_scored_by(
+                read_jsonl(runs_with_sft / "demo" / stage / "samples.jsonl"), runs_with_sft / "demo" / "rm", key
+            )
 
 
 def test_an_untrained_encoder_as_ppo_reward_model_and_bert_as_a_policy(encoders, runs_with_sft):

@@ -13,9 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from stages import ppo, sft
 from tests.conftest import DEMO_RECIPE, RM_RUN, launch, ppo_args, read_jsonl, rm_args, sft_args
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 # 2 iterations of 2 x 16 rollouts; a checkpoint at iteration 2 (save_state under the engine)
 ARGS = ["ppo.total_episodes=64", "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
@@ -29,18 +31,37 @@ def ppo_under(engine: str | None, rm_run, runs, *extra: str, stop_after: int | N
         shutil.copytree(rm_run / "demo" / stage, runs / "demo" / stage)
     args = ppo_args(runs, *ARGS, *extra)
     if stop_after is not None:
-        launch(2, "stages/ppo.py", *args, engine=engine, expect=130,
-               probe=("--stop-after", str(stop_after), "--report", str(runs / "report")))
-        checkpoint = sorted(str(p.relative_to(runs / "demo" / "ppo.partial" / "checkpoint"))
-                            for p in (runs / "demo" / "ppo.partial" / "checkpoint").rglob("*") if p.is_file())
+        launch(
+            2,
+            "stages/ppo.py",
+            *args,
+            engine=engine,
+            expect=130,
+            probe=("--stop-after", str(stop_after), "--report", str(runs / "report")),
+        )
+        checkpoint = sorted(
+            str(p.relative_to(runs / "demo" / "ppo.partial" / "checkpoint"))
+            for p in (runs / "demo" / "ppo.partial" / "checkpoint").rglob("*")
+            if p.is_file()
+        )
         resumed = launch(2, "stages/ppo.py", *args, engine=engine)
         assert f"resuming from the checkpoint at iteration {stop_after}/2" in resumed.stdout
-    else:  # a rank whose interpreter teardown would abort leaves without it (pipeline.cli.run_and_exit)
-        launch(2, "stages/ppo.py", *args, engine=engine,
-               probe=("--report", str(runs / "report"), "--abort-at-exit-on-rank", "1"))
+    else:  # a rank whose interpreter teardown would abort leaves without it (pipeline.process.run_and_exit)
+        launch(
+            2,
+            "stages/ppo.py",
+            *args,
+            engine=engine,
+            probe=("--report", str(runs / "report"), "--abort-at-exit-on-rank", "1"),
+        )
         checkpoint = None
     out = runs / "demo" / "ppo"
-    return out, read_jsonl(out / "metrics.jsonl"), json.loads((out / "manifest.json").read_text())["metrics"], checkpoint
+    return (
+        out,
+        read_jsonl(out / "metrics.jsonl"),
+        json.loads((out / "manifest.json").read_text())["metrics"],
+        checkpoint,
+    )
 
 
 def report(runs, rank: int, event: str) -> list[dict]:
@@ -66,13 +87,15 @@ def test_full_fine_tuning_imports_what_only_other_runs_need_on_no_rank(ddp):
 def test_a_finished_rank_leaves_with_its_process_group_up(ddp):
     """The stage leaves the process group to the process's exit (accelerate's end_training would tear
     it down): freed later, with the models that hold it, it joins gloo's workers with the GIL held,
-    which can hang a rank (pipeline.cli.run_and_exit). Rank 1 also aborts in the interpreter's teardown
+    which can hang a rank (pipeline.process.run_and_exit). Rank 1 also aborts in the interpreter's teardown
     (tests/probe.py), which a finished rank never reaches: the run succeeded all the same."""
     runs = ddp[0].parents[1]
     assert [r["process_group_up"] for rank in (0, 1) for r in report(runs, rank, "exit")] == [True, True]
 
 
-@pytest.mark.parametrize("engine, name", [("fsdp2", "fsdp2"), ("zero2", "deepspeed-zero2"), ("zero3", "deepspeed-zero3")])
+@pytest.mark.parametrize(
+    "engine, name", [("fsdp2", "fsdp2"), ("zero2", "deepspeed-zero2"), ("zero3", "deepspeed-zero3")]
+)
 def test_ppo_under_each_engine_matches_ddp(engine, name, ddp, rm_run, tmp_path):
     """The sharded engines are also stopped after iteration 1 and resumed from their checkpoint (FSDP2's
     is sharded: each rank wrote its own part); the resumed run logs what DDP's uninterrupted run logs.
@@ -94,8 +117,9 @@ def test_ppo_under_each_engine_matches_ddp(engine, name, ddp, rm_run, tmp_path):
     assert any(not torch.equal(mine[k], sft[k]) for k in mine)  # and they did train
     if sharded:
         if engine == "fsdp2":  # one shard per rank, no full copy on one host
-            assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(checkpoint), \
+            assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(checkpoint), (
                 checkpoint
+            )
         for rank in (0, 1):
             (generation,) = report(tmp_path, rank, "generate")
             assert generation["policy_whole"] and not all(generation["value_whole"]), generation
@@ -123,28 +147,40 @@ def test_ranks_that_do_not_share_the_run_directory_are_refused(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import sys\nfrom pathlib import Path\nfrom pipeline.dist import check_shared, process_state\n"
-        "from pipeline.config import ConfigError\n"
+        "from pipeline.errors import ConfigError\n"
         "state = process_state()\nbase = Path(sys.argv[1])\n"
         "check_shared(state, base / 'shared')\n"  # the same directory on every rank: fine
         "try:\n    check_shared(state, base / f'node{state.process_index}')\n"
         "except ConfigError as e:\n    (base / f'rank{state.process_index}.txt').write_text(str(e))\n"
-        "import os\nos._exit(0)\n")  # leave as pipeline.cli.run_and_exit does, without the process group's teardown
+        "import os\nos._exit(0)\n"
+    )  # leave as pipeline.process.run_and_exit does, without the process group's teardown
     launch(2, str(script), str(tmp_path))
     for rank in (0, 1):  # both ranks stop, with the same message
         message = (tmp_path / f"rank{rank}.txt").read_text()
-        assert message.startswith("ranks [1] do not see the run directory") and "filesystem shared by every node" in message
+        assert (
+            message.startswith("ranks [1] do not see the run directory")
+            and "filesystem shared by every node" in message
+        )
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "QLoRA cannot run under deepspeed-zero3"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "QLoRA cannot run under fsdp2"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported")])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            "QLoRA cannot run under deepspeed-zero3",
+        ),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "QLoRA cannot run under fsdp2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+    ],
+)
 def test_engine_mismatches_are_refused_before_anything_is_loaded(env, message, tmp_path, monkeypatch, base_model):
     """What `accelerate launch --config_file` sets in the environment, checked before any model loads."""
     from transformers import modeling_utils, tokenization_utils_base
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the engine check")
+
     monkeypatch.setattr(modeling_utils.PreTrainedModel, "from_pretrained", no_loading)
     monkeypatch.setattr(tokenization_utils_base.PreTrainedTokenizerBase, "from_pretrained", no_loading)
     for key, value in env.items():
@@ -161,10 +197,21 @@ def test_a_batch_that_does_not_split_is_refused_when_the_recipe_is_read(runs_wit
 
 
 # SFT and RM through their Trainers under each engine: a short run of each
-QUICK_SFT = ["sft.dataset.limit=256", "sft.eval_dataset.limit=32", "sft.trainer.num_train_epochs=1",
-             "sft.trainer.per_device_train_batch_size=8", "sft.trainer.logging_steps=2"]
-QUICK_RM = ["rm.dataset.limit=512", "rm.eval_dataset.limit=64", "rm.trainer.num_train_epochs=1",
-            "rm.reference_limit=32", "rm.trainer.per_device_train_batch_size=16", "rm.trainer.logging_steps=2"]
+QUICK_SFT = [
+    "sft.dataset.limit=256",
+    "sft.eval_dataset.limit=32",
+    "sft.trainer.num_train_epochs=1",
+    "sft.trainer.per_device_train_batch_size=8",
+    "sft.trainer.logging_steps=2",
+]
+QUICK_RM = [
+    "rm.dataset.limit=512",
+    "rm.eval_dataset.limit=64",
+    "rm.trainer.num_train_epochs=1",
+    "rm.reference_limit=32",
+    "rm.trainer.per_device_train_batch_size=16",
+    "rm.trainer.logging_steps=2",
+]
 
 
 def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str, stop_after: int | None = None):
@@ -173,18 +220,35 @@ def sft_rm_under(engine: str | None, runs, base_model, *sft_extra: str, stop_aft
     stages = (("sft", sft_args(runs, base_model, *QUICK_SFT, *sft_extra)), ("rm", rm_args(runs, *QUICK_RM)))
     for stage, args in stages:
         if stop_after is not None:
-            launch(2, f"stages/{stage}.py", *args, engine=engine, expect=130,
-                   probe=("--stop-after", str(stop_after), "--report", str(runs / "report")))
+            launch(
+                2,
+                f"stages/{stage}.py",
+                *args,
+                engine=engine,
+                expect=130,
+                probe=("--stop-after", str(stop_after), "--report", str(runs / "report")),
+            )
             resumed = launch(2, f"stages/{stage}.py", *args, engine=engine)
             assert f"{stage}: resuming from the checkpoint at step {stop_after}" in resumed.stdout
         else:
             launch(2, f"stages/{stage}.py", *args, engine=engine)
     if engine in (None, "zero3"):  # eval runs on rank 0 alone: once under DDP, once under ZeRO-3 (its loading)
-        launch(2, "stages/eval.py", "--recipe", DEMO_RECIPE, f"runs_dir={runs}", f"sft.model={base_model}",
-               "eval.prompts.limit=16", "eval.max_new_tokens=8", engine=engine)
+        launch(
+            2,
+            "stages/eval.py",
+            "--recipe",
+            DEMO_RECIPE,
+            f"runs_dir={runs}",
+            f"sft.model={base_model}",
+            "eval.prompts.limit=16",
+            "eval.max_new_tokens=8",
+            engine=engine,
+        )
     evaluation = runs / "demo" / "eval" / "metrics.json"
-    return (*(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")),
-            json.loads(evaluation.read_text()) if evaluation.exists() else None)
+    return (
+        *(json.loads((runs / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")),
+        json.loads(evaluation.read_text()) if evaluation.exists() else None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +268,9 @@ def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_mo
     ddp_runs, (ddp_sft, ddp_rm, ddp_eval) = sft_rm_ddp
     sft_metrics, rm_metrics, evaluation = sft_rm_under(engine, tmp_path, base_model, stop_after=4 if sharded else None)
     if evaluation is not None:
-        assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3)
+        assert evaluation["sft"]["sampled"]["rm_score"] == pytest.approx(
+            ddp_eval["sft"]["sampled"]["rm_score"], rel=1e-3
+        )
     # (the Trainer's train_loss averages the steps its own process ran: a resumed run's covers 5..16)
     for key in ("eval_loss_before", "eval_loss_after", *(() if sharded else ("train_loss",))):
         assert sft_metrics[key] == pytest.approx(ddp_sft[key], rel=1e-3), key
@@ -219,13 +285,16 @@ def test_sft_rm_and_eval_under_each_engine_match_ddp(engine, sft_rm_ddp, base_mo
         for rank in (0, 1):
             loads = report(tmp_path, rank, "load")
             assert [(r["cls"], r["partitioned"]) for r in loads] == [
-                ("LlamaForCausalLM", True), ("LlamaForSequenceClassification", True)], loads
+                ("LlamaForCausalLM", True),
+                ("LlamaForSequenceClassification", True),
+            ], loads
 
 
 def float32_weights(path) -> dict[str, torch.Tensor]:
     """An artifact's tensors as saved, each checked to be float32 on disk, and its config saying so
     (`from_pretrained` loads in the config's dtype)."""
     from safetensors import safe_open
+
     assert json.loads((path / "config.json").read_text())["dtype"] == "float32"
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()}
@@ -233,12 +302,16 @@ def float32_weights(path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_artifacts_under_deepspeed_in_bf16_are_the_float32_master_weights(ddp, sft_rm_ddp, rm_run, base_model, tmp_path):
+def test_artifacts_under_deepspeed_in_bf16_are_the_float32_master_weights(
+    ddp, sft_rm_ddp, rm_run, base_model, tmp_path
+):
     """DeepSpeed in bf16 holds the module in bf16 and float32 masters in its optimizer: the artifacts
     (PPO under ZeRO-3, SFT through the Trainer under ZeRO-2) are the masters, in float32 with the bits
     bf16 has not, and DDP's float32 weights up to the bf16 arithmetic of the run."""
     out = ppo_under("zero3", rm_run, tmp_path / "ppo", "ppo.dtype=bfloat16")[0]
-    launch(2, "stages/sft.py", *sft_args(tmp_path / "sft", base_model, *QUICK_SFT, "sft.dtype=bfloat16"), engine="zero2")
+    launch(
+        2, "stages/sft.py", *sft_args(tmp_path / "sft", base_model, *QUICK_SFT, "sft.dtype=bfloat16"), engine="zero2"
+    )
     for path, ddp_path in ((out, ddp[0]), (tmp_path / "sft" / "demo" / "sft", sft_rm_ddp[0] / "demo" / "sft")):
         mine, theirs = float32_weights(path), float32_weights(ddp_path)
         assert mine.keys() == theirs.keys()
@@ -253,15 +326,20 @@ def test_sft_and_rm_on_two_processes_match_one_with_the_same_global_batch(sft_rm
     order (each rank sees a different half of every batch); eval ran on 2 processes (rank 0 evaluates,
     the others wait well inside the process-group timeout)."""
     from stages import rm
+
     two, (two_sft, two_rm, evaluation) = sft_rm_ddp
     sft.main(sft_args(tmp_path, base_model, *QUICK_SFT, "sft.trainer.per_device_train_batch_size=16"))
     rm.main(rm_args(tmp_path, *QUICK_RM, "rm.trainer.per_device_train_batch_size=32"))
     for stage in ("sft", "rm"):
-        log1, log2 = ([h for h in read_jsonl(r / "demo" / stage / "metrics.jsonl") if "learning_rate" in h]
-                      for r in (tmp_path, two))
+        log1, log2 = (
+            [h for h in read_jsonl(r / "demo" / stage / "metrics.jsonl") if "learning_rate" in h]
+            for r in (tmp_path, two)
+        )
         assert [h["step"] for h in log1] == [h["step"] for h in log2] and len(log1) > 2, stage
         assert [h["learning_rate"] for h in log1] == pytest.approx([h["learning_rate"] for h in log2]), stage
-    one_sft, one_rm = (json.loads((tmp_path / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm"))
+    one_sft, one_rm = (
+        json.loads((tmp_path / "demo" / s / "manifest.json").read_text())["metrics"] for s in ("sft", "rm")
+    )
     assert one_sft["train_loss"] == pytest.approx(two_sft["train_loss"], rel=0.1)
     assert two_sft["eval_loss_after"] < 0.8 * two_sft["eval_loss_before"]
     assert one_sft["eval_loss_after"] == pytest.approx(two_sft["eval_loss_after"], rel=0.1)
@@ -276,9 +354,12 @@ def test_lora_sft_under_zero3_matches_ddp(base_model, tmp_path):
     launch(2, "stages/sft.py", *sft_args(tmp_path / "zero3", base_model, *lora), engine="zero3")
     launch(2, "stages/sft.py", *sft_args(tmp_path / "ddp", base_model, *lora))
     (merged, metrics), (ddp_merged, ddp_metrics) = (
-        (AutoModelForCausalLM.from_pretrained(r / "demo" / "sft").state_dict(),
-         json.loads((r / "demo" / "sft" / "manifest.json").read_text())["metrics"]) for r in (tmp_path / "zero3",
-                                                                                             tmp_path / "ddp"))
+        (
+            AutoModelForCausalLM.from_pretrained(r / "demo" / "sft").state_dict(),
+            json.loads((r / "demo" / "sft" / "manifest.json").read_text())["metrics"],
+        )
+        for r in (tmp_path / "zero3", tmp_path / "ddp")
+    )
     base = AutoModelForCausalLM.from_pretrained(base_model).state_dict()
     assert merged.keys() == base.keys() and any(not torch.equal(merged[k], base[k]) for k in merged)
     for k in merged:  # the same adapter, merged the same way
@@ -295,14 +376,33 @@ def make_on_two_nodes(target: str, overrides: list[str]) -> None:
     import subprocess
 
     from tests.conftest import REPO
+
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    nodes = [subprocess.Popen(["make", "-s", target, "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NPROC=2",
-                               "NNODES=2", f"NODE_RANK={rank}", "MAIN_ADDR=127.0.0.1", f"MAIN_PORT={port}",
-                               f"ARGS={' '.join(overrides)}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                "make",
+                "-s",
+                target,
+                "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml",
+                "NPROC=2",
+                "NNODES=2",
+                f"NODE_RANK={rank}",
+                "MAIN_ADDR=127.0.0.1",
+                f"MAIN_PORT={port}",
+                f"ARGS={' '.join(overrides)}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-3000:]
@@ -312,6 +412,7 @@ def make_on_two_nodes(target: str, overrides: list[str]) -> None:
 def test_two_nodes_give_the_two_process_runs_results(ddp, sft_rm_ddp, rm_run, base_model, tmp_path):
     """SFT and PPO through `make` on two nodes (one process each) equal the 2-process DDP runs."""
     from tests.conftest import PPO_RUN, SFT_RUN, base_overrides, sft_overrides
+
     make_on_two_nodes("sft", [*base_overrides(base_model), *sft_overrides(tmp_path / "sft", base_model, *QUICK_SFT)])
     ddp_runs, (ddp_sft, _, _) = sft_rm_ddp
     metrics = json.loads((tmp_path / "sft" / "demo" / "sft" / "manifest.json").read_text())["metrics"]
@@ -321,8 +422,9 @@ def test_two_nodes_give_the_two_process_runs_results(ddp, sft_rm_ddp, rm_run, ba
     runs = tmp_path / "ppo"  # the session's SFT and RM, with the overrides that built them: only PPO runs
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / "demo" / stage, runs / "demo" / stage)
-    make_on_two_nodes("ppo", [*base_overrides(base_model), *sft_overrides(runs, base_model, *SFT_RUN), *RM_RUN,
-                              *PPO_RUN, *ARGS])
+    make_on_two_nodes(
+        "ppo", [*base_overrides(base_model), *sft_overrides(runs, base_model, *SFT_RUN), *RM_RUN, *PPO_RUN, *ARGS]
+    )
     history = read_jsonl(runs / "demo" / "ppo" / "metrics.jsonl")
     ddp_history = ddp[1]
     assert json.loads((runs / "demo" / "ppo" / "manifest.json").read_text())["metrics"]["processes"] == 2
@@ -338,12 +440,21 @@ def test_deepspeed_takes_batch_sizes_and_clipping_from_the_recipe():
     from accelerate.utils import DistributedType
 
     from pipeline import engine
+
     ds_config = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}
-    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, gradient_accumulation_steps=2, num_processes=4,
-                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
+    acc = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        gradient_accumulation_steps=2,
+        num_processes=4,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)),
+    )
     engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
-    assert ds_config == {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 8,
-                         "gradient_accumulation_steps": 2, "train_batch_size": 64}
+    assert ds_config == {
+        "gradient_clipping": 0.5,
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 2,
+        "train_batch_size": 64,
+    }
     ds_config["gradient_clipping"] = 1.0
     with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the recipe needs 0.5"):
         engine.configure(acc, micro_batch_size=8, max_grad_norm=0.5)
@@ -357,5 +468,6 @@ def test_unwrap_reaches_the_module_under_torch_compile():
     from accelerate.utils import DistributedType
 
     from pipeline import engine
+
     module = torch.nn.Linear(2, 2)
     assert engine.unwrap(SimpleNamespace(distributed_type=DistributedType.NO), torch.compile(module)) is module

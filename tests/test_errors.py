@@ -1,7 +1,7 @@
 """A user's first mistakes with models: each ends the stage with one line naming what to change,
 exit code 1, no traceback (RLHF_DEBUG=1 shows it), and nothing written.
 
-The stage runs in this process through `cli.run`, which the script's `__main__` calls (a
+The stage runs in this process through `process.run`, which the script's `__main__` calls (a
 process start costs seconds of imports; test_make and test_faults check the one line at the
 terminal); the hub-id case runs as a process, as HF_HUB_OFFLINE is read when huggingface_hub is
 imported."""
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from pipeline import cli
-from pipeline.config import ConfigError
+from pipeline import process
+from pipeline.errors import ConfigError
 from stages import sft
 from tests import families
 from tests.conftest import REPO, sft_args
@@ -25,7 +25,7 @@ from tests.conftest import REPO, sft_args
 def run_sft(tmp_path, model) -> str:
     """The stage as its script runs it: the error line it exits with (SystemExit's message)."""
     with pytest.raises(SystemExit) as e:
-        cli.run(lambda: sft.main(sft_args(tmp_path / "runs", model)))
+        process.run(lambda: sft.main(sft_args(tmp_path / "runs", model)))
     return e.value.code
 
 
@@ -34,14 +34,18 @@ def one_line_error(line, tmp_path) -> str:
         assert line.returncode == 1 and "Traceback" not in line.stderr, line.stderr[-2000:]
         line = line.stderr.strip().splitlines()[-1]
     assert isinstance(line, str) and "\n" not in line, line
-    assert not (tmp_path / "runs" / "demo" / "sft").exists() and not (tmp_path / "runs" / "demo" / "sft.partial").exists()
+    assert (
+        not (tmp_path / "runs" / "demo" / "sft").exists() and not (tmp_path / "runs" / "demo" / "sft.partial").exists()
+    )
     return line
 
 
 def test_a_model_path_that_does_not_exist(tmp_path):
     line = one_line_error(run_sft(tmp_path, tmp_path / "no-such-model"), tmp_path)
-    assert line == (f"error: sft.model: '{tmp_path}/no-such-model' does not exist: set sft.model to a saved model "
-                    f"directory or a hub model id")
+    assert line == (
+        f"error: sft.model: '{tmp_path}/no-such-model' does not exist: set sft.model to a saved model "
+        f"directory or a hub model id"
+    )
 
 
 def test_a_directory_that_is_not_a_model(tmp_path):
@@ -51,9 +55,16 @@ def test_a_directory_that_is_not_a_model(tmp_path):
     assert line.startswith(f"error: sft.model: '{tmp_path}/notes' is not a saved model (a directory with config.json)")
 
 
+@pytest.mark.e2e
 def test_a_hub_id_that_cannot_be_loaded(tmp_path):
-    run = subprocess.run([sys.executable, "stages/sft.py", *sft_args(tmp_path / "runs", "no-such-org/no-such-model")],
-                         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "stages/sft.py", *sft_args(tmp_path / "runs", "no-such-org/no-such-model")],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = one_line_error(run, tmp_path)
     assert line.startswith("error: no tokenizer could be loaded from 'no-such-org/no-such-model' (")
 
@@ -67,11 +78,13 @@ def test_a_tokenizer_that_does_not_belong_to_the_model(tmp_path, base_model):
     tokenizer = families.chatml_tokenizer()
     tokenizer.save_pretrained(mixed)
     line = one_line_error(run_sft(tmp_path, mixed), tmp_path)
-    assert line == (f"error: the tokenizer has {len(tokenizer)} tokens but the model's embeddings have 96 rows: the "
-                    f"tokenizer does not belong to this model (use the model's own tokenizer)")
+    assert line == (
+        f"error: the tokenizer has {len(tokenizer)} tokens but the model's embeddings have 96 rows: the "
+        f"tokenizer does not belong to this model (use the model's own tokenizer)"
+    )
 
 
 def test_rlhf_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_DEBUG", "1")
     with pytest.raises(ConfigError, match="does not exist"):  # raised as it is: Python prints its traceback
-        cli.run(lambda: sft.main(sft_args(tmp_path / "runs", tmp_path / "no-such-model")))
+        process.run(lambda: sft.main(sft_args(tmp_path / "runs", tmp_path / "no-such-model")))

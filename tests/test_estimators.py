@@ -7,12 +7,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_recipe
-from pipeline.rl.estimators import (baseline_subtracted, discounted_returns, group_advantages,
-                                    reinforce_pp_advantages, zero_variance_share)
-from pipeline.rl.ppo_math import aggregate, kl_per_token, policy_loss
-from pipeline.rl.ppo import with_advantages
-from pipeline.rl.run import Schedule, optimizer_and_schedule
+from pipeline.errors import ConfigError
+from pipeline.recipe_loader import load_recipe
+from pipeline.rl.algorithms import (
+    aggregate,
+    baseline_subtracted,
+    discounted_returns,
+    group_advantages,
+    kl_per_token,
+    policy_loss,
+    reinforce_pp_advantages,
+    zero_variance_share,
+)
+from pipeline.rl.iteration import with_advantages
+from pipeline.rl.run_setup import Schedule, optimizer_and_schedule
 from tests.conftest import DEMO_RECIPE
 
 # two groups of k = 4: one with signal, one whose rewards are all equal
@@ -21,11 +29,14 @@ ALL = torch.ones(8, dtype=torch.bool)
 STD = math.sqrt((4 * 0.25) / 3)  # unbiased std of [1, 0, 0, 1]
 
 
-@pytest.mark.parametrize("estimator, first_group", [
-    ("grpo", [0.5 / STD, -0.5 / STD, -0.5 / STD, 0.5 / STD]),   # (r - mean) / std = +-0.866
-    ("dr_grpo", [0.5, -0.5, -0.5, 0.5]),                        # r - mean
-    ("rloo", [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]),     # r - mean of the other three
-])
+@pytest.mark.parametrize(
+    "estimator, first_group",
+    [
+        ("grpo", [0.5 / STD, -0.5 / STD, -0.5 / STD, 0.5 / STD]),  # (r - mean) / std = +-0.866
+        ("dr_grpo", [0.5, -0.5, -0.5, 0.5]),  # r - mean
+        ("rloo", [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]),  # r - mean of the other three
+    ],
+)
 def test_group_advantages_by_hand(estimator, first_group):
     adv = group_advantages(REWARDS, ALL, 4, estimator)
     assert adv[:4].tolist() == pytest.approx(first_group, abs=1e-5)
@@ -33,11 +44,14 @@ def test_group_advantages_by_hand(estimator, first_group):
     assert zero_variance_share(REWARDS, ALL, 4).item() == 0.5
 
 
-@pytest.mark.parametrize("estimator, expected", [
-    ("grpo", [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)]),  # std of [1, 0] is sqrt(1/2)
-    ("dr_grpo", [0.5, -0.5]),
-    ("rloo", [1.0, -1.0]),                                  # the other sample is the baseline
-])
+@pytest.mark.parametrize(
+    "estimator, expected",
+    [
+        ("grpo", [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5)]),  # std of [1, 0] is sqrt(1/2)
+        ("dr_grpo", [0.5, -0.5]),
+        ("rloo", [1.0, -1.0]),  # the other sample is the baseline
+    ],
+)
 def test_group_advantages_with_two_samples(estimator, expected):
     adv = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.ones(4, dtype=torch.bool), 2, estimator)
     assert adv.tolist() == pytest.approx(expected + [0.0, 0.0], abs=1e-5)
@@ -123,22 +137,28 @@ def test_kl_in_the_loss_and_its_gradient_are_zero_when_the_policy_is_the_referen
     assert kl.item() > 0 and (moved.grad > 0).all()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["ppo.advantage_estimator=grpo"], "set samples_per_prompt to 2 or more"),
-    (["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=4", "ppo.value_model=reward"], "needs no value model"),
-    (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.whiten_rewards=true"], "whiten_rewards"),
-    (["ppo.samples_per_prompt=3"], "does not divide batch_size 64"),
-    (["ppo.advantage_estimator=ppo"], "is not one of"),
-    (["ppo.loss_aggregation=sum"], "is not one of"),
-    (["ppo.rewards=[]"], "rewards is empty"),
-    (["ppo.rewards=[{model: rm, function: 'a:b'}]"], "exactly one of model, function, url"),
-    (["ppo.rewards=[{url: 'localhost:8000'}]"], "must start with http"),
-    (["ppo.rewards=[{model: rm}, {model: rm, weight: 2}]"], "two sources are named 'rm'"),
-    (["ppo.judges=[not_a_function]"], "package.module:name"),
-    (["ppo.rewards=[pipeline.demo:gold_reward]", "ppo.value_model=reward"], "rewards has none"),
-    (["ppo.rewards=[{function: 'pipeline.demo:gold_reward', kwargs: {prompts: 1}}]"], "receives these itself"),
-    (["ppo.rewards=[{function: 'pipeline.demo:gold_reward', name: gold}]"], "rewards and judges: two sources"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ppo.advantage_estimator=grpo"], "set samples_per_prompt to 2 or more"),
+        (
+            ["ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=4", "ppo.value_model=reward"],
+            "needs no value model",
+        ),
+        (["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.whiten_rewards=true"], "whiten_rewards"),
+        (["ppo.samples_per_prompt=3"], "does not divide batch_size 64"),
+        (["ppo.advantage_estimator=ppo"], "is not one of"),
+        (["ppo.loss_aggregation=sum"], "is not one of"),
+        (["ppo.rewards=[]"], "rewards is empty"),
+        (["ppo.rewards=[{model: rm, function: 'a:b'}]"], "exactly one of model, function, url"),
+        (["ppo.rewards=[{url: 'localhost:8000'}]"], "must start with http"),
+        (["ppo.rewards=[{model: rm}, {model: rm, weight: 2}]"], "two sources are named 'rm'"),
+        (["ppo.judges=[not_a_function]"], "package.module:name"),
+        (["ppo.rewards=[pipeline.demo:gold_reward]", "ppo.value_model=reward"], "rewards has none"),
+        (["ppo.rewards=[{function: 'pipeline.demo:gold_reward', kwargs: {prompts: 1}}]"], "receives these itself"),
+        (["ppo.rewards=[{function: 'pipeline.demo:gold_reward', name: gold}]"], "rewards and judges: two sources"),
+    ],
+)
 def test_settings_that_do_not_fit_are_refused_when_the_recipe_is_read(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe(DEMO_RECIPE, overrides)
@@ -149,8 +169,12 @@ def test_the_critic_follows_the_estimator_and_the_rewards():
     assert load_recipe(DEMO_RECIPE, ["ppo.value_model=null"]).ppo.critic == "reward"
     functions_only = ["ppo.value_model=null", "ppo.rewards=[pipeline.demo:gold_reward]"]
     assert load_recipe(DEMO_RECIPE, functions_only).ppo.critic == "sft"
-    assert load_recipe(DEMO_RECIPE, [*functions_only, "ppo.advantage_estimator=rloo",
-                                     "ppo.samples_per_prompt=2"]).ppo.critic is None
+    assert (
+        load_recipe(
+            DEMO_RECIPE, [*functions_only, "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2"]
+        ).ppo.critic
+        is None
+    )
 
 
 def test_k_samples_per_prompt_stay_together_and_n_processes_take_one_process_batch():
@@ -160,7 +184,7 @@ def test_k_samples_per_prompt_stay_together_and_n_processes_take_one_process_bat
     for iteration in range(4):  # across epochs of the 10 prompts too
         ranks = [two.prompt_indices(iteration, r) for r in range(2)]
         for indices in ranks:
-            assert len(indices) == 8 and all(len(set(indices[i:i + 4])) == 1 for i in range(0, 8, 4))
+            assert len(indices) == 8 and all(len(set(indices[i : i + 4])) == 1 for i in range(0, 8, 4))
         assert ranks[0] + ranks[1] == one.prompt_indices(iteration, 0)
     # k = 1 is the schedule of every earlier run: one prompt after another of a seeded permutation
     plain = Schedule(load_recipe(DEMO_RECIPE, ["ppo.batch_size=4", "ppo.mini_batch_size=4"]).ppo, 1, 10, seed=0)
@@ -183,9 +207,17 @@ def test_dr_grpo_takes_its_own_aggregation_unless_one_is_given():
     """Dr. GRPO is defined with the constant-length sum (trl sets both together); an explicit setting wins."""
     dr = load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=dr_grpo", "ppo.samples_per_prompt=4"]).ppo
     assert dr.aggregation == "seq_mean_token_sum_norm"
-    assert load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=dr_grpo", "ppo.samples_per_prompt=4",
-                              "ppo.loss_aggregation=token_mean"]).ppo.aggregation == "token_mean"
-    assert load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4"]).ppo.aggregation == "token_mean"
+    assert (
+        load_recipe(
+            DEMO_RECIPE,
+            ["ppo.advantage_estimator=dr_grpo", "ppo.samples_per_prompt=4", "ppo.loss_aggregation=token_mean"],
+        ).ppo.aggregation
+        == "token_mean"
+    )
+    assert (
+        load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4"]).ppo.aggregation
+        == "token_mean"
+    )
 
 
 def test_zero_variance_groups_are_measured_on_the_scores_not_the_kl_penalised_rewards():
@@ -194,8 +226,13 @@ def test_zero_variance_groups_are_measured_on_the_scores_not_the_kl_penalised_re
     cfg = load_recipe(DEMO_RECIPE, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2", "ppo.kl_in=reward"]).ppo
     mask = torch.ones(4, 3)
     logp = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.6, 0.3], [0.5, 0.5, 0.5], [0.1, 0.2, 0.3]]))
-    exp = SimpleNamespace(old_logp=logp, ref_logp=torch.log(torch.full((4, 3), 0.4)), mask=mask,
-                          valid=torch.ones(4, dtype=torch.bool), scores=torch.tensor([1.0, 1.0, 0.0, 2.0]))
+    exp = SimpleNamespace(
+        old_logp=logp,
+        ref_logp=torch.log(torch.full((4, 3), 0.4)),
+        mask=mask,
+        valid=torch.ones(4, dtype=torch.bool),
+        scores=torch.tensor([1.0, 1.0, 0.0, 2.0]),
+    )
     exp = with_advantages(exp, cfg, kl_coef=0.1)
     assert exp.zero_variance_groups.item() == 0.5  # the first group: equal scores, unequal KL
 
@@ -212,13 +249,23 @@ def test_each_mini_batch_s_losses_are_normalised_by_its_count_over_micro_batches
     """Lengths 5, 1, 2, 3 shuffled into mini-batches {3, 0} and {1, 2}, 2 micro-batches each, on 2
     processes holding as many tokens: each micro-batch's loss sum is divided by the mini-batch's count
     over both processes, over 2 x 2 (accelerate's 1 / accumulation and the processes' averaging)."""
-    from pipeline.rl.ppo import loss_masks, loss_normalizers
+    from pipeline.rl.iteration import loss_masks, loss_normalizers
+
     mask = (torch.arange(5)[None, :] < torch.tensor([5, 1, 2, 3])[:, None]).float()
     rewarded = mask * torch.tensor([1.0, 1.0, 0.0, 1.0])[:, None]  # response 2 got no reward
-    exp = SimpleNamespace(mask=mask, rewarded=rewarded, rollout=SimpleNamespace(has_stop=torch.ones(4, dtype=torch.bool)))
+    exp = SimpleNamespace(
+        mask=mask, rewarded=rewarded, rollout=SimpleNamespace(has_stop=torch.ones(4, dtype=torch.bool))
+    )
     accelerator = SimpleNamespace(num_processes=2, reduce=lambda t, reduction: t * 2)  # the other process alike
     order = torch.tensor([3, 0, 1, 2])
-    for aggregation, policy in (("token_mean", [(3 + 5) * 2 / 4, (1 + 2) * 2 / 4]), ("seq_mean_token_mean", [1.0, 1.0])):
-        cfg = SimpleNamespace(aggregation=aggregation, mini_batch_size=2, gradient_accumulation_steps=2,
-                              mask_truncated=False)
-        assert loss_normalizers(loss_masks(exp, cfg), order, cfg, accelerator) == [(policy[0], (3 + 5) * 2 / 4), (policy[1], 1 * 2 / 4)]
+    for aggregation, policy in (
+        ("token_mean", [(3 + 5) * 2 / 4, (1 + 2) * 2 / 4]),
+        ("seq_mean_token_mean", [1.0, 1.0]),
+    ):
+        cfg = SimpleNamespace(
+            aggregation=aggregation, mini_batch_size=2, gradient_accumulation_steps=2, mask_truncated=False
+        )
+        assert loss_normalizers(loss_masks(exp, cfg), order, cfg, accelerator) == [
+            (policy[0], (3 + 5) * 2 / 4),
+            (policy[1], 1 * 2 / 4),
+        ]

@@ -5,10 +5,12 @@ import json
 import pytest
 
 from pipeline.artifacts import read_manifest
-from pipeline.data import DataError
+from pipeline.errors import DataError
 from stages import eval as evaluate
 from stages import ppo
 from tests.conftest import DEMO_RECIPE, ppo_args, read_jsonl
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 
 def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_model):
@@ -18,9 +20,11 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
     import math
 
     from pipeline.demo import score as judge
+
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=512", "ppo.kl_coef=0.2", "ppo.save_every=100"))
-    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
-                   "eval.prompts.limit=64"])
+    evaluate.main(
+        ["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}", "eval.prompts.limit=64"]
+    )
     out = runs_with_rm / "demo" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
     # (the demo watches its gold judge: the RL stage kept the policy it scored best, and eval reports it)
@@ -28,8 +32,10 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
     best = read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["best"]
     assert best["judge"] == "gold" and 1 <= best["iteration"] <= 16
     assert set(metrics["best"]["win_rate_vs_sft"]) == {"gold", "rm"}
-    samples = {policy: [r for r in read_jsonl(out / "samples.jsonl") if r["policy"] == policy]
-               for policy in ("base", "sft", "ppo")}
+    samples = {
+        policy: [r for r in read_jsonl(out / "samples.jsonl") if r["policy"] == policy]
+        for policy in ("base", "sft", "ppo")
+    }
     for policy, rows in samples.items():
         sampled = metrics[policy]["sampled"]
         assert len(rows) == 64
@@ -41,7 +47,7 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
             grams = []
             for r in rows:
                 words = r["response"].split()
-                grams += [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+                grams += [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
             assert sampled[f"distinct_{n}"] == pytest.approx(len(set(grams)) / len(grams))
         assert 0 <= sampled["stop_token_share"] <= 1
     for key, column in (("gold", "gold_score"), ("rm", "rm_score")):
@@ -63,10 +69,22 @@ def test_eval_writes_consistent_metrics_report_and_plots(runs_with_rm, base_mode
 def test_eval_of_any_run_without_judge_or_ppo(runs_with_rm, base_model, tmp_path):
     """A user's run: plain-string prompts, no gold judge, no PPO yet -> base and sft only, RM figures only."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"<|user|> how was the {a} ? <|end|> <|assistant|>"}) + "\n"
-                               for a in ("plot", "music", "acting", "ending")))
-    args = ["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}", "judge=null", "ppo.judges=[]",
-            f"eval.prompts={prompts}", "eval.max_new_tokens=8"]
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"<|user|> how was the {a} ? <|end|> <|assistant|>"}) + "\n"
+            for a in ("plot", "music", "acting", "ending")
+        )
+    )
+    args = [
+        "--recipe",
+        DEMO_RECIPE,
+        f"runs_dir={runs_with_rm}",
+        f"sft.model={base_model}",
+        "judge=null",
+        "ppo.judges=[]",
+        f"eval.prompts={prompts}",
+        "eval.max_new_tokens=8",
+    ]
     evaluate.main(args)
     out = runs_with_rm / "demo" / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -95,8 +113,10 @@ def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
     import gc
     import weakref
 
-    import pipeline.rl.rollout
     import torch
+
+    import pipeline.rl.rollout
+
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "ppo.save_every=100"))
     loads, alive_at_load, kl_forwards, dtypes = [], [], [], set()
     real_load = evaluate.AutoModelForCausalLM.from_pretrained
@@ -117,9 +137,19 @@ def test_eval_fits_where_ppo_fits(runs_with_rm, base_model, monkeypatch):
 
     monkeypatch.setattr(evaluate.AutoModelForCausalLM, "from_pretrained", load)
     monkeypatch.setattr(pipeline.rl.rollout, "response_logits", logits)
-    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
-                   "ppo.dtype=bfloat16", "ppo.forward_batch_size=2", "eval.batch_size=8", "eval.prompts.limit=16",
-                   "eval.max_new_tokens=8"])
+    evaluate.main(
+        [
+            "--recipe",
+            DEMO_RECIPE,
+            f"runs_dir={runs_with_rm}",
+            f"sft.model={base_model}",
+            "ppo.dtype=bfloat16",
+            "ppo.forward_batch_size=2",
+            "eval.batch_size=8",
+            "eval.prompts.limit=16",
+            "eval.max_new_tokens=8",
+        ]
+    )
     assert dtypes == {torch.bfloat16}
     assert [name for name, _ in loads] == ["sft", "base", "ppo", "best"]  # (best: the policy its gold judge preferred)
     assert alive_at_load == [[], [], [], []]  # each policy was released before the next one loaded

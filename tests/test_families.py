@@ -9,14 +9,21 @@ sft -> rm -> ppo -> eval with full fine-tuning and with LoRA (`all-linear` targe
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
 from tokenizers import Tokenizer
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GemmaConfig, GPT2Config, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GemmaConfig,
+    GPT2Config,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from pipeline.artifacts import read_manifest
 from stages import eval as evaluate
@@ -24,14 +31,23 @@ from stages import ppo, rm, sft
 from tests import families
 from tests.conftest import DEMO_RECIPE, read_jsonl
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256)
+pytestmark = pytest.mark.e2e  # whole stages, several processes
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:
     tok: Tokenizer = families.byte_level_tokenizer(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", clean_up_tokenization_spaces=False
+    )
 
 
 def build(family: str, path):
@@ -41,12 +57,17 @@ def build(family: str, path):
         config = (Qwen2Config if family == "qwen2" else Qwen3Config)(vocab_size=len(tokenizer), head_dim=16, **SMALL)
     elif family in ("mistral", "gemma"):
         tokenizer = families.bos_tokenizer()
-        config = (MistralConfig if family == "mistral" else GemmaConfig)(vocab_size=len(tokenizer), head_dim=16, **SMALL)
+        config = (MistralConfig if family == "mistral" else GemmaConfig)(
+            vocab_size=len(tokenizer), head_dim=16, **SMALL
+        )
     else:
         tokenizer = gpt2_tokenizer()
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
-    config.pad_token_id, config.eos_token_id, config.bos_token_id = (tokenizer.pad_token_id, tokenizer.eos_token_id,
-                                                                      tokenizer.bos_token_id)
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = (
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -59,17 +80,46 @@ def test_family_through_the_whole_chain(family, finetune, tmp_path):
     model = build(family, tmp_path / family)
     data = {}
     if family == "gpt2":
-        data = families.plain_demo_data(tmp_path, {"sft.dataset": 256, "sft.eval_dataset": 32, "rm.dataset": 1000,
-                                                   "rm.eval_dataset": 128, "ppo.prompts": 64, "eval.prompts": 16})
+        data = families.plain_demo_data(
+            tmp_path,
+            {
+                "sft.dataset": 256,
+                "sft.eval_dataset": 32,
+                "rm.dataset": 1000,
+                "rm.eval_dataset": 128,
+                "ppo.prompts": 64,
+                "eval.prompts": 16,
+            },
+        )
     lr = "3e-3" if finetune == "lora" else "1e-3"
-    args = ["--recipe", DEMO_RECIPE, f"runs_dir={tmp_path / 'runs'}", f"sft.model={model}", "judge=null",
-            *[f"{k}={v}" for k, v in data.items()], f"sft.finetune={finetune}", f"rm.finetune={finetune}",
-            f"ppo.finetune={finetune}", "sft.dataset.limit=256", "sft.eval_dataset.limit=32", "rm.dataset.limit=1000",
-            "rm.eval_dataset.limit=128", "rm.reference_limit=16", "sft.trainer.num_train_epochs=1",
-            "rm.trainer.num_train_epochs=2", f"rm.trainer.learning_rate={lr}", f"sft.trainer.learning_rate={lr}",
-            "ppo.total_episodes=96", "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.ppo_epochs=1",
-            "ppo.learning_rate=3e-3", "ppo.max_new_tokens=8",
-            "eval.prompts.limit=16", "eval.max_new_tokens=8"]
+    args = [
+        "--recipe",
+        DEMO_RECIPE,
+        f"runs_dir={tmp_path / 'runs'}",
+        f"sft.model={model}",
+        "judge=null",
+        *[f"{k}={v}" for k, v in data.items()],
+        f"sft.finetune={finetune}",
+        f"rm.finetune={finetune}",
+        f"ppo.finetune={finetune}",
+        "sft.dataset.limit=256",
+        "sft.eval_dataset.limit=32",
+        "rm.dataset.limit=1000",
+        "rm.eval_dataset.limit=128",
+        "rm.reference_limit=16",
+        "sft.trainer.num_train_epochs=1",
+        "rm.trainer.num_train_epochs=2",
+        f"rm.trainer.learning_rate={lr}",
+        f"sft.trainer.learning_rate={lr}",
+        "ppo.total_episodes=96",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=16",
+        "ppo.ppo_epochs=1",
+        "ppo.learning_rate=3e-3",
+        "ppo.max_new_tokens=8",
+        "eval.prompts.limit=16",
+        "eval.max_new_tokens=8",
+    ]
     for stage in (sft, rm, ppo, evaluate):
         stage.main(args)
     run = tmp_path / "runs" / "demo"

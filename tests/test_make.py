@@ -8,16 +8,25 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import plans
 from pipeline.artifacts import read_manifest
 from tests.conftest import PPO_RUN, REPO, RM_RUN, SFT_RUN, base_overrides, sft_overrides
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 STAGES = ["base", "sft", "rm", "ppo", "eval"]
 
 
 def make(target: str, overrides: list[str], *variables: str) -> str:
-    run = subprocess.run(["make", "-s", target, f"ARGS={' '.join(overrides)}", *variables], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        ["make", "-s", target, f"ARGS={' '.join(overrides)}", *variables],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
 
@@ -37,8 +46,15 @@ def test_make_demo_runs_only_what_is_out_of_date(tmp_path, rm_run, base_model):
     # them as done and run only PPO and eval (tiny settings for both).
     for stage in ("sft", "rm"):
         shutil.copytree(rm_run / "demo" / stage, tmp_path / "demo" / stage)
-    overrides = [*base_overrides(base_model), *sft_overrides(tmp_path, base_model, *SFT_RUN), *RM_RUN, *PPO_RUN,
-                 "ppo.total_episodes=64", "eval.prompts.limit=16", "eval.max_new_tokens=8"]
+    overrides = [
+        *base_overrides(base_model),
+        *sft_overrides(tmp_path, base_model, *SFT_RUN),
+        *RM_RUN,
+        *PPO_RUN,
+        "ppo.total_episodes=64",
+        "eval.prompts.limit=16",
+        "eval.max_new_tokens=8",
+    ]
     before = build_ids(tmp_path, base_model)
 
     first = make("demo", overrides)
@@ -68,11 +84,13 @@ def test_make_demo_runs_only_what_is_out_of_date(tmp_path, rm_run, base_model):
 
 
 def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "stages/ppo.py", f"runs_dir={tmp_path}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "stages/ppo.py", f"runs_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == (
-        f"error: the sft artifact {tmp_path}/demo/sft does not exist: run `make sft` first (with the same RECIPE)")
+        f"error: the sft artifact {tmp_path}/demo/sft does not exist: run `make sft` first (with the same RECIPE)"
+    )
 
 
 def dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
@@ -86,9 +104,32 @@ def test_make_help_names_every_target_and_variable():
         head = re.match(r"^\s+([A-Za-z_-]+(?:, [A-Z_]+)*)", line)
         if head:
             named |= set(head.group(1).split(", "))
-    for word in ("demo", "setup", "sft", "rm", "ppo", "eval", "bench", "test", "test-gpu", "clean", "RECIPE", "ARGS",
-                 "FORCE", "RESUME", "NPROC", "ACCELERATE_CONFIG", "NNODES", "NODE_RANK", "MAIN_ADDR", "BENCH_EPISODES",
-                 "RM", "SERVE_HOST", "SERVE_PORT", "API_KEY_ENV"):
+    for word in (
+        "demo",
+        "setup",
+        "sft",
+        "rm",
+        "ppo",
+        "eval",
+        "bench",
+        "test",
+        "test-gpu",
+        "clean",
+        "RECIPE",
+        "ARGS",
+        "FORCE",
+        "RESUME",
+        "NPROC",
+        "ACCELERATE_CONFIG",
+        "NNODES",
+        "NODE_RANK",
+        "MAIN_ADDR",
+        "BENCH_EPISODES",
+        "RM",
+        "SERVE_HOST",
+        "SERVE_PORT",
+        "API_KEY_ENV",
+    ):
         assert word in named, word
 
 
@@ -102,13 +143,17 @@ def test_force_and_resume_reach_the_stages_named_only():
 
 
 def test_launch_takes_the_config_files_process_count_and_node_place():
-    ppo_line = [line for line in dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/zero3.yaml").stdout.splitlines()
-                if "stages/ppo.py" in line][0]
+    ppo_line = [
+        line
+        for line in dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/zero3.yaml").stdout.splitlines()
+        if "stages/ppo.py" in line
+    ][0]
     assert "--config_file accelerate_configs/zero3.yaml" in ppo_line and "--num_processes" not in ppo_line
     line = dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/fsdp2.yaml", "NPROC=4").stdout
     assert "--num_processes 4" in line
-    line = dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NNODES=2", "NODE_RANK=1",
-                   "MAIN_ADDR=10.1.2.3").stdout
+    line = dry_run(
+        "ppo", "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NNODES=2", "NODE_RANK=1", "MAIN_ADDR=10.1.2.3"
+    ).stdout
     assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3 --main_process_port 29500" in line
     missing = dry_run("sft", "ACCELERATE_CONFIG=accelerate_configs/nope.yaml")
     assert missing.returncode != 0 and "accelerate_configs/nope.yaml does not exist" in missing.stderr
@@ -116,8 +161,16 @@ def test_launch_takes_the_config_files_process_count_and_node_place():
 
 def test_the_shipped_accelerate_configs_load_with_the_engine_they_name():
     from accelerate.commands.config.config_args import load_config_from_file
-    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
-                "zero3_offload": "DEEPSPEED", "fsdp2": "FSDP", "multi_node": "MULTI_GPU"}
+
+    expected = {
+        "single_gpu": "NO",
+        "multi_gpu": "MULTI_GPU",
+        "zero2": "DEEPSPEED",
+        "zero3": "DEEPSPEED",
+        "zero3_offload": "DEEPSPEED",
+        "fsdp2": "FSDP",
+        "multi_node": "MULTI_GPU",
+    }
     assert {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")} == set(expected)
     for stem, kind in expected.items():
         config = load_config_from_file(str(REPO / "accelerate_configs" / f"{stem}.yaml"))
@@ -132,8 +185,10 @@ def test_the_rm_stage_is_skipped_on_the_way_when_no_reward_reads_it(tmp_path, ca
     grpo = ["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
     assert plans.main(grpo) == 0 and "rm: skipped" in capsys.readouterr().out
     assert plans.main([*grpo, "ppo.judges=[{model: rm}]"]) == 1  # a judge that reads the RM needs it built
-    assert plans.main(["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo.yaml"),
-                       f"runs_dir={tmp_path}"]) == 1
+    assert (
+        plans.main(["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo.yaml"), f"runs_dir={tmp_path}"])
+        == 1
+    )
     rm_line = lambda target: next(line for line in dry_run(target).stdout.splitlines() if "plans rm" in line)  # noqa: E731
     assert "--if-needed" in rm_line("ppo") and "--if-needed" not in rm_line("rm")
 
@@ -143,7 +198,10 @@ def test_the_sft_stage_is_skipped_on_the_way_when_the_rl_stage_starts_from_a_mod
     without it, SFT is needed; `make sft` itself always may build it."""
     recipe = ["--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
     assert plans.main(["sft", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
-    assert "sft: skipped, the RL stage starts from ppo.model (HuggingFaceTB/SmolLM2-135M-Instruct)" in capsys.readouterr().out
+    assert (
+        "sft: skipped, the RL stage starts from ppo.model (HuggingFaceTB/SmolLM2-135M-Instruct)"
+        in capsys.readouterr().out
+    )
     assert plans.main(["base", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
     assert plans.main(["sft", "--if-needed", *recipe]) == 1
     lines = dry_run("ppo").stdout.splitlines()

@@ -10,13 +10,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import pipeline.rl.ppo
-from pipeline.artifacts import MissingArtifact, read_manifest, require
-from pipeline.config import ConfigError
-from pipeline.rl.run import lr_schedule
+import pipeline.rl.iteration
+from pipeline.artifacts import read_manifest, require
+from pipeline.errors import ConfigError, MissingArtifact
+from pipeline.rl.run_setup import lr_schedule
 from stages import base, ppo, rm
-from tests.conftest import (DEMO_RECIPE, REPO, assert_learned, assert_scored_by, control_run, launch, ppo_args, quantized_layers, read_jsonl,
-                            rm_args)
+from tests.conftest import (
+    DEMO_RECIPE,
+    REPO,
+    assert_learned,
+    assert_scored_by,
+    control_run,
+    launch,
+    ppo_args,
+    quantized_layers,
+    read_jsonl,
+    rm_args,
+)
 
 
 def check_run(runs_dir, iterations=6, tolerance=1e-5):
@@ -54,6 +64,7 @@ def test_the_stage_reads_its_prompts_a_batch_at_a_time(runs_with_rm, monkeypatch
     """Each iteration takes its prompts (and the ids of those drawn for the first time) from the
     arrow-backed prompt column in one read each, never row by row (64 reads an iteration before)."""
     from datasets.arrow_dataset import Column
+
     reads, read = [], Column.__getitem__
     monkeypatch.setattr(Column, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=64"))
@@ -66,8 +77,9 @@ def test_the_raw_score_and_the_missing_stop_penalty_are_logged_apart(runs_with_r
     history = read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl")
     for h in history:
         assert 0 < h["objective/missing_stop_penalty"] <= 2.0
-        assert h["objective/scores"] == pytest.approx(h["objective/rm_score_raw"] - h["objective/missing_stop_penalty"],
-                                                      abs=1e-5)
+        assert h["objective/scores"] == pytest.approx(
+            h["objective/rm_score_raw"] - h["objective/missing_stop_penalty"], abs=1e-5
+        )
 
 
 @pytest.mark.parametrize("finetune", ["lora", "qlora-4bit", "qlora-8bit"])
@@ -90,11 +102,21 @@ def test_ppo_with_a_value_head_on_the_policy(runs_with_rm, monkeypatch):
     seen = []  # each iteration's experience and the beta it was penalised with
 
     def with_advantages(exp, cfg, beta, reduce=None):
-        seen.append((pipeline.rl.ppo.with_advantages(exp, cfg, beta, reduce), beta))
+        seen.append((pipeline.rl.iteration.with_advantages(exp, cfg, beta, reduce), beta))
         return seen[-1][0]
+
     monkeypatch.setattr(ppo, "with_advantages", with_advantages)
-    ppo.main(ppo_args(runs_with_rm, "ppo.value_model=head", "ppo.learning_rate=1e-3", "ppo.kl_estimator=k3",
-                      "ppo.kl_target=2.0", "ppo.whiten_rewards=true", "ppo.normalize_scores=true"))
+    ppo.main(
+        ppo_args(
+            runs_with_rm,
+            "ppo.value_model=head",
+            "ppo.learning_rate=1e-3",
+            "ppo.kl_estimator=k3",
+            "ppo.kl_target=2.0",
+            "ppo.whiten_rewards=true",
+            "ppo.normalize_scores=true",
+        )
+    )
     history = check_run(runs_with_rm)
     assert (runs_with_rm / "demo" / "ppo" / "value_head.pt").is_file()
     reference = read_manifest(runs_with_rm / "demo" / "rm")["metrics"]["reference"]
@@ -126,24 +148,35 @@ def test_ppo_with_a_value_head_on_the_policy(runs_with_rm, monkeypatch):
 def test_reward_model_with_its_own_tokenizer(runs_with_rm, tmp_path):
     """An RM built on a differently trained tokenizer: PPO detects it and scores decoded text."""
     other = tmp_path / "other-base"
-    base.main(["--recipe", DEMO_RECIPE, f"base.output={other}", f"sft.model={other}",
-               "base.corpus=[data/demo/prompts_train.jsonl, data/demo/preferences_train.jsonl]",
-               "base.hidden_size=32", "base.num_layers=1"])
-    assert AutoTokenizer.from_pretrained(other).get_vocab() != AutoTokenizer.from_pretrained(
-        runs_with_rm / "demo" / "sft").get_vocab()
+    base.main(
+        [
+            "--recipe",
+            DEMO_RECIPE,
+            f"base.output={other}",
+            f"sft.model={other}",
+            "base.corpus=[data/demo/prompts_train.jsonl, data/demo/preferences_train.jsonl]",
+            "base.hidden_size=32",
+            "base.num_layers=1",
+        ]
+    )
+    assert (
+        AutoTokenizer.from_pretrained(other).get_vocab()
+        != AutoTokenizer.from_pretrained(runs_with_rm / "demo" / "sft").get_vocab()
+    )
     rm.main(rm_args(runs_with_rm, f"rm.model={other}", "--force"))
     with pytest.raises(ConfigError, match="value_model=sft or ppo.value_model=head"):
         ppo.main(ppo_args(runs_with_rm))
     ppo.main(ppo_args(runs_with_rm, "ppo.value_model=sft"))
     check_run(runs_with_rm)
     assert read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]["reward_model_tokenizer"] == "own"
-    assert_scored_by(read_jsonl(runs_with_rm / "demo" / "ppo" / "samples.jsonl"), runs_with_rm / "demo" / "rm",
-                     "rm_score_raw")
+    assert_scored_by(
+        read_jsonl(runs_with_rm / "demo" / "ppo" / "samples.jsonl"), runs_with_rm / "demo" / "rm", "rm_score_raw"
+    )
 
 
 def test_non_finite_loss_stops_with_step_and_metric(runs_with_rm, monkeypatch):
-    real = pipeline.rl.ppo.value_loss
-    monkeypatch.setattr(pipeline.rl.ppo, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
+    real = pipeline.rl.iteration.value_loss
+    monkeypatch.setattr(pipeline.rl.iteration, "value_loss", lambda *a: (torch.tensor(float("nan")), real(*a)[1]))
     with pytest.raises(FloatingPointError, match=r"loss/value is not finite at iteration 1, epoch 1 \(on process 0\)"):
         ppo.main(ppo_args(runs_with_rm))
     assert read_manifest(runs_with_rm / "demo" / "ppo") is None
@@ -158,8 +191,14 @@ def test_missing_upstream_names_the_target(tmp_path, runs_with_rm):
 
 
 def run_ppo(args, **kw):
-    return subprocess.Popen([sys.executable, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "stages/ppo.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_number_of_steps(runs_with_rm):
@@ -186,6 +225,7 @@ def test_the_learning_rate_schedules_are_transformers(name):
     """Written with torch's LambdaLR (transformers.optimization would import peft and bitsandbytes):
     the learning rate at every optimiser step is what transformers' get_scheduler gives."""
     from transformers import get_scheduler
+
     ours, theirs = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3) for _ in range(2)]
     schedules = lr_schedule(name, ours, 7), get_scheduler(name, theirs, num_warmup_steps=0, num_training_steps=7)
     rates = [], []
@@ -220,14 +260,17 @@ def test_two_processes_follow_the_single_process_schedule(runs_with_rm, tmp_path
     manifest = read_manifest(runs_with_rm / "demo" / "ppo")["metrics"]
     assert manifest["engine"] == "ddp" and manifest["processes"] == 2
     for n, h in ((1, one), (2, two)):
-        print(f"{n} process(es): lr middle {h[3]['lr']:.3g} last {h[-1]['lr']:.3g}, score "
-              f"{h[0]['objective/scores']:.3f} -> {h[-1]['objective/scores']:.3f}, KL {h[-1]['objective/kl']:.3f}")
+        print(
+            f"{n} process(es): lr middle {h[3]['lr']:.3g} last {h[-1]['lr']:.3g}, score "
+            f"{h[0]['objective/scores']:.3f} -> {h[-1]['objective/scores']:.3f}, KL {h[-1]['objective/kl']:.3f}"
+        )
 
 
 def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_run, base_model, tmp_path):
     """How most users start: `ppo.reward_model` names a trained sequence classifier; no RM stage runs,
     PPO optimises it and eval reports it."""
     from stages import eval as evaluate
+
     trained = rm_run / "demo" / "rm"
     ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={trained}", "ppo.learning_rate=1e-3"))
     assert not (runs_with_sft / "demo" / "rm").exists()
@@ -235,14 +278,25 @@ def test_an_already_trained_reward_model_without_the_rm_stage(runs_with_sft, rm_
     assert manifest["inputs"]["ppo.rewards:rm"]["model"] == str(trained) and "rm_manifest" not in manifest["inputs"]
     history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
     assert_learned(history, control_run(runs_with_sft, tmp_path / "control", f"ppo.reward_model={trained}"), margin=0.3)
-    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_sft}", f"sft.model={base_model}",
-                   f"ppo.reward_model={trained}", "eval.prompts.limit=16", "eval.max_new_tokens=8"])
+    evaluate.main(
+        [
+            "--recipe",
+            DEMO_RECIPE,
+            f"runs_dir={runs_with_sft}",
+            f"sft.model={base_model}",
+            f"ppo.reward_model={trained}",
+            "eval.prompts.limit=16",
+            "eval.max_new_tokens=8",
+        ]
+    )
     assert (runs_with_sft / "demo" / "eval" / "manifest.json").is_file()
 
     with pytest.raises(ConfigError, match="normalize_scores uses the RM stage's reference statistics"):
         ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={trained}", "ppo.normalize_scores=true"))
     two = tmp_path / "two_labels"
-    AutoModelForSequenceClassification.from_pretrained(trained, num_labels=2, ignore_mismatched_sizes=True).save_pretrained(two)
+    AutoModelForSequenceClassification.from_pretrained(
+        trained, num_labels=2, ignore_mismatched_sizes=True
+    ).save_pretrained(two)
     AutoTokenizer.from_pretrained(trained).save_pretrained(two)
     with pytest.raises(ConfigError, match="has 2 outputs; a reward model gives one score"):
         ppo.main(ppo_args(runs_with_sft, f"ppo.reward_model={two}", "ppo.value_model=sft", "--force"))

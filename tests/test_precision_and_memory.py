@@ -5,19 +5,18 @@ import shutil
 
 import pytest
 import torch
-from peft import PeftModel
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, GenerationConfig
-from transformers import modeling_utils
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, GenerationConfig, modeling_utils
 from transformers.generation import utils as generation_utils
 
 from pipeline import models
-from pipeline.config import load_recipe
 from pipeline.data import load_prompts
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout, reward, score
+from pipeline.recipe_loader import load_recipe
+from pipeline.rl.iteration import PolicyAndValue, disable_dropout, reward, score
 from pipeline.rl.rewards import Rewards
-from pipeline.rl.run import Start, load_models
 from pipeline.rl.rollout import generate, sampling_config
+from pipeline.rl.run_setup import Start, load_models
 from stages import eval as evaluate
 from stages import ppo, sft
 from tests import families
@@ -38,11 +37,22 @@ def changed_share(before: dict, after: dict) -> float:
 
 # ---- 1. mixed precision, not pure bf16 ----
 
-def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(tmp_path, base_model,
-                                                                                         linear_output_dtypes):
-    sft.main(sft_args(tmp_path, base_model, "sft.dtype=bfloat16", "sft.trainer.learning_rate=1e-5",
-                      "sft.dataset.limit=64", "sft.eval_dataset.limit=8", "sft.trainer.num_train_epochs=1",
-                      "sft.trainer.warmup_steps=0"))
+
+def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learning_rates(
+    tmp_path, base_model, linear_output_dtypes
+):
+    sft.main(
+        sft_args(
+            tmp_path,
+            base_model,
+            "sft.dtype=bfloat16",
+            "sft.trainer.learning_rate=1e-5",
+            "sft.dataset.limit=64",
+            "sft.eval_dataset.limit=8",
+            "sft.trainer.num_train_epochs=1",
+            "sft.trainer.warmup_steps=0",
+        )
+    )
     assert torch.bfloat16 in linear_output_dtypes  # the Trainer computed under bf16 autocast
     out = tmp_path / "demo" / "sft"
     after = weights(out)
@@ -52,8 +62,15 @@ def test_sft_under_bf16_autocast_keeps_float32_weights_that_move_at_small_learni
 
 
 def test_ppo_under_bf16_trains_float32_weights_and_a_value_head(runs_with_rm, linear_output_dtypes):
-    ppo.main(ppo_args(runs_with_rm, "ppo.dtype=bfloat16", "ppo.value_model=head", "ppo.learning_rate=1e-5",
-                      "ppo.total_episodes=64"))
+    ppo.main(
+        ppo_args(
+            runs_with_rm,
+            "ppo.dtype=bfloat16",
+            "ppo.value_model=head",
+            "ppo.learning_rate=1e-5",
+            "ppo.total_episodes=64",
+        )
+    )
     # every matmul of the float32 policy ran in bf16 (accelerate hands the logits back in float32)
     assert linear_output_dtypes == {torch.bfloat16}
     out = runs_with_rm / "demo" / "ppo"
@@ -70,8 +87,9 @@ def ppo_models(runs_dir, *overrides):
     run = recipe.run_dir
     tokenizer = models.load_tokenizer(str(run / "sft"), padding_side="left")
     acc = Accelerator(cpu=DEVICE == "cpu")
-    model, reference, rewards, _ = load_models(recipe.ppo, Start(str(run / "sft"), run, recipe.ppo, acc),
-                                               lambda m: str(run / "rm"), tokenizer, acc)
+    model, reference, rewards, _ = load_models(
+        recipe.ppo, Start(str(run / "sft"), run, recipe.ppo, acc), lambda m: str(run / "rm"), tokenizer, acc
+    )
     # (the trained model is placed by accelerate's prepare in the stage; the frozen ones are placed already)
     return recipe, tokenizer, (model.to(DEVICE), reference, rewards)
 
@@ -81,8 +99,11 @@ def test_frozen_models_in_the_compute_dtype_trained_ones_in_float32(rm_run):
     scorer = rewards.models()[0].scorer
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     # the reference: matmul weights in bf16 (what autocast computes with), the rest float32 like the policy's
-    linear = {m.weight.dtype for m in reference.modules() if isinstance(m, torch.nn.Linear)
-              and m.weight is not reference.get_input_embeddings().weight}
+    linear = {
+        m.weight.dtype
+        for m in reference.modules()
+        if isinstance(m, torch.nn.Linear) and m.weight is not reference.get_input_embeddings().weight
+    }
     assert linear == {torch.bfloat16} and reference.get_input_embeddings().weight.dtype == torch.float32
     assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
 
@@ -92,10 +113,14 @@ def test_the_reference_computes_exactly_as_the_policy_under_bf16(family, tmp_pat
     """Old code loaded the reference in bf16: its residual stream and embeddings are bf16 while the
     float32 policy's are float32 under autocast, so log-probs differed before any update."""
     from transformers import GPT2Config
+
     tokenizer = families.chatml_tokenizer()
     torch.manual_seed(0)
-    config = (GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4) if family == "gpt2" else
-              families.llama_config(tokenizer, tie_word_embeddings=family == "llama-tied"))
+    config = (
+        GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4)
+        if family == "gpt2"
+        else families.llama_config(tokenizer, tie_word_embeddings=family == "llama-tied")
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE)
     reference = models.load_reference(tmp_path, torch.bfloat16).to(DEVICE)
@@ -109,8 +134,9 @@ def test_the_reference_computes_exactly_as_the_policy_under_bf16(family, tmp_pat
     assert bytes_of(reference) < 0.75 * bytes_of(policy)
 
 
-@pytest.mark.parametrize("variant", ["ppo.value_model=reward", "ppo.value_model=sft", "ppo.value_model=head",
-                                     "ppo.finetune=lora"])
+@pytest.mark.parametrize(
+    "variant", ["ppo.value_model=reward", "ppo.value_model=sft", "ppo.value_model=head", "ppo.finetune=lora"]
+)
 def test_kl_before_the_first_update_is_zero_under_bf16(variant, runs_with_rm):
     """The rollouts of iteration 1 come from the SFT policy itself: KL(policy || reference) is 0 up to
     float rounding, under bf16 autocast too (old code: -3e-3 on the demo, from the bf16 reference)."""
@@ -130,6 +156,7 @@ def test_a_lora_policy_trains_a_small_fraction_and_no_full_value_model(rm_run):
 
 # ---- 3. sampling exactly as the log-probs assume ----
 
+
 @pytest.fixture
 def recorded_processors(monkeypatch):
     seen = []
@@ -147,14 +174,30 @@ def recorded_processors(monkeypatch):
 def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_model, recorded_processors):
     sft_dir = runs_with_rm / "demo" / "sft"
     shipped = GenerationConfig.from_pretrained(sft_dir)  # what a hub Instruct model ships
-    shipped.update(do_sample=True, repetition_penalty=1.3, top_k=5, top_p=0.5, min_new_tokens=3,
-                   no_repeat_ngram_size=2, temperature=0.2)
+    shipped.update(
+        do_sample=True,
+        repetition_penalty=1.3,
+        top_k=5,
+        top_p=0.5,
+        min_new_tokens=3,
+        no_repeat_ngram_size=2,
+        temperature=0.2,
+    )
     shipped.save_pretrained(sft_dir)
     ppo.main(ppo_args(runs_with_rm, "ppo.total_episodes=32", "ppo.save_every=100"))
     assert recorded_processors == [["TemperatureLogitsWarper"]]
     recorded_processors.clear()
-    evaluate.main(["--recipe", DEMO_RECIPE, f"runs_dir={runs_with_rm}", f"sft.model={base_model}",
-                   "eval.prompts.limit=6", "eval.batch_size=4", "eval.max_new_tokens=8"])
+    evaluate.main(
+        [
+            "--recipe",
+            DEMO_RECIPE,
+            f"runs_dir={runs_with_rm}",
+            f"sft.model={base_model}",
+            "eval.prompts.limit=6",
+            "eval.batch_size=4",
+            "eval.max_new_tokens=8",
+        ]
+    )
     # base, sft, ppo, best (the policy the gold judge scored best) x (sampled, greedy) x 2 batches:
     # temperature alone, or nothing at all (greedy)
     assert len(recorded_processors) == 16
@@ -164,6 +207,7 @@ def test_rollouts_and_eval_sample_with_temperature_alone(runs_with_rm, base_mode
 
 
 # ---- 5. memory ----
+
 
 def test_scoring_in_micro_batches_gives_the_same_experience(rm_run):
     # float32 (on a GPU too): bf16 GEMMs of other batch shapes round differently, and this is about slicing
@@ -184,6 +228,7 @@ def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, tmp_pa
     first minibatch's ratio is 1 and gradient checkpointing (which recomputes the forward in
     backward) changes no metric."""
     import json
+
     config = runs_with_rm / "demo" / "sft" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "attention_dropout": 0.3}))
     shutil.copytree(runs_with_rm / "demo", tmp_path / "plain" / "demo")
@@ -203,8 +248,9 @@ def test_gradient_checkpointing_recomputes_with_dropout_off(runs_with_rm, tmp_pa
 
 def test_dropout_is_off_in_train_mode():
     tokenizer = families.chatml_tokenizer()
-    model = PolicyAndValue(AutoModelForCausalLM.from_config(families.llama_config(tokenizer, attention_dropout=0.5)),
-                           None, value_head=True)
+    model = PolicyAndValue(
+        AutoModelForCausalLM.from_config(families.llama_config(tokenizer, attention_dropout=0.5)), None, value_head=True
+    )
     disable_dropout(model)
     model.train()
     ids = torch.randint(0, len(tokenizer), (2, 10))
@@ -214,6 +260,7 @@ def test_dropout_is_off_in_train_mode():
 
 
 # ---- 6. a pad token that costs nothing ----
+
 
 def test_pad_token_reuses_an_unused_special_token_first():
     tokenizer = families.chatml_tokenizer(pad=False, reserved=2)
@@ -232,6 +279,7 @@ def test_a_tokenizer_without_a_spare_token_pads_with_unk_or_eos_and_keeps_its_si
     assert loaded.pad_token == "<pad>"  # named as padding: reused
     gpt2_like = families.byte_level_tokenizer(["<|endoftext|>"])
     from transformers import PreTrainedTokenizerFast
+
     gpt2 = PreTrainedTokenizerFast(tokenizer_object=gpt2_like, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     gpt2.save_pretrained(tmp_path / "gpt2")
     loaded = models.load_tokenizer(str(tmp_path / "gpt2"))
@@ -244,12 +292,23 @@ def test_a_tokenizer_without_a_spare_token_pads_with_unk_or_eos_and_keeps_its_si
 
 def test_lora_adapter_of_a_padless_tokenizer_holds_no_embeddings_and_loads_on_the_base(tmp_path):
     base = families.save_causal_lm(families.chatml_tokenizer(pad=False, reserved=256), tmp_path / "padless")
-    sft.main(sft_args(tmp_path, base, "sft.finetune=lora", "sft.lora.r=4", "sft.dataset.limit=64",
-                      "sft.eval_dataset.limit=8", "sft.trainer.num_train_epochs=1", "sft.trainer.max_length=128"))
+    sft.main(
+        sft_args(
+            tmp_path,
+            base,
+            "sft.finetune=lora",
+            "sft.lora.r=4",
+            "sft.dataset.limit=64",
+            "sft.eval_dataset.limit=8",
+            "sft.trainer.num_train_epochs=1",
+            "sft.trainer.max_length=128",
+        )
+    )
     out = tmp_path / "demo" / "sft"
     tokenizer = models.load_tokenizer(str(out))
     assert tokenizer.pad_token == "<|reserved_special_token_0|>" and len(tokenizer) == len(
-        families.chatml_tokenizer(pad=False, reserved=256))
+        families.chatml_tokenizer(pad=False, reserved=256)
+    )
     adapter = (out / "adapter" / "adapter_model.safetensors").stat().st_size  # the weights (+ tokenizer files)
     model = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     assert adapter < 0.1 * model

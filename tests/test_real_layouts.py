@@ -13,12 +13,17 @@ from datasets import Dataset
 from peft import PeftModel
 from safetensors import safe_open
 from tokenizers import pre_tokenizers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GPT2Config,
-                          GPT2ForSequenceClassification)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import models
-from pipeline.rl.ppo_math import gae, truncate_after_stop
+from pipeline.rl.algorithms import gae, truncate_after_stop
 from pipeline.rl.rollout import generate, prompt_ids, sampling_config
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids
 from stages import eval as evaluate
@@ -26,8 +31,10 @@ from stages import ppo, rm, sft
 from tests import families, layouts
 from tests.conftest import DEMO_RECIPE, read_jsonl
 
-CONVERSATION = {"prompt": [{"role": "user", "content": "review the film star quest ."}],
-                "completion": [{"role": "assistant", "content": "the music was really wonderful ."}]}
+CONVERSATION = {
+    "prompt": [{"role": "user", "content": "review the film star quest ."}],
+    "completion": [{"role": "assistant", "content": "the music was really wonderful ."}],
+}
 PLAIN = {"prompt": "review the film star quest .", "completion": " the music was really wonderful ."}
 
 
@@ -39,6 +46,7 @@ def saved(tmp_path_factory):
 
 
 # ---- where a response stops ----
+
 
 @pytest.mark.parametrize("layout", layouts.LAYOUTS)
 def test_the_stop_is_where_the_assistant_turn_ends(layout, saved):
@@ -56,18 +64,36 @@ def test_the_stop_is_where_the_assistant_turn_ends(layout, saved):
         models.stop_token_ids(tokenizer, None, ["<|no_such_token|>"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["qwen25-base", "llama3-base"])
 def test_a_base_whose_eos_does_not_end_a_turn_stops_at_the_turn_end_in_ppo_and_eval(layout, tmp_path):
     """Qwen2.5 / Llama 3 base SFT-trained on conversations: the template closes turns with <|im_end|> /
     <|eot_id|>, the tokenizer's EOS is <|endoftext|> / <|end_of_text|>. Old code: PPO and eval stopped
     at EOS only, so every response ran to max_new_tokens (stop share 0)."""
     model = layouts.save_model(layout, tmp_path / layout)
-    args = ["--recipe", DEMO_RECIPE, f"runs_dir={tmp_path / 'runs'}", f"sft.model={model}", "judge=null",
-            "sft.dataset.limit=1000", "sft.eval_dataset.limit=32", "sft.trainer.num_train_epochs=3",
-            "sft.trainer.learning_rate=2e-3", "sft.trainer.per_device_train_batch_size=16", "rm.dataset.limit=256",
-            "rm.eval_dataset.limit=32", "rm.reference_limit=16", "rm.trainer.num_train_epochs=1",
-            "ppo.total_episodes=64", "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.ppo_epochs=1",
-            "ppo.max_new_tokens=48", "eval.prompts.limit=32", "eval.max_new_tokens=48"]
+    args = [
+        "--recipe",
+        DEMO_RECIPE,
+        f"runs_dir={tmp_path / 'runs'}",
+        f"sft.model={model}",
+        "judge=null",
+        "sft.dataset.limit=1000",
+        "sft.eval_dataset.limit=32",
+        "sft.trainer.num_train_epochs=3",
+        "sft.trainer.learning_rate=2e-3",
+        "sft.trainer.per_device_train_batch_size=16",
+        "rm.dataset.limit=256",
+        "rm.eval_dataset.limit=32",
+        "rm.reference_limit=16",
+        "rm.trainer.num_train_epochs=1",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=16",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=48",
+        "eval.prompts.limit=32",
+        "eval.max_new_tokens=48",
+    ]
     for stage in (sft, rm, ppo, evaluate):
         stage.main(args)
     run = tmp_path / "runs" / "demo"
@@ -90,16 +116,28 @@ def test_a_base_whose_eos_does_not_end_a_turn_stops_at_the_turn_end_in_ppo_and_e
 
 # ---- the prompt a policy is generated from ----
 
-@pytest.mark.parametrize("layout, row", [(layout, row) for layout in layouts.LAYOUTS for row in (PLAIN, CONVERSATION)
-                                         if row is PLAIN or layout in layouts.TURN_END])
+
+@pytest.mark.parametrize(
+    "layout, row",
+    [
+        (layout, row)
+        for layout in layouts.LAYOUTS
+        for row in (PLAIN, CONVERSATION)
+        if row is PLAIN or layout in layouts.TURN_END
+    ],
+)
 def test_generation_starts_from_the_prefix_sft_trained_on(layout, row, saved, tmp_path):
     """The ids PPO and eval generate from are the start of SFT's training ids for the same example
     (trl's SFTTrainer tokenization), for every layout and data format. Old code: plain-text prompts
     lost the BOS Llama 3, Mistral and Gemma tokenizers prepend."""
     tokenizer = models.load_tokenizer(str(saved[layout]))
     model = AutoModelForCausalLM.from_pretrained(saved[layout])
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list([row]),
-                         args=SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([row]),
+        args=SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+    )
     example = trainer.train_dataset[0]
     prompt_len = next(i for i, label in enumerate(example["labels"]) if label != -100)  # the completion's start
     trained_prefix = example["input_ids"][:prompt_len]
@@ -117,15 +155,23 @@ def test_generation_starts_from_the_prefix_sft_trained_on(layout, row, saved, tm
 
 # ---- the pad token ----
 
-PAD = {"qwen25-base": "<|endoftext|>", "qwen25-instruct": "<|endoftext|>", "llama3-base": "<|reserved_special_token_0|>",
-       "llama3-instruct": "<|reserved_special_token_0|>", "mistral-v01": "<unk>", "smollm2": "<|im_end|>",
-       "gemma": "<pad>", "gpt2": "<|endoftext|>"}
+PAD = {
+    "qwen25-base": "<|endoftext|>",
+    "qwen25-instruct": "<|endoftext|>",
+    "llama3-base": "<|reserved_special_token_0|>",
+    "llama3-instruct": "<|reserved_special_token_0|>",
+    "mistral-v01": "<unk>",
+    "smollm2": "<|im_end|>",
+    "gemma": "<pad>",
+    "gpt2": "<|endoftext|>",
+}
 
 
 def test_each_prompt_is_rendered_and_tokenized_once_per_run(monkeypatch):
     """PPO draws a prompt once per epoch (a group estimator k times in a row): its ids are computed the
     first time and kept, equal to `prompt_ids`."""
     import pipeline.rl.rollout as rollout
+
     tok = layouts.tokenizer("llama3-instruct")
     prompts = [CONVERSATION["prompt"], [{"role": "user", "content": "review last train ."}], PLAIN["prompt"]]
     calls = []
@@ -158,7 +204,9 @@ def test_pad_equal_to_the_stop_token_changes_no_rollout_score_or_advantage(saved
     for tokenizer in (same, spare):
         stop = models.stop_token_ids(tokenizer, models.generation_config(path))
         torch.manual_seed(0)
-        rollouts.append(generate(model, tokenizer, prompts, sampling_config(1.0, 40, stop, tokenizer.pad_token_id), "cpu"))
+        rollouts.append(
+            generate(model, tokenizer, prompts, sampling_config(1.0, 40, stop, tokenizer.pad_token_id), "cpu")
+        )
     a, b = rollouts
     assert a.has_stop.any() and not a.has_stop.all()  # both kinds of response occur
     assert torch.equal(a.response_mask, b.response_mask) and torch.equal(a.has_stop, b.has_stop)
@@ -178,8 +226,10 @@ def test_pad_equal_to_the_stop_token_changes_no_rollout_score_or_advantage(saved
     assert torch.allclose(scores[0], scores[1], atol=1e-6)
     torch.manual_seed(1)
     values, rewards = torch.randn(a.responses.shape), torch.randn(a.responses.shape)
-    for x, y in zip(gae(values, rewards, a.response_mask.float(), 1.0, 0.95),
-                    gae(values, rewards, b.response_mask.float(), 1.0, 0.95)):
+    for x, y in zip(
+        gae(values, rewards, a.response_mask.float(), 1.0, 0.95),
+        gae(values, rewards, b.response_mask.float(), 1.0, 0.95),
+    ):
         assert torch.equal(x, y)
 
 
@@ -208,24 +258,46 @@ def test_a_reward_model_with_the_policys_tokenizer_reads_the_rollouts_ids_as_ren
     or whose leading newlines join the generation prompt's (Qwen's pre-tokenizer) is rendered."""
     import pipeline.rl.rewards as rewards_module
     import pipeline.scoring as scoring_module
+
     base = {"llama3-hub-template": "llama3-instruct", "qwen25-text-closing": "qwen25-instruct"}.get(layout, layout)
     tok = layouts.tokenizer(base)
     tok.chat_template = {"llama3-hub-template": TRIMMING_LLAMA3, "qwen25-text-closing": TEXT_CLOSING}.get(
-        layout, tok.chat_template)
+        layout, tok.chat_template
+    )
     stop = tok.convert_tokens_to_ids(layouts.TURN_END[base])
     inner = tok.all_special_ids[-1] if tok.all_special_ids[-1] != stop else tok.all_special_ids[0]
-    prompts = [[{"role": "user", "content": "review the film star quest ."}],
-               [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "how was the music ?"}],
-               [{"role": "user", "content": "review last train ."}],
-               [{"role": "user", "content": "review iron garden ."}],
-               [{"role": "user", "content": "how was the music ?"}]] * 2
-    bodies = [tok.encode(t, add_special_tokens=False) for t in
-              ("the music was really wonderful .", " short,\n and sweet \n", "it ran out of", "a twist",
-               "\n\nthe end .", "\n")]
+    prompts = [
+        [{"role": "user", "content": "review the film star quest ."}],
+        [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "how was the music ?"}],
+        [{"role": "user", "content": "review last train ."}],
+        [{"role": "user", "content": "review iron garden ."}],
+        [{"role": "user", "content": "how was the music ?"}],
+    ] * 2
+    bodies = [
+        tok.encode(t, add_special_tokens=False)
+        for t in (
+            "the music was really wonderful .",
+            " short,\n and sweet \n",
+            "it ran out of",
+            "a twist",
+            "\n\nthe end .",
+            "\n",
+        )
+    ]
     in_pieces = tok.convert_tokens_to_ids(list("wonderful"))  # a word sampled a byte at a time
     assert in_pieces != tok.encode("wonderful", add_special_tokens=False)
-    rows = [bodies[0] + [stop], bodies[1] + [stop], bodies[2], bodies[3] + [inner] + bodies[3] + [stop],
-            in_pieces + [stop], bodies[4] + [stop], bodies[5] + [stop], [stop], bodies[0] + [stop], bodies[2]]
+    rows = [
+        bodies[0] + [stop],
+        bodies[1] + [stop],
+        bodies[2],
+        bodies[3] + [inner] + bodies[3] + [stop],
+        in_pieces + [stop],
+        bodies[4] + [stop],
+        bodies[5] + [stop],
+        [stop],
+        bodies[0] + [stop],
+        bodies[2],
+    ]
     width, pad = max(map(len, rows)), tok.pad_token_id if tok.pad_token_id is not None else stop
     responses = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -250,7 +322,8 @@ def test_a_reward_model_reads_the_policys_ids_only_where_it_renders_as_the_polic
     """Same vocabulary and template are not enough: a template that writes the EOS renders another
     EOS, and another pre-tokenizer splits the same text otherwise. A different pad token changes no
     rendering."""
-    from pipeline.rl.run import same_tokenizer
+    from pipeline.rl.run_setup import same_tokenizer
+
     assert same_tokenizer(families.bos_tokenizer(), families.bos_tokenizer())
     other_eos = families.bos_tokenizer()  # its template ends each turn with eos_token
     other_eos.eos_token = "<pad>"
@@ -291,11 +364,21 @@ def test_a_reward_model_reads_the_eos_its_texts_end_with(saved, tmp_path):
 def test_the_tokenizer_may_have_a_few_entries_past_the_embeddings(saved):
     """Gemma 3 lists one token more than its embedding rows; another model's tokenizer is refused."""
     tokenizer = models.load_tokenizer(str(saved["gemma"]))
-    small = AutoModelForCausalLM.from_config(layouts.LlamaConfig(
-        vocab_size=len(tokenizer) - 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    small = AutoModelForCausalLM.from_config(
+        layouts.LlamaConfig(
+            vocab_size=len(tokenizer) - 1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
     models.align_special_tokens(small, tokenizer)
-    tiny = AutoModelForCausalLM.from_config(layouts.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    tiny = AutoModelForCausalLM.from_config(
+        layouts.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
     with pytest.raises(models.ConfigError, match="does not belong to this model"):
         models.align_special_tokens(tiny, tokenizer)
 
@@ -303,10 +386,12 @@ def test_the_tokenizer_may_have_a_few_entries_past_the_embeddings(saved):
 def test_a_tokenizer_that_appends_eos_still_generates_from_the_prompt_alone(tmp_path):
     """Tokenizers set to append EOS (`add_eos_token`) end plain text with it; the prompt must not."""
     from tokenizers import processors
+
     tok = layouts.tokenizer("mistral-v01")
     backend = tok.backend_tokenizer
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)]
+    )
     assert tok("review")["input_ids"][-1] == tok.eos_token_id
     ids = prompt_ids(tok, "review star quest .")
     assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
@@ -328,14 +413,34 @@ def test_lora_adapters_hold_lora_weights_only_and_load_onto_the_hub_model(layout
     the original model with plain peft. Old code: both got <|pad|> and adapters with the embeddings."""
     data = {}
     if layout == "mistral-v01":  # a base model without a chat template: plain text, as trl-lib/tldr
-        data = families.plain_demo_data(tmp_path, {"sft.dataset": 256, "sft.eval_dataset": 32, "rm.dataset": 256,
-                                                   "rm.eval_dataset": 32, "ppo.prompts": 64})
-    args = ["--recipe", DEMO_RECIPE, f"runs_dir={tmp_path / 'runs'}", f"sft.model={saved[layout]}", "judge=null",
-            *[f"{k}={v}" for k, v in data.items()], "sft.finetune=lora", "ppo.finetune=lora", "sft.dataset.limit=256",
-            "sft.eval_dataset.limit=32", "rm.dataset.limit=256", "rm.eval_dataset.limit=32", "rm.reference_limit=16",
-            "sft.trainer.num_train_epochs=1", "rm.trainer.num_train_epochs=1", "sft.trainer.learning_rate=3e-3",
-            "ppo.total_episodes=64", "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.ppo_epochs=1",
-            "ppo.max_new_tokens=16", "ppo.learning_rate=1e-3"]
+        data = families.plain_demo_data(
+            tmp_path,
+            {"sft.dataset": 256, "sft.eval_dataset": 32, "rm.dataset": 256, "rm.eval_dataset": 32, "ppo.prompts": 64},
+        )
+    args = [
+        "--recipe",
+        DEMO_RECIPE,
+        f"runs_dir={tmp_path / 'runs'}",
+        f"sft.model={saved[layout]}",
+        "judge=null",
+        *[f"{k}={v}" for k, v in data.items()],
+        "sft.finetune=lora",
+        "ppo.finetune=lora",
+        "sft.dataset.limit=256",
+        "sft.eval_dataset.limit=32",
+        "rm.dataset.limit=256",
+        "rm.eval_dataset.limit=32",
+        "rm.reference_limit=16",
+        "sft.trainer.num_train_epochs=1",
+        "rm.trainer.num_train_epochs=1",
+        "sft.trainer.learning_rate=3e-3",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=16",
+        "ppo.ppo_epochs=1",
+        "ppo.max_new_tokens=16",
+        "ppo.learning_rate=1e-3",
+    ]
     for stage in (sft, rm, ppo):
         stage.main(args)
     run = tmp_path / "runs" / "demo"
@@ -352,12 +457,14 @@ def test_lora_adapters_hold_lora_weights_only_and_load_onto_the_hub_model(layout
 
 # ---- reward models without a pad token ----
 
+
 def gpt2_reward_model(path, layout: str = "gpt2"):
     """A GPT-2 sequence classifier as the hub has them: no pad token, `pad_token_id: null`."""
     tokenizer = layouts.tokenizer(layout)
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4,
-                                                     n_positions=256, num_labels=1))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, num_labels=1)
+    )
     assert model.config.pad_token_id is None and tokenizer.pad_token is None
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -370,23 +477,47 @@ def test_a_reward_model_without_a_pad_token_scores_batches(tmp_path):
     path = gpt2_reward_model(tmp_path / "rm")
     model, tokenizer = load_reward_model(path, torch.float32)
     scorer = RewardScorer(model, tokenizer, batch_size=4)
-    prompts, responses = ["review star quest .", "how was it ?", "a"], [" it was good .", " bad", " the music was fine ."]
+    prompts, responses = (
+        ["review star quest .", "how was it ?", "a"],
+        [" it was good .", " bad", " the music was fine ."],
+    )
     together = scorer(prompts, responses)
     alone = torch.cat([scorer([p], [r]) for p, r in zip(prompts, responses)])
     assert torch.allclose(together, alone, atol=1e-5)  # padding changes no score
     assert len(tokenizer) == len(layouts.tokenizer("gpt2"))  # never resized
 
 
+@pytest.mark.e2e
 def test_a_padless_reward_model_as_ppo_reward_model_and_as_rm_model(base_model, tmp_path):
     """A GPT-2 classifier (no pad token, no chat template) on plain-text data, as the RL stage's
     `ppo.reward_model` and as the RM stage's `rm.model`. Old code: PPO crashed in `tokenizer.pad`."""
     external = gpt2_reward_model(tmp_path / "gpt2-rm")
-    data = families.plain_demo_data(tmp_path, {"sft.dataset": 256, "sft.eval_dataset": 32, "rm.dataset": 600,
-                                               "rm.eval_dataset": 100, "ppo.prompts": 64, "eval.prompts": 16})
-    common = ["--recipe", DEMO_RECIPE, f"runs_dir={tmp_path / 'runs'}", f"sft.model={base_model}", "judge=null",
-              *[f"{k}={v}" for k, v in data.items()], "sft.trainer.num_train_epochs=1", "ppo.total_episodes=64",
-              "ppo.batch_size=32", "ppo.mini_batch_size=16", "ppo.max_new_tokens=12", "ppo.value_model=sft",
-              "eval.max_new_tokens=8"]
+    data = families.plain_demo_data(
+        tmp_path,
+        {
+            "sft.dataset": 256,
+            "sft.eval_dataset": 32,
+            "rm.dataset": 600,
+            "rm.eval_dataset": 100,
+            "ppo.prompts": 64,
+            "eval.prompts": 16,
+        },
+    )
+    common = [
+        "--recipe",
+        DEMO_RECIPE,
+        f"runs_dir={tmp_path / 'runs'}",
+        f"sft.model={base_model}",
+        "judge=null",
+        *[f"{k}={v}" for k, v in data.items()],
+        "sft.trainer.num_train_epochs=1",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=16",
+        "ppo.max_new_tokens=12",
+        "ppo.value_model=sft",
+        "eval.max_new_tokens=8",
+    ]
     sft.main(common)
     # as ppo.reward_model: PPO optimises it, eval scores with it
     ppo.main([*common, f"ppo.reward_model={external}"])
@@ -394,8 +525,16 @@ def test_a_padless_reward_model_as_ppo_reward_model_and_as_rm_model(base_model, 
     run = tmp_path / "runs" / "demo"
     assert "rm_score" in json.loads((run / "eval" / "metrics.json").read_text())["ppo"]["sampled"]
     # as rm.model: the RM stage trains it and it learns
-    rm.main([*common, f"rm.model={external}", f"rm.reference_dataset={data['rm.eval_dataset']}",
-             "rm.trainer.num_train_epochs=3", "rm.trainer.learning_rate=1e-3", "rm.reference_limit=16"])
+    rm.main(
+        [
+            *common,
+            f"rm.model={external}",
+            f"rm.reference_dataset={data['rm.eval_dataset']}",
+            "rm.trainer.num_train_epochs=3",
+            "rm.trainer.learning_rate=1e-3",
+            "rm.reference_limit=16",
+        ]
+    )
     assert AutoTokenizer.from_pretrained(run / "rm").pad_token == "<|endoftext|>"
     assert json.loads((run / "rm" / "config.json").read_text())["pad_token_id"] is not None
     assert json.loads((run / "rm" / "manifest.json").read_text())["metrics"]["heldout"]["accuracy"] > 0.55

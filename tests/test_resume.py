@@ -16,8 +16,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import stages.ppo
-from pipeline.artifacts import RecipeChanged, read_manifest
+from pipeline.artifacts import read_manifest
+from pipeline.errors import RecipeChanged
 from tests.conftest import REPO, ppo_args, read_jsonl, rm_args, sft_args
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 # what differs between two runs of the same recipe on the same machine: wall-clock time and memory
 TIMING = ("time/", "episodes_per_s", "tokens_per_s", "peak_memory_mb")
@@ -43,8 +46,13 @@ def deterministic(history: list[dict]) -> list[dict]:
 
 
 def start(script: str, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, f"stages/{script}.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, f"stages/{script}.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -78,7 +86,9 @@ def test_a_resumed_ppo_run_gives_the_metrics_of_the_uninterrupted_one(runs_with_
     resumed = read_jsonl(runs_with_rm / "demo" / "ppo" / "metrics.jsonl")
     assert [h["iteration"] for h in resumed] == [1, 2, 3, 4, 5, 6]
     assert deterministic(resumed) == deterministic(expected)
-    assert read_jsonl(runs_with_rm / "demo" / "ppo" / "samples.jsonl") == read_jsonl(other / "demo" / "ppo" / "samples.jsonl")
+    assert read_jsonl(runs_with_rm / "demo" / "ppo" / "samples.jsonl") == read_jsonl(
+        other / "demo" / "ppo" / "samples.jsonl"
+    )
 
 
 def test_ppo_killed_before_its_first_checkpoint_starts_over_with_clean_logs(runs_with_rm):
@@ -148,7 +158,9 @@ def check_trainer_artifact(stage: str, out) -> None:
 def test_a_trainer_stage_killed_resumes_from_its_last_checkpoint(stage, when, runs_with_sft, base_model):
     """SIGKILL before the first checkpoint: the re-run starts at step 0 with clean logs; after one:
     the re-run resumes from the latest complete checkpoint and says so."""
-    args = trainer_run(stage, runs_with_sft, base_model, f"{stage}.trainer.save_steps={10 if when == 'after' else 1000}")
+    args = trainer_run(
+        stage, runs_with_sft, base_model, f"{stage}.trainer.save_steps={10 if when == 'after' else 1000}"
+    )
     partial = runs_with_sft / "demo" / f"{stage}.partial"
     metrics = partial / "metrics.jsonl"
     if stage == "sft":
@@ -193,12 +205,16 @@ def test_a_changed_recipe_never_costs_a_trainer_stage_its_checkpoints(runs_with_
     """A killed RM run's checkpoints survive a re-run with another learning rate (refused in one line:
     RESUME=1 or FORCE=1), and a re-run that changes only how often it logs resumes from them."""
     from stages import rm
+
     partial = runs_with_sft / "demo" / "rm.partial"
     args = trainer_run("rm", runs_with_sft, None, "rm.trainer.save_steps=10")
     kill_when(start("rm", args), lambda: complete_checkpoints(partial))
     saved = complete_checkpoints(partial)[-1]
-    with pytest.raises(RecipeChanged, match=r"^rm: the recipe changed since the interrupted run's last checkpoint "
-                                            r"\(rm.trainer.learning_rate 0.001 -> 0.0001\): `make rm RESUME=1`"):
+    with pytest.raises(
+        RecipeChanged,
+        match=r"^rm: the recipe changed since the interrupted run's last checkpoint "
+        r"\(rm.trainer.learning_rate 0.001 -> 0.0001\): `make rm RESUME=1`",
+    ):
         rm.main([*args, "rm.trainer.learning_rate=1e-4"])
     assert complete_checkpoints(partial)[-1] == saved
     capsys.readouterr()

@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from pipeline.config import ConfigError, RewardSource
+from pipeline.errors import ConfigError
+from pipeline.recipe import RewardSource
 from pipeline.rl import reward_server
 from pipeline.rl.rewards import RemoteReward, RewardError
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids
@@ -44,6 +45,7 @@ def post(url, body, headers=None, timeout=60):
 
 
 # ---- the client, against servers written to misbehave ----
+
 
 @contextmanager
 def fake_server(answer, port: int = 0):
@@ -92,6 +94,7 @@ def remote(url, **settings) -> RemoteReward:
 def test_a_server_trickling_its_answer_is_stopped_at_the_deadline():
     """timeout_s bounds the whole exchange, not each read: a server sending a byte every 0.2 s kept a
     1 s timeout waiting for its whole answer."""
+
     def trickle(handler, body, calls):
         handler.send_response(200)
         handler.send_header("Content-Length", "100")
@@ -106,8 +109,10 @@ def test_a_server_trickling_its_answer_is_stopped_at_the_deadline():
         with pytest.raises(RewardError) as e:
             remote(url, timeout_s=1)(["a"], ["b"], None, {})
         elapsed = time.monotonic() - started
-    assert str(e.value) == (f"reward server {url}: no complete answer within timeout_s = 1 s (1 attempt): raise "
-                            f"timeout_s, or give the server less to do")
+    assert str(e.value) == (
+        f"reward server {url}: no complete answer within timeout_s = 1 s (1 attempt): raise "
+        f"timeout_s, or give the server less to do"
+    )
     assert elapsed < 5
 
 
@@ -126,9 +131,13 @@ def test_a_429_is_retried_after_its_retry_after_and_5xx_until_the_deadline():
 
     def always_failing(handler, body, calls):
         reply(handler, 500, {"detail": "a bug"})
+
     with fake_server(always_failing) as (url, calls):
-        with pytest.raises(RewardError, match=r"failed \d+ times in \d+ s \(last: HTTP 500: .*a bug.*\): see the "
-                                              r"server's log") as e:
+        with pytest.raises(
+            RewardError,
+            match=r"failed \d+ times in \d+ s \(last: HTTP 500: .*a bug.*\): see the "
+            r"server's log",
+        ) as e:
             remote(url, timeout_s=2)(["a"], ["b"], None, {})
     assert len(calls) >= 2 and "is it running" not in str(e.value)
 
@@ -142,6 +151,7 @@ def up_after(delay: float, port: int):
         time.sleep(delay)
         with fake_server(lengths, port):
             stop.wait()
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
@@ -151,6 +161,7 @@ def up_after(delay: float, port: int):
         thread.join(30)
 
 
+@pytest.mark.e2e
 def test_a_server_that_comes_up_late_or_restarts_is_waited_for():
     """The run's first request waits for a server that starts listening 5 s after it (one still loading
     its model); later, a server restarting for 4 s (refusing connections) is retried within the deadline."""
@@ -195,16 +206,19 @@ def test_the_client_sends_its_api_key_from_the_environment(monkeypatch):
         with pytest.raises(RewardError, match="the key in api_key_env was refused"):
             remote(url, api_key_env="RM_TEST_KEY")(["a"], ["b"], None, {})
     with pytest.raises(ConfigError, match="must be the name of an environment variable"):
-        from pipeline.config import build
+        from pipeline.recipe_loader import build
+
         build(RewardSource, {"url": url, "api_key_env": "sk-live-123"})
 
 
 # ---- the server ----
 
+
 @contextmanager
 def serving(app):
     """An app on a free loopback port, served by uvicorn in a thread."""
     import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -254,15 +268,23 @@ def test_the_server_refuses_oversized_and_malformed_requests_without_echoing_the
         status, answer, _ = post(url + "/score", {"prompts": ["a" * 100] * 1000, "completions": ["b"] * 1000})
         assert status == 413 and "at most 65536" in answer["detail"]
         status, answer, _ = post(url + "/score", {"prompts": ["a"] * 9, "completions": ["b"] * 9})
-        assert status == 413 and answer["detail"] == ("9 pairs in one request; this server takes at most 8 "
-                                                      "(--max-pairs): split the request")
+        assert status == 413 and answer["detail"] == (
+            "9 pairs in one request; this server takes at most 8 (--max-pairs): split the request"
+        )
         for body, expected in (
-                ({"prompts": [{"role": 5, "content": secret}], "completions": [secret]},
-                 "prompts[0] must be a string, a non-empty list of {role, content} messages, or null"),
-                ({"prompts": [secret], "completions": [[{"content": secret}]]},
-                 "completions[0] must be a string or a non-empty list of {role, content} messages"),
-                ({"prompts": [secret, secret], "completions": [secret]},
-                 "2 prompts but 1 completions: give one prompt per completion")):
+            (
+                {"prompts": [{"role": 5, "content": secret}], "completions": [secret]},
+                "prompts[0] must be a string, a non-empty list of {role, content} messages, or null",
+            ),
+            (
+                {"prompts": [secret], "completions": [[{"content": secret}]]},
+                "completions[0] must be a string or a non-empty list of {role, content} messages",
+            ),
+            (
+                {"prompts": [secret, secret], "completions": [secret]},
+                "2 prompts but 1 completions: give one prompt per completion",
+            ),
+        ):
             status, answer, raw = post(url + "/score", body)
             assert status in (400, 422) and answer == {"detail": expected}
             assert b"SECRET" not in raw and len(raw) < 300
@@ -355,9 +377,12 @@ def test_requests_in_flight_share_forwards_and_a_small_one_is_not_held_behind_a_
 
 def test_binding_beyond_loopback_needs_a_key(reward_model, monkeypatch):
     path = str(reward_model[0])
-    with pytest.raises(ConfigError, match=r"serve-rm: binding to 0.0.0.0 lets other machines in, and the server has "
-                                          r"no API key: export a key and pass its variable's name \(make serve-rm "
-                                          r"API_KEY_ENV=NAME\), or bind to 127.0.0.1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"serve-rm: binding to 0.0.0.0 lets other machines in, and the server has "
+        r"no API key: export a key and pass its variable's name \(make serve-rm "
+        r"API_KEY_ENV=NAME\), or bind to 127.0.0.1",
+    ):
         reward_server.main(["--model", path, "--host", "0.0.0.0"])
     with pytest.raises(ConfigError, match=r"the environment variable RM_TEST_KEY \(API_KEY_ENV\) is not set"):
         reward_server.main(["--model", path, "--host", "0.0.0.0", "--api-key-env", "RM_TEST_KEY"])
@@ -370,17 +395,24 @@ def test_make_serve_rm_binds_to_loopback_whatever_host_says_and_takes_its_key_fr
     to 127.0.0.1 (SERVE_HOST is the project's own variable) and wants the key API_KEY_ENV names."""
     port = free_port()
     env = {**os.environ, "HOST": "0.0.0.0", "RM_TEST_KEY": "s3cret"}
-    process = subprocess.Popen(["make", "-s", "serve-rm", f"RM={rm_run / 'demo' / 'rm'}", f"SERVE_PORT={port}",
-                                "API_KEY_ENV=RM_TEST_KEY"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    process = subprocess.Popen(
+        ["make", "-s", "serve-rm", f"RM={rm_run / 'demo' / 'rm'}", f"SERVE_PORT={port}", "API_KEY_ENV=RM_TEST_KEY"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
     try:
         said = next((line for line in process.stdout if line.startswith("serve-rm:")), "(it exited)")
         assert said.strip().endswith(f"on http://127.0.0.1:{port}/score (API key from $RM_TEST_KEY)"), said
         url = f"http://127.0.0.1:{port}/score"
         os.environ["RM_TEST_KEY"] = "s3cret"
         try:
-            scores = remote(url, api_key_env="RM_TEST_KEY", startup_wait_s=120)([CHAT], ["the plot was great ."],
-                                                                               None, {})
+            scores = remote(url, api_key_env="RM_TEST_KEY", startup_wait_s=120)(
+                [CHAT], ["the plot was great ."], None, {}
+            )
         finally:
             del os.environ["RM_TEST_KEY"]
         assert len(scores) == 1 and scores[0] == scores[0]

@@ -10,13 +10,15 @@ import torch
 import stages.ppo
 from pipeline import plans
 from pipeline.artifacts import read_manifest
-from pipeline.config import load_recipe
 from pipeline.demo import asked_aspect
 from pipeline.demo import score as gold
-from pipeline.rl.run import Schedule
+from pipeline.recipe_loader import load_recipe
+from pipeline.rl.run_setup import Schedule
 from stages import eval as evaluate
 from stages import ppo
 from tests.conftest import REPO, launch, ppo_args, read_jsonl
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 GRPO_RECIPE = str(REPO / "stages/recipes/demo-grpo.yaml")
 
@@ -38,8 +40,9 @@ def prompts_with_aspects(path):
             f.write(json.dumps({**row, "aspect": asked_aspect(row["prompt"])}) + "\n")
 
 
-def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_model(runs_with_sft, tmp_path, base_model,
-                                                                                      monkeypatch):
+def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_model(
+    runs_with_sft, tmp_path, base_model, monkeypatch
+):
     """No RM stage exists: PPO (gae, value model from SFT) optimises a function that reads the dataset's
     `aspect` column; the judge is watched. The function's rewards are exp.scores' raw values; editing its
     file makes the artifact out of date; eval reports the source and the judge with win rates."""
@@ -49,9 +52,14 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
     seen = []
     real = stages.ppo.with_advantages
     monkeypatch.setattr(stages.ppo, "with_advantages", lambda exp, *a: seen.append(exp) or real(exp, *a))
-    args = ppo_args(runs_with_sft, f"ppo.prompts={tmp_path / 'prompts.jsonl'}",
-                    f"ppo.rewards=[{{function: '{reward_file}:aspect_reward', name: aspect, weight: 2.0}}]",
-                    "ppo.learning_rate=1e-3", "ppo.missing_stop_penalty=0", f"sft.model={base_model}")
+    args = ppo_args(
+        runs_with_sft,
+        f"ppo.prompts={tmp_path / 'prompts.jsonl'}",
+        f"ppo.rewards=[{{function: '{reward_file}:aspect_reward', name: aspect, weight: 2.0}}]",
+        "ppo.learning_rate=1e-3",
+        "ppo.missing_stop_penalty=0",
+        f"sft.model={base_model}",
+    )
     ppo.main(args)
 
     out = runs_with_sft / "demo" / "ppo"
@@ -73,8 +81,9 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
     assert plans.main(status) == 1  # the function changed: the artifact is out of date
 
     reward_file.write_text(ASPECT_REWARD)
-    evaluate.main([*args, "eval.max_new_tokens=16", f"eval.prompts={tmp_path / 'prompts.jsonl'}",
-                   "eval.prompts.limit=48"])
+    evaluate.main(
+        [*args, "eval.max_new_tokens=16", f"eval.prompts={tmp_path / 'prompts.jsonl'}", "eval.prompts.limit=48"]
+    )
     metrics = json.loads((runs_with_sft / "demo" / "eval" / "metrics.json").read_text())
     assert {"aspect_score", "gold_score"} <= set(metrics["ppo"]["sampled"])
     assert set(metrics["ppo"]["win_rate_vs_sft"]) == {"aspect", "gold"}
@@ -115,23 +124,33 @@ def test_critic_free_estimators_raise_the_held_out_gold_score(sft_run, base_mode
     assert gain >= 0.8 and metrics["ppo"]["sampled"][f"kl_from_{start}"] <= 8
 
 
-GROUP_LOG = '''
+GROUP_LOG = """
 import json, os
 
 def logged(prompts, completions, log, **kwargs):
     with open(f"{log}.{os.environ.get('RANK', '0')}", "a") as f:
         f.write(json.dumps([p[-1]["content"] for p in prompts]) + "\\n")
     return [float(len(c[-1]["content"].split()) < 6) for c in completions]
-'''
+"""
 
 
 def test_two_processes_keep_groups_whole_and_follow_the_one_process_schedule(runs_with_sft, tmp_path):
     reward_file = tmp_path / "log_rewards.py"
     reward_file.write_text(GROUP_LOG)
     log = tmp_path / "calls"
-    launch(2, "stages/ppo.py", "--recipe", GRPO_RECIPE, f"runs_dir={runs_with_sft}", "run_name=demo",
-           f"ppo.rewards=[{{function: '{reward_file}:logged', kwargs: {{log: '{log}'}}}}]",
-           "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.total_episodes=48", "ppo.max_new_tokens=8")
+    launch(
+        2,
+        "stages/ppo.py",
+        "--recipe",
+        GRPO_RECIPE,
+        f"runs_dir={runs_with_sft}",
+        "run_name=demo",
+        f"ppo.rewards=[{{function: '{reward_file}:logged', kwargs: {{log: '{log}'}}}}]",
+        "ppo.batch_size=8",
+        "ppo.mini_batch_size=4",
+        "ppo.total_episodes=48",
+        "ppo.max_new_tokens=8",
+    )
     ranks = [[json.loads(line) for line in open(f"{log}.{r}")] for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 3  # 48 episodes / (8 x 2 processes)
     prompts = [row["prompt"][-1]["content"] for row in read_jsonl(REPO / "data/demo/prompts_train.jsonl")]
@@ -139,7 +158,7 @@ def test_two_processes_keep_groups_whole_and_follow_the_one_process_schedule(run
     for iteration in range(3):
         for calls in ranks:
             batch = calls[iteration]
-            assert all(len(set(batch[i:i + 4])) == 1 for i in range(0, 8, 4))  # groups of k = 4, whole
+            assert all(len(set(batch[i : i + 4])) == 1 for i in range(0, 8, 4))  # groups of k = 4, whole
         assert ranks[0][iteration] + ranks[1][iteration] == [prompts[i] for i in one.prompt_indices(iteration, 0)]
     history = read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl")
     assert [h["iteration"] for h in history] == [1, 2, 3] and history[-1]["episodes"] == 48
@@ -150,14 +169,25 @@ def test_the_default_rewards_and_estimator_spelled_out_change_no_metric(runs_wit
     is the same, bit for bit (same seed, same threads)."""
     shutil.copytree(runs_with_rm / "demo", tmp_path / "explicit" / "demo")
     ppo.main(ppo_args(runs_with_rm))
-    ppo.main(ppo_args(tmp_path / "explicit", "ppo.rewards=[{model: rm, weight: 1.0}]", "ppo.advantage_estimator=gae",
-                      "ppo.samples_per_prompt=1", "ppo.kl_in=reward", "ppo.loss_aggregation=token_mean",
-                      "ppo.value_model=reward"))
-    default, explicit = (read_jsonl(r / "demo" / "ppo" / "metrics.jsonl") for r in (runs_with_rm, tmp_path / "explicit"))
+    ppo.main(
+        ppo_args(
+            tmp_path / "explicit",
+            "ppo.rewards=[{model: rm, weight: 1.0}]",
+            "ppo.advantage_estimator=gae",
+            "ppo.samples_per_prompt=1",
+            "ppo.kl_in=reward",
+            "ppo.loss_aggregation=token_mean",
+            "ppo.value_model=reward",
+        )
+    )
+    default, explicit = (
+        read_jsonl(r / "demo" / "ppo" / "metrics.jsonl") for r in (runs_with_rm, tmp_path / "explicit")
+    )
     noisy = ("time/", "episodes_per_s", "tokens_per_s", "peak_memory_mb")
     for a, b in zip(default, explicit):
-        assert {k: v for k, v in a.items() if not k.startswith(noisy)} == \
-               {k: v for k, v in b.items() if not k.startswith(noisy)}
+        assert {k: v for k, v in a.items() if not k.startswith(noisy)} == {
+            k: v for k, v in b.items() if not k.startswith(noisy)
+        }
     assert default[-1]["objective/rm_score_raw"] == default[-1]["objective/reward_raw"]
     assert default[-1]["rewards/rm"] == pytest.approx(default[-1]["objective/rm_score_raw"], abs=1e-5)
     assert "judges/gold" in default[-1] and "objective/zero_variance_groups" not in default[-1]

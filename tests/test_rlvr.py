@@ -18,13 +18,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import stages.ppo
 from pipeline.artifacts import read_manifest
-from pipeline.config import PPOStage, RewardSource, load_recipe
+from pipeline.errors import Diverged
+from pipeline.recipe import PPOStage, RewardSource
+from pipeline.recipe_loader import load_recipe
+from pipeline.rl.algorithms import logprobs_of, policy_loss
 from pipeline.rl.divergence import diverging
-from pipeline.rl.ppo import (Experience, PolicyAndValue, Rewarded, batch_sum, disable_dropout, update,
-                             with_advantages)
-from pipeline.rl.ppo_math import logprobs_of, policy_loss
+from pipeline.rl.iteration import (
+    Experience,
+    PolicyAndValue,
+    Rewarded,
+    batch_sum,
+    disable_dropout,
+    update,
+    with_advantages,
+)
 from pipeline.rl.rollout import Rollout
-from pipeline.rl.run import Diverged, PPORun
+from pipeline.rl.run_state import PPORun
 from pipeline.rl.sampling import with_signal
 from stages import eval as evaluate
 from tests.conftest import DEMO_RECIPE, REPO, launch, ppo_args, read_jsonl
@@ -39,15 +48,16 @@ GRPO = ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.kl_in=l
 SERIES = json.loads((Path(__file__).parent / "divergence_series.json").read_text())
 
 
-@pytest.mark.parametrize("run, first_alert", [("ppo", None), ("grpo_rmjudge", None), ("gamed_length", 10),
-                                              ("gamed_word", 11)])
+@pytest.mark.parametrize(
+    "run, first_alert", [("ppo", None), ("grpo_rmjudge", None), ("gamed_length", 10), ("gamed_word", 11)]
+)
 def test_the_divergence_test_flags_gamed_runs_within_the_run_and_leaves_healthy_ones_alone(run, first_alert):
     """The demo's healthy PPO (against its reward model, gold judge) and GRPO (RM judge) runs: no
     alarm in any of their 23 windows, though PPO's reward creeps up 0.3 in its second half while the
     gold judge is flat. Runs optimising a function that pays for length, or for one word: an alarm
     from the first window in which the judge stopped following (iteration 10 of 32, 11)."""
     history, judge = SERIES[run]["iterations"], SERIES[run]["judge"]
-    alerts = [h["iteration"] for i, h in enumerate(history) if diverging(history[:i + 1], judge)]
+    alerts = [h["iteration"] for i, h in enumerate(history) if diverging(history[: i + 1], judge)]
     if first_alert is None:
         assert alerts == []
     else:
@@ -58,12 +68,15 @@ def test_the_divergence_test_flags_gamed_runs_within_the_run_and_leaves_healthy_
 
 # ---- defaults and switches for verifiable rewards ----
 
+
 def test_the_missing_stop_penalty_defaults_to_the_reward_it_was_made_for():
     """1.0 for PPO against a reward model (which rewards rambling to the limit); 0 for critic-free
     estimators and reward functions, which judge the answer itself; an explicit value wins."""
     assert load_recipe(DEMO_RECIPE).ppo.stop_penalty == 1.0
     assert load_recipe(GRPO_RECIPE).ppo.stop_penalty == 0.0
-    assert load_recipe(DEMO_RECIPE, ["ppo.rewards=[{function: 'f.py:f'}]", "ppo.value_model=sft"]).ppo.stop_penalty == 0.0
+    assert (
+        load_recipe(DEMO_RECIPE, ["ppo.rewards=[{function: 'f.py:f'}]", "ppo.value_model=sft"]).ppo.stop_penalty == 0.0
+    )
     assert load_recipe(GRPO_RECIPE, ["ppo.missing_stop_penalty=0.5"]).ppo.stop_penalty == 0.5
 
 
@@ -84,13 +97,31 @@ def truncated_step(mask_truncated: bool, truncated_tokens: list[int]) -> torch.T
     """The policy's parameters after one GRPO step (plain SGD) on 2 groups of 2, whose second
     completions were cut at max_new_tokens and end in `truncated_tokens`."""
     set_seed(0)
-    policy = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    policy = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
     model = PolicyAndValue(policy, None)
     disable_dropout(model)
-    cfg = PPOStage(advantage_estimator="grpo", samples_per_prompt=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
-                   max_new_tokens=3, max_grad_norm=1e9, mask_truncated=mask_truncated, kl_in="loss",
-                   rewards=[RewardSource(function="f.py:f")])
+    cfg = PPOStage(
+        advantage_estimator="grpo",
+        samples_per_prompt=2,
+        batch_size=4,
+        mini_batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=3,
+        max_grad_norm=1e9,
+        mask_truncated=mask_truncated,
+        kl_in="loss",
+        rewards=[RewardSource(function="f.py:f")],
+    )
     acc = Accelerator(cpu=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -99,17 +130,36 @@ def truncated_step(mask_truncated: bool, truncated_tokens: list[int]) -> torch.T
     responses = torch.tensor([[9, 10, 1], truncated_tokens, [11, 1, 0], truncated_tokens])
     has_stop = torch.tensor([True, False, True, False])
     mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]])
-    rollout = Rollout(prompts=[None] * 4, prompt_ids=prompts.tolist(), query_responses=torch.cat([prompts, responses], 1),
-                      attention_mask=torch.cat([torch.ones_like(prompts), mask], 1), responses=responses,
-                      response_mask=mask, has_stop=has_stop, texts=[""] * 4)
+    rollout = Rollout(
+        prompts=[None] * 4,
+        prompt_ids=prompts.tolist(),
+        query_responses=torch.cat([prompts, responses], 1),
+        attention_mask=torch.cat([torch.ones_like(prompts), mask], 1),
+        responses=responses,
+        response_mask=mask,
+        has_stop=has_stop,
+        texts=[""] * 4,
+    )
     with torch.no_grad():
         logits, _ = model(rollout.query_responses, rollout.attention_mask, 3)
         old_logp = logprobs_of(logits, responses, cfg.temperature) * mask
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    exp = Experience(rollout=rollout, mask=mask.float(), old_logp=old_logp, ref_logp=old_logp - 0.1 * mask,
-                     old_values=None, entropy=torch.zeros_like(old_logp), source_scores={}, judge_scores={},
-                     rm_scores=None, raw_scores=scores, valid=torch.ones(4, dtype=torch.bool), scores=scores,
-                     logged_metrics={}, extra_columns={})
+    exp = Experience(
+        rollout=rollout,
+        mask=mask.float(),
+        old_logp=old_logp,
+        ref_logp=old_logp - 0.1 * mask,
+        old_values=None,
+        entropy=torch.zeros_like(old_logp),
+        source_scores={},
+        judge_scores={},
+        rm_scores=None,
+        raw_scores=scores,
+        valid=torch.ones(4, dtype=torch.bool),
+        scores=scores,
+        logged_metrics={},
+        extra_columns={},
+    )
     update(with_advantages(exp, cfg, 0.1, batch_sum(acc)), model, optimizer, scheduler, acc, cfg, "the test step")
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -127,16 +177,25 @@ def batch(scores: list[list[float]], tag: int):
     n, k = len(scores), len(scores[0])
     rows = [[tag, g] for g in range(n) for _ in range(k)]
     flat = torch.tensor([s for group in scores for s in group])
-    rollout = Rollout(prompts=rows, prompt_ids=rows, query_responses=torch.ones(n * k, 3 + tag, dtype=torch.long),
-                      attention_mask=torch.ones(n * k, 3 + tag, dtype=torch.long),
-                      responses=torch.ones(n * k, 2, dtype=torch.long), response_mask=torch.ones(n * k, 2, dtype=torch.long),
-                      has_stop=torch.ones(n * k, dtype=torch.bool), texts=[""] * (n * k))
-    rewarded = Rewarded({}, {}, None, flat, torch.ones(n * k, dtype=torch.bool), flat, {"rewards/f/x": [float(tag)]}, {})
+    rollout = Rollout(
+        prompts=rows,
+        prompt_ids=rows,
+        query_responses=torch.ones(n * k, 3 + tag, dtype=torch.long),
+        attention_mask=torch.ones(n * k, 3 + tag, dtype=torch.long),
+        responses=torch.ones(n * k, 2, dtype=torch.long),
+        response_mask=torch.ones(n * k, 2, dtype=torch.long),
+        has_stop=torch.ones(n * k, dtype=torch.bool),
+        texts=[""] * (n * k),
+    )
+    rewarded = Rewarded(
+        {}, {}, None, flat, torch.ones(n * k, dtype=torch.bool), flat, {"rewards/f/x": [float(tag)]}, {}
+    )
     return rollout, rewarded
 
 
 def test_dynamic_sampling_keeps_groups_with_signal_and_fills_the_batch():
     from types import SimpleNamespace
+
     one = SimpleNamespace(num_processes=1)
     first = batch([[1, 1], [0, 1], [0, 0], [1, 0]], tag=0)  # 2 of 4 groups with signal
     more = {1: batch([[1, 1], [1, 0], [0, 0], [0, 0]], tag=1), 2: batch([[0, 1], [1, 1], [1, 0], [0, 0]], tag=2)}
@@ -144,8 +203,14 @@ def test_dynamic_sampling_keeps_groups_with_signal_and_fills_the_batch():
     # round 0's groups 1 and 3, round 1's group 1, round 2's group 0: 4 groups, every one with signal
     assert [p for p in rollout.prompts[::2]] == [[0, 1], [0, 3], [1, 1], [2, 0]]
     assert rewarded.scores.tolist() == [0, 1, 1, 0, 1, 0, 0, 1]
-    assert figures == {"sampling/extra_rounds": 2.0, "sampling/dropped_groups": 7 / 12, "sampling/groups_without_signal": 0.0}
-    assert rollout.query_responses.shape == (8, 3 + 2) and rollout.attention_mask[:2, :2].sum() == 0  # prompts left-padded
+    assert figures == {
+        "sampling/extra_rounds": 2.0,
+        "sampling/dropped_groups": 7 / 12,
+        "sampling/groups_without_signal": 0.0,
+    }
+    assert (
+        rollout.query_responses.shape == (8, 3 + 2) and rollout.attention_mask[:2, :2].sum() == 0
+    )  # prompts left-padded
     assert rewarded.logged_metrics == {"rewards/f/x": [0.0, 1.0, 2.0]}  # every round's function calls
     # with at most one more round the batch is completed with the first group without signal (round 0's)
     rollout, rewarded, figures = with_signal(first, lambda r: more[r], 2, 1, one, pad_id=0)
@@ -155,14 +220,23 @@ def test_dynamic_sampling_keeps_groups_with_signal_and_fills_the_batch():
 
 # ---- RL from any model ----
 
+
 def test_rl_from_a_model_directory_runs_no_sft_and_eval_names_the_start(sft_run, tmp_path):
     """ppo.model: the RL stage starts from a model directory (here a finished SFT artifact, as if from
     the hub), in a run with no SFT of its own: nothing reads or builds one; the reference is that model
     (KL 0 before the first update); eval's rows are `start` and `ppo`, with KL and win rates from it."""
     start = tmp_path / "instruct"
     shutil.copytree(sft_run / "demo" / "sft", start)
-    args = ["--recipe", GRPO_RECIPE, f"runs_dir={tmp_path}", f"ppo.model={start}", "ppo.total_episodes=96",
-            "ppo.batch_size=32", "ppo.mini_batch_size=8", "eval.prompts.limit=16"]
+    args = [
+        "--recipe",
+        GRPO_RECIPE,
+        f"runs_dir={tmp_path}",
+        f"ppo.model={start}",
+        "ppo.total_episodes=96",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=8",
+        "eval.prompts.limit=16",
+    ]
     run = tmp_path / "demo-grpo"
     stale = run / "sft"  # an earlier run's SFT artifact of this name, finished but unreadable: never read
     shutil.copytree(sft_run / "demo" / "sft", stale)
@@ -186,17 +260,29 @@ def test_rl_from_a_peft_adapter(base_model, tmp_path, finetune):
     training that adapter, under full fine-tuning its merged weights; either way the reference is the
     start as given (base + adapter: KL 0 and ratio 1 before the first update), and the artifact loads."""
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)  # an adapter that changes the model
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)  # (no tokenizer: the base's is used)
-    args = ["--recipe", GRPO_RECIPE, f"runs_dir={tmp_path}", f"ppo.model={adapter}", f"ppo.finetune={finetune}",
-            "ppo.total_episodes=64", "ppo.batch_size=32", "ppo.mini_batch_size=8", "ppo.learning_rate=1e-3"]
+    args = [
+        "--recipe",
+        GRPO_RECIPE,
+        f"runs_dir={tmp_path}",
+        f"ppo.model={adapter}",
+        f"ppo.finetune={finetune}",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=32",
+        "ppo.mini_batch_size=8",
+        "ppo.learning_rate=1e-3",
+    ]
     stages.ppo.main(args)
     out = tmp_path / "demo-grpo" / "ppo"
     history = read_jsonl(out / "metrics.jsonl")
@@ -210,10 +296,10 @@ def test_rl_from_a_peft_adapter(base_model, tmp_path, finetune):
 
 # ---- dynamic sampling in the stage ----
 
-SOMETIMES = '''
+SOMETIMES = """
 def great(completions, **kwargs):  # groups of 4 are often all 0 or all 1
     return [float("great" in c[-1]["content"]) for c in completions]
-'''
+"""
 
 
 def check_sampling(history: list[dict]) -> None:
@@ -226,8 +312,13 @@ def check_sampling(history: list[dict]) -> None:
 
 def test_dynamic_sampling_trains_on_groups_with_signal_and_resumes_exactly(runs_with_sft, tmp_path, monkeypatch):
     (tmp_path / "sometimes.py").write_text(SOMETIMES)
-    args = lambda runs: ppo_args(runs, *GRPO, f"ppo.rewards=[{{function: '{tmp_path}/sometimes.py:great'}}]",  # noqa: E731
-                                 "ppo.dynamic_sampling=true", "ppo.max_sampling_rounds=2")
+    args = lambda runs: ppo_args(
+        runs,
+        *GRPO,
+        f"ppo.rewards=[{{function: '{tmp_path}/sometimes.py:great'}}]",  # noqa: E731
+        "ppo.dynamic_sampling=true",
+        "ppo.max_sampling_rounds=2",
+    )
     other = tmp_path / "uninterrupted"
     shutil.copytree(runs_with_sft / "demo" / "sft", other / "demo" / "sft")
     stages.ppo.main(args(other))
@@ -242,29 +333,46 @@ def test_dynamic_sampling_trains_on_groups_with_signal_and_resumes_exactly(runs_
 
 def test_dynamic_sampling_with_two_processes(runs_with_sft, tmp_path):
     (tmp_path / "sometimes.py").write_text(SOMETIMES)
-    launch(2, "stages/ppo.py", *ppo_args(runs_with_sft, *GRPO, f"ppo.rewards=[{{function: '{tmp_path}/sometimes.py:great'}}]",
-                                         "ppo.dynamic_sampling=true", "ppo.max_sampling_rounds=2",
-                                         "ppo.total_episodes=256"))
+    launch(
+        2,
+        "stages/ppo.py",
+        *ppo_args(
+            runs_with_sft,
+            *GRPO,
+            f"ppo.rewards=[{{function: '{tmp_path}/sometimes.py:great'}}]",
+            "ppo.dynamic_sampling=true",
+            "ppo.max_sampling_rounds=2",
+            "ppo.total_episodes=256",
+        ),
+    )
     check_sampling(read_jsonl(runs_with_sft / "demo" / "ppo" / "metrics.jsonl"))
 
 
 # ---- a gamed reward, in the run and in the report ----
 
-LENGTH = '''
+LENGTH = """
 def long_answers(completions, **kwargs):  # pays for length: easy to game
     return [float(len(c[-1]["content"].split())) for c in completions]
-'''
+"""
 
 
 def gamed_args(runs, tmp_path, *extra):
     (tmp_path / "gamed.py").write_text(LENGTH)
-    return ppo_args(runs, *GRPO[:-1], f"ppo.rewards=[{{function: '{tmp_path}/gamed.py:long_answers'}}]",
-                    "ppo.judges=[{function: 'pipeline.demo:gold_reward', name: gold}]", "ppo.total_episodes=448",
-                    "ppo.save_every=100", "eval.prompts.limit=32", *extra)
+    return ppo_args(
+        runs,
+        *GRPO[:-1],
+        f"ppo.rewards=[{{function: '{tmp_path}/gamed.py:long_answers'}}]",
+        "ppo.judges=[{function: 'pipeline.demo:gold_reward', name: gold}]",
+        "ppo.total_episodes=448",
+        "ppo.save_every=100",
+        "eval.prompts.limit=32",
+        *extra,
+    )
 
 
-def test_a_gamed_reward_raises_the_alert_in_the_run_and_the_verdict_in_the_report(runs_with_sft, base_model, tmp_path,
-                                                                                   capsys):
+def test_a_gamed_reward_raises_the_alert_in_the_run_and_the_verdict_in_the_report(
+    runs_with_sft, base_model, tmp_path, capsys
+):
     args = gamed_args(runs_with_sft, tmp_path)
     stages.ppo.main(args)
     out = runs_with_sft / "demo" / "ppo"
@@ -290,7 +398,9 @@ def test_on_divergence_stop_ends_the_stage_with_a_checkpoint_and_the_best_policy
     assert str(e.value).startswith("ppo: stopped (ppo.on_divergence: stop): the reward rose ")
     assert f"checkpoint saved at iteration {stopped}/14" in str(e.value)
     best = json.loads((partial / "best" / "best.json").read_text())
-    assert f"the policy judge 'gold' scored best (iteration {best['iteration']}) is in {partial / 'best'}" in str(e.value)
+    assert f"the policy judge 'gold' scored best (iteration {best['iteration']}) is in {partial / 'best'}" in str(
+        e.value
+    )
     assert AutoModelForCausalLM.from_pretrained(partial / "best") is not None
     assert AutoTokenizer.from_pretrained(partial / "best") is not None  # a model of its own, tokenizer and all
     # as the message says: the same recipe with on_divergence: warn goes on from the checkpoint to the end
@@ -304,9 +414,11 @@ def test_on_divergence_stop_ends_the_stage_with_a_checkpoint_and_the_best_policy
 def test_a_resumed_run_gets_back_the_best_policy_its_checkpoint_knew(tmp_path):
     """keep_best moves the best a checkpoint covers to best.prev/ when a newer one is found; resuming
     from that checkpoint replays the iterations after it, so the newer best goes and the older returns."""
+
     def best(directory, iteration):
         directory.mkdir()
         (directory / "best.json").write_text(json.dumps({"iteration": iteration, "judge": "gold", "value": 0.1}))
+
     run = SimpleNamespace(out=tmp_path)
     best(tmp_path / "best", 9)
     best(tmp_path / "best.prev", 5)
@@ -325,8 +437,15 @@ def test_a_resumed_run_gets_back_the_best_policy_its_checkpoint_knew(tmp_path):
 
 
 def test_a_judge_stuck_at_one_value_under_a_rising_reward_diverges():
-    history = [{"iteration": i + 1, "objective/reward_raw": 0.2 * i + 0.05 * (-1) ** i,
-                "objective/reward_raw_std": 1.0, "judges/gold": 0.0} for i in range(10)]
+    history = [
+        {
+            "iteration": i + 1,
+            "objective/reward_raw": 0.2 * i + 0.05 * (-1) ** i,
+            "objective/reward_raw_std": 1.0,
+            "judges/gold": 0.0,
+        }
+        for i in range(10)
+    ]
     found = diverging(history, "gold")
     assert found is not None and found.judge_t == 0.0
     assert diverging([{**h, "judges/gold": 0.1 * h["iteration"]} for h in history], "gold") is None
@@ -337,6 +456,7 @@ def test_a_judge_stuck_at_one_value_under_a_rising_reward_diverges():
 INSTRUCT_RECIPE = str(REPO / "stages/recipes/grpo-instruct-lora-1gpu.yaml")
 
 
+@pytest.mark.e2e
 def test_the_instruct_model_recipe_runs_on_a_tiny_model_of_its_shape(tmp_path):
     """grpo-instruct-lora-1gpu.yaml as shipped, but for its sizes: a tiny Qwen2-shaped instruct model
     (ChatML template, tied embeddings) built from a config in place of the hub's, and rows in
@@ -346,22 +466,53 @@ def test_the_instruct_model_recipe_runs_on_a_tiny_model_of_its_shape(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tests.families import chatml_tokenizer
+
     tokenizer = chatml_tokenizer()
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "instruct")
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(tmp_path / "instruct")
     tokenizer.save_pretrained(tmp_path / "instruct")
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}? Put the final answer in \\boxed{{}}."}],
-             "solution": str(a + b)} for a in range(8) for b in range(4)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} + {b}? Put the final answer in \\boxed{{}}."}],
+            "solution": str(a + b),
+        }
+        for a in range(8)
+        for b in range(4)
+    ]
     data = tmp_path / "deepmath.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--recipe", INSTRUCT_RECIPE, f"runs_dir={tmp_path}", f"ppo.model={tmp_path / 'instruct'}",
-            f"ppo.prompts={data}", f"eval.prompts={data}", "eval.prompts.limit=8", "ppo.total_episodes=64",
-            "ppo.batch_size=16", "ppo.mini_batch_size=8", "ppo.gradient_accumulation_steps=2", "ppo.forward_batch_size=8",
-            "ppo.max_new_tokens=12", "ppo.max_sampling_rounds=1", "eval.max_new_tokens=12", "eval.batch_size=8",
-            "ppo.save_every=2"]
+    args = [
+        "--recipe",
+        INSTRUCT_RECIPE,
+        f"runs_dir={tmp_path}",
+        f"ppo.model={tmp_path / 'instruct'}",
+        f"ppo.prompts={data}",
+        f"eval.prompts={data}",
+        "eval.prompts.limit=8",
+        "ppo.total_episodes=64",
+        "ppo.batch_size=16",
+        "ppo.mini_batch_size=8",
+        "ppo.gradient_accumulation_steps=2",
+        "ppo.forward_batch_size=8",
+        "ppo.max_new_tokens=12",
+        "ppo.max_sampling_rounds=1",
+        "eval.max_new_tokens=12",
+        "eval.batch_size=8",
+        "ppo.save_every=2",
+    ]
     stages.ppo.main(args)
     evaluate.main(args)
     run = tmp_path / "grpo-instruct"

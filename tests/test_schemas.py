@@ -20,8 +20,9 @@ import json
 
 import pytest
 
-from pipeline.config import DatasetSpec
-from pipeline.data import DataError, load_for, load_prompts, reference_pairs
+from pipeline.data import load_for, load_prompts, reference_pairs
+from pipeline.errors import DataError
+from pipeline.recipe import DatasetSpec
 from stages import rm
 from tests.conftest import REPO, read_jsonl, rm_args
 
@@ -38,9 +39,17 @@ def ultrafeedback(path) -> str:
     for i, r in enumerate(DEMO_PAIRS):
         user = r["prompt"][0]["content"]
         chosen = [{"role": "user", "content": user}, *r["chosen"]]
-        rows.append({"prompt": user, "prompt_id": f"{i:064x}", "chosen": chosen,
-                     "rejected": [{"role": "user", "content": user}, *r["rejected"]], "messages": chosen,
-                     "score_chosen": 8.0, "score_rejected": 3.5})
+        rows.append(
+            {
+                "prompt": user,
+                "prompt_id": f"{i:064x}",
+                "chosen": chosen,
+                "rejected": [{"role": "user", "content": user}, *r["rejected"]],
+                "messages": chosen,
+                "score_chosen": 8.0,
+                "score_rejected": 3.5,
+            }
+        )
     return write(path, rows)
 
 
@@ -50,25 +59,64 @@ def hh(path) -> str:
 
 
 def dahoas(path) -> str:
-    return write(path, [{"prompt": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant:",
-                         "response": " " + r["chosen"][0]["content"], "chosen": " " + r["chosen"][0]["content"],
-                         "rejected": " " + r["rejected"][0]["content"]} for r in DEMO_PAIRS])
+    return write(
+        path,
+        [
+            {
+                "prompt": f"\n\nHuman: {r['prompt'][0]['content']}\n\nAssistant:",
+                "response": " " + r["chosen"][0]["content"],
+                "chosen": " " + r["chosen"][0]["content"],
+                "rejected": " " + r["rejected"][0]["content"],
+            }
+            for r in DEMO_PAIRS
+        ],
+    )
 
 
 def trl_ultrafeedback(path) -> str:
-    return write(path, [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"],
-                         "score_chosen": 8.0, "score_rejected": 3.5} for r in DEMO_PAIRS])
+    return write(
+        path,
+        [
+            {
+                "chosen": r["prompt"] + r["chosen"],
+                "rejected": r["prompt"] + r["rejected"],
+                "score_chosen": 8.0,
+                "score_rejected": 3.5,
+            }
+            for r in DEMO_PAIRS
+        ],
+    )
 
 
 def no_robots(path) -> str:
     rows = read_jsonl(REPO / "data/demo/sft_train.jsonl")[:50]
-    return write(path, [{"prompt": r["prompt"][0]["content"], "prompt_id": f"{i:064x}",
-                         "messages": r["prompt"] + r["completion"], "category": "Open QA"} for i, r in enumerate(rows)])
+    return write(
+        path,
+        [
+            {
+                "prompt": r["prompt"][0]["content"],
+                "prompt_id": f"{i:064x}",
+                "messages": r["prompt"] + r["completion"],
+                "category": "Open QA",
+            }
+            for i, r in enumerate(rows)
+        ],
+    )
 
 
 def own_names(path) -> str:
-    return write(path, [{"question": r["prompt"][0]["content"], "pos": r["chosen"][0]["content"],
-                         "neg": r["rejected"][0]["content"], "source": "demo"} for r in DEMO_PAIRS])
+    return write(
+        path,
+        [
+            {
+                "question": r["prompt"][0]["content"],
+                "pos": r["chosen"][0]["content"],
+                "neg": r["rejected"][0]["content"],
+                "source": "demo",
+            }
+            for r in DEMO_PAIRS
+        ],
+    )
 
 
 def sft_messages(path) -> str:
@@ -97,11 +145,20 @@ def test_hh_prompts_with_plain_responses_become_conversations(tmp_path):
     history, and a prompt-only set in this form gives conversational prompts."""
     ds, fmt = load_for(DatasetSpec(dahoas(tmp_path / "dahoas.jsonl")), ["preference"])
     demo = DEMO_PAIRS[0]
-    assert fmt == "preference" and ds[0] == {"prompt": demo["prompt"], "chosen": demo["chosen"], "rejected": demo["rejected"]}
+    assert fmt == "preference" and ds[0] == {
+        "prompt": demo["prompt"],
+        "chosen": demo["chosen"],
+        "rejected": demo["rejected"],
+    }
     multi = "\n\nHuman: hi\n\nAssistant: hello !\n\nHuman: and the music ?\n\nAssistant:"
     path = write(tmp_path / "prompts.jsonl", [{"prompt": multi}])
-    assert load_prompts(DatasetSpec(path))[0] == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello !"},
-                                                {"role": "user", "content": "and the music ?"}]]
+    assert load_prompts(DatasetSpec(path))[0] == [
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello !"},
+            {"role": "user", "content": "and the music ?"},
+        ]
+    ]
 
 
 def test_implicit_conversations_with_scores_and_messages_with_a_prompt_column(tmp_path):
@@ -123,6 +180,7 @@ def test_a_batch_of_prompts_and_their_columns_is_one_read_each(tmp_path, monkeyp
 
     import pipeline.rl.rollout as rollout
     from pipeline.data import take
+
     path = write(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "solution": i} for i in range(10)])
     prompts, columns = load_prompts(DatasetSpec(path))
     reads, read = [], Column.__getitem__
@@ -138,11 +196,14 @@ def test_a_batch_of_prompts_and_their_columns_is_one_read_each(tmp_path, monkeyp
 
 def test_columns_are_mapped_and_a_wrong_mapping_is_named(tmp_path):
     path = own_names(tmp_path / "own.jsonl")
-    ds, fmt = load_for(DatasetSpec(path, columns={"prompt": "question", "chosen": "pos", "rejected": "neg"}),
-                       ["preference"])
-    assert fmt == "preference" and ds[0] == {"prompt": DEMO_PAIRS[0]["prompt"][0]["content"],
-                                             "chosen": DEMO_PAIRS[0]["chosen"][0]["content"],
-                                             "rejected": DEMO_PAIRS[0]["rejected"][0]["content"]}
+    ds, fmt = load_for(
+        DatasetSpec(path, columns={"prompt": "question", "chosen": "pos", "rejected": "neg"}), ["preference"]
+    )
+    assert fmt == "preference" and ds[0] == {
+        "prompt": DEMO_PAIRS[0]["prompt"][0]["content"],
+        "chosen": DEMO_PAIRS[0]["chosen"][0]["content"],
+        "rejected": DEMO_PAIRS[0]["rejected"][0]["content"],
+    }
     with pytest.raises(DataError, match=r"columns \['better'\] named in `columns` are not in the dataset"):
         load_for(DatasetSpec(path, columns={"chosen": "better"}), ["preference"])
 
@@ -154,9 +215,17 @@ def test_a_messages_reference_set_gives_prompts_and_last_turns(tmp_path):
 
 
 def train_rm_on(pairs: str, runs, tmp_path) -> dict:
-    rm.main(rm_args(runs, f"rm.dataset={pairs}", "rm.eval_dataset=null", "rm.eval_fraction=0.1",
-                    f"rm.reference_dataset={sft_messages(tmp_path / 'msgs.jsonl')}", "rm.trainer.num_train_epochs=2",
-                    "--force"))
+    rm.main(
+        rm_args(
+            runs,
+            f"rm.dataset={pairs}",
+            "rm.eval_dataset=null",
+            "rm.eval_fraction=0.1",
+            f"rm.reference_dataset={sft_messages(tmp_path / 'msgs.jsonl')}",
+            "rm.trainer.num_train_epochs=2",
+            "--force",
+        )
+    )
     return json.loads((runs / "demo" / "rm" / "manifest.json").read_text())["metrics"]
 
 
@@ -166,6 +235,7 @@ def demo_schema_rm(sft_run, tmp_path_factory) -> dict:
     must reproduce (a fixed sentiment lexicon scores 0.62 on these pairs, so a bare threshold would not
     show a prompt lost in the conversion)."""
     import shutil
+
     tmp = tmp_path_factory.mktemp("demo_schema")
     shutil.copytree(sft_run / "demo" / "sft", tmp / "demo" / "sft")
     return train_rm_on(write(tmp / "pairs.jsonl", DEMO_PAIRS), tmp, tmp)
@@ -183,14 +253,26 @@ def test_the_rm_stage_trains_on_hub_schemas_with_a_messages_reference(schema, ru
 
 def test_multi_turn_histories_with_a_system_turn_repeated_in_both_sides(tmp_path):
     """An explicit conversational prompt (system + earlier turns) that chosen/rejected repeat: cut off."""
-    history = [{"role": "system", "content": "you review films ."}, {"role": "user", "content": "hello"},
-               {"role": "assistant", "content": "hello !"}, *DEMO_PAIRS[0]["prompt"]]
-    rows = [{"prompt": history, "chosen": history + DEMO_PAIRS[0]["chosen"],
-             "rejected": history + DEMO_PAIRS[0]["rejected"]}] * 3
+    history = [
+        {"role": "system", "content": "you review films ."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello !"},
+        *DEMO_PAIRS[0]["prompt"],
+    ]
+    rows = [
+        {
+            "prompt": history,
+            "chosen": history + DEMO_PAIRS[0]["chosen"],
+            "rejected": history + DEMO_PAIRS[0]["rejected"],
+        }
+    ] * 3
     ds, _ = load_for(DatasetSpec(write(tmp_path / "multi.jsonl", rows)), ["preference"])
     assert ds[0] == {"prompt": history, "chosen": DEMO_PAIRS[0]["chosen"], "rejected": DEMO_PAIRS[0]["rejected"]}
 
 
 def test_a_text_reference_set_is_scored_as_whole_texts(tmp_path):
     path = write(tmp_path / "text.jsonl", [{"text": "the music is great ."}, {"text": "the story is dull ."}])
-    assert reference_pairs(DatasetSpec(path), limit=10) == ([None, None], ["the music is great .", "the story is dull ."])
+    assert reference_pairs(DatasetSpec(path), limit=10) == (
+        [None, None],
+        ["the music is great .", "the story is dull ."],
+    )

@@ -35,18 +35,27 @@ class ScriptedPolicy(torch.nn.Module):
         return torch.cat([input_ids, torch.tensor([self.answer] * len(input_ids))], 1)
 
 
-@pytest.mark.parametrize("family, prompt, response", [
-    ("chatml", PROMPT, RESPONSE),                                    # training text ends in "\n" after <|im_end|>
-    ("bos", PROMPT, RESPONSE),                                       # the template writes BOS
-    ("bos", "how was the music of star quest ? ", RESPONSE),        # plain text: the tokenizer adds BOS and trl EOS
-])
+@pytest.mark.parametrize(
+    "family, prompt, response",
+    [
+        ("chatml", PROMPT, RESPONSE),  # training text ends in "\n" after <|im_end|>
+        ("bos", PROMPT, RESPONSE),  # the template writes BOS
+        ("bos", "how was the music of star quest ? ", RESPONSE),  # plain text: the tokenizer adds BOS and trl EOS
+    ],
+)
 def test_every_stage_scores_what_reward_trainer_trained_on(family, prompt, response, tmp_path):
     tokenizer = families.chatml_tokenizer() if family == "chatml" else families.bos_tokenizer()
     model = families.reward_model(tokenizer)
-    expected_ids = trainer_ids(tokenizer, model, {"prompt": prompt, "chosen": response if isinstance(prompt, str) else
-                                                  [{"role": "assistant", "content": response}],
-                                                  "rejected": "x" if isinstance(prompt, str) else
-                                                  [{"role": "assistant", "content": "x"}]}, tmp_path)
+    expected_ids = trainer_ids(
+        tokenizer,
+        model,
+        {
+            "prompt": prompt,
+            "chosen": response if isinstance(prompt, str) else [{"role": "assistant", "content": response}],
+            "rejected": "x" if isinstance(prompt, str) else [{"role": "assistant", "content": "x"}],
+        },
+        tmp_path,
+    )
     assert reward_input_ids(tokenizer, prompt, response) == expected_ids
     if family == "chatml":
         assert tokenizer.decode(expected_ids[-2:]) == "<|im_end|>\n"  # the head trained after the newline

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.artifacts import MissingArtifact, read_manifest, require
-from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.artifacts import read_manifest, require
+from pipeline.errors import ConfigError, DataError, MissingArtifact
 from stages import sft
 from tests.conftest import REPO, quantized_layers, read_jsonl, sft_args
+
+pytestmark = pytest.mark.e2e  # whole stages, several processes
 
 
 @torch.no_grad()
@@ -24,21 +25,25 @@ def token_logprobs(model, enc) -> torch.Tensor:
 def generate(path, text="how was the music of star quest ?"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     enc = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=16, do_sample=False)
-    return out[0, enc["input_ids"].shape[1]:], tokenizer
+    return out[0, enc["input_ids"].shape[1] :], tokenizer
 
 
 @pytest.mark.parametrize("finetune, lr", [("full", 3e-3), ("lora", 1e-2), ("qlora-4bit", 1e-2), ("qlora-8bit", 1e-2)])
 def test_sft_trains_and_the_artifact_loads_and_generates(tmp_path, base_model, finetune, lr, loaded_models):
-    sft.main(sft_args(tmp_path, base_model, f"sft.finetune={finetune}", f"sft.trainer.learning_rate={lr}",
-                      "sft.lora.r=8"))
+    sft.main(
+        sft_args(tmp_path, base_model, f"sft.finetune={finetune}", f"sft.trainer.learning_rate={lr}", "sft.lora.r=8")
+    )
     trained = loaded_models[0]  # what the Trainer trained: quantized layers under QLoRA, a small trained share
     bits = {"qlora-4bit": "4bit", "qlora-8bit": "8bit"}.get(finetune)
     assert quantized_layers(trained) == {"4bit": 14 if bits == "4bit" else 0, "8bit": 14 if bits == "8bit" else 0}
-    share = sum(p.numel() for p in trained.parameters() if p.requires_grad) / sum(p.numel() for p in trained.parameters())
+    share = sum(p.numel() for p in trained.parameters() if p.requires_grad) / sum(
+        p.numel() for p in trained.parameters()
+    )
     assert (share == 1.0) if finetune == "full" else share < 0.3  # (4-bit weights count packed, two per byte)
     out = tmp_path / "demo" / "sft"
     manifest = require(out, "sft")
@@ -59,8 +64,11 @@ def test_sft_trains_and_the_artifact_loads_and_generates(tmp_path, base_model, f
     assert len(tokens) > 0 and tokenizer.pad_token_id != tokenizer.eos_token_id
     # the artifact is the policy that was trained: under QLoRA the adapter is merged into the dequantized
     # base it trained against (merged into the original weights, it differs by the quantization error)
-    ids = tokenizer(["how was the music of star quest ? it was loud and long .", "tell me about the city ."],
-                    return_tensors="pt", padding=True)
+    ids = tokenizer(
+        ["how was the music of star quest ? it was loud and long .", "tell me about the city ."],
+        return_tensors="pt",
+        padding=True,
+    )
     gap = (token_logprobs(model, ids) - token_logprobs(trained.eval(), ids)).abs().max().item()
     print(f"{finetune}: artifact vs trained policy, max |log-prob difference| {gap:.2e}")
     # (LLM.int8 picks outlier columns per batch, so the 8-bit policy itself depends on the batch it is in;
@@ -114,8 +122,9 @@ def test_missing_inputs_are_clear_errors(tmp_path, base_model):
 def test_make_sft_with_two_processes(tmp_path):
     """The Makefile target, through accelerate launch with 2 gloo processes, then a no-op re-run."""
     overrides = f"runs_dir={tmp_path} sft.dataset.limit=256 sft.eval_dataset.limit=64 sft.trainer.num_train_epochs=1"
-    run = subprocess.run(["make", "-s", "sft", "NPROC=2", f"ARGS={overrides}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        ["make", "-s", "sft", "NPROC=2", f"ARGS={overrides}"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     manifest = require(tmp_path / "demo" / "sft", "sft")
     # 256 rows hold out nothing (eval file given), 2 processes x 32 per device -> 4 steps per epoch

@@ -14,18 +14,30 @@ import torch
 
 from tests.conftest import REPO, launch
 
-SPLITS = {"one process, no accumulation": (1, 1), "one process, 4 micro-batches": (1, 4),
-          "two processes": (2, 1), "two processes, 2 micro-batches each": (2, 2)}
+pytestmark = pytest.mark.e2e  # whole stages, several processes
+
+SPLITS = {
+    "one process, no accumulation": (1, 1),
+    "one process, 4 micro-batches": (1, 4),
+    "two processes": (2, 1),
+    "two processes, 2 micro-batches each": (2, 2),
+}
 
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("split_invariance")
-    for name, (processes, accumulation) in SPLITS.items():
+    for processes, accumulation in SPLITS.values():
         folder = str(out / f"{processes}x{accumulation}")
         if processes == 1:
-            run = subprocess.run([sys.executable, "tests/split_invariance.py", folder, str(accumulation)], cwd=REPO,
-                                 capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            run = subprocess.run(
+                [sys.executable, "tests/split_invariance.py", folder, str(accumulation)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
             assert run.returncode == 0, run.stderr[-3000:]
         else:
             launch(processes, "tests/split_invariance.py", folder, str(accumulation))

@@ -5,16 +5,36 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, BertModel, GemmaConfig,
-                          GPT2Config, LlamaConfig, Lfm2Config, MistralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    GemmaConfig,
+    GPT2Config,
+    Lfm2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+)
 
 from pipeline.rl import unpadded
-from pipeline.rl.ppo import PolicyAndValue, disable_dropout, response_values
+from pipeline.rl.iteration import PolicyAndValue, disable_dropout, response_values
 from pipeline.rl.rollout import response_logits
 from pipeline.rl.unpadded import Layout
 
-SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**{**SMALL, "num_key_value_heads": 4}),
     "qwen2": lambda: Qwen2Config(head_dim=16, **SMALL),  # grouped-query attention
@@ -33,9 +53,7 @@ def value_model(family: str, attn_implementation: str = "sdpa"):
 
 def test_the_layout_places_each_real_token_by_hand():
     # prompts left-padded, then R = 3 response columns right-padded (row 0's response is 1 token)
-    mask = torch.tensor([[0, 1, 1, 1, 0, 0],
-                         [1, 1, 1, 1, 1, 1],
-                         [0, 0, 1, 1, 1, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]])
     ids = torch.arange(6).repeat(3, 1) + 10 * torch.arange(3).unsqueeze(1)
     layout = Layout(ids, mask, response_len=3)
     assert layout.input_ids.tolist() == [[1, 2, 3, 10, 11, 12, 13, 14, 15, 22, 23, 24]]
@@ -53,7 +71,7 @@ def batch(seed: int = 0):
     P = max(prompts)
     mask = torch.zeros(len(prompts), P + R, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        mask[i, P - p:P + r] = 1
+        mask[i, P - p : P + r] = 1
     ids = torch.randint(1, 97, mask.shape, generator=g) * mask
     return ids, mask, mask[:, P:].bool(), R
 
@@ -80,17 +98,22 @@ def test_unpadded_forward_and_backward_equal_the_padded_ones_on_the_real_tokens_
             model.enable_gradient_checkpointing()
         model.train()
         tokens_read = []
-        hook = policy.get_input_embeddings().register_forward_hook(lambda m, args, out: tokens_read.append(args[0].numel()))
+        hook = policy.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: tokens_read.append(args[0].numel())
+        )
         logits, values = model(ids, mask, R)
         hook.remove()
         # the loss the update takes: every real response token's log-softmax and value
-        loss = (logits.log_softmax(-1).amax(-1)[response_mask].sum() + values[response_mask].pow(2).sum())
+        loss = logits.log_softmax(-1).amax(-1)[response_mask].sum() + values[response_mask].pow(2).sum()
         loss.backward()
         results[remove_padding] = logits[response_mask], values[response_mask], grads(model), tokens_read
         for m in (policy, value):  # back to the padded forward for the other half
             m.set_attn_implementation("sdpa")
             m.gradient_checkpointing_disable()
-    (padded_logits, padded_values, padded_grads, padded_read), (logits, values, grad, read) = results[False], results[True]
+    (padded_logits, padded_values, padded_grads, padded_read), (logits, values, grad, read) = (
+        results[False],
+        results[True],
+    )
     assert padded_read == [mask.numel()] and read == [int(mask.sum())]  # the policy's embedding saw only real tokens
     torch.testing.assert_close(logits, padded_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values, padded_values, atol=1e-5, rtol=1e-5)
@@ -116,16 +139,28 @@ def test_models_that_cannot_run_unpadded_run_padded():
     decoder = AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="sdpa")
     assert unpadded.supports(decoder)
     assert not unpadded.supports(AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="eager"))
-    encoder = BertModel(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=64), add_pooling_layer=False)
+    encoder = BertModel(
+        BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        add_pooling_layer=False,
+    )
     assert not unpadded.supports(encoder)  # bidirectional: its attention is not causal
     # LFM2: convolution layers between the attention layers would mix the sequences of the one row
-    hybrid = Lfm2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    hybrid = Lfm2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention"],
+    )
     assert not unpadded.supports(AutoModelForCausalLM.from_config(hybrid, attn_implementation="sdpa"))
     # Qwen2-MoE keeps its sliding window in the mask functions: its attention would never see it
-    windowed = Qwen2MoeConfig(**{**SMALL, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 32},
-                              use_sliding_window=True, sliding_window=3)
+    windowed = Qwen2MoeConfig(
+        **{**SMALL, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 32},
+        use_sliding_window=True,
+        sliding_window=3,
+    )
     assert not unpadded.supports(AutoModelForCausalLM.from_config(windowed, attn_implementation="sdpa"))
     assert unpadded.supports(AutoModelForCausalLM.from_config(CONFIGS["mistral"](), attn_implementation="sdpa"))
     # a value model that cannot makes the policy run padded too (one layout per forward)
@@ -136,8 +171,10 @@ def test_models_that_cannot_run_unpadded_run_padded():
 def test_a_model_whose_attention_never_saw_the_layout_is_an_error_not_a_wrong_result():
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="sdpa")  # not enabled
     ids, mask, _, R = batch()
-    with pytest.raises(RuntimeError, match="0 of its 2 layers attended unpadded, so it cannot run unpadded: "
-                                           "set ppo.remove_padding=false"):
+    with pytest.raises(
+        RuntimeError,
+        match="0 of its 2 layers attended unpadded, so it cannot run unpadded: set ppo.remove_padding=false",
+    ):
         response_logits(model, ids, mask, R, Layout(ids, mask, R))
     # one layout for the policy and the value model: each model's own layers must have used it
     layout = Layout(ids, mask, R)

@@ -25,7 +25,8 @@ import torch
 from transformers import GenerationConfig
 
 from pipeline import data
-from pipeline.config import ConfigError, PPOStage
+from pipeline.errors import ConfigError
+from pipeline.recipe import PPOStage
 from pipeline.rl.rollout import Rollout, generate
 from pipeline.rl.tools import Toolbox, check_template, parse_reply, result_ids
 from pipeline.user_code import one_line
@@ -48,18 +49,24 @@ class Agent:
     tools: list[str]
     """The tools' names (the same on every process: the metrics' keys)."""
 
-    def take(self, rows: list[int]) -> "Agent":
+    def take(self, rows: list[int]) -> Agent:
         index = torch.tensor(rows, dtype=torch.long, device=self.model_mask.device)
-        return Agent(self.model_mask[index], *([x[i] for i in rows] for x in (self.exchanges, self.environments,
-                                                                             self.stats)), self.tools)
+        return Agent(
+            self.model_mask[index],
+            *([x[i] for i in rows] for x in (self.exchanges, self.environments, self.stats)),
+            self.tools,
+        )
 
     @staticmethod
-    def cat(parts: list["Agent"], width: int | None = None) -> "Agent":
+    def cat(parts: list[Agent], width: int | None = None) -> Agent:
         """Several batches' as one, masks padded on the right to `width` response tokens (default: the widest)."""
         width = width or max(a.model_mask.shape[1] for a in parts)
         mask = torch.cat([torch.nn.functional.pad(a.model_mask, (0, width - a.model_mask.shape[1])) for a in parts])
-        return Agent(mask, *([x for a in parts for x in getattr(a, key)] for key in ("exchanges", "environments", "stats")),
-                     parts[0].tools)
+        return Agent(
+            mask,
+            *([x for a in parts for x in getattr(a, key)] for key in ("exchanges", "environments", "stats")),
+            parts[0].tools,
+        )
 
     def error_counts(self) -> tuple[int, int]:
         """(failed calls, calls) over the batch."""
@@ -70,11 +77,14 @@ class Agent:
         share of episodes that called one, the model's turns per episode, and the shares of exchanges cut
         by the token budget or the turn limit."""
         n, (errors, calls) = len(self.stats), self.error_counts()
-        out = {"tools/calls_per_episode": calls / n, "tools/error_share": errors / max(calls, 1),
-               "tools/used_share": sum(s["calls"] > 0 for s in self.stats) / n,
-               "tools/turns_per_episode": sum(s["turns"] for s in self.stats) / n,
-               "tools/cut_by_budget": sum(s["cut"] == "budget" for s in self.stats) / n,
-               "tools/cut_by_turns": sum(s["cut"] == "turns" for s in self.stats) / n}
+        out = {
+            "tools/calls_per_episode": calls / n,
+            "tools/error_share": errors / max(calls, 1),
+            "tools/used_share": sum(s["calls"] > 0 for s in self.stats) / n,
+            "tools/turns_per_episode": sum(s["turns"] for s in self.stats) / n,
+            "tools/cut_by_budget": sum(s["cut"] == "budget" for s in self.stats) / n,
+            "tools/cut_by_turns": sum(s["cut"] == "turns" for s in self.stats) / n,
+        }
         for name in [*self.tools, UNKNOWN]:
             out[f"tools/calls/{name}"] = sum(s["per_tool"].get(name, 0) for s in self.stats) / n
         return out
@@ -86,8 +96,10 @@ UNKNOWN = "(unknown)"  # calls of a tool that does not exist, or that could not 
 def load_toolbox(cfg: PPOStage, tokenizer, prompts) -> Toolbox:
     """The run's tools and environment, once the prompts and the chat template are known to carry them."""
     if not data.is_conversational(data.take(prompts, [0])[0]):
-        raise ConfigError("ppo.tools: the prompts are plain text; tools are offered through the chat template, so "
-                          "give conversational prompts (a `prompt` column of message lists)")
+        raise ConfigError(
+            "ppo.tools: the prompts are plain text; tools are offered through the chat template, so "
+            "give conversational prompts (a `prompt` column of message lists)"
+        )
     toolbox = Toolbox(cfg.tools, cfg.environment, cfg.base_dir, cfg.tool_timeout_s)
     check_template(tokenizer, toolbox.schemas)
     result_ids(tokenizer, [{"role": "tool", "name": toolbox.names[0], "content": "x"}], tokenizer.eos_token)
@@ -110,8 +122,17 @@ def prompt_with_observation(prompt: list[dict], observation) -> list[dict]:
 
 
 @torch.no_grad()
-def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbox: Toolbox, config: GenerationConfig,
-                       device, max_tool_turns: int, budget: int) -> Rollout:
+def generate_exchanges(
+    model,
+    tokenizer,
+    prompts: list,
+    rows: list[dict],
+    toolbox: Toolbox,
+    config: GenerationConfig,
+    device,
+    max_tool_turns: int,
+    budget: int,
+) -> Rollout:
     """Each prompt's exchange (see the module docstring): `rows` are the prompts' dataset rows (for the
     environment's `reset`), `config` samples one model turn (its max_new_tokens: a turn's), `budget`
     the most tokens an exchange has after its prompt, model's and inserted together."""
@@ -119,8 +140,14 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
     started = [toolbox.start(row) for row in rows]
     environments, tools = [s[0] for s in started], [s[1] for s in started]
     prompts = [prompt_with_observation(p, s[2]) for p, s in zip(prompts, started)]
-    context = [list(tokenizer.apply_chat_template(p, tools=toolbox.schemas, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]) for p in prompts]
+    context = [
+        list(
+            tokenizer.apply_chat_template(
+                p, tools=toolbox.schemas, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
     ids, own = [[] for _ in range(n)], [[] for _ in range(n)]
     exchanges, has_stop = [[] for _ in range(n)], [False] * n
     stats = [{"turns": 0, "calls": 0, "errors": 0, "cut": None, "per_tool": {}} for _ in range(n)]
@@ -131,12 +158,11 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
         left = {i: budget - len(ids[i]) for i in going}
         turn_config = copy.copy(config)
         turn_config.max_new_tokens = max(1, min(config.max_new_tokens, max(left.values())))
-        out = generate(model, tokenizer, [None] * len(going), turn_config, device,
-                       [context[i] + ids[i] for i in going])
+        out = generate(model, tokenizer, [None] * len(going), turn_config, device, [context[i] + ids[i] for i in going])
         calling = {}  # rollout: the calls of its turn, to run (those of every rollout together)
         for j, i in enumerate(going):
             length = int(out.response_mask[j].sum())
-            new = out.responses[j, :min(length, left[i])].tolist()
+            new = out.responses[j, : min(length, left[i])].tolist()
             stopped = bool(out.has_stop[j]) and len(new) == length
             ids[i] += new
             own[i] += [1] * len(new)
@@ -163,8 +189,10 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
             try:
                 inserted = result_ids(tokenizer, list(messages), tokenizer.decode([ids[i][-1]]))
             except Exception as e:  # a template that cannot render these results (e.g. one call a turn only)
-                print(f"warning: the chat template could not render a tool result ({one_line(e)}): the exchange "
-                      f"ends on its call")
+                print(
+                    f"warning: the chat template could not render a tool result ({one_line(e)}): the exchange "
+                    f"ends on its call"
+                )
                 stats[i]["cut"] = "template"
                 continue
             for call, fail in zip(calls, failed):
@@ -182,8 +210,15 @@ def generate_exchanges(model, tokenizer, prompts: list, rows: list[dict], toolbo
         going = still
     R = max(1, max(len(x) for x in ids))
     model_mask = torch.tensor([x + [0] * (R - len(x)) for x in own], device=device)
-    return _as_rollout(tokenizer, prompts, context, ids, has_stop,
-                       Agent(model_mask, exchanges, environments, stats, toolbox.names), device)
+    return _as_rollout(
+        tokenizer,
+        prompts,
+        context,
+        ids,
+        has_stop,
+        Agent(model_mask, exchanges, environments, stats, toolbox.names),
+        device,
+    )
 
 
 def _as_rollout(tokenizer, prompts, context, ids, has_stop, agent: Agent, device) -> Rollout:
@@ -192,7 +227,14 @@ def _as_rollout(tokenizer, prompts, context, ids, has_stop, agent: Agent, device
     enc = tokenizer.pad({"input_ids": context}, padding_side="left", return_tensors="pt").to(device)
     responses = torch.tensor([x + [pad] * (R - len(x)) for x in ids], device=device)
     mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in ids], device=device)
-    return Rollout(prompts=list(prompts), prompt_ids=context, query_responses=torch.cat([enc["input_ids"], responses], 1),
-                   attention_mask=torch.cat([enc["attention_mask"], mask], 1), responses=responses, response_mask=mask,
-                   has_stop=torch.tensor(has_stop, device=device),
-                   texts=tokenizer.batch_decode([x for x in ids], skip_special_tokens=True), agent=agent)
+    return Rollout(
+        prompts=list(prompts),
+        prompt_ids=context,
+        query_responses=torch.cat([enc["input_ids"], responses], 1),
+        attention_mask=torch.cat([enc["attention_mask"], mask], 1),
+        responses=responses,
+        response_mask=mask,
+        has_stop=torch.tensor(has_stop, device=device),
+        texts=tokenizer.batch_decode([x for x in ids], skip_special_tokens=True),
+        agent=agent,
+    )

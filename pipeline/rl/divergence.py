@@ -14,7 +14,7 @@ The second condition keeps a reward that creeps up within its noise from raising
 PPO gains 0.3 in its second half, at a spread of 1.1, while its gold judge is flat: a mild
 over-optimisation this test leaves alone; the spread of later iterations would not, as a converging
 policy's rewards narrow). Measured on
-the demo's healthy runs and on deliberately gamed ones (README, "Rewards, judges and critic-free
+the demo's healthy runs and on deliberately gamed ones (docs/rewards-and-estimators.md, "Rewards, judges and critic-free
 estimators"): no alarm in the healthy ones, an alarm within the run in the gamed ones.
 """
 
@@ -56,13 +56,21 @@ class Divergence:
     judge_t: float
 
     def line(self) -> str:
-        return (f"the reward rose {self.reward[0]:.3g} -> {self.reward[1]:.3g} over iterations {self.first}-{self.last} "
-                f"(t = {self.reward_t:.1f}) while judge '{self.judge}' went {self.judge_values[0]:.3g} -> "
-                f"{self.judge_values[1]:.3g} (t = {self.judge_t:.1f}): likely over-optimisation of the reward")
+        return (
+            f"the reward rose {self.reward[0]:.3g} -> {self.reward[1]:.3g} over iterations {self.first}-{self.last} "
+            f"(t = {self.reward_t:.1f}) while judge '{self.judge}' went {self.judge_values[0]:.3g} -> "
+            f"{self.judge_values[1]:.3g} (t = {self.judge_t:.1f}): likely over-optimisation of the reward"
+        )
 
     def record(self) -> dict:
-        return {"judge": self.judge, "iterations": [self.first, self.last], "reward": list(self.reward),
-                "judge_values": list(self.judge_values), "reward_t": self.reward_t, "judge_t": self.judge_t}
+        return {
+            "judge": self.judge,
+            "iterations": [self.first, self.last],
+            "reward": list(self.reward),
+            "judge_values": list(self.judge_values),
+            "reward_t": self.reward_t,
+            "judge_t": self.judge_t,
+        }
 
 
 def diverging(history: list[dict], judge: str, window: int = WINDOW) -> Divergence | None:
@@ -78,6 +86,16 @@ def diverging(history: list[dict], judge: str, window: int = WINDOW) -> Divergen
     judge_slope, judge_t = trend(judged)
     if not (t >= RISE_T and slope * (window - 1) >= RISE_SD * spread and judge_t <= JUDGE_T):
         return None
-    fitted = lambda values, b: (sum(values) / window - b * (window - 1) / 2, sum(values) / window + b * (window - 1) / 2)  # noqa: E731
-    return Divergence(judge, recent[0]["iteration"], recent[-1]["iteration"], fitted(rewards, slope),
-                      fitted(judged, judge_slope), t, judge_t)
+    fitted = lambda values, b: (
+        sum(values) / window - b * (window - 1) / 2,
+        sum(values) / window + b * (window - 1) / 2,
+    )  # noqa: E731
+    return Divergence(
+        judge,
+        recent[0]["iteration"],
+        recent[-1]["iteration"],
+        fitted(rewards, slope),
+        fitted(judged, judge_slope),
+        t,
+        judge_t,
+    )

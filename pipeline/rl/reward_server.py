@@ -43,10 +43,10 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-from pipeline import cli
+from pipeline import cli, process
 
 if __name__ == "__main__":  # the server's process: before the libraries load
-    cli.before_libraries()
+    process.before_libraries()
 
 import jinja2
 import torch
@@ -55,7 +55,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from pipeline import artifacts, models, plans
-from pipeline.config import ConfigError, UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids
 
 PARSING_AT_ONCE = 4  # requests parsed and tokenized at the same time (each may hold a body of max_body_bytes)
@@ -78,8 +78,11 @@ class Rejected(Exception):
 
 
 def _message_list(x) -> bool:
-    return isinstance(x, list) and len(x) > 0 and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                      and isinstance(m.get("content"), str) for m in x)
+    return (
+        isinstance(x, list)
+        and len(x) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in x)
+    )
 
 
 def parse(body: bytes, limits: Limits) -> tuple[list, list]:
@@ -87,20 +90,29 @@ def parse(body: bytes, limits: Limits) -> tuple[list, list]:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Rejected(400, "the body is not JSON: send {\"prompts\": [...], \"completions\": [...]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("prompts"), list) \
-            or not isinstance(data.get("completions"), list):
+        raise Rejected(400, 'the body is not JSON: send {"prompts": [...], "completions": [...]}') from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("prompts"), list)
+        or not isinstance(data.get("completions"), list)
+    ):
         raise Rejected(422, "the body must be a JSON object with the lists 'prompts' and 'completions'")
     prompts, completions = data["prompts"], data["completions"]
     if len(prompts) != len(completions):
-        raise Rejected(400, f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion")
+        raise Rejected(
+            400, f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion"
+        )
     if len(completions) > limits.max_pairs:
-        raise Rejected(413, f"{len(completions)} pairs in one request; this server takes at most {limits.max_pairs} "
-                            f"(--max-pairs): split the request")
+        raise Rejected(
+            413,
+            f"{len(completions)} pairs in one request; this server takes at most {limits.max_pairs} "
+            f"(--max-pairs): split the request",
+        )
     for i, p in enumerate(prompts):
         if not (p is None or isinstance(p, str) or _message_list(p)):
-            raise Rejected(422, f"prompts[{i}] must be a string, a non-empty list of {{role, content}} messages, or "
-                                f"null")
+            raise Rejected(
+                422, f"prompts[{i}] must be a string, a non-empty list of {{role, content}} messages, or null"
+            )
     for i, c in enumerate(completions):
         if not (isinstance(c, str) or _message_list(c)):
             raise Rejected(422, f"completions[{i}] must be a string or a non-empty list of {{role, content}} messages")
@@ -181,12 +193,23 @@ class Batcher:
                     job.future.set_result(job.scores)
 
 
-def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, api_key: str | None = None,
-               batch_size: int = 64, hide: str | None = None) -> FastAPI:
+def create_app(
+    scorer: RewardScorer,
+    name: str,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    batch_size: int = 64,
+    hide: str | None = None,
+) -> FastAPI:
     """The app: `name` is what /health calls the model; `hide` (its path) never appears in an answer."""
     limits = limits or Limits()
-    app = FastAPI(title="reward model", description=f"scores (prompt, completion) pairs with {name}", docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="reward model",
+        description=f"scores (prompt, completion) pairs with {name}",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     batcher = Batcher(scorer, batch_size)
     reading = asyncio.Semaphore(PARSING_AT_ONCE)  # bodies in memory at once, until rendered
     rendering = threading.Lock()  # one tokenizer: its truncation settings are set per call (encoders)
@@ -200,8 +223,11 @@ def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, ap
                     yield reward_input_ids(scorer.tokenizer, p, c)
                 except (UserError, jinja2.TemplateError) as e:  # e.g. no chat template, or one that refuses the roles
                     reason = " ".join(str(e).split())[:200]
-                    raise Rejected(422, f"cannot render pair {i} with this reward model: "
-                                        f"{reason.replace(hide, name) if hide else reason}") from None
+                    raise Rejected(
+                        422,
+                        f"cannot render pair {i} with this reward model: "
+                        f"{reason.replace(hide, name) if hide else reason}",
+                    ) from None
                 except Exception as e:  # its message might quote the input: only its kind
                     raise Rejected(422, f"cannot render pair {i} with this reward model ({type(e).__name__})") from None
 
@@ -213,25 +239,38 @@ def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, ap
     async def score(request: Request):
         try:
             if expected is not None and not hmac.compare_digest(
-                    request.headers.get("authorization", "").encode(), expected):
-                return JSONResponse({"detail": "missing or wrong API key (Authorization: Bearer <key>)"}, 401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                request.headers.get("authorization", "").encode(), expected
+            ):
+                return JSONResponse(
+                    {"detail": "missing or wrong API key (Authorization: Bearer <key>)"},
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             declared = request.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-                raise Rejected(413, f"the body is {int(declared)} bytes; this server takes at most "
-                                    f"{limits.max_body_bytes} (--max-body-mb): split the request")
+                raise Rejected(
+                    413,
+                    f"the body is {int(declared)} bytes; this server takes at most "
+                    f"{limits.max_body_bytes} (--max-body-mb): split the request",
+                )
             async with reading:
                 chunks, size = [], 0
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limits.max_body_bytes:
-                        raise Rejected(413, f"the body is over {limits.max_body_bytes} bytes, the most this server "
-                                            f"takes (--max-body-mb): split the request")
+                        raise Rejected(
+                            413,
+                            f"the body is over {limits.max_body_bytes} bytes, the most this server "
+                            f"takes (--max-body-mb): split the request",
+                        )
                     chunks.append(chunk)
                 ids = await run_in_threadpool(lambda: list(rendered(b"".join(chunks))))
             if batcher.pairs + len(ids) > limits.max_waiting_pairs:
-                return JSONResponse({"detail": f"{batcher.pairs} pairs are waiting to be scored: try again shortly"},
-                                    503, headers={"Retry-After": "1"})
+                return JSONResponse(
+                    {"detail": f"{batcher.pairs} pairs are waiting to be scored: try again shortly"},
+                    503,
+                    headers={"Retry-After": "1"},
+                )
             scores = await asyncio.wrap_future(batcher.submit(ids))
         except Rejected as e:
             return JSONResponse({"detail": e.reason}, e.status)
@@ -240,8 +279,11 @@ def create_app(scorer: RewardScorer, name: str, limits: Limits | None = None, ap
             return JSONResponse({"detail": "internal error: see the server's log"}, 500)
         non_finite = sum(not math.isfinite(s) for s in scores)
         if non_finite:
-            print(f"warning: {non_finite} of {len(scores)} scores were not finite (answered as null)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: {non_finite} of {len(scores)} scores were not finite (answered as null)",
+                file=sys.stderr,
+                flush=True,
+            )
         return {"rewards": [s if math.isfinite(s) else None for s in scores], "non_finite": non_finite}
 
     return app
@@ -269,13 +311,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="a reward model (directory or hub id); default: the recipe's RM artifact")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key-env", metavar="NAME",
-                        help="the environment variable holding the API key /score requests must carry")
+    parser.add_argument(
+        "--api-key-env", metavar="NAME", help="the environment variable holding the API key /score requests must carry"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
     parser.add_argument("--max-pairs", type=int, default=4096, help="most pairs in one request")
-    parser.add_argument("--max-length", type=int, help="tokens of a rendered pair the model reads, its last ones "
-                                                       "(default: the model's positions)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="tokens of a rendered pair the model reads, its last ones (default: the model's positions)",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     known, rest = parser.parse_known_args(argv)
     for flag in ("batch_size", "max_pairs", "max_length"):
@@ -287,12 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     if known.api_key_env:
         api_key = os.environ.get(known.api_key_env)
         if not api_key:
-            raise ConfigError(f"serve-rm: the environment variable {known.api_key_env} (API_KEY_ENV) is not set: "
-                              f"export it with the key clients must send")
+            raise ConfigError(
+                f"serve-rm: the environment variable {known.api_key_env} (API_KEY_ENV) is not set: "
+                f"export it with the key clients must send"
+            )
     elif not is_loopback(known.host):
-        raise ConfigError(f"serve-rm: binding to {known.host} lets other machines in, and the server has no API key: "
-                          f"export a key and pass its variable's name (make serve-rm API_KEY_ENV=NAME), or bind to "
-                          f"127.0.0.1")
+        raise ConfigError(
+            f"serve-rm: binding to {known.host} lets other machines in, and the server has no API key: "
+            f"export a key and pass its variable's name (make serve-rm API_KEY_ENV=NAME), or bind to "
+            f"127.0.0.1"
+        )
     recipe, _ = cli.parse("recipe (for the default reward model)", rest)
     path = known.model or plans.reward_model(recipe)
     if known.model is None and not recipe.ppo.reward_model:
@@ -304,11 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     limit = position_limit(model, tokenizer)
     if known.max_length and limit and known.max_length > limit:
         raise ConfigError(f"--max-length {known.max_length} is more than the model's {limit} positions")
-    scorer = RewardScorer(model.to(device), tokenizer, device, batch_size=known.batch_size,
-                          max_length=known.max_length or limit)
+    scorer = RewardScorer(
+        model.to(device), tokenizer, device, batch_size=known.batch_size, max_length=known.max_length or limit
+    )
     name = str(path).rstrip("/").rsplit("/", 1)[-1] if os.path.exists(str(path)) else str(path)
-    app = create_app(scorer, name, Limits(int(known.max_body_mb * 2**20), known.max_pairs), api_key,
-                     known.batch_size, hide=str(path))
+    app = create_app(
+        scorer, name, Limits(int(known.max_body_mb * 2**20), known.max_pairs), api_key, known.batch_size, hide=str(path)
+    )
 
     import uvicorn  # only the server needs it
 
@@ -318,4 +370,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_and_exit(lambda: main(sys.argv[1:]))
+    process.run_and_exit(lambda: main(sys.argv[1:]))

@@ -40,18 +40,19 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline import user_code
-from pipeline.config import ConfigError, RewardSource
 from pipeline.data import is_conversational
+from pipeline.errors import ConfigError, RewardError
 from pipeline.models import special_ids
+from pipeline.recipe import RewardSource
 from pipeline.scoring import RewardScorer, load_reward_model, reward_input_ids, turn_closing
-from pipeline.user_code import RewardError, one_line
+from pipeline.user_code import one_line
 
 BACKOFF_S = 0.5  # a reward server's first retry waits about this long; each next one twice as long
 BACKOFF_MAX_S = 8.0
@@ -63,11 +64,13 @@ def check_rewards(values, n: int, who: str) -> list[float]:
     if hasattr(values, "tolist"):  # a tensor or numpy array
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise RewardError(f"{who} returned {type(values).__name__}; it must return a list of {n} floats "
-                          f"(or None), one per completion")
+        raise RewardError(
+            f"{who} returned {type(values).__name__}; it must return a list of {n} floats (or None), one per completion"
+        )
     if len(values) != n:
-        raise RewardError(f"{who} returned {len(values)} rewards for {n} completions (one per completion, "
-                          f"None to give none)")
+        raise RewardError(
+            f"{who} returned {len(values)} rewards for {n} completions (one per completion, None to give none)"
+        )
     out = []
     for i, v in enumerate(values):
         try:
@@ -77,8 +80,10 @@ def check_rewards(values, n: int, who: str) -> list[float]:
         except (TypeError, ValueError, OverflowError):  # an array of several, an int past float's range
             number = None
         if number is None or math.isinf(number):
-            raise RewardError(f"{who} returned {one_line(repr(v))[:80]} at index {i}: a reward is a finite number, "
-                              f"a bool, or None (or NaN: no reward)")
+            raise RewardError(
+                f"{who} returned {one_line(repr(v))[:80]} at index {i}: a reward is a finite number, "
+                f"a bool, or None (or NaN: no reward)"
+            )
         out.append(number)
     return out
 
@@ -100,13 +105,16 @@ def check_columns(sections: dict[str, list[RewardSource]], columns) -> None:
         for spec in specs:
             clash = sorted(set(spec.kwargs) & set(columns))
             if clash:
-                raise ConfigError(f"{section} '{spec.label}': kwargs {clash} are also columns of the prompt dataset, "
-                                  f"which the function receives under those names: rename the kwargs")
+                raise ConfigError(
+                    f"{section} '{spec.label}': kwargs {clash} are also columns of the prompt dataset, "
+                    f"which the function receives under those names: rename the kwargs"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
 # Functions
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TrainerState:
@@ -138,15 +146,19 @@ class FunctionLog:
     def log_metric(self, prefix: str) -> Callable[[str, float], None]:
         def log_metric(name: str, value: float) -> None:
             self.metrics.setdefault(f"{prefix}/{name}", []).append(float(value))
+
         return log_metric
 
     def log_extra(self, n: int, who: str) -> Callable[[str, list], None]:
         def log_extra(column: str, values: list) -> None:
             values = list(values)
             if len(values) != n:
-                raise RewardError(f"{who}: log_extra('{column}', ...) got {len(values)} values for {n} completions "
-                                  f"(one per completion)")
+                raise RewardError(
+                    f"{who}: log_extra('{column}', ...) got {len(values)} values for {n} completions "
+                    f"(one per completion)"
+                )
             self.extra[column] = values
+
         return log_extra
 
 
@@ -164,9 +176,17 @@ class FunctionReward:
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.names = set(params)
 
-    def start(self, prompts, texts, completion_ids, columns, state: TrainerState | None = None,
-              log: FunctionLog | None = None, prefix: str = "rewards",
-              exchanges: list[list[dict]] | None = None) -> Callable[[], list[float]]:
+    def start(
+        self,
+        prompts,
+        texts,
+        completion_ids,
+        columns,
+        state: TrainerState | None = None,
+        log: FunctionLog | None = None,
+        prefix: str = "rewards",
+        exchanges: list[list[dict]] | None = None,
+    ) -> Callable[[], list[float]]:
         """Call the function on a batch; what it returns gives its rewards. A sync function runs now; an
         async one is started on the event loop and runs while the caller goes on. `exchanges`: an
         agent's rollouts, each its messages after the prompt (the completions trl passes with tools)."""
@@ -174,12 +194,21 @@ class FunctionReward:
         if exchanges is not None:
             completions = exchanges
         else:
-            completions = ([[{"role": "assistant", "content": t}] for t in texts]
-                           if prompts and is_conversational(prompts[0]) else list(texts))
-        kwargs = {**columns, "prompts": list(prompts), "completions": completions, "completion_ids": completion_ids,
-                  "trainer_state": state if state is not None else TrainerState(),
-                  "log_metric": log.log_metric(f"{prefix}/{self.spec.label}"),
-                  "log_extra": log.log_extra(len(texts), self.who), **self.spec.kwargs}
+            completions = (
+                [[{"role": "assistant", "content": t}] for t in texts]
+                if prompts and is_conversational(prompts[0])
+                else list(texts)
+            )
+        kwargs = {
+            **columns,
+            "prompts": list(prompts),
+            "completions": completions,
+            "completion_ids": completion_ids,
+            "trainer_state": state if state is not None else TrainerState(),
+            "log_metric": log.log_metric(f"{prefix}/{self.spec.label}"),
+            "log_extra": log.log_extra(len(texts), self.who),
+            **self.spec.kwargs,
+        }
         if not self.takes_all:
             kwargs = {k: v for k, v in kwargs.items() if k in self.names}
         n, timeout = len(texts), self.spec.deadline_s
@@ -207,6 +236,7 @@ class FunctionReward:
 # Reward servers
 # ---------------------------------------------------------------------------------------------
 
+
 class _Expired(Exception):
     """A request's deadline passed."""
 
@@ -233,8 +263,10 @@ class RemoteReward:
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
-                raise RewardError(f"{self.who}: the environment variable {spec.api_key_env} (api_key_env) is not set: "
-                                  f"export it with the server's API key")
+                raise RewardError(
+                    f"{self.who}: the environment variable {spec.api_key_env} (api_key_env) is not set: "
+                    f"export it with the server's API key"
+                )
             self.headers["Authorization"] = f"Bearer {key}"
         self.answered = False  # the server has answered once: no more waiting for it to start
         self.jitter = random.Random()  # its own generator: the run's RNG states stay the run's
@@ -249,22 +281,30 @@ class RemoteReward:
             try:
                 status, headers, payload = self._post(body, deadline)
             except _Expired:
-                raise RewardError(f"{self.who}: no complete answer within {limit} ({attempts} "
-                                  f"attempt{'s' * (attempts > 1)}): raise timeout_s, or give the server less to do") from None
+                raise RewardError(
+                    f"{self.who}: no complete answer within {limit} ({attempts} "
+                    f"attempt{'s' * (attempts > 1)}): raise timeout_s, or give the server less to do"
+                ) from None
             except ssl.SSLError as e:
-                raise RewardError(f"{self.who}: TLS failed ({one_line(e.reason or e)}): check the URL's scheme "
-                                  f"(http or https) and the server's certificate") from None
+                raise RewardError(
+                    f"{self.who}: TLS failed ({one_line(e.reason or e)}): check the URL's scheme "
+                    f"(http or https) and the server's certificate"
+                ) from None
             except socket.gaierror as e:
-                raise RewardError(f"{self.who}: cannot resolve the host '{self.host}' ({one_line(e)}): check "
-                                  f"the URL") from None
+                raise RewardError(
+                    f"{self.who}: cannot resolve the host '{self.host}' ({one_line(e)}): check the URL"
+                ) from None
             except (OSError, http.client.HTTPException) as e:
                 refused = isinstance(e, ConnectionRefusedError)
                 cause = "connection refused" if refused else f"connection failed ({type(e).__name__}: {one_line(e)})"
                 if refused and not self.answered:  # a server still starting: wait for it, within its bound
                     if deadline < started + self.startup_wait:
                         limit = f"startup_wait_s = {self.startup_wait:g} s"
-                        print(f"{self.who} refuses connections: waiting up to {limit} for it to start", file=sys.stderr,
-                              flush=True)
+                        print(
+                            f"{self.who} refuses connections: waiting up to {limit} for it to start",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                         deadline = started + self.startup_wait
             else:
                 if status == 200:
@@ -273,8 +313,11 @@ class RemoteReward:
                 detail = one_line(payload.decode(errors="replace"))[:200]
                 cause = f"HTTP {status}" + (f": {detail}" if detail else "")
                 if status in (401, 403):
-                    fix = ("the key in api_key_env was refused: check it" if "Authorization" in self.headers
-                           else "the server wants an API key: set api_key_env to the variable that holds it")
+                    fix = (
+                        "the key in api_key_env was refused: check it"
+                        if "Authorization" in self.headers
+                        else "the server wants an API key: set api_key_env to the variable that holds it"
+                    )
                     raise RewardError(f"{self.who}: {cause}: {fix}")
                 if status != 429 and status < 500:  # the request is wrong: asking again changes nothing
                     raise RewardError(f"{self.who} refused the request ({cause})")
@@ -282,11 +325,16 @@ class RemoteReward:
             wait = retry_after if retry_after is not None else backoff * self.jitter.uniform(0.5, 1.0)
             if time.monotonic() + wait >= deadline:
                 waited = time.monotonic() - started
-                hint = ("is it running? (`make serve-rm`)" if refused else
-                        f"it asked to retry after {retry_after:g} s, past the deadline (timeout_s)"
-                        if retry_after is not None else "see the server's log")
-                raise RewardError(f"{self.who} failed {attempts} time{'s' * (attempts > 1)} in {waited:.0f} s (last: "
-                                  f"{cause}): {hint}")
+                hint = (
+                    "is it running? (`make serve-rm`)"
+                    if refused
+                    else f"it asked to retry after {retry_after:g} s, past the deadline (timeout_s)"
+                    if retry_after is not None
+                    else "see the server's log"
+                )
+                raise RewardError(
+                    f"{self.who} failed {attempts} time{'s' * (attempts > 1)} in {waited:.0f} s (last: {cause}): {hint}"
+                )
             time.sleep(wait)
             backoff = min(2 * backoff, BACKOFF_MAX_S)
 
@@ -296,8 +344,9 @@ class RemoteReward:
         if remaining <= 0:
             raise _Expired
         if self.https:
-            connection = http.client.HTTPSConnection(self.host, self.port, timeout=remaining,
-                                                     context=ssl.create_default_context())
+            connection = http.client.HTTPSConnection(
+                self.host, self.port, timeout=remaining, context=ssl.create_default_context()
+            )
         else:
             connection = http.client.HTTPConnection(self.host, self.port, timeout=remaining)
         expired = threading.Event()
@@ -310,6 +359,7 @@ class RemoteReward:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
         watchdog = threading.Timer(remaining, expire)
         watchdog.daemon = True
         watchdog.start()
@@ -335,8 +385,12 @@ class RemoteReward:
         rewards = check_rewards(answer["rewards"], n, self.who)
         missing = sum(math.isnan(r) for r in rewards)
         if missing and answer.get("non_finite"):
-            print(f"warning: {self.who} had no finite score for {missing} of {n} completions (they get no reward "
-                  f"from it): see the server's log", file=sys.stderr, flush=True)
+            print(
+                f"warning: {self.who} had no finite score for {missing} of {n} completions (they get no reward "
+                f"from it): see the server's log",
+                file=sys.stderr,
+                flush=True,
+            )
         return rewards
 
 
@@ -357,6 +411,7 @@ def _retry_after(value: str | None) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # Reward models
 # ---------------------------------------------------------------------------------------------
+
 
 class ModelReward:
     """A frozen sequence classifier, read through `RewardScorer` (the RM stage's own rendering).
@@ -421,13 +476,18 @@ class ModelReward:
         # One batched tokenizer call over these short texts, no template.
         tails = [self._prompt_tail(p) for p in prompt_ids]
         head_ids, head_text = self.closing_head
-        again = self.scorer.tokenizer([t + text + head_text for (_, t), text in zip(tails, texts)],
-                                      add_special_tokens=False)["input_ids"]
+        again = self.scorer.tokenizer(
+            [t + text + head_text for (_, t), text in zip(tails, texts)], add_special_tokens=False
+        )["input_ids"]
         # (an empty response is rendered too: a template may leave an empty turn out)
-        ids = [p + body + self.closing if ok and body and same == tail + body + head_ids
-               else reward_input_ids(self.scorer.tokenizer, prompt, text)
-               for p, (tail, _), body, ok, same, prompt, text in
-               zip(prompt_ids, tails, bodies, plain.tolist(), again, prompts, texts)]
+        ids = [
+            p + body + self.closing
+            if ok and body and same == tail + body + head_ids
+            else reward_input_ids(self.scorer.tokenizer, prompt, text)
+            for p, (tail, _), body, ok, same, prompt, text in zip(
+                prompt_ids, tails, bodies, plain.tolist(), again, prompts, texts
+            )
+        ]
         return self.scorer.score_ids(ids)
 
 
@@ -435,8 +495,15 @@ class ModelReward:
 # A set of sources
 # ---------------------------------------------------------------------------------------------
 
-def load_sources(specs: list[RewardSource], model_path: Callable[[str], str], dtype: torch.dtype, device,
-                 batch_size: int, prepare=lambda model: model) -> dict[str, tuple]:
+
+def load_sources(
+    specs: list[RewardSource],
+    model_path: Callable[[str], str],
+    dtype: torch.dtype,
+    device,
+    batch_size: int,
+    prepare=lambda model: model,
+) -> dict[str, tuple]:
     """{name: (source, weight)}. `model_path` resolves a model source ('rm' -> this run's RM);
     `prepare` readies a frozen model for the engine (pipeline.engine.prepare_frozen)."""
     sources = {}
@@ -480,10 +547,17 @@ class Rewards:
     def has_functions(self) -> bool:
         return any(isinstance(s, FunctionReward) for s, _ in self.sources.values())
 
-    def score(self, prompts: list, texts: list[str], responses: torch.Tensor | None = None,
-              response_mask: torch.Tensor | None = None, columns: dict | None = None,
-              prompt_ids: list[list[int]] | None = None, state: TrainerState | None = None,
-              exchanges: list[list[dict]] | None = None) -> dict[str, torch.Tensor]:
+    def score(
+        self,
+        prompts: list,
+        texts: list[str],
+        responses: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+        columns: dict | None = None,
+        prompt_ids: list[list[int]] | None = None,
+        state: TrainerState | None = None,
+        exchanges: list[list[dict]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """{name: (B,) float32 on the device, NaN where the source gave no reward}. `responses` and
         their mask give the functions' `completion_ids` (the response up to and including its stop);
         with `prompt_ids` too, a reward model that reads the policy's ids reads them (ModelReward).
@@ -494,26 +568,38 @@ class Rewards:
         after one has failed, so every process runs the same reward-model forwards (collectives under
         sharded engines); then the first failure is raised (a watched source's: a warning)."""
         with _rng_untouched() if self.watched else contextlib.nullcontext():
-            results, failures = self._scored(prompts, texts, responses, response_mask, columns or {}, prompt_ids, state,
-                                             exchanges)
+            results, failures = self._scored(
+                prompts, texts, responses, response_mask, columns or {}, prompt_ids, state, exchanges
+            )
         for name, e in failures:
             if not self.watched:
                 raise e
             self.failed_in_a_row[name] += 1
             self.resting[name] = min(2 ** self.failed_in_a_row[name] - 1, 31)
-            print(f"warning: {e} (a judge: its score is NaN for this batch and the next {self.resting[name]}; "
-                  f"training goes on)", file=sys.stderr, flush=True)
+            print(
+                f"warning: {e} (a judge: its score is NaN for this batch and the next {self.resting[name]}; "
+                f"training goes on)",
+                file=sys.stderr,
+                flush=True,
+            )
         # a function's floats stay float64 (reported as returned); the reward is summed in float32
-        return {name: (results[name] if isinstance(results[name], torch.Tensor)
-                       else torch.tensor(results[name], dtype=torch.float64)).to(self.device)
-                for name in self.sources}
+        return {
+            name: (
+                results[name]
+                if isinstance(results[name], torch.Tensor)
+                else torch.tensor(results[name], dtype=torch.float64)
+            ).to(self.device)
+            for name in self.sources
+        }
 
     def _scored(self, prompts, texts, responses, response_mask, columns, prompt_ids, state, exchanges=None):
         """({name: scores}, [(name, RewardError)]): every source's scores, NaN for one that failed."""
         ids = None
         if self.has_functions() and responses is not None:
             ids = [row[: int(n)].tolist() for row, n in zip(responses.cpu(), response_mask.sum(1).cpu())]
-        policy_ids = (prompt_ids, responses, response_mask) if prompt_ids is not None and responses is not None else None
+        policy_ids = (
+            (prompt_ids, responses, response_mask) if prompt_ids is not None and responses is not None else None
+        )
         results, failures = {}, []
 
         def attempt(name, run):
@@ -555,4 +641,3 @@ class Rewards:
             return torch.where(valid, total, torch.zeros_like(total)), valid
         stacked = torch.stack(weighted)
         return torch.nansum(stacked, 0), ~torch.isnan(stacked).all(0)
-

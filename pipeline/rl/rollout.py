@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from pipeline import data, engine
 from pipeline.models import hf_model
 from pipeline.rl import unpadded
-from pipeline.rl.ppo_math import chunked_logprobs, logprobs_of, truncate_after_stop
+from pipeline.rl.algorithms import chunked_logprobs, logprobs_of, truncate_after_stop
 from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
 
@@ -48,7 +48,7 @@ class Rollout:
     """(B,) whether the response ended with the stop token."""
     texts: list[str]
     """Decoded responses, special tokens skipped."""
-    agent: "Agent | None" = None
+    agent: Agent | None = None
     """Multi-turn rollouts with tools (pipeline/rl/agent.py): the model's own tokens among the response's,
     each exchange's messages, environments and tool use."""
 
@@ -61,17 +61,23 @@ class Rollout:
         response's (`response_mask`), less those a tool's result and the template inserted."""
         return self.response_mask if self.agent is None else self.agent.model_mask
 
-    def take(self, rows: list[int]) -> "Rollout":
+    def take(self, rows: list[int]) -> Rollout:
         """These rows, in this order."""
         index = torch.tensor(rows, dtype=torch.long, device=self.responses.device)
-        return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=[self.prompt_ids[i] for i in rows],
-                       query_responses=self.query_responses[index], attention_mask=self.attention_mask[index],
-                       responses=self.responses[index], response_mask=self.response_mask[index],
-                       has_stop=self.has_stop[index], texts=[self.texts[i] for i in rows],
-                       agent=self.agent.take(rows) if self.agent is not None else None)
+        return Rollout(
+            prompts=[self.prompts[i] for i in rows],
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            query_responses=self.query_responses[index],
+            attention_mask=self.attention_mask[index],
+            responses=self.responses[index],
+            response_mask=self.response_mask[index],
+            has_stop=self.has_stop[index],
+            texts=[self.texts[i] for i in rows],
+            agent=self.agent.take(rows) if self.agent is not None else None,
+        )
 
     @staticmethod
-    def cat(rollouts: list["Rollout"], pad_id: int) -> "Rollout":
+    def cat(rollouts: list[Rollout], pad_id: int) -> Rollout:
         """Rollouts of several generations as one batch: prompts padded on the left to the longest,
         responses on the right, masks 0 on the padding."""
         P = max(r.query_responses.shape[1] - r.responses.shape[1] for r in rollouts)
@@ -79,36 +85,69 @@ class Rollout:
 
         def pad(x: torch.Tensor, left: int, right: int, value: int) -> torch.Tensor:
             return torch.nn.functional.pad(x, (left, right), value=value)
+
         parts = {"query_responses": [], "attention_mask": [], "responses": [], "response_mask": []}
         for r in rollouts:
             p, n = r.query_responses.shape[1] - r.responses.shape[1], r.responses.shape[1]
-            parts["query_responses"].append(torch.cat([pad(r.query_responses[:, :p], P - p, 0, pad_id),
-                                                       pad(r.responses, 0, R - n, pad_id)], 1))
-            parts["attention_mask"].append(torch.cat([pad(r.attention_mask[:, :p], P - p, 0, 0),
-                                                      pad(r.response_mask, 0, R - n, 0)], 1))
+            parts["query_responses"].append(
+                torch.cat([pad(r.query_responses[:, :p], P - p, 0, pad_id), pad(r.responses, 0, R - n, pad_id)], 1)
+            )
+            parts["attention_mask"].append(
+                torch.cat([pad(r.attention_mask[:, :p], P - p, 0, 0), pad(r.response_mask, 0, R - n, 0)], 1)
+            )
             parts["responses"].append(pad(r.responses, 0, R - n, pad_id))
             parts["response_mask"].append(pad(r.response_mask, 0, R - n, 0))
         agent = None
         if rollouts[0].agent is not None:
             from pipeline.rl.agent import Agent
+
             agent = Agent.cat([r.agent for r in rollouts], R)
-        return Rollout(prompts=[x for r in rollouts for x in r.prompts],
-                       prompt_ids=[x for r in rollouts for x in r.prompt_ids],
-                       has_stop=torch.cat([r.has_stop for r in rollouts]), texts=[x for r in rollouts for x in r.texts],
-                       agent=agent, **{k: torch.cat(v) for k, v in parts.items()})
+        return Rollout(
+            prompts=[x for r in rollouts for x in r.prompts],
+            prompt_ids=[x for r in rollouts for x in r.prompt_ids],
+            has_stop=torch.cat([r.has_stop for r in rollouts]),
+            texts=[x for r in rollouts for x in r.texts],
+            agent=agent,
+            **{k: torch.cat(v) for k, v in parts.items()},
+        )
 
 
 def sampling_config(temperature: float, max_new_tokens: int, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     """Temperature sampling and nothing else (temperature 0: greedy). Each processor transformers
     would add from a model's defaults is set to its neutral value explicitly (`min_new_tokens` stays
     None: 0 would still install a min-length processor; `plain_sampling` keeps the model's out)."""
-    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
-                     epsilon_cutoff=0.0, eta_cutoff=0.0) if temperature > 0 else dict(do_sample=False))
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stop_ids), pad_token_id=pad_id,
-                            repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            min_length=0, min_new_tokens=None, bad_words_ids=None, suppress_tokens=None,
-                            begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
-                            sequence_bias=None, num_beams=1, **sampling)
+    sampling = (
+        dict(
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            min_p=None,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+        )
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        min_new_tokens=None,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        sequence_bias=None,
+        num_beams=1,
+        **sampling,
+    )
 
 
 @contextmanager
@@ -135,8 +174,11 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
     template writes any BOS itself), plain text through the tokenizer with its special tokens (the
     BOS Llama, Mistral and Gemma tokenizers prepend)."""
     if data.is_conversational(prompt):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
     ids = tokenizer(prompt)["input_ids"]
     # a tokenizer set to append EOS (`add_eos_token`) would end the context where SFT's continues
     if ids and ids[-1] == tokenizer.eos_token_id and not prompt.endswith(tokenizer.eos_token):
@@ -167,14 +209,32 @@ def response_hidden(model, input_ids, attention_mask, response_len: int, layout:
     backbone = getattr(model, model.base_model_prefix)
     if layout is not None:
         return layout.forward(backbone, use_cache=False).last_hidden_state[0, layout.predictors]
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    use_cache=False).last_hidden_state[:, -response_len - 1:-1]
+    return backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).last_hidden_state[:, -response_len - 1 : -1]
 
 
 # Model types whose logits are their LM head's output as is: no soft-capping, scale or multiplier after
 # the head (Gemma 2/3 cap them, Cohere scales them, Granite divides them, Falcon-H1 multiplies them).
-PLAIN_HEADS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma",
-                         "olmo", "olmo2", "smollm3", "gpt2", "gpt_neox", "starcoder2"})
+PLAIN_HEADS = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "phi3",
+        "gemma",
+        "olmo",
+        "olmo2",
+        "smollm3",
+        "gpt2",
+        "gpt_neox",
+        "starcoder2",
+    }
+)
 # Vocabularies from which the LM head runs in chunks: real models' (32k-256k), where a micro-batch's
 # float32 logits take hundreds of MB; a toy vocabulary's cost nothing.
 CHUNKED_FROM_VOCAB = 16384
@@ -191,12 +251,23 @@ def chunks_head(model) -> bool:
         return False
     model = hf_model(model)
     config = model.config.get_text_config()
-    return (config.model_type in PLAIN_HEADS and model.get_output_embeddings() is not None
-            and not getattr(config, "final_logit_softcapping", None) and config.vocab_size >= CHUNKED_FROM_VOCAB)
+    return (
+        config.model_type in PLAIN_HEADS
+        and model.get_output_embeddings() is not None
+        and not getattr(config, "final_logit_softcapping", None)
+        and config.vocab_size >= CHUNKED_FROM_VOCAB
+    )
 
 
-def chunked_response_logprobs(model, input_ids, attention_mask, tokens: torch.Tensor, temperature: float,
-                              layout: Layout | None = None, entropy: bool = False):
+def chunked_response_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    tokens: torch.Tensor,
+    temperature: float,
+    layout: Layout | None = None,
+    entropy: bool = False,
+):
     """`((log-probs, entropy or None), hidden states)` of the response `tokens` (B, R) under `model`, its LM
     head run in chunks on the backbone's hidden states (`chunked_logprobs`); differentiable where grad is on."""
     hidden = response_hidden(model, input_ids, attention_mask, tokens.shape[1], layout)
@@ -205,8 +276,9 @@ def chunked_response_logprobs(model, input_ids, attention_mask, tokens: torch.Te
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
-def generate(model, tokenizer, prompts: list, config: GenerationConfig, device,
-             ids: list[list[int]] | None = None) -> Rollout:
+def generate(
+    model, tokenizer, prompts: list, config: GenerationConfig, device, ids: list[list[int]] | None = None
+) -> Rollout:
     """One batched generation with KV cache; everything after the first stop token becomes padding.
     Prompts are padded on the left (they end where generation starts). `ids`: the prompts' ids, if
     already known (`PromptIds`)."""
@@ -219,10 +291,16 @@ def generate(model, tokenizer, prompts: list, config: GenerationConfig, device,
         sequences = model.generate(**enc, generation_config=config, synced_gpus=False)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
-    return Rollout(prompts=list(prompts), prompt_ids=ids, query_responses=torch.cat([enc["input_ids"], responses], 1),
-                   attention_mask=torch.cat([enc["attention_mask"], mask], 1), responses=responses,
-                   response_mask=mask, has_stop=has_stop,
-                   texts=tokenizer.batch_decode(responses, skip_special_tokens=True))
+    return Rollout(
+        prompts=list(prompts),
+        prompt_ids=ids,
+        query_responses=torch.cat([enc["input_ids"], responses], 1),
+        attention_mask=torch.cat([enc["attention_mask"], mask], 1),
+        responses=responses,
+        response_mask=mask,
+        has_stop=has_stop,
+        texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+    )
 
 
 def response_logits(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
@@ -232,8 +310,13 @@ def response_logits(model, input_ids, attention_mask, response_len: int, layout:
     if layout is not None:
         out = layout.forward(model, use_cache=False, logits_to_keep=layout.predictors.flatten())
         return out.logits.view(*layout.predictors.shape, -1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False, logits_to_keep=response_len + 1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_len + 1,
+    )
     return out.logits[:, :-1]
 
 

@@ -13,19 +13,20 @@ with dropped groups (they add no gradient), and the share is logged.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from pipeline.rl.estimators import zero_variance
-from pipeline.rl.ppo import Rewarded
+from pipeline.rl.algorithms import zero_variance
+from pipeline.rl.iteration import Rewarded
 from pipeline.rl.rollout import Rollout
 
 Sample = Callable[[int], tuple[Rollout, Rewarded]]  # round -> a generation of prompts and its rewards
 
 
-def with_signal(first: tuple[Rollout, Rewarded], sample: Sample, k: int, max_rounds: int, accelerator,
-                pad_id: int) -> tuple[Rollout, Rewarded, dict[str, float]]:
+def with_signal(
+    first: tuple[Rollout, Rewarded], sample: Sample, k: int, max_rounds: int, accelerator, pad_id: int
+) -> tuple[Rollout, Rewarded, dict[str, float]]:
     """The batch of `first`'s size from groups with signal: `first`'s, then those of up to `max_rounds`
     more generations (`sample(round)`), then, if still short, `first`'s others. Returns the batch,
     its rewards, and the figures logged: extra rounds, the share of the groups generated that had no
@@ -52,6 +53,9 @@ def with_signal(first: tuple[Rollout, Rewarded], sample: Sample, k: int, max_rou
     rewarded = Rewarded.cat([p[1] for p in parts])
     rewarded.logged_metrics = Rewarded.logged_by([r for _, r in rounds])  # every round's calls
     generated, flat = sum(len(rollout) for rollout, _ in rounds) // k, set(dropped)
-    figures = {"sampling/extra_rounds": float(len(rounds) - 1), "sampling/dropped_groups": len(dropped) / generated,
-               "sampling/groups_without_signal": sum(c in flat for c in chosen) / wanted}
+    figures = {
+        "sampling/extra_rounds": float(len(rounds) - 1),
+        "sampling/dropped_groups": len(dropped) / generated,
+        "sampling/groups_without_signal": sum(c in flat for c in chosen) / wanted,
+    }
     return Rollout.cat([p[0] for p in parts], pad_id), rewarded, figures

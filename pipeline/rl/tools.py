@@ -30,12 +30,13 @@ import inspect
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipeline import user_code
-from pipeline.config import ConfigError
-from pipeline.user_code import RewardError, one_line
+from pipeline.errors import ConfigError, RewardError
+from pipeline.user_code import one_line
 
 HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 LLAMA_PYTHON_TAG = "<|python_tag|>"
@@ -101,17 +102,22 @@ def parse_reply(text: str, tokenizer=None) -> tuple[str, list[Call]]:
 def schema(fn: Callable, who: str) -> dict:
     """The tool's JSON schema, as chat templates read it (from its type hints and docstring)."""
     from transformers.utils import get_json_schema
+
     try:
         return get_json_schema(fn)
     except Exception as e:  # transformers' DocstringParsingException, TypeHintParsingException
-        raise ConfigError(f"{who}: {one_line(e)} (a tool needs type hints and a docstring that describes each "
-                          f"argument under 'Args:')") from None
+        raise ConfigError(
+            f"{who}: {one_line(e)} (a tool needs type hints and a docstring that describes each argument under 'Args:')"
+        ) from None
 
 
 def _methods(cls: type) -> list[str]:
     """An environment's tools: its public methods but `reset` and `get_reward` (trl's rule)."""
-    return [name for name, member in inspect.getmembers(cls, inspect.isfunction)
-            if not name.startswith("_") and name not in ("reset", "get_reward")]
+    return [
+        name
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_") and name not in ("reset", "get_reward")
+    ]
 
 
 class Toolbox:
@@ -123,8 +129,14 @@ class Toolbox:
             fn = user_code.load(spec, base_dir, f"tool '{spec}'")
             name = getattr(fn, "__name__", None)
             if not name or name in self.functions:
-                raise ConfigError(f"tool '{spec}': " + (f"two tools are named {name}: rename one" if name else
-                                                         "name a function (the model calls it by its __name__)"))
+                raise ConfigError(
+                    f"tool '{spec}': "
+                    + (
+                        f"two tools are named {name}: rename one"
+                        if name
+                        else "name a function (the model calls it by its __name__)"
+                    )
+                )
             self.functions[name] = fn
         self.environment, self.timeout_s = None, timeout_s
         if environment:
@@ -136,12 +148,14 @@ class Toolbox:
                 raise ConfigError(f"environment '{environment}' has no public methods to offer as tools")
             clash = set(self.methods) & set(self.functions)
             if clash:
-                raise ConfigError(f"environment '{environment}' and ppo.tools both have a tool named "
-                                  f"{sorted(clash)[0]}: rename one")
+                raise ConfigError(
+                    f"environment '{environment}' and ppo.tools both have a tool named {sorted(clash)[0]}: rename one"
+                )
         self.schemas = [schema(fn, f"tool '{name}'") for name, fn in self.functions.items()]
         if self.environment is not None:
-            self.schemas += [schema(getattr(self.environment, name), f"environment method '{name}'")
-                             for name in self.methods]
+            self.schemas += [
+                schema(getattr(self.environment, name), f"environment method '{name}'") for name in self.methods
+            ]
 
     @property
     def names(self) -> list[str]:
@@ -159,8 +173,10 @@ class Toolbox:
         except RewardError:
             raise
         except Exception as e:  # a reset that takes other arguments, or fails
-            raise RewardError(f"{who}: creating it or reset(**row) raised {type(e).__name__}: {one_line(e)} "
-                              f"(reset gets the prompt's dataset row as keyword arguments: accept **row)") from None
+            raise RewardError(
+                f"{who}: creating it or reset(**row) raised {type(e).__name__}: {one_line(e)} "
+                f"(reset gets the prompt's dataset row as keyword arguments: accept **row)"
+            ) from None
         return env, {**self.functions, **{name: getattr(env, name) for name in self.methods}}, observation
 
     def run(self, jobs: list[tuple[Call, dict[str, Callable]]]) -> list[tuple[dict, bool]]:
@@ -184,8 +200,9 @@ class Toolbox:
             return _tool_message(name, f"error: {call.malformed}"), True
         fn = tools.get(call.name)
         if fn is None:
-            return _tool_message(name, f"error: there is no tool named '{call.name}' (the tools are: "
-                                       f"{', '.join(sorted(tools))})"), True
+            return _tool_message(
+                name, f"error: there is no tool named '{call.name}' (the tools are: {', '.join(sorted(tools))})"
+            ), True
         try:
             if isinstance(started, BaseException):
                 raise started
@@ -210,17 +227,21 @@ def check_template(tokenizer, schemas: list[dict]) -> None:
     """The chat template renders tools, a call and its result; a one-line error naming what to change
     where it does not (a template that ignores them would train a model on calls it never saw)."""
     name = schemas[0]["function"]["name"]
-    conversation = [{"role": "user", "content": "q"},
-                    {"role": "assistant", "content": "", "tool_calls": [Call(name, {"x": "CALL_MARK"}).message()]},
-                    {"role": "tool", "name": name, "content": "RESULT_MARK"}]
+    conversation = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "tool_calls": [Call(name, {"x": "CALL_MARK"}).message()]},
+        {"role": "tool", "name": name, "content": "RESULT_MARK"},
+    ]
     try:
         text = tokenizer.apply_chat_template(conversation, tools=schemas, tokenize=False)
     except Exception as e:
         text = f"({one_line(e)})"
     if "RESULT_MARK" not in text or "CALL_MARK" not in text:
-        raise ConfigError("ppo.tools: the policy's chat template does not render tools, tool calls and their "
-                          "results: use a model whose template does (Qwen2.5, Llama 3.1 and later instruct "
-                          "models), or set one with a template that does")
+        raise ConfigError(
+            "ppo.tools: the policy's chat template does not render tools, tool calls and their "
+            "results: use a model whose template does (Qwen2.5, Llama 3.1 and later instruct "
+            "models), or set one with a template that does"
+        )
 
 
 def result_ids(tokenizer, tool_messages: list[dict], turn_end: str) -> list[int]:
@@ -232,9 +253,11 @@ def result_ids(tokenizer, tool_messages: list[dict], turn_end: str) -> list[int]
     head = tokenizer.apply_chat_template(before, tokenize=False)
     full = tokenizer.apply_chat_template(before + tool_messages, tokenize=False, add_generation_prompt=True)
     if not full.startswith(head):
-        raise ConfigError("ppo.tools: the chat template renders a conversation's start differently once tool "
-                          "results follow, so the results cannot be appended to the model's tokens: use a "
-                          "template that keeps earlier turns as they are")
+        raise ConfigError(
+            "ppo.tools: the chat template renders a conversation's start differently once tool "
+            "results follow, so the results cannot be appended to the model's tokens: use a "
+            "template that keeps earlier turns as they are"
+        )
     end = head.rfind(turn_end)
-    tail = head[end + len(turn_end):] if end >= 0 else ""
-    return tokenizer(tail + full[len(head):], add_special_tokens=False)["input_ids"]
+    tail = head[end + len(turn_end) :] if end >= 0 else ""
+    return tokenizer(tail + full[len(head) :], add_special_tokens=False)["input_ids"]

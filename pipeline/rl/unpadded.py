@@ -56,7 +56,7 @@ class Layout:
         self.slots = at // real.shape[1] * self.width + self.position_ids[0]
         starts = lengths.cumsum(0) - lengths
         index = (starts.unsqueeze(1) + position).clamp(min=0)  # right padding: the last real token's
-        self.predictors = index[:, -response_len - 1:-1]
+        self.predictors = index[:, -response_len - 1 : -1]
         self.attention_calls = 0  # by `attention`, during `forward`
 
     def forward(self, model, **kwargs):
@@ -64,13 +64,16 @@ class Layout:
         is), checked: every layer must have attended with the layout. A layer that did not (a forward
         that does not pass its keyword arguments on) would have attended across sequences."""
         self.attention_calls = 0
-        out = model(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None, unpadded=self,
-                    **kwargs)
+        out = model(
+            input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None, unpadded=self, **kwargs
+        )
         config = getattr(model, "module", model).config  # (through a frozen model's DeepSpeed engine)
         layers = config.get_text_config().num_hidden_layers
         if self.attention_calls != layers:
-            raise RuntimeError(f"{type(model).__name__}: {self.attention_calls} of its {layers} layers attended "
-                               f"unpadded, so it cannot run unpadded: set ppo.remove_padding=false")
+            raise RuntimeError(
+                f"{type(model).__name__}: {self.attention_calls} of its {layers} layers attended "
+                f"unpadded, so it cannot run unpadded: set ppo.remove_padding=false"
+            )
         return out
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,19 +89,38 @@ class Layout:
         return out.reshape(self.rows * self.width, *out.shape[2:]).index_select(0, self.slots).unsqueeze(0)
 
 
-def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-              unpadded: Layout | None = None, **kwargs):
+def attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    unpadded: Layout | None = None,
+    **kwargs,
+):
     """transformers' SDPA attention; with `unpadded`, over each sequence's row (see the module's doc)."""
     if unpadded is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     unpadded.attention_calls += 1
     window, mask = kwargs.pop("sliding_window", None), None
     if window is not None and unpadded.width > window:  # a token sees itself and the window - 1 before it
         mask = torch.ones(unpadded.width, unpadded.width, dtype=torch.bool, device=query.device)
         mask = mask.tril().triu(1 - window)
-    out, _ = sdpa_attention_forward(module, unpadded.rows_of(query), unpadded.rows_of(key), unpadded.rows_of(value),
-                                    mask, dropout=dropout, scaling=scaling, is_causal=mask is None, **kwargs)
+    out, _ = sdpa_attention_forward(
+        module,
+        unpadded.rows_of(query),
+        unpadded.rows_of(key),
+        unpadded.rows_of(value),
+        mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=mask is None,
+        **kwargs,
+    )
     return unpadded.tokens_of(out), None
 
 
@@ -129,9 +151,14 @@ def supports(model) -> bool:
     causal = all(getattr(m, "is_causal", True) for m in model.modules())
     attention_only = set(getattr(config, "layer_types", None) or ()) <= {"full_attention", "sliding_attention"}
     window = getattr(config, "sliding_window", None) is not None or getattr(config, "attention_chunk_size", None)
-    return (bool(getattr(model, "_supports_attention_backend", False)) and config._attn_implementation in ("sdpa", ATTENTION)
-            and not getattr(config, "is_encoder_decoder", False) and causal and attention_only
-            and (not window or config.model_type in WINDOW_PASSED))
+    return (
+        bool(getattr(model, "_supports_attention_backend", False))
+        and config._attn_implementation in ("sdpa", ATTENTION)
+        and not getattr(config, "is_encoder_decoder", False)
+        and causal
+        and attention_only
+        and (not window or config.model_type in WINDOW_PASSED)
+    )
 
 
 def enable(*models) -> bool:

@@ -1,36 +1,21 @@
-"""Typed recipes: a YAML file gives the defaults, `key.path=value` arguments override them.
-
-A recipe describes one run: the model, the data and every stage's settings. Every field is typed
-and documented here; an unknown key or a value of the wrong type is an error that names the key
-(and the closest valid one), never a silent default. The trainer sections (`sft.trainer`,
-`rm.trainer`) are checked against trl's own `SFTConfig` / `RewardConfig` when the stage builds
-them (see `trl_args`).
+"""The recipe's schema: every setting of every stage as a typed, documented dataclass field, with its
+default and its range. This file is the reference a user reads (docs/recipe-reference.md is generated
+from it). A YAML file gives the values and `key.path=value` arguments override them; reading, merging
+(`extends:`), overrides and the type and range checks are pipeline/recipe_loader.py. An unknown key or
+a value of the wrong type is an error that names the key (and the closest valid one), never a silent
+default. The trainer sections (`sft.trainer`, `rm.trainer`) are checked against trl's own `SFTConfig` /
+`RewardConfig` when the stage builds them (`recipe_loader.trl_args`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import enum
 import importlib.util
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-
-class UserError(Exception):
-    """A mistake the user must fix (a setting, a file, a missing upstream stage): reported as one
-    line saying what to change, not as a traceback (see `pipeline.cli.run`)."""
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or command-line setting the user must change."""
-
+from pipeline.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Schema
@@ -38,14 +23,26 @@ class ConfigError(UserError, ValueError):
 
 Finetune = Literal["full", "lora", "qlora-4bit", "qlora-8bit"]
 # accelerate's trackers and the package each needs
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
-            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Ranges, checked when the recipe is read (`build`): a rule per field, in the notation of the error.
 RULES = {
-    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-    "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+    "> 0": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
 }
 
 
@@ -57,10 +54,20 @@ def ranged(default, rule: str):
 
 # The trainer sections' keys that transformers / trl do not range-check themselves (a negative
 # learning rate trains "backwards"; a batch size of 0 fails deep inside the DataLoader).
-TRAINER_RULES = {"learning_rate": "> 0", "num_train_epochs": "> 0", "per_device_train_batch_size": ">= 1",
-                 "per_device_eval_batch_size": ">= 1", "gradient_accumulation_steps": ">= 1",
-                 "max_length": ">= 1", "weight_decay": ">= 0", "max_grad_norm": ">= 0", "warmup_ratio": "in [0, 1]",
-                 "save_steps": "> 0", "save_total_limit": ">= 1", "center_rewards_coefficient": ">= 0"}
+TRAINER_RULES = {
+    "learning_rate": "> 0",
+    "num_train_epochs": "> 0",
+    "per_device_train_batch_size": ">= 1",
+    "per_device_eval_batch_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1",
+    "max_length": ">= 1",
+    "weight_decay": ">= 0",
+    "max_grad_norm": ">= 0",
+    "warmup_ratio": "in [0, 1]",
+    "save_steps": "> 0",
+    "save_total_limit": ">= 1",
+    "center_rewards_coefficient": ">= 0",
+}
 
 
 def check_range(value, rule: str, key: str) -> None:
@@ -101,8 +108,15 @@ class LoraSettings:
 
 # What a reward function is called with besides the prompt dataset's columns (trl's contract):
 # a `kwargs` entry of one of these names would be overwritten, so it is refused.
-FUNCTION_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra",
-                      "environments")
+FUNCTION_ARGUMENTS = (
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_metric",
+    "log_extra",
+    "environments",
+)
 FUNCTION_TIMEOUT_S = 300.0  # a reward function's call, by default
 SERVER_TIMEOUT_S = 180.0  # a reward server's request, its retries included, by default
 SERVER_STARTUP_WAIT_S = 600.0  # the first request's wait for a server still loading its model, by default
@@ -164,8 +178,10 @@ class RewardSource:
             if getattr(self, key) is not None and not self.url:
                 raise ValueError(f"{key} is for reward servers (url): remove it")
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            raise ValueError(f"api_key_env '{self.api_key_env}' must be the name of an environment variable that "
-                             f"holds the key (e.g. RM_API_KEY), not the key itself")
+            raise ValueError(
+                f"api_key_env '{self.api_key_env}' must be the name of an environment variable that "
+                f"holds the key (e.g. RM_API_KEY), not the key itself"
+            )
 
     @property
     def deadline_s(self) -> float:
@@ -282,7 +298,7 @@ class PPOStage:
     advantage_estimator: Estimator = "gae"
     """gae: PPO with a value model (or head); the rest are critic-free: grpo (group mean and std),
     dr_grpo (group mean), rloo (leave-one-out mean), reinforce_pp (token returns whitened over the
-    batch), reinforce_pp_baseline (the group mean subtracted first). See pipeline/rl/estimators.py."""
+    batch), reinforce_pp_baseline (the group mean subtracted first). See pipeline/rl/algorithms.py."""
     samples_per_prompt: int = ranged(1, ">= 1")
     """Responses sampled per prompt (k); the group estimators need k >= 2. Divides batch_size; a
     prompt's k samples are generated and scored on one process."""
@@ -410,15 +426,21 @@ class PPOStage:
             if tracker not in TRACKERS:
                 raise ValueError(f"report_to: unknown tracker '{tracker}' (use {sorted(TRACKERS)})")
             if importlib.util.find_spec(TRACKERS[tracker]) is None:
-                raise ValueError(f"report_to: {tracker} is not installed: `pip install {TRACKERS[tracker]}`, or "
-                                 f"remove it from ppo.report_to")
+                raise ValueError(
+                    f"report_to: {tracker} is not installed: `pip install {TRACKERS[tracker]}`, or "
+                    f"remove it from ppo.report_to"
+                )
         # Checked when the recipe is read, before any process loads a model: every process takes
         # batch_size rollouts, splits them into minibatches, and each of those into micro-batches.
         if self.batch_size % self.mini_batch_size:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+            )
         if self.mini_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of gradient_accumulation_steps "
-                             f"{self.gradient_accumulation_steps}")
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} is not a multiple of gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}"
+            )
         # the estimator's needs, before any model loads
         if not self.rewards:
             raise ValueError("rewards is empty: give at least one source, e.g. [{model: rm}]")
@@ -426,32 +448,46 @@ class PPOStage:
         _check_sources(self.judges, "judges")
         _check_sources(self.rewards + self.judges, "rewards and judges")  # one name, one score in every report
         if self.batch_size % self.samples_per_prompt:
-            raise ValueError(f"samples_per_prompt {self.samples_per_prompt} does not divide batch_size {self.batch_size}")
+            raise ValueError(
+                f"samples_per_prompt {self.samples_per_prompt} does not divide batch_size {self.batch_size}"
+            )
         if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
-            raise ValueError(f"advantage_estimator {self.advantage_estimator} compares the k responses to a prompt: "
-                             f"set samples_per_prompt to 2 or more")
+            raise ValueError(
+                f"advantage_estimator {self.advantage_estimator} compares the k responses to a prompt: "
+                f"set samples_per_prompt to 2 or more"
+            )
         if self.on_divergence == "stop" and not self.judges:
-            raise ValueError("on_divergence: stop watches the judges against the reward: add ppo.judges, or set "
-                             "on_divergence: warn")
+            raise ValueError(
+                "on_divergence: stop watches the judges against the reward: add ppo.judges, or set on_divergence: warn"
+            )
         if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
-            raise ValueError(f"dynamic_sampling keeps groups whose k scores differ: it is for the group estimators "
-                             f"{list(GROUP_ESTIMATORS)}, not {self.advantage_estimator}")
+            raise ValueError(
+                f"dynamic_sampling keeps groups whose k scores differ: it is for the group estimators "
+                f"{list(GROUP_ESTIMATORS)}, not {self.advantage_estimator}"
+            )
         if self.advantage_estimator != "gae":
             if self.value_model is not None:
-                raise ValueError(f"advantage_estimator {self.advantage_estimator} needs no value model: "
-                                 f"remove value_model (it is for gae)")
+                raise ValueError(
+                    f"advantage_estimator {self.advantage_estimator} needs no value model: "
+                    f"remove value_model (it is for gae)"
+                )
             if self.whiten_rewards:
                 raise ValueError("whiten_rewards is for gae's token rewards: remove it")
         if self.uses_tools and any(s.model or s.url for s in self.rewards + self.judges):
-            raise ValueError("with tools, rewards and judges must be reward functions (they get each exchange as "
-                             "messages: calls, results, answer); a reward model or server reads one reply")
+            raise ValueError(
+                "with tools, rewards and judges must be reward functions (they get each exchange as "
+                "messages: calls, results, answer); a reward model or server reads one reply"
+            )
         for spec in self.tools + [self.environment] * bool(self.environment):
             if ":" not in spec:
-                raise ValueError(f"tool or environment '{spec}': name it as 'package.module:name' or "
-                                 f"'path/to/file.py:name'")
+                raise ValueError(
+                    f"tool or environment '{spec}': name it as 'package.module:name' or 'path/to/file.py:name'"
+                )
         if self.value_model == "reward" and not any(s.model for s in self.rewards):
-            raise ValueError("value_model reward is initialised from a reward model, and rewards has none: "
-                             "set value_model to sft or head")
+            raise ValueError(
+                "value_model reward is initialised from a reward model, and rewards has none: "
+                "set value_model to sft or head"
+            )
 
     @property
     def critic(self) -> str | None:
@@ -495,8 +531,12 @@ class PPOStage:
         """Each batch is one optimiser step (one epoch of one mini-batch) of a critic-free estimator
         whose advantages read no log-probs: the old log-probs are then the update's own, detached (the
         ratio is 1; trl's num_iterations = 1), and the scoring forward before the update is skipped."""
-        return (self.ppo_epochs == 1 and self.mini_batch_size == self.batch_size and self.advantage_estimator != "gae"
-                and (self.kl_in == "loss" or not self.uses_kl))
+        return (
+            self.ppo_epochs == 1
+            and self.mini_batch_size == self.batch_size
+            and self.advantage_estimator != "gae"
+            and (self.kl_in == "loss" or not self.uses_kl)
+        )
 
     @property
     def aggregation(self) -> str:
@@ -543,8 +583,9 @@ class EvalStage:
 class BaseModelSettings:
     """`make base`: the demo's tiny decoder-only model, built offline (only used by the demo)."""
 
-    corpus: list[str] = field(default_factory=lambda: ["data/demo/sft_train.jsonl",
-                                                        "data/demo/preferences_train.jsonl"])
+    corpus: list[str] = field(
+        default_factory=lambda: ["data/demo/sft_train.jsonl", "data/demo/preferences_train.jsonl"]
+    )
     """Files whose text trains the word-level tokenizer."""
     output: str = "data/models/demo-base"
     """Where the model and tokenizer are saved."""
@@ -584,201 +625,3 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and checking
-# ---------------------------------------------------------------------------------------------
-
-def _closest(key: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` and convert it (dicts into dataclasses).
-
-    Unknown annotations are accepted as they are: the library that owns them checks further.
-    """
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        candidates = [a for a in args if a is not type(None)]
-        if len(candidates) == 1:  # X | None: X's own message (e.g. a nested key out of range)
-            return coerce(value, candidates[0], key)
-        for arg in candidates:
-            try:
-                return coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"'{key}': {value!r} is not a valid {' or '.join(_type_name(a) for a in args)}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"'{key}': {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp is DatasetSpec:
-            value = {"path": value}
-        if isinstance(value, str) and tp is RewardSource:  # a judge or reward given as 'pkg.module:name'
-            value = {"function": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
-        return build(tp, value, key)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}': expected a list, got {value!r}")
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise ConfigError(f"'{key}': {value!r} is not one of {[e.value for e in tp]}") from None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{key}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"'{key}': expected a string, got {value!r}")
-        return value
-    return value
-
-
-def build(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a mapping, refusing unknown keys and ill-typed values."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            raise ConfigError(f"unknown key '{full}'{_closest(key, fields)}")
-        kwargs[key] = coerce(value, hints[key], full)
-        metadata = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
-        if "range" in metadata:
-            check_range(kwargs[key], metadata["range"], full)
-        for entry, rule in metadata.get("entry_ranges", {}).items():
-            check_range(kwargs[key].get(entry), rule, f"{full}.{entry}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # a required field is missing, or settings that do not fit together
-        raise ConfigError(f"'{prefix or cls.__name__}': {e}") from None
-
-
-def parse_override(arg: str) -> tuple[list[str], Any]:
-    """'sft.trainer.learning_rate=1e-4' -> (['sft', 'trainer', 'learning_rate'], 0.0001)."""
-    if "=" not in arg:
-        raise ConfigError(f"override '{arg}' is not of the form key.path=value")
-    key, raw = arg.split("=", 1)
-    return key.split("."), _fix_yaml_floats(yaml.safe_load(raw) if raw.strip() else None)
-
-
-def _fix_yaml_floats(node):
-    """YAML 1.1 reads '1e-4' as a string; recipes mean a number."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str):
-        try:
-            return float(node) if node[:1] in "0123456789.-+" and any(c in node for c in "eE") else node
-        except ValueError:
-            return node
-    return node
-
-
-def read_recipe_file(p: Path, seen: tuple = ()) -> dict:
-    """A recipe file's settings; `extends: other.yaml` (relative to the file) starts from another
-    recipe's, which this one's override key by key."""
-    if not p.is_file():
-        raise ConfigError(f"recipe file '{p}' does not exist (set RECIPE=path/to/recipe.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe '{p}' is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe '{p}' must be a mapping of settings, got {type(data).__name__}")
-    data = _fix_yaml_floats(data)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if p.resolve() in seen:
-        raise ConfigError(f"recipe '{p}' extends itself (through {[str(s) for s in seen]})")
-    return _merged(read_recipe_file(p.parent / parent, seen + (p.resolve(),)), data)
-
-
-def _merged(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe YAML (or the defaults if None) and apply `key.path=value` overrides."""
-    data = read_recipe_file(Path(path)) if path is not None else {}
-    for arg in overrides:
-        keys, value = parse_override(arg)
-        node = data
-        for k in keys[:-1]:
-            if isinstance(node.get(k), str):  # dataset shorthand "file.jsonl" -> {"path": "file.jsonl"}
-                node[k] = {"path": node[k]}
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{arg}': '{k}' is not a section")
-        node[keys[-1]] = value
-    recipe = build(Recipe, data)
-    for section in recipe.ppo.rewards + recipe.ppo.judges + recipe.eval.judges + [recipe.ppo]:
-        section.base_dir = str(Path(path).resolve().parent) if path is not None else None
-    return recipe
-
-
-def to_dict(obj) -> Any:
-    """Plain-data view of a config (for YAML/JSON and fingerprints)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def trl_args(config_cls, settings: dict, section: str, **defaults):
-    """Build a trl/transformers config (SFTConfig, RewardConfig...) from a recipe section.
-
-    Keys are checked against the class's fields with the same rules as the recipe, so a typo such
-    as `learning_rat` names the section and the closest valid key. `defaults` apply only where the
-    user set nothing.
-    """
-    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
-    hints = typing.get_type_hints(config_cls)
-    for key, value in settings.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key '{section}.{key}' for {config_cls.__name__}{_closest(key, fields)}")
-        settings = {**settings, key: coerce(value, hints[key], f"{section}.{key}")}
-    try:
-        return config_cls(**{**defaults, **settings})
-    except ValueError as e:  # the library's own validation (incompatible settings)
-        raise ConfigError(f"{section}: {e}") from None

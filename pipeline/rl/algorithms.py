@@ -1,4 +1,7 @@
-"""PPO for language models: the math, as small pure tensor functions.
+"""The RL stage's math, as small pure tensor functions: log-probabilities and entropy, the KL to the
+reference, token rewards, GAE, the critic-free estimators, the policy and value losses and their
+aggregation, the adaptive KL controller. Everything here is a function of tensors; the stage's phases
+that call it are in pipeline/rl/iteration.py.
 
 Shapes: B = batch of sequences, T = response tokens. `mask` is 1 on real response tokens (up to and
 including the stop token) and 0 on padding; every reduction ignores padded positions.
@@ -8,30 +11,42 @@ the algorithm are the whole batch's: whitening takes a `reduce` that sums its mo
 processes (one all-reduce of sum, sum of squares and count, in float64), and a loss is a sum over a
 micro-batch divided by a `normalizer` that the update derives from the whole mini-batch's count of
 tokens (or sequences) across its micro-batches and processes, so that no split of a mini-batch
-changes its gradient (ppo.update).
+changes its gradient (iteration.update).
+
+Critic-free estimators see the batch as B / k groups of k consecutive responses to one prompt (the
+schedule keeps a prompt's k samples together, on one process). `valid` (B,) marks responses that got a
+reward from at least one source: the others get advantage 0 and take no part in their group's
+statistics.
+
+    grpo                   A_i = (r_i - mean) / (std + eps), std unbiased         (Shao et al. 2024)
+    dr_grpo                A_i = r_i - mean                                        (Liu et al. 2025)
+    rloo                   A_i = r_i - mean of the other k-1 = k/(k-1) (r_i - mean)  (Ahmadian et al. 2024)
+    reinforce_pp           token rewards, returns-to-go, whitened over the batch  (Hu 2025)
+    reinforce_pp_baseline  the same after subtracting the group mean from r
+
+A sequence advantage applies to every token of its response.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the processes (the identity on one)
 
 K3_LOG_RATIO_MAX = 20.0  # the k3 estimate's log-ratio and value are clamped (verl's low_var_kl bounds): its
-K3_MAX = 10.0            # gradient grows as exp(ref - logp) where the policy falls far below the reference
+K3_MAX = 10.0  # gradient grows as exp(ref - logp) where the policy falls far below the reference
 
 
 @functools.cache
 def _fused_kernel():
     """trl's fused log-prob + entropy kernel, which the wrappers in trl.trainer.utils (selective_log_softmax,
     selective_log_softmax_and_entropy) call on a GPU; None without Triton (a CPU-only torch). Imported from
-    trl.kernels, not through those wrappers: trl.trainer.utils imports peft and with it bitsandbytes (~2 s
-    and ~55 MB in every process, every rank), which a full fine-tuning run never needs. Imported at the
-    first GPU logits: on a CPU the import loads trl only to fail (3.7 MB, 0.07 s). The wrappers' CPU
-    paths are two lines each, below."""
+    trl.kernels, not through those wrappers: trl.trainer.utils imports peft and bitsandbytes in every
+    process, which a full fine-tuning run never needs. Imported at the first GPU logits, as a CPU has no
+    use for it. The wrappers' CPU paths are two lines each, below."""
     try:
         from trl.kernels import selective_log_softmax_and_entropy
     except ImportError:
@@ -63,7 +78,9 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = 
     return mean, ((squares - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None
+) -> torch.Tensor:
     """Normalise to unit variance over the batch's valid positions (on every process, `reduce`);
     `shift_mean=False` keeps the mean (rewards)."""
     mean, var = masked_moments(x, mask, reduce)
@@ -112,12 +129,13 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), p.mul_(logp).sum(-1).neg_()
 
 
-LM_HEAD_CHUNK = 2 ** 24  # logits that exist at once in `chunked_logprobs`: 64 MB in float32 (110 positions of a
-                         # 152k vocabulary, 341 of a 49k one), a few copies of it while the log-softmax is taken
+LM_HEAD_CHUNK = 2**24  # logits that exist at once in `chunked_logprobs`: 64 MB in float32 (110 positions of a
+# 152k vocabulary, 341 of a 49k one), a few copies of it while the log-softmax is taken
 
 
-def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
-                    with_entropy: bool):
+def _chunk_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float, with_entropy: bool
+):
     """`logprobs_of` of one chunk from its hidden states, and its entropy (no gradient) from the same head output."""
     logits = head(hidden)
     if with_entropy and not torch.is_grad_enabled():  # (scoring: both from one log-softmax)
@@ -129,8 +147,14 @@ def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.T
         return logp, logprobs_and_entropy(logits.detach(), tokens, temperature)[1]
 
 
-def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
-                     chunk: int | None = None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    tokens: torch.Tensor,
+    temperature: float,
+    chunk: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`logprobs_of(head(hidden), tokens, temperature)` and the entropy if asked, (B, T) each, without the
     (B, T, V) logits: `head` (the LM head) runs on `chunk` logits (chunk / V positions) at a time, and each chunk is
     recomputed in backward (activation checkpointing) instead of keeping its logits, so at most one
@@ -138,11 +162,16 @@ def chunked_logprobs(hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.
     weights as through the whole logits (as fused linear cross-entropy kernels do, in plain torch).
     What it costs: the head's forward once more in backward (the recompute stops before the entropy)."""
     from torch.utils.checkpoint import checkpoint
+
     B, T = tokens.shape
     flat_hidden, flat_tokens = hidden.reshape(B * T, -1), tokens.reshape(B * T)
-    chunk = max(1, (chunk or LM_HEAD_CHUNK) // (getattr(head, "out_features", None) or head.weight.shape[0]))  # positions
-    pieces = [(flat_hidden[i:i + chunk], head, flat_tokens[i:i + chunk], temperature, with_entropy)
-              for i in range(0, B * T, chunk)]
+    chunk = max(
+        1, (chunk or LM_HEAD_CHUNK) // (getattr(head, "out_features", None) or head.weight.shape[0])
+    )  # positions
+    pieces = [
+        (flat_hidden[i : i + chunk], head, flat_tokens[i : i + chunk], temperature, with_entropy)
+        for i in range(0, B * T, chunk)
+    ]
     if torch.is_grad_enabled():
         parts = [checkpoint(_chunk_logprobs, *piece, use_reentrant=False) for piece in pieces]
     else:
@@ -212,7 +241,7 @@ def discounted_returns(rewards: torch.Tensor, gamma: float, chunk: int = 256) ->
         end = min(start + n, T)
         size = end - start
         returns[:, start:end] = rewards[:, start:end] @ weights[:size, :size] + carry * g ** (size - t[:size])
-        carry = returns[:, start:start + 1]
+        carry = returns[:, start : start + 1]
     return returns
 
 
@@ -241,12 +270,14 @@ def gae(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: 
     (`over_model_tokens`): a turn's last token bootstraps from the value of the model's next token,
     not of the tool's text.
     """
+
     def contiguous(values, rewards, mask):
         values = values * mask
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1)
         deltas = (rewards + gamma * next_values - values) * mask
         advantages = discounted_returns(deltas, gamma * lam) * mask
         return advantages, (advantages + values) * mask
+
     return over_model_tokens(contiguous, mask, values, rewards, mask)
 
 
@@ -259,8 +290,13 @@ def loss_units(mask: torch.Tensor, how: str) -> torch.Tensor:
     return mask.sum() if how == "token_mean" else torch.tensor(float(len(mask)), device=mask.device)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", horizon: int = 1,
-              normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    how: str = "token_mean",
+    horizon: int = 1,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """One loss from per-token losses (B, T): a sum over this batch divided by `normalizer`, the count
     of `loss_units` the mean is over (default: this batch's own; the update passes the mini-batch's, so
     the micro-batches' losses add up to the mini-batch's mean).
@@ -280,9 +316,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str = "token_mea
     return total / (normalizer if normalizer is not None else loss_units(mask, how).clamp(min=1))
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, aggregation: str = "token_mean", horizon: int = 1,
-                normalizer: torch.Tensor | float | None = None, clip_high: float | None = None) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    aggregation: str = "token_mean",
+    horizon: int = 1,
+    normalizer: torch.Tensor | float | None = None,
+    clip_high: float | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)) per token
     (eps_high: `clip_high`, DAPO's clip-higher; default eps), aggregated (`aggregate`). `advantages`
     (B, T), or (B, 1) for one advantage per sequence."""
@@ -291,14 +335,22 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     loss = aggregate(torch.max(pg_loss1, pg_loss2), mask, aggregation, horizon, normalizer)
-    stats = {"clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
-             "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-             "ratio": masked_mean(ratio, mask)}
+    stats = {
+        "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
+        "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+    }
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float, normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Clipped value loss: 0.5 * the token mean (`aggregate`) of max((v - R)^2, (clip(v, v_old +- eps) - R)^2)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     vf_loss1 = (values - returns) ** 2
@@ -307,11 +359,14 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"clipfrac": masked_mean((vf_loss2 > vf_loss1).float(), mask)}
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       reduce: Reduce | None = None) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None
+) -> torch.Tensor:
     """1 - Var(R - V) / Var(R) over the whole batch (`reduce`): 1 is a perfect value function, 0 no
     better than a constant."""
-    return 1 - masked_moments(returns - values, mask, reduce)[1] / masked_moments(returns, mask, reduce)[1].clamp(min=1e-8)
+    return 1 - masked_moments(returns - values, mask, reduce)[1] / masked_moments(returns, mask, reduce)[1].clamp(
+        min=1e-8
+    )
 
 
 class KLController:
@@ -336,8 +391,9 @@ class KLController:
         self.value = state["value"]
 
 
-def truncate_after_stop(responses: torch.Tensor, stop_ids: int | list[int],
-                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_after_stop(
+    responses: torch.Tensor, stop_ids: int | list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Everything after the first stop token (any of `stop_ids`) becomes padding. The pad id may be a
     stop id itself (SmolLM2, GPT-2): the mask, not the id, says where the response ends.
 
@@ -346,7 +402,74 @@ def truncate_after_stop(responses: torch.Tensor, stop_ids: int | list[int],
     is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device).reshape(-1))
     has_stop = is_stop.any(1)
     # index of the first stop token, or T if none
-    first = torch.where(has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, responses.shape[1], dtype=torch.long))
+    first = torch.where(
+        has_stop, is_stop.int().argmax(1), torch.full_like(has_stop, responses.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)
     mask = (positions <= first.unsqueeze(1)).long()
     return torch.where(mask.bool(), responses, torch.full_like(responses, pad_id)), mask, has_stop
+
+
+# ---- critic-free advantage estimators ----
+
+GROUP_EPS = 1e-6  # verl's; trl uses 1e-4. Only matters for a group whose rewards barely differ
+
+
+def _groups(rewards: torch.Tensor, valid: torch.Tensor, k: int):
+    """(B,) rewards -> (B/k, k) rewards with invalid ones zeroed, the validity, the count and the mean
+    of each group over its valid members, in float64: a group of equal float32 rewards then has a mean
+    equal to each of them, so it centres to exactly 0 (in float32, 3 x -2.998 / 3 is off by 1e-7, which
+    GRPO's division by a std of ~0 would blow up to an advantage of 0.2)."""
+    v = valid.reshape(-1, k).double()
+    r = torch.where(v.bool(), rewards.reshape(-1, k).double(), torch.zeros_like(v))
+    n = v.sum(1, keepdim=True)
+    return r, v, n, r.sum(1, keepdim=True) / n.clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """Sequence advantages (B,) of grpo / dr_grpo / rloo. A group whose (valid) rewards are all equal
+    gets 0 everywhere: it carries no signal."""
+    r, v, n, mean = _groups(rewards, valid, k)
+    centred = (r - mean) * v
+    if estimator == "grpo":
+        std = ((centred**2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = centred / (std + GROUP_EPS)
+    elif estimator == "dr_grpo":
+        adv = centred
+    elif estimator == "rloo":  # a group with one valid member has no "others": no baseline, no signal
+        adv = centred * n / (n - 1).clamp(min=1)
+    else:
+        raise ValueError(f"unknown group estimator '{estimator}'")
+    return adv.reshape(-1).to(rewards.dtype)
+
+
+def zero_variance(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> list[bool]:
+    """For each group, whether its valid rewards are all equal (also a group with under two rewards):
+    it carries no signal."""
+    r, v, n, mean = _groups(rewards, valid, k)
+    return (((r - mean).abs() * v).amax(1) == 0).tolist()
+
+
+def zero_variance_share(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of groups whose valid rewards are all equal (`zero_variance`)."""
+    flat = zero_variance(rewards, valid, k)
+    return torch.tensor(sum(flat) / len(flat), device=rewards.device)
+
+
+def baseline_subtracted(rewards: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """r_i minus its group's mean (REINFORCE++-baseline's first step); invalid rewards become 0."""
+    r, v, _, mean = _groups(rewards, valid, k)
+    return ((r - mean) * v).reshape(-1).to(rewards.dtype)
+
+
+def reinforce_pp_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, gamma: float, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """REINFORCE++: per-token rewards (-beta * KL, plus the score on the last token), returns-to-go,
+    whitened over every valid token of the whole batch, on every process (`reduce`; not per group:
+    OpenRLHF #830). (B, T). The whitening shifts every token by the batch's mean, so after
+    `baseline_subtracted` a group whose rewards are all equal still gets -mean/std on its tokens (as
+    in OpenRLHF's reinforce_baseline and verl's reinforce_plus_plus_baseline). With gamma < 1, an
+    exchange's tool tokens (holes in `mask`) are skipped, not discounted over (`over_model_tokens`)."""
+    returns = over_model_tokens(lambda r: discounted_returns(r, gamma), mask, token_rewards(scores, kl, mask, beta))
+    return masked_whiten(returns, mask, reduce=reduce)

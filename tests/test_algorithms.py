@@ -9,9 +9,24 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.rl.ppo_math import (K3_MAX, KLController, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
-                                  logprobs_and_entropy, logprobs_of, loss_units, masked_mean, masked_whiten, policy_loss,
-                                  token_rewards, truncate_after_stop, value_loss)
+from pipeline.rl.algorithms import (
+    K3_MAX,
+    KLController,
+    aggregate,
+    explained_variance,
+    gae,
+    k3_clamped,
+    kl_per_token,
+    logprobs_and_entropy,
+    logprobs_of,
+    loss_units,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    truncate_after_stop,
+    value_loss,
+)
 from tests.conftest import REPO
 
 
@@ -51,10 +66,14 @@ def test_log_probs_and_entropy_of_a_micro_batch_are_each_sequences_own(dtype):
     torch.testing.assert_close(entropy.double(), -(exact.exp() * exact).sum(-1), rtol=0, atol=1e-5)
     batch = logprobs_of(logits, tokens, 0.7)
     for i in range(5):  # a sequence alone
-        torch.testing.assert_close(logprobs_of(logits[i:i + 1], tokens[i:i + 1], 0.7), batch[i:i + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            logprobs_of(logits[i : i + 1], tokens[i : i + 1], 0.7), batch[i : i + 1], rtol=0, atol=1e-6
+        )
     leaf, exact_leaf = logits.float().requires_grad_(), logits.double().requires_grad_()
-    grad, = torch.autograd.grad(logprobs_of(leaf, tokens, 0.7).sum(), leaf)
-    exact_grad, = torch.autograd.grad((exact_leaf / 0.7).log_softmax(-1).gather(-1, tokens[..., None]).sum(), exact_leaf)
+    (grad,) = torch.autograd.grad(logprobs_of(leaf, tokens, 0.7).sum(), leaf)
+    (exact_grad,) = torch.autograd.grad(
+        (exact_leaf / 0.7).log_softmax(-1).gather(-1, tokens[..., None]).sum(), exact_leaf
+    )
     torch.testing.assert_close(grad.double(), exact_grad, rtol=0, atol=1e-5)
 
 
@@ -197,6 +216,7 @@ def test_truncate_after_stop():
 
 # ---- the same numbers however the batch is split (batch-wide statistics, linear-memory returns) ----
 
+
 def halves_reduce(x: torch.Tensor, mask: torch.Tensor, half: int):
     """What `reduce` (an all-reduce of sums) gives a process holding half `half` of (x, mask): its own
     moments plus the other half's, as the other process computes them."""
@@ -216,8 +236,12 @@ def test_whitening_spans_every_process_s_batch():
     whole = masked_whiten(scores, mask)
     assert whole[2].item() == pytest.approx(0.4 / math.sqrt(1.82 / 7), abs=1e-5)  # +0.78
     assert masked_whiten(scores[:4], mask[:4])[2].item() == pytest.approx(-1.5, abs=1e-3)  # one process's alone
-    split = torch.cat([masked_whiten(scores[:4], mask[:4], reduce=halves_reduce(scores, mask, 0)),
-                       masked_whiten(scores[4:], mask[4:], reduce=halves_reduce(scores, mask, 1))])
+    split = torch.cat(
+        [
+            masked_whiten(scores[:4], mask[:4], reduce=halves_reduce(scores, mask, 0)),
+            masked_whiten(scores[4:], mask[4:], reduce=halves_reduce(scores, mask, 1)),
+        ]
+    )
     assert torch.allclose(split, whole, atol=1e-6)
 
 
@@ -230,7 +254,9 @@ def test_a_mini_batch_s_token_mean_does_not_depend_on_how_it_is_cut():
     # each micro-batch's loss over the mini-batch's count per micro-batch (22 / 2), then averaged over
     # the 2 accumulation steps, as accelerator.backward does
     share = loss_units(mask, "token_mean") / 2
-    loss = (aggregate(per_token[:2], mask[:2], normalizer=share) + aggregate(per_token[2:], mask[2:], normalizer=share)) / 2
+    loss = (
+        aggregate(per_token[:2], mask[:2], normalizer=share) + aggregate(per_token[2:], mask[2:], normalizer=share)
+    ) / 2
     loss.backward()
     assert per_token.grad[2, 0].item() == pytest.approx(1 / 22) and per_token.grad[0, 0].item() == pytest.approx(1 / 22)
     short = (per_token.grad[2:] * mask[2:]).sum() / (per_token.grad * mask).sum()
@@ -255,7 +281,7 @@ def test_gae_matches_the_recursion_across_chunks(length):
     g = torch.Generator().manual_seed(length)
     values, rewards = torch.randn(3, length, generator=g), torch.randn(3, length, generator=g) * 0.1
     mask = torch.ones(3, length)
-    mask[1, length // 2 + 1:] = 0  # a shorter response
+    mask[1, length // 2 + 1 :] = 0  # a shorter response
     for gamma, lam in ((1.0, 0.95), (0.99, 0.9), (0.9, 0.0)):
         advantages, returns = gae(values, rewards, mask, gamma, lam)
         expected = python_gae(values, rewards, mask, gamma, lam)
@@ -266,12 +292,14 @@ def test_gae_matches_the_recursion_across_chunks(length):
 def test_gae_of_reasoning_length_responses_takes_memory_linear_in_their_length():
     """GAE at 16k tokens: a (T, T) discount matrix took several GiB of temporaries; chunked, the
     process grows by a few MB. Measured in a fresh process (its peak resident set)."""
-    code = ("import resource, torch\n"
-            "from pipeline.rl.ppo_math import gae\n"
-            "x = torch.randn(2, 16384)\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "gae(x, x * 0.1, torch.ones_like(x), 1.0, 0.95)\n"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    code = (
+        "import resource, torch\n"
+        "from pipeline.rl.algorithms import gae\n"
+        "x = torch.randn(2, 16384)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "gae(x, x * 0.1, torch.ones_like(x), 1.0, 0.95)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     grew_mb = int(run.stdout.split()[-1])

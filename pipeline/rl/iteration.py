@@ -8,7 +8,7 @@
     stats       = update(experience, models, ...)     PPO epochs over shuffled minibatches
     metrics     = iteration_metrics(...)              gathered over processes
 
-The math lives in `pipeline/rl/ppo_math.py` and `pipeline/rl/estimators.py` (pure functions); this
+The math lives in `pipeline/rl/algorithms.py` and `pipeline/rl/algorithms.py` (pure functions); this
 module runs it on models.
 """
 
@@ -19,16 +19,33 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 from accelerate.utils import gather_object
+
 from pipeline import engine
-from pipeline.config import GROUP_ESTIMATORS, PPOStage, UserError
+from pipeline.errors import NonFiniteLoss
 from pipeline.models import hf_model, is_peft
-from pipeline.rl.estimators import (baseline_subtracted, group_advantages, reinforce_pp_advantages,
-                                    zero_variance_share)
-from pipeline.rl.ppo_math import (Reduce, aggregate, explained_variance, gae, k3_clamped, kl_per_token,
-                                  logprobs_and_entropy, logprobs_of, masked_mean, masked_moments, masked_whiten, policy_loss,
-                                  token_rewards, value_loss)
-from pipeline.rl.rewards import RewardError, Rewards, TrainerState
+from pipeline.recipe import GROUP_ESTIMATORS, PPOStage
 from pipeline.rl import unpadded
+from pipeline.rl.algorithms import (
+    Reduce,
+    aggregate,
+    baseline_subtracted,
+    explained_variance,
+    gae,
+    group_advantages,
+    k3_clamped,
+    kl_per_token,
+    logprobs_and_entropy,
+    logprobs_of,
+    masked_mean,
+    masked_moments,
+    masked_whiten,
+    policy_loss,
+    reinforce_pp_advantages,
+    token_rewards,
+    value_loss,
+    zero_variance_share,
+)
+from pipeline.rl.rewards import RewardError, Rewards, TrainerState
 from pipeline.rl.rollout import Rollout, chunked_response_logprobs, response_hidden, response_logits, response_logprobs
 from pipeline.rl.unpadded import Layout
 from pipeline.scoring import position_ids
@@ -72,8 +89,15 @@ class PolicyAndValue(nn.Module):
     def has_critic(self) -> bool:
         return self.value_model is not None or self.value_head is not None
 
-    def forward(self, input_ids, attention_mask, response_len: int, tokens: torch.Tensor | None = None,
-                temperature: float = 1.0, entropy: bool = False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        response_len: int,
+        tokens: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        entropy: bool = False,
+    ):
         """Logits for the response tokens only (B, R, V), and per-token values (B, R) (None without a
         value function). Unpadded (pipeline/rl/unpadded.py) where the models were enabled for it.
 
@@ -82,13 +106,17 @@ class PolicyAndValue(nn.Module):
         `((logp, entropy), values)`. `chunked`: without ever holding the (B, R, V) logits."""
         layout = Layout(input_ids, attention_mask, response_len) if unpadded.enabled(self.policy) else None
         if tokens is not None and self.chunked:
-            (logp, ent), hidden = chunked_response_logprobs(self.policy, input_ids, attention_mask, tokens, temperature,
-                                                            layout, entropy)
+            (logp, ent), hidden = chunked_response_logprobs(
+                self.policy, input_ids, attention_mask, tokens, temperature, layout, entropy
+            )
             if self.value_head is not None:
                 values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
             else:
-                values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
-                          if self.value_model is not None else None)
+                values = (
+                    response_values(self.value_model, input_ids, attention_mask, response_len, layout)
+                    if self.value_model is not None
+                    else None
+                )
             return (logp, ent), values
         logits, values = self._logits_and_values(input_ids, attention_mask, response_len, layout)
         if tokens is None:
@@ -102,18 +130,27 @@ class PolicyAndValue(nn.Module):
     def _logits_and_values(self, input_ids, attention_mask, response_len: int, layout: Layout | None):
         if self.value_head is None:
             logits = response_logits(self.policy, input_ids, attention_mask, response_len, layout)
-            values = (response_values(self.value_model, input_ids, attention_mask, response_len, layout)
-                      if self.value_model is not None else None)
+            values = (
+                response_values(self.value_model, input_ids, attention_mask, response_len, layout)
+                if self.value_model is not None
+                else None
+            )
             return logits, values
         if layout is not None:
-            out = layout.forward(self.policy, use_cache=False, logits_to_keep=layout.predictors.flatten(),
-                                 output_hidden_states=True)
+            out = layout.forward(
+                self.policy, use_cache=False, logits_to_keep=layout.predictors.flatten(), output_hidden_states=True
+            )
             logits, hidden = out.logits.view(*layout.predictors.shape, -1), out.hidden_states[-1][0, layout.predictors]
         else:
-            out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask), use_cache=False,
-                              logits_to_keep=response_len + 1, output_hidden_states=True)
-            logits, hidden = out.logits[:, :-1], out.hidden_states[-1][:, -response_len - 1:-1]
+            out = self.policy(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+                logits_to_keep=response_len + 1,
+                output_hidden_states=True,
+            )
+            logits, hidden = out.logits[:, :-1], out.hidden_states[-1][:, -response_len - 1 : -1]
         return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -146,28 +183,41 @@ class Rewarded:
     extra_columns: dict[str, list]
     """column -> one value per rollout, logged by reward functions with `log_extra` (for samples.jsonl)."""
 
-    def take(self, rows: list[int]) -> "Rewarded":
+    def take(self, rows: list[int]) -> Rewarded:
         index = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
         tensors = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
-        return Rewarded(tensors(self.source_scores), tensors(self.judge_scores),
-                        self.rm_scores[index] if self.rm_scores is not None else None, self.raw_scores[index],
-                        self.valid[index], self.scores[index], self.logged_metrics,
-                        {k: [v[i] for i in rows] for k, v in self.extra_columns.items()})
+        return Rewarded(
+            tensors(self.source_scores),
+            tensors(self.judge_scores),
+            self.rm_scores[index] if self.rm_scores is not None else None,
+            self.raw_scores[index],
+            self.valid[index],
+            self.scores[index],
+            self.logged_metrics,
+            {k: [v[i] for i in rows] for k, v in self.extra_columns.items()},
+        )
 
     @staticmethod
-    def cat(parts: list["Rewarded"]) -> "Rewarded":
+    def cat(parts: list[Rewarded]) -> Rewarded:
         """Batches' rewards as one; what their functions logged, all of it (a metric's values, a column's
         rows where every batch logged it)."""
         tensors = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}  # noqa: E731
-        extra = {k: [x for p in parts for x in p.extra_columns[k]] for k in parts[0].extra_columns
-                 if all(k in p.extra_columns for p in parts)}
-        return Rewarded(tensors("source_scores"), tensors("judge_scores"),
-                        torch.cat([p.rm_scores for p in parts]) if parts[0].rm_scores is not None else None,
-                        *(torch.cat([getattr(p, key) for p in parts]) for key in ("raw_scores", "valid", "scores")),
-                        Rewarded.logged_by(parts), extra)
+        extra = {
+            k: [x for p in parts for x in p.extra_columns[k]]
+            for k in parts[0].extra_columns
+            if all(k in p.extra_columns for p in parts)
+        }
+        return Rewarded(
+            tensors("source_scores"),
+            tensors("judge_scores"),
+            torch.cat([p.rm_scores for p in parts]) if parts[0].rm_scores is not None else None,
+            *(torch.cat([getattr(p, key) for p in parts]) for key in ("raw_scores", "valid", "scores")),
+            Rewarded.logged_by(parts),
+            extra,
+        )
 
     @staticmethod
-    def logged_by(parts: list["Rewarded"]) -> dict[str, list[float]]:
+    def logged_by(parts: list[Rewarded]) -> dict[str, list[float]]:
         """What the reward functions logged over all of `parts`' calls, each metric's values in order."""
         metrics = {}
         for p in parts:
@@ -207,8 +257,15 @@ class Experience(Rewarded):
     returns: torch.Tensor | None = None
 
 
-def reward(rollout: Rollout, columns: dict, rewards: Rewards, judges: Rewards, cfg: PPOStage,
-           score_norm: tuple[float, float] | None, state: TrainerState | None = None) -> Rewarded:
+def reward(
+    rollout: Rollout,
+    columns: dict,
+    rewards: Rewards,
+    judges: Rewards,
+    cfg: PPOStage,
+    score_norm: tuple[float, float] | None,
+    state: TrainerState | None = None,
+) -> Rewarded:
     """Every reward source's and judge's scores of a rollout (`columns`: the prompt dataset's other
     columns, one value per rollout; `state`: the run's progress, for reward functions), the score
     optimised, and what the reward functions logged."""
@@ -232,9 +289,16 @@ def reward(rollout: Rollout, columns: dict, rewards: Rewards, judges: Rewards, c
         scores = raw_scores.clone()
     scores = torch.where(rollout.has_stop, scores, scores - cfg.stop_penalty)
     logs = (rewards.take_log(), judges.take_log())
-    return Rewarded(sources, judged, sources[rm] if rm else None, raw_scores, valid, scores,
-                    logged_metrics={k: v for log in logs for k, v in log.metrics.items()},
-                    extra_columns={k: v for log in logs for k, v in log.extra.items()})
+    return Rewarded(
+        sources,
+        judged,
+        sources[rm] if rm else None,
+        raw_scores,
+        valid,
+        scores,
+        logged_metrics={k: v for log in logs for k, v in log.metrics.items()},
+        extra_columns={k: v for log in logs for k, v in log.extra.items()},
+    )
 
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 / FSDP2 gather parameters here that backward uses later
@@ -249,8 +313,14 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
     old_logp, old_values, entropy = [], [], []
     for i in range(0, len(rollout), forward_batch_size) if not cfg.single_pass else ():
         s = slice(i, i + forward_batch_size)
-        (logp, ent), values = model(rollout.query_responses[s], rollout.attention_mask[s], R,
-                                    tokens=rollout.responses[s], temperature=cfg.temperature, entropy=True)
+        (logp, ent), values = model(
+            rollout.query_responses[s],
+            rollout.attention_mask[s],
+            R,
+            tokens=rollout.responses[s],
+            temperature=cfg.temperature,
+            entropy=True,
+        )
         old_logp.append(logp)  # (through the update's own path: the LM head in chunks where it runs so)
         entropy.append(ent)
         if values is not None:
@@ -261,10 +331,15 @@ def score(rollout: Rollout, rewarded: Rewarded, model, reference, cfg: PPOStage,
             ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size) * mask
     elif reference is not None:
         ref_logp = response_logprobs(reference, rollout, cfg.temperature, forward_batch_size) * mask
-    return Experience(rollout=rollout, mask=mask, old_logp=torch.cat(old_logp) * mask if old_logp else None,
-                      ref_logp=ref_logp, old_values=torch.cat(old_values) * mask if old_values else None,
-                      entropy=torch.cat(entropy) if entropy else None,
-                      **{f.name: getattr(rewarded, f.name) for f in fields(Rewarded)})
+    return Experience(
+        rollout=rollout,
+        mask=mask,
+        old_logp=torch.cat(old_logp) * mask if old_logp else None,
+        ref_logp=ref_logp,
+        old_values=torch.cat(old_values) * mask if old_values else None,
+        entropy=torch.cat(entropy) if entropy else None,
+        **{f.name: getattr(rewarded, f.name) for f in fields(Rewarded)},
+    )
 
 
 def batch_sum(accelerator) -> Reduce:
@@ -321,10 +396,6 @@ def with_advantages(exp: Experience, cfg: PPOStage, kl_coef: float, reduce: Redu
     return exp
 
 
-class NonFiniteLoss(UserError, FloatingPointError):
-    """A loss went NaN or infinite: the run stops rather than train on garbage (one line, every process)."""
-
-
 LOSS_LABELS = {"pg_loss": "loss/policy", "vf_loss": "loss/value", "kl_loss": "loss/kl"}
 
 
@@ -335,9 +406,15 @@ def agree(losses: dict[str, torch.Tensor], stop_flag: bool, accelerator) -> tupl
     would leave the others waiting in backward's gradient all-reduce until the process-group timeout)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     device = next(iter(losses.values())).device
-    verdict = torch.stack([torch.where(torch.isfinite(losses[name].detach()), world, rank).to(device, torch.float32)
-                           if name in losses else torch.tensor(float(world), device=device)
-                           for name in LOSS_LABELS] + [torch.tensor(0.0 if stop_flag else 1.0, device=device)])
+    verdict = torch.stack(
+        [
+            torch.where(torch.isfinite(losses[name].detach()), world, rank).to(device, torch.float32)
+            if name in losses
+            else torch.tensor(float(world), device=device)
+            for name in LOSS_LABELS
+        ]
+        + [torch.tensor(0.0 if stop_flag else 1.0, device=device)]
+    )
     if world > 1:
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)
     *bad, go_on = verdict.tolist()
@@ -351,23 +428,25 @@ def loss_masks(exp: Experience, cfg: PPOStage) -> tuple[torch.Tensor, torch.Tens
     return exp.mask * keep, exp.rewarded * keep
 
 
-def loss_normalizers(masks: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor, cfg: PPOStage,
-                     accelerator) -> list[tuple[float, float]]:
+def loss_normalizers(
+    masks: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor, cfg: PPOStage, accelerator
+) -> list[tuple[float, float]]:
     """For each mini-batch of an epoch (in `order`): the divisors of its micro-batches' policy and value
     losses, so that the gradient is the mini-batch's mean over every process's tokens (or sequences,
     `loss_units`), however it is cut. Each micro-batch's loss is its sum over that count, times the
     accumulation steps and the processes, which `accelerator.backward` (1 / steps) and the engine's
     gradient averaging (1 / processes) divide out again. One all-reduce an epoch. `masks`: `loss_masks`."""
     policy_mask, value_mask = masks
-    units = policy_mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(policy_mask[:, 0])  # (`loss_units`)
+    units = (
+        policy_mask.sum(1) if cfg.aggregation == "token_mean" else torch.ones_like(policy_mask[:, 0])
+    )  # (`loss_units`)
     per_sequence = torch.stack([units, value_mask.sum(1)], 1).double()
     counts = per_sequence[order].view(-1, cfg.mini_batch_size, 2).sum(1)  # (mini-batches, 2)
     counts = batch_sum(accelerator)(counts) / (cfg.gradient_accumulation_steps * accelerator.num_processes)
     return [(policy, value) for policy, value in counts.clamp(min=1e-8).tolist()]
 
 
-def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str,
-           stop=None) -> dict:
+def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOStage, where: str, stop=None) -> dict:
     """`ppo_epochs` passes of the clipped policy loss (plus the value loss with a critic, the KL term
     with `kl_in: loss`) over shuffled minibatches, each an optimiser step whose losses are normalised
     by the whole mini-batch (`loss_normalizers`): the step does not depend on how it is cut into
@@ -381,8 +460,10 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
     rollout, B, R = exp.rollout, len(exp.rollout), exp.rollout.responses.shape[1]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     how = cfg.aggregation
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss",
-                             "kl_clamped")}
+    stats = {
+        k: []
+        for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "kl_loss", "kl_clamped")
+    }
     first, interrupted = None, False
     policy_mask, value_mask = loss_masks(exp, cfg)
     own = exp.old_logp is None  # single_pass: the old log-probs are this pass's own, and its entropy is logged
@@ -393,34 +474,58 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
         order = torch.randperm(B, device=exp.mask.device)
         normalizers = loss_normalizers((policy_mask, value_mask), order, cfg, accelerator)
         for start in range(0, B, micro):
-            idx = order[start:start + micro]
+            idx = order[start : start + micro]
             policy_units, value_tokens = normalizers[start // cfg.mini_batch_size]
             with accelerator.accumulate(model):
-                (logp, entropy), values = model(rollout.query_responses[idx], rollout.attention_mask[idx], R,
-                                                tokens=rollout.responses[idx], temperature=cfg.temperature, entropy=own)
+                (logp, entropy), values = model(
+                    rollout.query_responses[idx],
+                    rollout.attention_mask[idx],
+                    R,
+                    tokens=rollout.responses[idx],
+                    temperature=cfg.temperature,
+                    entropy=own,
+                )
                 if own:  # (ratio 1: the very policy that sampled them, before this step)
                     exp.old_logp[idx], exp.entropy[idx] = logp.detach() * exp.mask[idx], entropy
                 mask = policy_mask[idx]
-                pg_loss, pg_stats = policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, cfg.cliprange,
-                                                how, cfg.horizon, policy_units, cfg.cliprange_high)
+                pg_loss, pg_stats = policy_loss(
+                    logp,
+                    exp.old_logp[idx],
+                    exp.advantages[idx],
+                    mask,
+                    cfg.cliprange,
+                    how,
+                    cfg.horizon,
+                    policy_units,
+                    cfg.cliprange_high,
+                )
                 losses = {"pg_loss": pg_loss}
                 if values is not None:
-                    vf_loss, vf_stats = value_loss(values.float(), exp.old_values[idx], exp.returns[idx],
-                                                   value_mask[idx], cfg.cliprange_value, value_tokens)
+                    vf_loss, vf_stats = value_loss(
+                        values.float(),
+                        exp.old_values[idx],
+                        exp.returns[idx],
+                        value_mask[idx],
+                        cfg.cliprange_value,
+                        value_tokens,
+                    )
                     losses.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["clipfrac"])
                     loss = pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss
                 if cfg.kl_in == "loss" and exp.ref_logp is not None:  # k3: 0 and no gradient while policy = reference
-                    kl_loss = aggregate(kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.horizon,
-                                        policy_units)
+                    kl_loss = aggregate(
+                        kl_per_token(logp, exp.ref_logp[idx], mask, "k3"), mask, how, cfg.horizon, policy_units
+                    )
                     losses["kl_loss"] = kl_loss
                     pg_stats["kl_clamped"] = k3_clamped(logp.detach(), exp.ref_logp[idx], mask)
                     loss = loss + exp.kl_coef * kl_loss
                 bad, stop_requested = agree(losses, stop is not None and stop.flag, accelerator)
                 for name, process in bad.items():
-                    raise NonFiniteLoss(f"ppo: {LOSS_LABELS[name]} is not finite at {where}, epoch {epoch + 1} (on "
-                                        f"process {process}): stopping. Lower ppo.learning_rate, or check the rewards.")
+                    raise NonFiniteLoss(
+                        f"ppo: {LOSS_LABELS[name]} is not finite at {where}, epoch {epoch + 1} (on "
+                        f"process {process}): stopping. Lower ppo.learning_rate, or check the rewards."
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     engine.clip_gradients(accelerator, model, cfg.max_grad_norm)
@@ -428,13 +533,20 @@ def update(exp: Experience, model, optimizer, scheduler, accelerator, cfg: PPOSt
                 if accelerator.sync_gradients:
                     scheduler.step()  # not prepared by accelerate: once per optimiser step, whatever the world size
                 optimizer.zero_grad()
-            for k, v in {**losses, "pg_clipfrac": pg_stats["clipfrac"], "approxkl": pg_stats["approxkl"],
-                         "ratio": pg_stats["ratio"], **({"kl_clamped": pg_stats["kl_clamped"]}
-                                                        if "kl_clamped" in pg_stats else {})}.items():
+            for k, v in {
+                **losses,
+                "pg_clipfrac": pg_stats["clipfrac"],
+                "approxkl": pg_stats["approxkl"],
+                "ratio": pg_stats["ratio"],
+                **({"kl_clamped": pg_stats["kl_clamped"]} if "kl_clamped" in pg_stats else {}),
+            }.items():
                 stats[k].append(v.detach())
             if first is None:
-                first = {"ratio": pg_stats["ratio"].item(), "approxkl": pg_stats["approxkl"].item(),
-                         "clipfrac": pg_stats["clipfrac"].item()}
+                first = {
+                    "ratio": pg_stats["ratio"].item(),
+                    "approxkl": pg_stats["approxkl"].item(),
+                    "clipfrac": pg_stats["clipfrac"].item(),
+                }
             if accelerator.sync_gradients and stop_requested:
                 interrupted = True
                 break
@@ -461,16 +573,21 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     seen = exp.watched or exp  # the policy's rewards on the prompts drawn (see `Experience.watched`)
     local = {
         "objective/entropy": masked_mean(exp.entropy, mask),
-        "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(), "objective/scores": exp.scores.mean(),
+        "objective/rlhf_reward": (exp.scores - kl_coef * seq_kl).mean(),
+        "objective/scores": exp.scores.mean(),
     }
     if exp.kl is not None:
         local.update({"objective/kl": seq_kl.mean(), "objective/non_score_reward": (-kl_coef * exp.kl).sum(1).mean()})
     if exp.rm_scores is not None:
         local["objective/rm_score_raw"] = exp.rm_scores.mean()
-    local.update({
-        "objective/missing_stop_penalty": cfg.stop_penalty * (~exp.rollout.has_stop).float().mean(),
-        "policy/approxkl_avg": stats["approxkl"], "policy/clipfrac_avg": stats["pg_clipfrac"],
-        "loss/policy_avg": stats["pg_loss"]})
+    local.update(
+        {
+            "objective/missing_stop_penalty": cfg.stop_penalty * (~exp.rollout.has_stop).float().mean(),
+            "policy/approxkl_avg": stats["approxkl"],
+            "policy/clipfrac_avg": stats["pg_clipfrac"],
+            "loss/policy_avg": stats["pg_loss"],
+        }
+    )
     if exp.old_values is not None:
         local.update({"loss/value_avg": stats["vf_loss"], "val/clipfrac_avg": stats["vf_clipfrac"]})
     local["val/ratio"] = stats["ratio"]
@@ -478,11 +595,18 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
         local["val/explained_variance"] = explained_variance(exp.old_values, exp.returns, mask, batch_sum(accelerator))
     if cfg.kl_estimator == "k3" and exp.kl is not None:  # the KL in the reward, capped where far from the reference
         local["objective/kl_clamped"] = k3_clamped(exp.old_logp, exp.ref_logp, mask)
-    local.update({"val/num_eos_tokens": exp.rollout.has_stop.float().sum(), "response_length": mask.sum(1).mean(),
-                  "objective/reward_raw": seen.raw_scores.mean(), "objective/rewarded": exp.valid.float().mean(),
-                  # the reward's spread among the batch's rollouts (of every process: the same on each)
-                  "objective/reward_raw_std": masked_moments(seen.raw_scores[:, None], torch.ones_like(seen.raw_scores[:, None]),
-                                                             batch_sum(accelerator))[1].sqrt()})
+    local.update(
+        {
+            "val/num_eos_tokens": exp.rollout.has_stop.float().sum(),
+            "response_length": mask.sum(1).mean(),
+            "objective/reward_raw": seen.raw_scores.mean(),
+            "objective/rewarded": exp.valid.float().mean(),
+            # the reward's spread among the batch's rollouts (of every process: the same on each)
+            "objective/reward_raw_std": masked_moments(
+                seen.raw_scores[:, None], torch.ones_like(seen.raw_scores[:, None]), batch_sum(accelerator)
+            )[1].sqrt(),
+        }
+    )
     if "kl_loss" in stats:
         local["loss/kl_avg"] = stats["kl_loss"]
         local["loss/kl_clamped"] = stats["kl_clamped"]  # share of tokens whose k3 term was clamped
@@ -491,19 +615,24 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     local.update({k: torch.tensor(v, device=mask.device) for k, v in exp.sampling.items()})
     if exp.rollout.agent is not None:  # tool use: calls, errors, turns, exchanges cut
         local.update({k: torch.tensor(v, device=mask.device) for k, v in exp.rollout.agent.metrics().items()})
-    metrics = {k: v.item() for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()},
-                                                           reduction="mean").items()}
+    metrics = {
+        k: v.item()
+        for k, v in accelerator.reduce({k: v.detach().float() for k, v in local.items()}, reduction="mean").items()
+    }
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed, not averaged
     if exp.rollout.agent is not None:  # failed calls over every process's calls (not a mean of shares)
-        errors, calls = accelerator.reduce(torch.tensor(exp.rollout.agent.error_counts(), dtype=torch.float64,
-                                                        device=mask.device), reduction="sum").tolist()
+        errors, calls = accelerator.reduce(
+            torch.tensor(exp.rollout.agent.error_counts(), dtype=torch.float64, device=mask.device), reduction="sum"
+        ).tolist()
         metrics["tools/error_share"] = errors / max(calls, 1)
     # each source's mean over the completions it scored, on every process together (sums and counts)
     scored = {f"rewards/{k}": v for k, v in seen.source_scores.items()}
     scored.update({f"judges/{k}": v for k, v in seen.judge_scores.items()})
     if scored:
-        sums = accelerator.reduce(torch.stack([torch.stack([v.double().nansum(), (~v.isnan()).sum().double()])
-                                               for v in scored.values()]), reduction="sum")
+        sums = accelerator.reduce(
+            torch.stack([torch.stack([v.double().nansum(), (~v.isnan()).sum().double()]) for v in scored.values()]),
+            reduction="sum",
+        )
         metrics.update({k: s / n if n > 0 else None for k, (s, n) in zip(scored, sums.tolist())})
     # what reward functions logged (log_metric): the mean of every value logged, on every process together;
     # a process may have logged names the others did not, so the names are gathered first (in one order)
@@ -513,8 +642,10 @@ def iteration_metrics(exp: Experience, stats: dict, kl_coef: float, cfg: PPOStag
     names = sorted(set(names))
     if names:
         values = [exp.logged_metrics.get(name, []) for name in names]
-        sums = accelerator.reduce(torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64,
-                                               device=exp.mask.device), reduction="sum")
+        sums = accelerator.reduce(
+            torch.tensor([[sum(v), len(v)] for v in values], dtype=torch.float64, device=exp.mask.device),
+            reduction="sum",
+        )
         metrics.update({name: s / n if n > 0 else None for name, (s, n) in zip(names, sums.tolist())})
     metrics["first_minibatch"] = stats["first"]
     return metrics
