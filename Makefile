@@ -26,11 +26,8 @@ FORCE ?=
 RESUME ?=
 TORCH_VERSION := 2.13.0
 
-# FORCE and RESUME apply to the stages named on the command line (all of them for `make demo`), not
-# to the upstream stages make visits on the way: `make ppo FORCE=1` must not retrain the SFT model.
-NAMED = $(if $(filter demo,$(MAKECMDGOALS)),base sft rm ppo eval,$(MAKECMDGOALS))
-stage_args = --recipe $(RECIPE) $(if $(FORCE),$(if $(filter $(1),$(NAMED)),--force)) \
-	$(if $(RESUME),$(if $(filter $(1),$(NAMED)),--resume)) $(ARGS)
+# FORCE and RESUME apply to the stage named on the command line (every stage for `make demo`), not to
+# the upstream stages run on the way: `make ppo FORCE=1` must not retrain the SFT model (pipeline.plans).
 # Without a config, accelerate launch sets OMP_NUM_THREADS=1 (one process) and torch then uses a
 # single core on a CPU machine: give each process its share of the cores instead.
 # Precision is not the launcher's: each stage passes the recipe's (`dtype`: float32 trained weights
@@ -78,6 +75,7 @@ help:
 	@echo "Variables:"
 	@echo "  RECIPE=path.yaml            the recipe (default $(RECIPE))"
 	@echo "  ARGS=\"k=v ...\"              recipe overrides, e.g. ARGS=\"ppo.finetune=lora ppo.kl_target=6\""
+	@echo "  DRY_RUN=1                   print the stage commands a target would launch, launching none"
 	@echo "  FORCE=1                     re-run the named stages even if up to date (checkpoints are moved aside)"
 	@echo "  RESUME=1                    go on from an interrupted run's checkpoint under a changed recipe"
 	@echo "  NPROC=N                     N processes (data parallel), or override a config's count"
@@ -99,35 +97,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Each stage runs unless its artifact is up to date. pipeline.plans answers that in a fraction of a
-# second from the recipe and the manifests; launching the stage would spend seconds on imports first.
-UP_TO_DATE = $(BIN)/python -m pipeline.plans
-define run_stage
-	@$(UP_TO_DATE) $(1) $(3) $(call stage_args,$(1)) || \
-	{ echo "$(2) stages/$(1).py $(call stage_args,$(1))"; $(2) stages/$(1).py $(call stage_args,$(1)); }
-endef
+# Each stage target is one process, pipeline.plans: it walks the chain of stages the target reads (the
+# recipe decides which: pipeline/plans.py's `upstream`, the graph's one definition), says which are up
+# to date, and launches the others, each after what it reads. Up-to-date answers take a fraction of a
+# second from the recipe and the manifests; launching a stage would spend seconds on imports first.
+# DRY_RUN=1 prints the launch commands instead of running them.
+DRY_RUN ?=
+chain = $(BIN)/python -m pipeline.plans $(1) --launch "$(LAUNCH)" $(if $(DRY_RUN),--dry-run) --recipe $(RECIPE) \
+	$(if $(FORCE),--force) $(if $(RESUME),--resume) $(ARGS)
 
-base: setup
-	$(call run_stage,base,$(BIN)/python,$(if $(filter base,$(MAKECMDGOALS)),,--if-needed))
+base sft rm ppo eval: setup
+	@$(call chain,$@)
 
-# Visited on the way to rm / ppo / eval, the SFT stage runs only if the RL stage starts from it (a recipe
-# with ppo.model starts from that model); `make sft` itself always may.
-sft: base
-	$(call run_stage,sft,$(LAUNCH),$(if $(filter sft,$(MAKECMDGOALS)),,--if-needed))
-
-# Visited on the way to ppo / eval, the RM stage runs only if the recipe's rewards or judges read it
-# (a recipe that optimises reward functions trains no reward model); `make rm` itself always may.
-rm: sft
-	$(call run_stage,rm,$(LAUNCH),$(if $(filter rm,$(MAKECMDGOALS)),,--if-needed))
-
-ppo: rm
-	$(call run_stage,ppo,$(LAUNCH))
-
-eval: ppo
-	$(call run_stage,eval,$(LAUNCH))
-
-demo: eval
-	@$(BIN)/python -m pipeline.report $(call stage_args,eval)
+# The whole chain, FORCE and RESUME reaching every stage, then the headline (even when nothing ran)
+demo: setup
+	@$(call chain,eval --all --report)
 
 # A reward model over HTTP (pipeline/rl/reward_server.py): the run's RM artifact, or RM=path/hub-id.
 # Bound to 127.0.0.1 unless SERVE_HOST is given; off loopback it needs an API key, read from the
@@ -147,7 +131,7 @@ serve-rm: setup
 # (RECIPE=stages/recipes/bench-ppo.yaml: PPO against a reward model of that shape).
 bench: $(if $(SHAPE),setup,rm)
 	OMP_NUM_THREADS=$(CORES) SHAPE=$(SHAPE) $(BIN)/python -m pipeline.bench \
-		$(if $(SHAPE),--recipe $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),stages/recipes/bench-grpo.yaml) $(ARGS),$(call stage_args,bench))
+		$(if $(SHAPE),--recipe $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),stages/recipes/bench-grpo.yaml) $(ARGS),--recipe $(RECIPE) $(if $(FORCE),--force) $(ARGS))
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
         argv = [*([] if "--recipe" in argv else ["--recipe", SHAPE_RECIPE]), *argv]
         argv += shape_inputs(shape, layers, argv[argv.index("--recipe") + 1])
     recipe, args = cli.parse(__doc__.splitlines()[0], argv)
-    upstream = [] if recipe.ppo.model else ["sft", "rm"] if plans.needs_rm(recipe) else ["sft"]
+    upstream = [u for u in plans.upstream(recipe, "ppo") if u != "base"]  # what the RL stage reads
     for stage in upstream:
         artifacts.require(recipe.run_dir / stage, stage)
     overrides = args.overrides

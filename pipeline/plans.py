@@ -1,22 +1,33 @@
-"""What each stage builds from what, and whether that is already built.
+"""What each stage builds from what, and whether that is already built: the stage graph, defined once.
+
+`upstream(recipe, stage)` names the stages a stage reads, as the recipe wires them (a recipe with
+`ppo.model` reads no SFT artifact; one whose rewards read no reward model of its own has no RM stage
+before its RL stage). The plans read those artifacts, and `make` runs them first, from this one
+definition.
 
 A stage's fingerprint is its recipe section plus the fingerprints of its inputs: data files, the
 model it starts from, and the build ids of the upstream artifacts it reads. A finished stage is
 skipped when the fingerprint matches; any change to its section, its data or anything upstream
 (a re-build included) changes the fingerprint, so that stage and every stage after it run again.
 
-None of this needs torch or trl, so `make` asks first (`python -m pipeline.plans STAGE ...`,
-a fraction of a second) instead of launching a stage for several seconds of imports only to
-learn that it has nothing to do. The stages call the same functions, so the two cannot disagree.
+None of this needs torch or trl, so every `make` stage target is one process that walks the chain
+(`python -m pipeline.plans STAGE ...`, a fraction of a second when everything is up to date) and
+launches only the stages that have something to do, instead of launching each for several seconds
+of imports only to learn that it has nothing to do. The stages call the same plans, so the two
+cannot disagree.
 """
 
 from __future__ import annotations
 
+import argparse
+import shlex
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts, cli, user_code
+from pipeline import artifacts, cli, process, report, user_code
 from pipeline.errors import ConfigError
 from pipeline.recipe import DatasetSpec, Recipe, RewardSource
 from pipeline.recipe_loader import to_dict
@@ -146,11 +157,6 @@ def policy_start(recipe: Recipe) -> str:
     return recipe.ppo.model or str(recipe.run_dir / "sft")
 
 
-def needs_sft(recipe: Recipe) -> bool:
-    """Whether the RL stage (and so eval, and the RM stage's default backbone) reads this run's SFT."""
-    return recipe.ppo.model is None
-
-
 def rm_model(recipe: Recipe) -> str:
     """The model the reward model starts from: rm.model if set, else where the RL stage starts."""
     return recipe.rm.model or policy_start(recipe)
@@ -169,7 +175,6 @@ def rm(recipe: Recipe) -> Plan:
                 f"ppo.model '{recipe.ppo.model}' is a PEFT adapter, which the reward model cannot start "
                 f"from: set rm.model (its base, or another model)"
             )
-    upstream = {} if r.model or recipe.ppo.model else {"sft": artifacts.require(rm_model(recipe), "sft")}
     # Artifacts are known by build id, not path, so a run directory can move without re-running.
     return _plan(
         recipe.run_dir,
@@ -179,7 +184,7 @@ def rm(recipe: Recipe) -> Plan:
             "model_fingerprint": artifacts.source_fingerprint(rm_model(recipe)),
             "datasets": _datasets(r.dataset, r.eval_dataset, rm_reference(recipe)),
         },
-        upstream,
+        read(recipe, "rm"),
     )
 
 
@@ -195,16 +200,13 @@ def ppo(recipe: Recipe) -> Plan:
             "source {model: rm} from this run's RM stage (not ppo.reward_model): set "
             "ppo.normalize_scores=false"
         )
+    start = {}
     if p.model:  # (no SFT artifact is read, whatever an earlier run of this name left)
         artifacts.check_model_source(p.model, "ppo.model", adapter=True)
-        upstream, start = {}, {"model": p.model, "model_fingerprint": artifacts.source_fingerprint(p.model)}
+        start = {"model": p.model, "model_fingerprint": artifacts.source_fingerprint(p.model)}
         base = artifacts.adapter_base(p.model)
         if base is not None:  # an adapter: its base's content (or id) too
             start["model_base_fingerprint"] = artifacts.source_fingerprint(base)
-    else:
-        upstream, start = {"sft": artifacts.require(recipe.run_dir / "sft", "sft")}, {}
-    if uses_rm_stage(recipe, p.rewards + p.judges):
-        upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     return _plan(
         recipe.run_dir,
         "ppo",
@@ -216,7 +218,7 @@ def ppo(recipe: Recipe) -> Plan:
             **reward_inputs(recipe, p.judges, "ppo.judges"),
             **tool_inputs(p),
         },
-        upstream,
+        read(recipe, "ppo"),
     )
 
 
@@ -285,12 +287,9 @@ def eval(recipe: Recipe) -> Plan:
     e = recipe.eval
     if e.prompts is None:
         raise ConfigError("eval.prompts is not set: name a dataset of held-out prompts")
-    upstream = {
-        name: artifacts.require(path, name) for name, path in eval_policies(recipe).items() if name in ("sft", "ppo")
-    }
+    # the RL policy once it exists (`stages/eval.py` alone evaluates the policies before it)
+    upstream = read(recipe, "eval", skip=() if "ppo" in eval_policies(recipe) else ("ppo",))
     sources = eval_sources(recipe)
-    if uses_rm_stage(recipe, sources):
-        upstream["rm"] = artifacts.require(recipe.run_dir / "rm", "rm")
     # eval stops where PPO's rollouts stopped, in PPO's compute dtype and forward micro-batches
     ppo_settings = {
         "stop_token": recipe.ppo.stop_token,
@@ -332,39 +331,119 @@ def eval_sources(recipe: Recipe) -> list[RewardSource]:
 PLANS = {"base": base, "sft": sft, "rm": rm, "ppo": ppo, "eval": eval}
 
 
-def main(argv: list[str]) -> int:
-    """`python -m pipeline.plans STAGE [--if-needed] [--recipe R] [--force] [overrides]`: exit 0 and
-    say so if the stage's artifact is up to date (or, for sft and rm with --if-needed, if nothing
-    downstream reads it), 1 if the stage has to run."""
-    name, rest = argv[0], [a for a in argv[1:] if a != "--if-needed"]
+def upstream(recipe: Recipe, name: str) -> list[str]:
+    """The stages `name` reads, as this recipe wires them: the stage graph's one definition (the plans
+    read these artifacts, `make` runs these stages first)."""
+    p, from_sft = recipe.ppo, recipe.ppo.model is None
+    return {
+        "base": [],
+        "sft": ["base"] if recipe.sft.model == recipe.base.output else [],  # the demo's base, built here
+        "rm": ["sft"] if from_sft and not recipe.rm.model else [],  # (rm_model: where the policy starts)
+        "ppo": ["sft"] * from_sft + ["rm"] * uses_rm_stage(recipe, p.rewards + p.judges),
+        "eval": ["sft"] * from_sft + ["ppo"] + ["rm"] * uses_rm_stage(recipe, eval_sources(recipe)),
+    }[name]
+
+
+def read(recipe: Recipe, name: str, skip: tuple[str, ...] = ()) -> dict:
+    """The manifests of the upstream artifacts `name` reads (the base model is read as a model, by its
+    fingerprint): a one-line error naming the stage to run where one is missing."""
+    names = [u for u in upstream(recipe, name) if u != "base" and u not in skip]
+    return {u: artifacts.require(recipe.run_dir / u, u) for u in names}
+
+
+def chain(recipe: Recipe, target: str) -> list[str]:
+    """`target` and every stage it reads, directly or through another, each after what it reads."""
+    order = []
+
+    def visit(name: str) -> None:
+        for u in upstream(recipe, name):
+            visit(u)
+        if name not in order:
+            order.append(name)
+
+    visit(target)
+    return order
+
+
+def nothing_to_do(recipe: Recipe, name: str) -> str | None:
+    """Why the stage has nothing to do (its artifact is up to date; `base` for a recipe that starts from
+    a model of its own: no base to build), or None: it runs. A recipe or an upstream artifact it cannot
+    plan from is for the stage itself to report, with its full message: None."""
     try:
-        recipe, args = cli.parse(f"is the {name} artifact up to date?", rest)
-        if name == "rm" and "--if-needed" in argv and not needs_rm(recipe):
-            print(
-                "rm: skipped, this recipe's rewards and judges read no reward model of this run (`make rm` "
-                "builds it anyway)"
-            )
-            return 0
-        if name in ("base", "sft") and "--if-needed" in argv and not needs_sft(recipe):
-            print(
-                f"{name}: skipped, the RL stage starts from ppo.model ({recipe.ppo.model}) (`make {name}` builds it "
-                f"anyway)"
-            )
-            return 0
         plan = PLANS[name](recipe)
-        current = plan is not None and not args.force and plan.stage.is_current(plan.fingerprint)
     except (SystemExit, Exception):
-        # Only a proof of up-to-dateness counts here. Anything else (a bad recipe, a missing
-        # upstream artifact) is for the stage itself to report, with its full message.
-        return 1
+        return None
     if plan is None:
-        print(NO_BASE.format(recipe.sft.model))
-        return 0
-    if not current:
-        return 1
-    print(f"{name}: {plan.stage.final} is up to date (FORCE=1 to re-run)")
+        return NO_BASE.format(recipe.sft.model)
+    return (
+        f"{name}: {plan.stage.final} is up to date (FORCE=1 to re-run)"
+        if plan.stage.is_current(plan.fingerprint)
+        else None
+    )
+
+
+def run(command: list[str]) -> int:
+    """`command`'s exit code, as a shell reports it. Ctrl-C reaches the stage from the terminal (this
+    process ignores it: pipeline.launch counts each one); SIGTERM and SIGHUP are passed on to it, and
+    this process waits for the stage to save and exit either way."""
+    child = subprocess.Popen(command)
+    forward = lambda signum, _: child.send_signal(signum)  # noqa: E731
+    handlers = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGINT else forward) for s in FORWARDED}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pipeline.plans STAGE [--launch CMD] [--check | --dry-run] [--all] [--report] [--recipe R]
+    [--force] [--resume] [overrides]`: what every `make` stage target runs. Walks the chain up to STAGE
+    (`chain`) and launches each stage that has something to do: out of date, forced, or reading a stage
+    this chain has just rebuilt; says which are up to date. `--force` / `--resume` reach STAGE only
+    (every stage with `--all`: `make demo`). `--launch`: the command that starts a stage (accelerate's,
+    with make's process settings; `base` runs in this interpreter's Python). `--check`: exit 0 if the
+    chain is up to date, 1 if anything would run, running nothing. `--dry-run`: print the commands
+    without running them. `--report`: print the evaluation's headline at the end (`make demo`)."""
+    target = argv[0] if argv else None
+    if target not in PLANS:
+        raise ConfigError(f"python -m pipeline.plans: name a stage first, one of {', '.join(PLANS)}")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plans", add_help=False)
+    parser.add_argument("--launch", default=f"{sys.executable} -m pipeline.launch --num_processes 1")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--all", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    ours, rest = parser.parse_known_args(argv[1:])
+    recipe, args = cli.parse(f"run what {target} needs", rest)
+    stage_args = [a for a in rest if a not in ("--force", "--resume")]
+    built = set()
+    for name in chain(recipe, target):
+        named = ours.all or name == target
+        forced = args.force and named
+        if not forced and not built & set(upstream(recipe, name)):
+            done = nothing_to_do(recipe, name)
+            if done:
+                print(done)
+                continue
+        if ours.check:
+            return 1
+        launcher = [sys.executable] if name == "base" else shlex.split(ours.launch)
+        flags = ["--force"] * forced + ["--resume"] * (args.resume and named)
+        command = [*launcher, f"stages/{name}.py", *flags, *stage_args]
+        print(shlex.join(command), flush=True)
+        code = 0 if ours.dry_run else run(command)
+        if code:
+            return code
+        built.add(name)
+    if ours.report and not (ours.check or ours.dry_run):
+        report.main(stage_args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    process.run_and_exit(lambda: sys.exit(main(sys.argv[1:])))

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import plans
 from pipeline.artifacts import read_manifest
+from pipeline.recipe_loader import load_recipe
 from tests.conftest import PPO_RUN, REPO, RM_RUN, SFT_RUN, base_overrides, sft_overrides
 
 pytestmark = pytest.mark.e2e  # whole stages, several processes
@@ -79,8 +80,20 @@ def test_make_demo_runs_only_what_is_out_of_date(tmp_path, rm_run, base_model):
     after = build_ids(tmp_path, base_model)
     assert {s for s in STAGES if after[s] != rebuilt[s]} == {"ppo"}
     # eval was built from the previous PPO artifact, so it is out of date now
-    check = subprocess.run([sys.executable, "-m", "pipeline.plans", "eval", *changed], cwd=REPO)
+    check = subprocess.run([sys.executable, "-m", "pipeline.plans", "eval", "--check", *changed], cwd=REPO)
     assert check.returncode == 1
+
+
+def test_a_no_op_make_demo_is_one_process_that_asks_each_stage_once(tmp_path, monkeypatch):
+    """Everything up to date: one interpreter answers for the whole chain, asking each stage once in
+    the graph's order, and launches nothing."""
+    asked = []
+    monkeypatch.setattr(plans, "nothing_to_do", lambda recipe, name: asked.append(name) or f"{name}: up to date")
+    monkeypatch.setattr(plans, "run", lambda command: pytest.fail(f"launched {command}"))
+    assert plans.main(["eval", "--all", f"runs_dir={tmp_path}"]) == 0
+    assert asked == ["base", "sft", "rm", "ppo", "eval"]
+    lines = dry_run("demo").stdout.strip().splitlines()
+    assert len(lines) == 1 and "-m pipeline.plans eval" in lines[0]  # make starts one interpreter for the chain
 
 
 def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
@@ -94,7 +107,21 @@ def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
 
 
 def dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
+    """What `make -n` would run: the target's one pipeline.plans command."""
     return subprocess.run(["make", "-n", target, *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def launches(target: str, tmp_path, *variables: str) -> list[str]:
+    """The stage commands `make TARGET DRY_RUN=1` prints for a run with nothing built yet."""
+    run = subprocess.run(
+        ["make", "-s", target, "DRY_RUN=1", f"ARGS=runs_dir={tmp_path}", *variables],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [line for line in run.stdout.splitlines() if " stages/" in line]
 
 
 def test_make_help_names_every_target_and_variable():
@@ -114,6 +141,9 @@ def test_make_help_names_every_target_and_variable():
         "bench",
         "test",
         "test-gpu",
+        "test-fast",
+        "lint",
+        "DRY_RUN",
         "clean",
         "RECIPE",
         "ARGS",
@@ -133,27 +163,30 @@ def test_make_help_names_every_target_and_variable():
         assert word in named, word
 
 
-def test_force_and_resume_reach_the_stages_named_only():
-    """`make ppo RESUME=1 FORCE=1` hands --resume / --force to PPO, not to the SFT make visits first."""
-    lines = dry_run("ppo", "RESUME=1").stdout.splitlines()
-    assert all("--resume" in line for line in lines if "stages/ppo.py" in line)
-    assert not any("--resume" in line for line in lines if "stages/sft.py" in line)
+def test_force_and_resume_reach_the_stages_named_only(tmp_path):
+    """`make ppo RESUME=1` hands --resume to PPO, not to the SFT and RM run first; `make demo` to all."""
+    lines = launches("ppo", tmp_path, "RESUME=1")
+    assert [line.split(" stages/")[1].split()[0] for line in lines][-3:] == ["sft.py", "rm.py", "ppo.py"]
+    assert ["--resume" in line for line in lines[-3:]] == [False, False, True]
+    assert all("--force" in line for line in launches("demo", tmp_path, "FORCE=1"))
     lines = dry_run("serve-rm", "SERVE_HOST=0.0.0.0", "API_KEY_ENV=RM_KEY").stdout
     assert "--host 0.0.0.0 --port 8000 --api-key-env RM_KEY" in lines
 
 
-def test_launch_takes_the_config_files_process_count_and_node_place():
-    ppo_line = [
-        line
-        for line in dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/zero3.yaml").stdout.splitlines()
-        if "stages/ppo.py" in line
-    ][0]
+def test_launch_takes_the_config_files_process_count_and_node_place(tmp_path):
+    ppo_line = launches("ppo", tmp_path, "ACCELERATE_CONFIG=accelerate_configs/zero3.yaml")[-1]
     assert "--config_file accelerate_configs/zero3.yaml" in ppo_line and "--num_processes" not in ppo_line
-    line = dry_run("ppo", "ACCELERATE_CONFIG=accelerate_configs/fsdp2.yaml", "NPROC=4").stdout
+    assert "stages/ppo.py" in ppo_line
+    line = launches("ppo", tmp_path, "ACCELERATE_CONFIG=accelerate_configs/fsdp2.yaml", "NPROC=4")[-1]
     assert "--num_processes 4" in line
-    line = dry_run(
-        "ppo", "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml", "NNODES=2", "NODE_RANK=1", "MAIN_ADDR=10.1.2.3"
-    ).stdout
+    line = launches(
+        "ppo",
+        tmp_path,
+        "ACCELERATE_CONFIG=accelerate_configs/multi_node.yaml",
+        "NNODES=2",
+        "NODE_RANK=1",
+        "MAIN_ADDR=10.1.2.3",
+    )[-1]
     assert "--num_machines 2 --machine_rank 1 --main_process_ip 10.1.2.3 --main_process_port 29500" in line
     missing = dry_run("sft", "ACCELERATE_CONFIG=accelerate_configs/nope.yaml")
     assert missing.returncode != 0 and "accelerate_configs/nope.yaml does not exist" in missing.stderr
@@ -179,31 +212,15 @@ def test_the_shipped_accelerate_configs_load_with_the_engine_they_name():
     assert load_config_from_file(str(REPO / "accelerate_configs/fsdp2.yaml")).fsdp_config["fsdp_version"] == 2
 
 
-def test_the_rm_stage_is_skipped_on_the_way_when_no_reward_reads_it(tmp_path, capsys):
-    """`make ppo` / `make eval` visit `rm` with --if-needed: a recipe that optimises reward functions
-    (demo-grpo.yaml) trains no reward model; one that reads {model: rm} still needs it."""
-    grpo = ["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
-    assert plans.main(grpo) == 0 and "rm: skipped" in capsys.readouterr().out
-    assert plans.main([*grpo, "ppo.judges=[{model: rm}]"]) == 1  # a judge that reads the RM needs it built
-    assert (
-        plans.main(["rm", "--if-needed", "--recipe", str(REPO / "stages/recipes/demo.yaml"), f"runs_dir={tmp_path}"])
-        == 1
-    )
-    rm_line = lambda target: next(line for line in dry_run(target).stdout.splitlines() if "plans rm" in line)  # noqa: E731
-    assert "--if-needed" in rm_line("ppo") and "--if-needed" not in rm_line("rm")
-
-
-def test_the_sft_stage_is_skipped_on_the_way_when_the_rl_stage_starts_from_a_model_of_its_own(tmp_path, capsys):
-    """With ppo.model, `make ppo` / `make eval` visit `base` and `sft` with --if-needed and skip them;
-    without it, SFT is needed; `make sft` itself always may build it."""
-    recipe = ["--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}"]
-    assert plans.main(["sft", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
-    assert (
-        "sft: skipped, the RL stage starts from ppo.model (HuggingFaceTB/SmolLM2-135M-Instruct)"
-        in capsys.readouterr().out
-    )
-    assert plans.main(["base", "--if-needed", *recipe, "ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
-    assert plans.main(["sft", "--if-needed", *recipe]) == 1
-    lines = dry_run("ppo").stdout.splitlines()
-    assert all("--if-needed" in line for line in lines if "plans sft" in line or "plans base" in line)
-    assert not any("--if-needed" in line for line in dry_run("sft").stdout.splitlines() if "plans sft" in line)
+def test_the_chain_holds_the_stages_the_recipe_reads():
+    """pipeline.plans' one graph: a recipe that optimises reward functions (demo-grpo.yaml) has no RM
+    stage before its RL stage, unless a judge reads {model: rm}; one with ppo.model has no SFT (nor the
+    demo base) before it; `make sft` itself always builds SFT."""
+    demo = load_recipe(str(REPO / "stages/recipes/demo.yaml"))
+    grpo = str(REPO / "stages/recipes/demo-grpo.yaml")
+    assert plans.chain(demo, "eval") == ["base", "sft", "rm", "ppo", "eval"]
+    assert plans.chain(load_recipe(grpo), "ppo") == ["base", "sft", "ppo"]
+    assert plans.chain(load_recipe(grpo, ["ppo.judges=[{model: rm}]"]), "ppo") == ["base", "sft", "rm", "ppo"]
+    instruct = load_recipe(grpo, ["ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert plans.chain(instruct, "eval") == ["ppo", "eval"] and plans.chain(instruct, "sft") == ["base", "sft"]
+    assert plans.chain(load_recipe(grpo, ["sft.model=gpt2"]), "sft") == ["sft"]  # not the demo base: none to build

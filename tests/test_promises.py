@@ -201,7 +201,7 @@ def test_a_moved_run_directory_is_still_up_to_date_and_the_check_loads_no_torch(
     overrides = [*sft_overrides(moved, base_model, *SFT_RUN), *RM_RUN]
     for stage in ("sft", "rm"):
         check = subprocess.run(
-            [sys.executable, "-m", "pipeline.plans", stage, "--recipe", DEMO_RECIPE, *overrides],
+            [sys.executable, "-m", "pipeline.plans", stage, "--check", "--recipe", DEMO_RECIPE, *overrides],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -209,7 +209,7 @@ def test_a_moved_run_directory_is_still_up_to_date_and_the_check_loads_no_torch(
         )
         assert check.returncode == 0 and "is up to date" in check.stdout, check.stdout + check.stderr
     probe = (
-        f"import sys, runpy; sys.argv = ['plans', 'rm', '--recipe', {DEMO_RECIPE!r}] + {overrides!r}\n"
+        f"import sys, runpy; sys.argv = ['plans', 'rm', '--check', '--recipe', {DEMO_RECIPE!r}] + {overrides!r}\n"
         "try:\n    runpy.run_module('pipeline.plans', run_name='__main__')\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules)"
     )

@@ -75,7 +75,7 @@ def test_a_reward_function_with_dataset_columns_is_optimised_without_a_reward_mo
     assert all(r["judges"]["gold"] == pytest.approx(gold(r["prompt"], r["response"]), abs=1e-4) for r in rows)
     assert read_manifest(out)["config"]["ppo"]["rewards"][0]["name"] == "aspect"
 
-    status = ["ppo", "--recipe", *args[1:]]  # `make ppo` asks pipeline.plans first
+    status = ["ppo", "--check", "--recipe", *args[1:]]  # `make ppo` asks pipeline.plans first
     assert plans.main(status) == 0
     reward_file.write_text(ASPECT_REWARD.replace("float(a in", "0.5 * float(a in"))
     assert plans.main(status) == 1  # the function changed: the artifact is out of date
