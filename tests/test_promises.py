@@ -209,12 +209,12 @@ def test_a_moved_run_directory_is_still_up_to_date_and_the_check_loads_no_torch(
         )
         assert check.returncode == 0 and "is up to date" in check.stdout, check.stdout + check.stderr
     probe = (
-        f"import sys, runpy; sys.argv = ['plans', 'rm', '--check', '--recipe', {DEMO_RECIPE!r}] + {overrides!r}\n"
-        "try:\n    runpy.run_module('pipeline.plans', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-        "print('torch' in sys.modules)"
+        "import sys\nfrom pipeline import plans\n"
+        f"code = plans.main(['rm', '--check', '--recipe', {DEMO_RECIPE!r}] + {overrides!r})\n"
+        "print(code, 'torch' in sys.modules)"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert loaded.stdout.strip().splitlines()[-1] == "False"  # answered from the manifests, in a fraction of a second
+    assert loaded.stdout.strip().splitlines()[-1] == "0 False"  # answered from the manifests, in a fraction of a second
 
 
 def test_every_artifact_keeps_the_recipe_it_was_built_with(rm_run, base_model):
