@@ -108,7 +108,9 @@ def test_a_stage_script_reports_user_errors_in_one_line(tmp_path):
 
 def dry_run(target: str, *variables: str) -> subprocess.CompletedProcess:
     """What `make -n` would run: the target's one pipeline.plans command."""
-    return subprocess.run(["make", "-n", target, *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["make", "-n", "--no-print-directory", target, *variables], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def launches(target: str, tmp_path, *variables: str) -> list[str]:
