@@ -103,7 +103,7 @@ $(VENV)/.installed: pyproject.toml
 # second from the recipe and the manifests; launching a stage would spend seconds on imports first.
 # DRY_RUN=1 prints the launch commands instead of running them.
 DRY_RUN ?=
-chain = $(BIN)/python -m pipeline.plans $(1) --launch "$(LAUNCH)" $(if $(DRY_RUN),--dry-run) --recipe $(RECIPE) \
+chain = $(BIN)/python -m pipeline.plans $(1) --launch "$(LAUNCH)" $(if $(filter-out 0,$(DRY_RUN)),--dry-run) --recipe $(RECIPE) \
 	$(if $(FORCE),--force) $(if $(RESUME),--resume) $(ARGS)
 
 base sft rm ppo eval: setup
@@ -129,7 +129,8 @@ serve-rm: setup
 # the recipe's): data/bench/ppo-<run>.json. The run's own PPO artifact is left alone. SHAPE=smollm2-135m
 # (or qwen2.5-0.5b; BENCH_LAYERS=N to cut its layers): GRPO on a model of that real shape instead
 # (RECIPE=stages/recipes/bench-ppo.yaml: PPO against a reward model of that shape).
-bench: $(if $(SHAPE),setup,rm)
+bench: setup
+	$(if $(SHAPE),,@$(call chain,ppo --upstream-only))
 	OMP_NUM_THREADS=$(CORES) SHAPE=$(SHAPE) $(BIN)/python -m pipeline.bench \
 		$(if $(SHAPE),--recipe $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),stages/recipes/bench-grpo.yaml) $(ARGS),--recipe $(RECIPE) $(if $(FORCE),--force) $(ARGS))
 

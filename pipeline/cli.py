@@ -12,7 +12,7 @@ DEFAULT_RECIPE = "stages/recipes/demo.yaml"
 
 
 def parse(description: str, argv: list[str] | None = None) -> tuple[Recipe, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help="recipe YAML (default: the embedded demo)")
     parser.add_argument(
         "--force",

@@ -335,13 +335,17 @@ def upstream(recipe: Recipe, name: str) -> list[str]:
     """The stages `name` reads, as this recipe wires them: the stage graph's one definition (the plans
     read these artifacts, `make` runs these stages first)."""
     p, from_sft = recipe.ppo, recipe.ppo.model is None
-    return {
-        "base": [],
-        "sft": ["base"] if recipe.sft.model == recipe.base.output else [],  # the demo's base, built here
-        "rm": ["sft"] if from_sft and not recipe.rm.model else [],  # (rm_model: where the policy starts)
-        "ppo": ["sft"] * from_sft + ["rm"] * uses_rm_stage(recipe, p.rewards + p.judges),
-        "eval": ["sft"] * from_sft + ["ppo"] + ["rm"] * uses_rm_stage(recipe, eval_sources(recipe)),
-    }[name]
+    demo_base = lambda model: ["base"] * (model == recipe.base.output)  # noqa: E731 (the demo's base, built here)
+    if name == "sft":
+        return demo_base(recipe.sft.model)
+    if name == "rm":  # (rm_model: rm.model, else where the policy starts)
+        return demo_base(recipe.rm.model) if recipe.rm.model else ["sft"] * from_sft + demo_base(p.model)
+    start = ["sft"] if from_sft else demo_base(p.model)  # the RL stage's start (and its reference)
+    if name == "ppo":
+        return start + ["rm"] * uses_rm_stage(recipe, p.rewards + p.judges)
+    if name == "eval":  # (its sources: only here, so that a mistake in them is eval's alone)
+        return start + ["ppo"] + ["rm"] * uses_rm_stage(recipe, eval_sources(recipe))
+    return []
 
 
 def read(recipe: Recipe, name: str, skip: tuple[str, ...] = ()) -> dict:
@@ -386,11 +390,19 @@ def run(command: list[str]) -> int:
     """`command`'s exit code, as a shell reports it. Ctrl-C reaches the stage from the terminal (this
     process ignores it: pipeline.launch counts each one); SIGTERM and SIGHUP are passed on to it, and
     this process waits for the stage to save and exit either way."""
-    child = subprocess.Popen(command)
-    forward = lambda signum, _: child.send_signal(signum)  # noqa: E731
-    handlers = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGINT else forward) for s in FORWARDED}
+    started = []  # the child, once there is one: a signal before it is held for it
+    pending = []
+
+    def forward(signum, _):
+        (started[0].send_signal(signum) if started else pending.append(signum))
+
+    handlers = {s: signal.signal(s, forward) for s in FORWARDED if s != signal.SIGINT}
     try:
-        code = child.wait()
+        started.append(subprocess.Popen(command))
+        handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (after Popen: not inherited)
+        for signum in pending:
+            started[0].send_signal(signum)
+        code = started[0].wait()
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -408,23 +420,30 @@ def main(argv: list[str]) -> int:
     (every stage with `--all`: `make demo`). `--launch`: the command that starts a stage (accelerate's,
     with make's process settings; `base` runs in this interpreter's Python). `--check`: exit 0 if the
     chain is up to date, 1 if anything would run, running nothing. `--dry-run`: print the commands
-    without running them. `--report`: print the evaluation's headline at the end (`make demo`)."""
+    without running them. `--report`: print the evaluation's headline at the end (`make demo`).
+    `--upstream-only`: the stages STAGE reads, not STAGE itself, FORCE / RESUME reaching none of them
+    (`make bench`: what the RL stage reads)."""
     target = argv[0] if argv else None
     if target not in PLANS:
         raise ConfigError(f"python -m pipeline.plans: name a stage first, one of {', '.join(PLANS)}")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.plans", add_help=False)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plans", add_help=False, allow_abbrev=False)
     parser.add_argument("--launch", default=f"{sys.executable} -m pipeline.launch --num_processes 1")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--all", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--upstream-only", action="store_true")
     ours, rest = parser.parse_known_args(argv[1:])
     recipe, args = cli.parse(f"run what {target} needs", rest)
     stage_args = [a for a in rest if a not in ("--force", "--resume")]
     built = set()
-    for name in chain(recipe, target):
-        named = ours.all or name == target
+    stages = chain(recipe, target)
+    for name in stages[:-1] if ours.upstream_only else stages:
+        named = ours.all or (name == target and not ours.upstream_only)
         forced = args.force and named
+        if name == "base" and base(recipe) is None:  # a recipe with a model of its own: no base, forced or not
+            print(NO_BASE.format(recipe.sft.model))
+            continue
         if not forced and not built & set(upstream(recipe, name)):
             done = nothing_to_do(recipe, name)
             if done:

@@ -231,6 +231,11 @@ class _Expired(BaseException):
     `except Exception` does not swallow it)."""
 
 
+def late(who: str, timeout_s: float) -> str:
+    """What a call past its deadline says."""
+    return f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise its timeout_s"
+
+
 def call(fn: Callable, kwargs: dict, timeout_s: float, who: str) -> Any:
     """`fn(**kwargs)` in this thread; a RewardError naming `who` if it takes longer than `timeout_s`.
 
@@ -269,9 +274,7 @@ def call(fn: Callable, kwargs: dict, timeout_s: float, who: str) -> Any:
             active[0] = False
             returned.set()
     except _Expired:
-        raise RewardError(
-            f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise its timeout_s"
-        ) from None
+        raise RewardError(late(who, timeout_s)) from None
     finally:
         signal.signal(INTERRUPT, previous if previous is not None else signal.SIG_DFL)  # (None: set from C)
 
@@ -307,6 +310,4 @@ def wait(future: concurrent.futures.Future, deadline: float, timeout_s: float, w
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
     except concurrent.futures.TimeoutError:
         future.cancel()
-        raise RewardError(
-            f"{who} did not return within timeout_s = {timeout_s:g} s: make it faster, or raise its timeout_s"
-        ) from None
+        raise RewardError(late(who, timeout_s)) from None

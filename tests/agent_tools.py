@@ -53,6 +53,21 @@ async def meet(group: str, n: int) -> int:
     return ARRIVED[group]
 
 
+async def note(entry: str, delay: float) -> str:
+    """Write an entry in the log, after a delay.
+
+    Args:
+        entry: what to write
+        delay: seconds to wait first
+    """
+    await asyncio.sleep(delay)
+    LOG.append(entry)
+    return ",".join(LOG)
+
+
+LOG: list[str] = []
+
+
 class Counter:
     """An environment: each rollout counts its own calls; reset's row is kept for the reward."""
 

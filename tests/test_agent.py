@@ -159,6 +159,20 @@ def test_a_turn_s_async_calls_run_together_across_the_batch():
     assert [[m["content"] for m in e if m["role"] == "tool"] for e in rollout.agent.exchanges] == [["3"]] * 3
 
 
+def test_a_rollout_s_calls_run_in_the_order_the_model_wrote_them():
+    """Two async calls in one reply: the second sees what the first did (the first one is the slower)."""
+    from tests import agent_tools
+
+    agent_tools.LOG.clear()
+    calls = [
+        '<tool_call>\n{"name": "note", "arguments": {"entry": "first", "delay": 0.2}}\n</tool_call>',
+        '<tool_call>\n{"name": "note", "arguments": {"entry": "second", "delay": 0}}\n</tool_call>',
+    ]
+    script = lambda context, turn: "\n".join(calls) if turn == 0 else "done"  # noqa: E731
+    _, _, _, rollout = exchange("qwen25-instruct", script, tools=["tests.agent_tools:note"], timeout_s=5)
+    assert [m["content"] for m in rollout.agent.exchanges[0] if m["role"] == "tool"] == ["first", "first,second"]
+
+
 def test_the_turn_limit_and_the_budget_end_an_exchange():
     layout = "llama3-instruct"
     always = lambda context, turn: call_text(layout, "multiply", {"a": turn, "b": 2})  # noqa: E731

@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import plans
 from pipeline.artifacts import read_manifest
+from pipeline.errors import ConfigError
 from pipeline.recipe_loader import load_recipe
 from tests.conftest import PPO_RUN, REPO, RM_RUN, SFT_RUN, base_overrides, sft_overrides
 
@@ -226,3 +227,27 @@ def test_the_chain_holds_the_stages_the_recipe_reads():
     instruct = load_recipe(grpo, ["ppo.model=HuggingFaceTB/SmolLM2-135M-Instruct"])
     assert plans.chain(instruct, "eval") == ["ppo", "eval"] and plans.chain(instruct, "sft") == ["base", "sft"]
     assert plans.chain(load_recipe(grpo, ["sft.model=gpt2"]), "sft") == ["sft"]  # not the demo base: none to build
+    # a stage that starts from the demo's base (its base.output) has the base built first
+    assert plans.chain(load_recipe(grpo, ["rm.model=data/models/demo-base"]), "rm") == ["base", "rm"]
+    assert plans.chain(load_recipe(grpo, ["ppo.model=data/models/demo-base"]), "eval") == ["base", "ppo", "eval"]
+    # a mistake only eval reads is eval's alone: the chains before it are planned as ever
+    judged = load_recipe(
+        str(REPO / "stages/recipes/demo.yaml"), ["eval.judges=[{function: 'pipeline.demo:gold_reward', name: rm}]"]
+    )
+    assert plans.chain(judged, "ppo") == ["base", "sft", "rm", "ppo"]
+    with pytest.raises(ConfigError, match="'rm' already names another score"):
+        plans.chain(judged, "eval")
+
+
+def test_bench_builds_what_the_rl_stage_reads_and_force_reaches_none_of_it(tmp_path, capsys):
+    """`make bench` runs `pipeline.plans ppo --upstream-only`: a recipe that optimises reward functions
+    builds no reward model, and FORCE=1 (the bench's) retrains nothing upstream; a recipe with a model
+    of its own has no base to build, even when forced."""
+    grpo = ["--recipe", str(REPO / "stages/recipes/demo-grpo.yaml"), f"runs_dir={tmp_path}", "--dry-run", "--force"]
+    assert plans.main(["ppo", "--upstream-only", *grpo]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if " stages/" in line]
+    assert [c.split(" stages/")[1].split()[0] for c in commands][-1:] == ["sft.py"]
+    assert not any("--force" in c for c in commands)
+    assert plans.main(["base", *grpo, "sft.model=gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "there is no demo base model to build" in out and " stages/" not in out

@@ -12,8 +12,8 @@ The exchange after the prompt is the rollout's response: the attention reads all
 the KL and the advantages are over the model's own tokens only (`Agent.model_mask`). The model's tokens
 are kept as sampled and the inserted ones appended as token ids, so the log-probs of the update are
 those of the sequence the model saw. Rollouts are batched: each turn generates for the rollouts still
-going, together, then runs all their calls (async tools concurrently, pipeline/rl/tools.py); those that
-are done wait.
+going, together, then runs their calls (each rollout's in order, the turns of async tools concurrently:
+pipeline/rl/tools.py); those that are done wait.
 """
 
 from __future__ import annotations
@@ -182,10 +182,10 @@ def generate_exchanges(
                 stats[i]["cut"] = "turns"
             else:
                 calling[i] = calls
-        results = iter(toolbox.run([(call, tools[i]) for i, calls in calling.items() for call in calls]))
+        results = toolbox.run([[(call, tools[i]) for call in calls] for i, calls in calling.items()])
         still = []
-        for i, calls in calling.items():
-            messages, failed = zip(*[next(results) for _ in calls])
+        for (i, calls), result in zip(calling.items(), results):
+            messages, failed = zip(*result)
             try:
                 inserted = result_ids(tokenizer, list(messages), tokenizer.decode([ids[i][-1]]))
             except Exception as e:  # a template that cannot render these results (e.g. one call a turn only)

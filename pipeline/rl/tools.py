@@ -13,10 +13,10 @@ reading the calls out of a reply, running them, and the tokens their results add
 - A call never crashes the run: an unknown tool, bad arguments, an exception, a call past its
   deadline or a malformed call becomes an error message the model reads as the tool's result. (A call
   stuck in C code that never returns to Python cannot be interrupted: pipeline/user_code.py's `call`
-  ends the process then, saying why.) A turn's calls, over the whole batch, run together where the
-  tools are async (`async def`, on the process's event loop); plain functions run one after another
-  in the main thread, each bounded by `tool_timeout_s`: write a slow tool (a search, a code runner
-  behind a server) as an async function.
+  ends the process then, saying why.) A rollout's calls run in the order the model wrote them. The
+  turns of the batch whose calls are all async (`async def`, on the process's event loop) run
+  together; plain functions run one after another in the main thread, each bounded by
+  `tool_timeout_s`: write a slow tool (a search, a code runner behind a server) as an async function.
 - The result's tokens are what the template writes after the model's turn (the tool messages and the
   next assistant header), found by rendering a small conversation with and without them (trl's way):
   the model's own tokens are never re-tokenised.
@@ -26,6 +26,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import re
@@ -179,22 +180,43 @@ class Toolbox:
             ) from None
         return env, {**self.functions, **{name: getattr(env, name) for name in self.methods}}, observation
 
-    def run(self, jobs: list[tuple[Call, dict[str, Callable]]]) -> list[tuple[dict, bool]]:
-        """For each (call, the rollout's tools): the tool message and whether the call failed. Every
-        failure is a message to the model. Async tools all start first and run together on the event
-        loop, each with its own deadline; plain ones then run one after another in this thread (where
-        the deadline's signal can reach them)."""
-        started = {}
-        for j, (call, tools) in enumerate(jobs):
-            fn = None if call.malformed else tools.get(call.name)
-            if fn is not None and user_code.is_async(fn):
-                try:
-                    started[j] = (user_code.start(fn, call.arguments), time.monotonic() + self.timeout_s)
-                except Exception as e:  # (arguments the coroutine function does not take)
-                    started[j] = e
-        return [self._result(call, tools, started.get(j)) for j, (call, tools) in enumerate(jobs)]
+    def run(self, turns: list[list[tuple[Call, dict[str, Callable]]]]) -> list[list[tuple[dict, bool]]]:
+        """For each rollout's turn, its calls (each with the rollout's tools): the tool messages and
+        whether each call failed, in the order the model wrote them (a call sees what the one before it
+        did to its environment). Every failure is a message to the model. Turns whose calls are all to
+        async tools run together on the event loop, each call with its own deadline; the others' calls
+        run one after another in this thread, where the deadline's signal can reach a plain function."""
+        together, t0 = {}, time.monotonic()
+        for i, jobs in enumerate(turns):
+            tools = [None if call.malformed else available.get(call.name) for call, available in jobs]
+            if jobs and all(fn is not None and user_code.is_async(fn) for fn in tools):
+                together[i] = user_code.start(self._in_order, {"jobs": jobs})
+        out = []
+        for i, jobs in enumerate(turns):
+            if i not in together:
+                out.append([self._result(call, available) for call, available in jobs])
+                continue
+            try:  # (each call is bounded inside; this only guards against a loop that never answers)
+                out.append(user_code.wait(together[i], t0 + len(jobs) * self.timeout_s + 1, self.timeout_s, "tools"))
+            except RewardError as e:
+                out.append([_failed(call.name, e) for call, _ in jobs])
+        return out
 
-    def _result(self, call: Call, tools: dict[str, Callable], started) -> tuple[dict, bool]:
+    async def _in_order(self, jobs: list[tuple[Call, dict[str, Callable]]]) -> list[tuple[dict, bool]]:
+        """One turn's async calls, one after another, each bounded by `tool_timeout_s`."""
+        out = []
+        for call, tools in jobs:
+            try:
+                result = await asyncio.wait_for(tools[call.name](**call.arguments), self.timeout_s)
+            except asyncio.TimeoutError:
+                out.append(_failed(call.name, RewardError(user_code.late(f"tool '{call.name}'", self.timeout_s))))
+            except Exception as e:
+                out.append(_failed(call.name, e))
+            else:
+                out.append(_answered(call.name, result))
+        return out
+
+    def _result(self, call: Call, tools: dict[str, Callable]) -> tuple[dict, bool]:
         name = call.name or "unknown"
         if call.malformed:
             return _tool_message(name, f"error: {call.malformed}"), True
@@ -204,19 +226,28 @@ class Toolbox:
                 name, f"error: there is no tool named '{call.name}' (the tools are: {', '.join(sorted(tools))})"
             ), True
         try:
-            if isinstance(started, BaseException):
-                raise started
-            if started is not None:
-                result = user_code.wait(*started, self.timeout_s, f"tool '{name}'")
+            if user_code.is_async(fn):
+                future = user_code.start(fn, call.arguments)
+                result = user_code.wait(future, time.monotonic() + self.timeout_s, self.timeout_s, f"tool '{name}'")
             else:
                 result = user_code.call(fn, call.arguments, self.timeout_s, f"tool '{name}'")
-        except RewardError as e:  # past its deadline
-            return _tool_message(name, f"error: {e}"), True
-        except TypeError as e:  # missing or unexpected arguments, mostly
-            return _tool_message(name, f"error: {one_line(e)}"), True
         except Exception as e:
-            return _tool_message(name, f"error: {type(e).__name__}: {one_line(e)}"), True
-        return _tool_message(name, result if isinstance(result, str) else json.dumps(result, default=str)), False
+            return _failed(name, e)
+        return _answered(name, result)
+
+
+def _answered(name: str, result) -> tuple[dict, bool]:
+    return _tool_message(name, result if isinstance(result, str) else json.dumps(result, default=str)), False
+
+
+def _failed(name: str, e: Exception) -> tuple[dict, bool]:
+    """A failed call as the model reads it: past its deadline (RewardError), bad arguments (TypeError,
+    mostly), or the tool's own exception."""
+    if isinstance(e, RewardError):
+        return _tool_message(name, f"error: {e}"), True
+    if isinstance(e, TypeError):
+        return _tool_message(name, f"error: {one_line(e)}"), True
+    return _tool_message(name, f"error: {type(e).__name__}: {one_line(e)}"), True
 
 
 def _tool_message(name: str, content: str) -> dict:
