@@ -362,12 +362,15 @@ def test_the_agent_demo_learns_to_call_the_tool_and_answers_better(agent_sft, tm
 
 
 @pytest.mark.e2e
-def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(agent_sft, tmp_path, monkeypatch):
-    """The agent demo's policy with a LoRA adapter under ZeRO-3 on 2 gloo processes, stopped after
-    iteration 1 (as by Ctrl-C) and resumed. Each rank runs its own exchanges, their turns differing
-    (the weights are whole while generating: no collective waits on another rank's turn); the tool
-    fails for half the films, and the logged error share is that of both processes' calls together.
-    The merged artifact loads and differs from the SFT policy."""
+@pytest.mark.parametrize("engine, finetune, lr", [("zero3", "lora", "1e-2"), ("fsdp2", "full", "1e-3")])
+def test_an_agent_runs_on_two_sharded_processes_and_resumes_mid_run(
+    engine, finetune, lr, agent_sft, tmp_path, monkeypatch
+):
+    """The agent demo's policy under a sharding engine on 2 gloo processes (ZeRO-3 with a LoRA adapter,
+    FSDP2 with every weight trained), stopped after iteration 1 (as by Ctrl-C) and resumed. Each rank
+    runs its own exchanges, their turns differing (the weights are whole while generating: no collective
+    waits on another rank's turn); the tool fails for half the films, and the logged error share is that
+    of both processes' calls together. The artifact (an adapter's merged) loads and differs from SFT."""
     sft_dir, common = agent_sft
     shutil.copytree(sft_dir, tmp_path / "demo-agent" / "sft")
     monkeypatch.setenv("AGENT_RECORD", str(tmp_path / "record.jsonl"))
@@ -375,8 +378,8 @@ def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(ag
         *AGENT_RECIPE,
         *common,
         f"runs_dir={tmp_path}",
-        "ppo.finetune=lora",
-        "ppo.learning_rate=1e-2",
+        f"ppo.finetune={finetune}",
+        f"ppo.learning_rate={lr}",
         "ppo.total_episodes=64",
         "ppo.batch_size=16",
         "ppo.mini_batch_size=8",
@@ -384,8 +387,8 @@ def test_an_agent_runs_on_two_sharded_processes_with_lora_and_resumes_mid_run(ag
         "ppo.tools=[tests.agent_tools:stars]",
         "ppo.rewards=[{function: 'tests.agent_tools:record'}]",
     ]
-    launch(2, "stages/ppo.py", *args, engine="zero3", expect=130, probe=("--stop-after", "1"))
-    resumed = launch(2, "stages/ppo.py", *args, engine="zero3")
+    launch(2, "stages/ppo.py", *args, engine=engine, expect=130, probe=("--stop-after", "1"))
+    resumed = launch(2, "stages/ppo.py", *args, engine=engine)
     assert "resuming from the checkpoint at iteration 1/2" in resumed.stdout
     out = tmp_path / "demo-agent" / "ppo"
     history = read_jsonl(out / "metrics.jsonl")
