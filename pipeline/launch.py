@@ -34,7 +34,7 @@ STRAGGLER_WAIT_S = 10  # after the launcher itself has exited (its ranks have), 
 STOP_TIMEOUT_S = 600  # several processes: how long the ranks may take to save after Ctrl-C
 
 
-def _exit_code(code: int) -> int:
+def exit_code(code: int) -> int:
     """A process's code as a shell reports it: 128 + N for death by signal N."""
     return 128 - code if code < 0 else code
 
@@ -69,13 +69,13 @@ def _launch(argv: list[str]) -> int:
     try:
         launch_command(launch_command_parser().parse_args(argv))
     except subprocess.CalledProcessError as e:  # one process: the stage's own exit code
-        return _exit_code(e.returncode)
+        return exit_code(e.returncode)
     except Exception as e:  # several processes
         if type(e).__name__ == "SignalException":  # elastic passed the stop on and the ranks have exited
             return 130
         if not hasattr(e, "get_first_failure"):  # ChildFailedError names each failed rank
             raise
-        codes = {rank: _exit_code(failure.exitcode) for rank, failure in sorted(e.failures.items())}
+        codes = {rank: exit_code(failure.exitcode) for rank, failure in sorted(e.failures.items())}
         for rank, code in codes.items():
             if code not in (1, 130):  # 1: a reported error, 130: stopped on request; else a crash or a kill
                 print(f"launch: rank {rank} ended with exit code {code}", file=sys.stderr)
@@ -85,7 +85,7 @@ def _launch(argv: list[str]) -> int:
                 f"run again with RLHF_DEBUG=1 to see it",
                 file=sys.stderr,
             )
-        return _exit_code(e.get_first_failure()[1].exitcode) or 1
+        return exit_code(e.get_first_failure()[1].exitcode) or 1
     return 0
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, forward)
     code = child.wait()
     _wait_for_group(child.pid, time.time() + STRAGGLER_WAIT_S)
-    return _exit_code(code)
+    return exit_code(code)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import artifacts, cli, process, report, user_code
+from pipeline import artifacts, cli, launch, process, report, user_code
 from pipeline.errors import ConfigError
 from pipeline.recipe import DatasetSpec, Recipe, RewardSource
 from pipeline.recipe_loader import to_dict
@@ -396,7 +396,7 @@ def run(command: list[str]) -> int:
     def forward(signum, _):
         (started[0].send_signal(signum) if started else pending.append(signum))
 
-    handlers = {s: signal.signal(s, forward) for s in FORWARDED if s != signal.SIGINT}
+    handlers = {s: signal.signal(s, forward) for s in launch.FORWARDED if s != signal.SIGINT}
     try:
         started.append(subprocess.Popen(command))
         handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (after Popen: not inherited)
@@ -406,10 +406,7 @@ def run(command: list[str]) -> int:
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return 128 - code if code < 0 else code
-
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    return launch.exit_code(code)
 
 
 def main(argv: list[str]) -> int:

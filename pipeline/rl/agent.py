@@ -227,14 +227,6 @@ def _as_rollout(tokenizer, prompts, context, ids, has_stop, agent: Agent, device
     enc = tokenizer.pad({"input_ids": context}, padding_side="left", return_tensors="pt").to(device)
     responses = torch.tensor([x + [pad] * (R - len(x)) for x in ids], device=device)
     mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in ids], device=device)
-    return Rollout(
-        prompts=list(prompts),
-        prompt_ids=context,
-        query_responses=torch.cat([enc["input_ids"], responses], 1),
-        attention_mask=torch.cat([enc["attention_mask"], mask], 1),
-        responses=responses,
-        response_mask=mask,
-        has_stop=torch.tensor(has_stop, device=device),
-        texts=tokenizer.batch_decode([x for x in ids], skip_special_tokens=True),
-        agent=agent,
-    )
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)  # (the exchanges' own tokens, no padding)
+    has_stop = torch.tensor(has_stop, device=device)
+    return Rollout.joined(prompts, context, enc, responses, mask, has_stop, texts, agent)

@@ -52,6 +52,21 @@ class Rollout:
     """Multi-turn rollouts with tools (pipeline/rl/agent.py): the model's own tokens among the response's,
     each exchange's messages, environments and tool use."""
 
+    @classmethod
+    def joined(cls, prompts: list, prompt_ids, enc, responses, mask, has_stop, texts: list[str], agent=None) -> Rollout:
+        """Left-padded prompts (`enc`, the tokenizer's padding) followed by right-padded responses."""
+        return cls(
+            prompts=list(prompts),
+            prompt_ids=prompt_ids,
+            query_responses=torch.cat([enc["input_ids"], responses], 1),
+            attention_mask=torch.cat([enc["attention_mask"], mask], 1),
+            responses=responses,
+            response_mask=mask,
+            has_stop=has_stop,
+            texts=texts,
+            agent=agent,
+        )
+
     def __len__(self) -> int:
         return len(self.prompts)
 
@@ -291,16 +306,8 @@ def generate(
         sequences = model.generate(**enc, generation_config=config, synced_gpus=False)
     context = enc["input_ids"].shape[1]
     responses, mask, has_stop = truncate_after_stop(sequences[:, context:], config.eos_token_id, config.pad_token_id)
-    return Rollout(
-        prompts=list(prompts),
-        prompt_ids=ids,
-        query_responses=torch.cat([enc["input_ids"], responses], 1),
-        attention_mask=torch.cat([enc["attention_mask"], mask], 1),
-        responses=responses,
-        response_mask=mask,
-        has_stop=has_stop,
-        texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
-    )
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Rollout.joined(prompts, ids, enc, responses, mask, has_stop, texts)
 
 
 def response_logits(model, input_ids, attention_mask, response_len: int, layout: Layout | None = None) -> torch.Tensor:
